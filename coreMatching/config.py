@@ -1,0 +1,165 @@
+"""Typed configuration of CoreMatching (SPEC §1, §6).
+
+`CoreMatchingConfig` holds what the user chooses; `Budgets` is that choice
+resolved against one model (number of layers, FFN width, image tokens), with
+every static size the method and the exported graphs use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from coreMatching.errors import ConfigError
+
+TokenSelector = Literal["corematching", "fastv", "random"]
+TOKEN_SELECTORS: tuple[str, ...] = ("corematching", "fastv", "random")
+
+# The neuron-sparse range of the paper for a 32-layer model: layers 6..26,
+# written as the half-open range [6, 27); other depths scale in proportion.
+_PAPER_LAYERS = 32
+_PAPER_NEURON_RANGE = (6, 27)
+
+
+@dataclass(frozen=True)
+class CoreMatchingConfig:
+    """What the user chooses.
+
+    token_budget: image tokens kept after the prune layer (`k`), or "auto" for the
+        elbow of the sorted score curve clamped to [auto_min_tokens, auto_max_tokens].
+    token_ratio: `rho`; each token's core neurons are its top ceil(rho * D / 2) activations.
+    neuron_ratio: `beta`; the prompt's core neurons are the ceil(beta * D) most frequent.
+    prune_layer: `l_p`, counted from 0; layers 0..l_p see every token.
+    neuron_layers: half-open range (start, stop) of the layers whose decode steps use only
+        the core neurons; None scales the paper's [6, 27) of 32 layers to the model's depth.
+    token_selector: how image tokens are scored at the prune layer: "corematching" (the
+        method), or the baselines "fastv" (attention received) and "random".
+    seed: seed of the "random" selector.
+    """
+
+    token_budget: int | Literal["auto"] = 64
+    token_ratio: float = 0.2
+    neuron_ratio: float = 0.4
+    prune_layer: int = 2
+    neuron_layers: tuple[int, int] | None = None
+    token_selector: TokenSelector = "corematching"
+    auto_min_tokens: int = 16
+    auto_max_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.token_budget != "auto":
+            if isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int):
+                raise ConfigError(f"token_budget must be a positive integer or 'auto', got {self.token_budget!r}")
+            if self.token_budget < 1:
+                raise ConfigError(f"token_budget must be at least 1, got {self.token_budget}")
+        for name in ("token_ratio", "neuron_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+        if not isinstance(self.prune_layer, int) or self.prune_layer < 0:
+            raise ConfigError(f"prune_layer must be a layer index >= 0, got {self.prune_layer!r}")
+        if self.neuron_layers is not None:
+            start, stop = self.neuron_layers
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+                raise ConfigError(
+                    f"neuron_layers must be a half-open range (start, stop) with 0 <= start < stop, "
+                    f"got {self.neuron_layers!r}"
+                )
+        if self.token_selector not in TOKEN_SELECTORS:
+            raise ConfigError(
+                f"token_selector must be one of {', '.join(TOKEN_SELECTORS)}, got {self.token_selector!r}"
+            )
+        if self.auto_min_tokens < 1:
+            raise ConfigError(f"auto_min_tokens must be at least 1, got {self.auto_min_tokens}")
+        if self.auto_max_tokens is not None and self.auto_max_tokens < self.auto_min_tokens:
+            raise ConfigError(
+                f"auto_max_tokens ({self.auto_max_tokens}) must be >= auto_min_tokens ({self.auto_min_tokens})"
+            )
+
+    @classmethod
+    def dense(cls, num_image_tokens: int, **overrides: object) -> CoreMatchingConfig:
+        """Keeps every image token and every neuron: equal to the dense model (SPEC §4)."""
+        return cls(token_budget=num_image_tokens, neuron_ratio=1.0, **overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_name(cls, name: str) -> CoreMatchingConfig:
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown CoreMatching preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+    def with_(self, **changes: object) -> CoreMatchingConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def resolve(self, *, num_layers: int, intermediate_size: int, num_image_tokens: int) -> Budgets:
+        """The static sizes for one model; raises ConfigError where the model cannot honour them."""
+        if self.prune_layer >= num_layers:
+            raise ConfigError(
+                f"prune_layer {self.prune_layer} is outside the decoder: "
+                f"it has {num_layers} layers (0..{num_layers - 1})"
+            )
+        if self.token_budget != "auto" and self.token_budget > num_image_tokens:
+            raise ConfigError(
+                f"token_budget {self.token_budget} is larger than the {num_image_tokens} image tokens of this model"
+            )
+        if self.neuron_layers is None:
+            start = round(_PAPER_NEURON_RANGE[0] * num_layers / _PAPER_LAYERS)
+            stop = round(_PAPER_NEURON_RANGE[1] * num_layers / _PAPER_LAYERS)
+            neuron_layers = (start, max(stop, start + 1)) if num_layers > 1 else (0, 1)
+        else:
+            neuron_layers = self.neuron_layers
+            if neuron_layers[1] > num_layers:
+                raise ConfigError(
+                    f"neuron_layers {neuron_layers[0]}:{neuron_layers[1]} "
+                    f"reaches past the decoder's {num_layers} layers"
+                )
+        auto_max = num_image_tokens if self.auto_max_tokens is None else min(self.auto_max_tokens, num_image_tokens)
+        return Budgets(
+            num_layers=num_layers,
+            intermediate_size=intermediate_size,
+            num_image_tokens=num_image_tokens,
+            token_budget=self.token_budget,
+            auto_range=(min(self.auto_min_tokens, auto_max), auto_max),
+            tokens_per_neuron_set=math.ceil(self.token_ratio * intermediate_size / 2),
+            core_neurons=math.ceil(self.neuron_ratio * intermediate_size),
+            prune_layer=self.prune_layer,
+            neuron_layers=neuron_layers,
+        )
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """`CoreMatchingConfig` resolved for one model: every size fixed at export time."""
+
+    num_layers: int
+    intermediate_size: int  # D
+    num_image_tokens: int  # n_img
+    token_budget: int | Literal["auto"]  # k
+    auto_range: tuple[int, int]  # [k_min, k_max] of the adaptive budget
+    tokens_per_neuron_set: int  # k_tok = ceil(rho * D / 2)
+    core_neurons: int  # N = ceil(beta * D)
+    prune_layer: int  # l_p
+    neuron_layers: tuple[int, int]  # half-open [start, stop)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.token_budget == self.num_image_tokens and self.core_neurons == self.intermediate_size
+
+    def is_neuron_sparse(self, layer: int) -> bool:
+        return self.neuron_layers[0] <= layer < self.neuron_layers[1]
+
+    @property
+    def neuron_sparse_layers(self) -> list[int]:
+        return list(range(*self.neuron_layers))
+
+
+PRESETS: dict[str, CoreMatchingConfig] = {
+    "default": CoreMatchingConfig(),
+    "k192": CoreMatchingConfig(token_budget=192),
+    "k128": CoreMatchingConfig(token_budget=128),
+    "k64": CoreMatchingConfig(token_budget=64),
+    "k32": CoreMatchingConfig(token_budget=32),
+    "auto": CoreMatchingConfig(token_budget="auto"),
+}

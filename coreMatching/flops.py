@@ -1,0 +1,172 @@
+"""Analytic FLOPs of dense and CoreMatching inference (one multiply-add = 2 FLOPs).
+
+Counted: the q/k/v/o projections, attention scores and weighted sums (causal:
+query i attends to i + 1 keys), the three FFN matrices, and the LM head on the
+last token only. Not counted: norms, RoPE, softmax, SiLU and the selection
+itself (TopK over D per token at a few layers): each is under 1% of a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from coreMatching.config import Budgets
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    hidden_size: int  # d
+    intermediate_size: int  # D
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int  # V
+
+    @classmethod
+    def from_text_config(cls, text: Any) -> DecoderGeometry:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=text.vocab_size,
+        )
+
+    def projections(self, tokens: int) -> int:
+        d, q_width, kv_width = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return 2 * tokens * d * (2 * q_width + 2 * kv_width)
+
+    def attention(self, queries: int, past: int) -> int:
+        """Scores and weighted sum for `queries` new tokens after `past` cached ones (causal)."""
+        q_width = self.num_heads * self.head_dim
+        key_reads = queries * past + queries * (queries + 1) // 2
+        return 2 * 2 * q_width * key_reads
+
+    def ffn(self, tokens: int, width: int) -> int:
+        return 3 * 2 * tokens * self.hidden_size * width
+
+    def lm_head(self) -> int:
+        return 2 * self.hidden_size * self.vocab_size
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_tokens: int  # patches + CLS
+    projector_in: int
+    projector_out: int
+
+    @classmethod
+    def from_llava_config(cls, config: Any) -> VisionGeometry:
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return cls(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_layers=vision.num_hidden_layers,
+            num_tokens=patches + 1,
+            projector_in=vision.hidden_size,
+            projector_out=config.text_config.hidden_size,
+        )
+
+    def flops(self, image_tokens: int) -> int:
+        t, d = self.num_tokens, self.hidden_size
+        per_layer = 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * self.intermediate_size
+        projector = 2 * image_tokens * (self.projector_in * self.projector_out + self.projector_out**2)
+        return self.num_layers * per_layer + projector
+
+
+def prefill_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budgets | None) -> int:
+    """Decoder prefill FLOPs for a prompt of `prompt_tokens` (image tokens included).
+
+    budgets None is the dense model; otherwise layers after the prune layer see
+    S - n_img + k tokens (prefill is dense in neurons, SPEC §1).
+    """
+    total = geometry.lm_head()
+    for layer in range(geometry.num_layers):
+        tokens = prompt_tokens
+        if budgets is not None and layer > budgets.prune_layer:
+            tokens = kept_length(prompt_tokens, budgets)
+        total += geometry.projections(tokens) + geometry.attention(tokens, 0)
+        total += geometry.ffn(tokens, geometry.intermediate_size)
+    return total
+
+
+def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> int:
+    """FLOPs of one decode step after `cached_tokens` (the prompt, plus tokens generated so far)."""
+    total = geometry.lm_head()
+    for layer in range(geometry.num_layers):
+        past, width = cached_tokens, geometry.intermediate_size
+        if budgets is not None:
+            if layer > budgets.prune_layer:
+                past = cached_tokens - budgets.num_image_tokens + _k(budgets)
+            if budgets.is_neuron_sparse(layer):
+                width = budgets.core_neurons
+        total += geometry.projections(1) + geometry.attention(1, past) + geometry.ffn(1, width)
+    return total
+
+
+def kept_length(prompt_tokens: int, budgets: Budgets) -> int:
+    return prompt_tokens - budgets.num_image_tokens + _k(budgets)
+
+
+def _k(budgets: Budgets) -> int:
+    if budgets.token_budget == "auto":
+        raise ValueError("analytic FLOPs need a static token budget, not 'auto'")
+    return budgets.token_budget
+
+
+def ffn_weight_bytes_ratio(geometry: DecoderGeometry, budgets: Budgets) -> float:
+    """Dense / CoreMatching FFN weight bytes read per decode step (the decode step is memory bound)."""
+    dense = geometry.num_layers * geometry.intermediate_size
+    sparse = sum(
+        budgets.core_neurons if budgets.is_neuron_sparse(layer) else geometry.intermediate_size
+        for layer in range(geometry.num_layers)
+    )
+    return dense / sparse
+
+
+
+@dataclass(frozen=True)
+class FlopsComparison:
+    """Dense against CoreMatching for one token budget."""
+
+    token_budget: int
+    prompt_tokens: int  # S
+    kept_tokens: int  # S - n_img + k: what layers after the prune layer see
+    prefill_dense: int
+    prefill_corematching: int
+    decode_dense: int  # first decode step, the whole prompt cached
+    decode_corematching: int
+
+    @property
+    def prefill_ratio(self) -> float:
+        return self.prefill_dense / self.prefill_corematching
+
+    @property
+    def decode_ratio(self) -> float:
+        return self.decode_dense / self.decode_corematching
+
+
+def compare(geometry: DecoderGeometry, prompt_tokens: int, budgets: list[Budgets]) -> list[FlopsComparison]:
+    dense_prefill = prefill_flops(geometry, prompt_tokens, None)
+    dense_decode = decode_flops(geometry, prompt_tokens, None)
+    return [
+        FlopsComparison(
+            token_budget=_k(b),
+            prompt_tokens=prompt_tokens,
+            kept_tokens=kept_length(prompt_tokens, b),
+            prefill_dense=dense_prefill,
+            prefill_corematching=prefill_flops(geometry, prompt_tokens, b),
+            decode_dense=dense_decode,
+            decode_corematching=decode_flops(geometry, prompt_tokens, b),
+        )
+        for b in budgets
+    ]
