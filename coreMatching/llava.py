@@ -96,6 +96,7 @@ class CoreMatchingLlava:
             num_image_tokens=num_image_tokens,
         )
 
+    @torch.inference_mode()
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """The projected image tokens. pixel_values: [1, 3, H, W] -> [n_img, d]"""
         if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
@@ -147,13 +148,21 @@ class CoreMatchingLlava:
     # -- the request ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Tensor, pixel_values: Tensor) -> PrefillState:
-        """Runs the prompt through the decoder with token pruning. input_ids: [1, S]"""
+    def prefill(
+        self, input_ids: Tensor, pixel_values: Tensor | None = None, image_features: Tensor | None = None
+    ) -> PrefillState:
+        """Runs the prompt through the decoder with token pruning.
+
+        input_ids: [1, S]; either pixel_values [1, 3, H, W] or the projected image_features [n_img, d]
+        (from `image_features`, when the caller times the vision tower on its own).
+        """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise InputError(
                 f"input_ids must be [1, S]: batches larger than 1 are not supported, got {list(input_ids.shape)}"
             )
-        features = self.image_features(pixel_values)  # [n_img, d]
+        if (pixel_values is None) == (image_features is None):
+            raise InputError("pass exactly one of pixel_values and image_features")
+        features = self.image_features(pixel_values) if image_features is None else image_features  # [n_img, d]
         n_img = features.shape[0]
         budgets = self.budgets(n_img)
         span = self.image_span(input_ids, n_img)
@@ -230,12 +239,17 @@ class CoreMatchingLlava:
         return self.backbone.lm_head(self.model)(h)[0, -1].float()
 
     def stream(
-        self, input_ids: Tensor, pixel_values: Tensor, max_new_tokens: int, stop_at_eos: bool = True
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None,
+        max_new_tokens: int,
+        stop_at_eos: bool = True,
+        image_features: Tensor | None = None,
     ) -> Iterator[tuple[int, Tensor, PrefillState]]:
         """Greedy decoding, one (token, its logits, state) at a time. Ties go to the lower token id."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        state = self.prefill(input_ids, pixel_values)
+        state = self.prefill(input_ids, pixel_values, image_features)
         eos = self._eos_ids() if stop_at_eos else set()
         logits = state.logits
         for step in range(max_new_tokens):

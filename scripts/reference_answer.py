@@ -1,0 +1,73 @@
+"""Answer a question about an image with the CoreMatching PyTorch reference.
+
+    python scripts/reference_answer.py                       # the embedded default model and a shipped example
+    python scripts/reference_answer.py --model DIR --image IMG --question TEXT [--token-budget 64] [--json]
+
+Until `python -m export build` and `runtime/demo.py` land, this is the main job: it
+runs the method end to end in PyTorch (vision, pruned prefill, neuron-sparse decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE = REPO / "examples" / "shapes_red_circle.png"
+DEFAULT_QUESTION = "What colour is the circle?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coreMatching.cli import add_config_arguments, config_from_args
+    from coreMatching.errors import CoreMatchingError
+    from models import ModelLoadError, default_model_dir, load_llava
+    from models.answer import answer, load_image
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the image (default: a shipped example)")
+    parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"the question (default {DEFAULT_QUESTION!r})")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+
+    try:
+        # Settings and the image are checked before the (possibly large) model is loaded.
+        config = None if args.dense else config_from_args(args)
+        image = load_image(args.image)
+        model, processor = load_llava(args.model or default_model_dir())
+        if config is None:
+            vision = model.config.vision_config
+            full = model.config.vision_feature_select_strategy == "full"
+            config = config_from_args(args, num_image_tokens=(vision.image_size // vision.patch_size) ** 2 + full)
+        stream = None if args.json else lambda text: print(text, end="", flush=True)
+        result = answer(model, processor, image, args.question, config, args.max_new_tokens, on_text=stream)
+    except (CoreMatchingError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    decode = result.timings["decode"]
+    if args.json:
+        print(json.dumps({
+            "answer": result.text,
+            "token_ids": result.token_ids,
+            "kept_image_tokens": result.kept_image_tokens,
+            "timings": result.timings,
+        }))  # fmt: skip
+        return 0
+    print()
+    rate = f", decode {1 / statistics.median(decode):.1f} tokens/s" if decode else ""
+    print(
+        f"kept {len(result.kept_image_tokens)} of {result.num_image_tokens} image tokens "
+        f"(prompt {result.prompt_tokens} tokens); vision {result.timings['vision'] * 1e3:.1f} ms, "
+        f"prefill {result.timings['prefill'] * 1e3:.1f} ms{rate}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

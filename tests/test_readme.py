@@ -1,0 +1,65 @@
+"""The README's quick start stays true: its commands are the ones that work."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_quick_start_is_two_commands_install_then_run():
+    main, tests = quick_start_commands()
+    for command in (main, tests):
+        assert "pip install torch==2.13.0 -e" in command  # the CPU build, pinned
+    assert main.rsplit("&& ", 1)[1].startswith("python ")
+    assert tests.endswith("&& pytest")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"' in ci
+    assert "pytest" in ci
+
+
+def _run(command: str, *extra: str) -> subprocess.CompletedProcess:
+    argv = command.split()
+    assert argv[0] == "python"
+    return subprocess.run(
+        [sys.executable, *argv[1:], *extra], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_main_command_answers_on_the_default_model():
+    main = quick_start_commands()[0].rsplit("&& ", 1)[1]
+    done = _run(main, "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert "kept 64 of 576 image tokens" in done.stdout
+    done = _run(main, "--max-new-tokens", "4", "--json", "--token-budget", "32")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert len(result["kept_image_tokens"]) == 32 and len(result["token_ids"]) >= 1
+    assert set(result["timings"]) == {"vision", "prefill", "decode"}
+
+
+def test_main_command_bad_input_is_one_line():
+    main = quick_start_commands()[0].rsplit("&& ", 1)[1]
+    for extra, message in [
+        (("--image", "missing.png"), "does not exist"),
+        (("--token-budget", "0"), "token_budget must be at least 1"),
+        (("--token-budget", "600"), "larger than the 576 image tokens"),
+        (("--model", str(REPO / "examples")), "no config.json"),
+        (("--question", "  "), "question is empty"),
+        (("--image", str(REPO / "README.md")), "not a readable image"),
+    ]:
+        done = _run(main, *extra)
+        assert done.returncode == 2, (extra, done.stderr)
+        error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1 and message in error_lines[0], done.stderr
+        assert "Traceback" not in done.stderr
