@@ -240,3 +240,26 @@ def test_bad_prompts_are_refused():
         reference.prefill(ids[:, 1:].contiguous()[:, [*range(3), *range(4, ids.shape[1] - 1)]], pixels)
     with pytest.raises(InputError, match="max_new_tokens"):
         reference.generate(ids, pixels, max_new_tokens=0)
+
+
+def test_whole_sparse_decode_step_equals_masked_dense_step():
+    """A decode step with compacted weights equals the dense step with the non-core neurons zeroed."""
+    model = tiny_model("tiny-mistral")
+    ids, pixels = make_inputs(model)
+    reference = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=6))
+    sparse, masked = reference.prefill(ids, pixels), reference.prefill(ids, pixels)
+    layers = model.model.language_model.layers
+    hooks = []
+    for index, neurons in masked.core_neurons.items():
+        mask = torch.zeros(model.config.text_config.intermediate_size)
+        mask[neurons] = 1.0
+        hooks.append(layers[index].mlp.down_proj.register_forward_pre_hook(lambda _m, a, m=mask: (a[0] * m,)))
+    masked.compact_ffn = {}  # the dense FFN, masked by the hooks
+    try:
+        for token in (5, 9, 11):
+            torch.testing.assert_close(
+                reference.decode_step(sparse, token), reference.decode_step(masked, token), atol=1e-5, rtol=1e-5
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
