@@ -36,6 +36,9 @@ class CoreMatchingConfig:
     token_selector: how image tokens are scored at the prune layer: "corematching" (the
         method), or the baselines "fastv" (attention received) and "random".
     seed: seed of the "random" selector.
+    neuron_chunks: select the prompt's core neurons per contiguous chunk of the FFN, each keeping
+        its share of N (1: one global selection, the method). TensorRT builds need chunks when N
+        is beyond TopK's limit (K < 3840); the build picks them and records them in the manifest.
     """
 
     token_budget: int | Literal["auto"] = 64
@@ -47,6 +50,7 @@ class CoreMatchingConfig:
     auto_min_tokens: int = 16
     auto_max_tokens: int | None = None
     seed: int = 0
+    neuron_chunks: int = 1
 
     def __post_init__(self) -> None:
         if self.token_budget != "auto":
@@ -71,6 +75,8 @@ class CoreMatchingConfig:
             raise ConfigError(
                 f"token_selector must be one of {', '.join(TOKEN_SELECTORS)}, got {self.token_selector!r}"
             )
+        if not isinstance(self.neuron_chunks, int) or self.neuron_chunks < 1:
+            raise ConfigError(f"neuron_chunks must be a positive integer, got {self.neuron_chunks!r}")
         if self.auto_min_tokens < 1:
             raise ConfigError(f"auto_min_tokens must be at least 1, got {self.auto_min_tokens}")
         if self.auto_max_tokens is not None and self.auto_max_tokens < self.auto_min_tokens:
@@ -115,6 +121,8 @@ class CoreMatchingConfig:
                     f"neuron_layers {neuron_layers[0]}:{neuron_layers[1]} "
                     f"reaches past the decoder's {num_layers} layers"
                 )
+        if self.neuron_chunks > math.ceil(self.neuron_ratio * intermediate_size):
+            raise ConfigError(f"neuron_chunks {self.neuron_chunks} is more than the number of core neurons")
         auto_max = num_image_tokens if self.auto_max_tokens is None else min(self.auto_max_tokens, num_image_tokens)
         return Budgets(
             num_layers=num_layers,
@@ -126,6 +134,7 @@ class CoreMatchingConfig:
             core_neurons=math.ceil(self.neuron_ratio * intermediate_size),
             prune_layer=self.prune_layer,
             neuron_layers=neuron_layers,
+            neuron_chunks=self.neuron_chunks,
         )
 
 
@@ -142,6 +151,7 @@ class Budgets:
     core_neurons: int  # N = ceil(beta * D)
     prune_layer: int  # l_p
     neuron_layers: tuple[int, int]  # half-open [start, stop)
+    neuron_chunks: int = 1  # core neurons selected per contiguous chunk of the FFN
 
     @property
     def is_dense(self) -> bool:

@@ -134,7 +134,7 @@ class CoreMatchingLlava:
         selector = self.config.token_selector
         if selector == "corematching":
             member = token_core_membership(activations, budgets.tokens_per_neuron_set)  # [S, D]
-            core = prompt_core_neurons(member, budgets.core_neurons)
+            core = prompt_core_neurons(member, budgets.core_neurons, budgets.neuron_chunks)
             scores = matching_scores(member[start:stop], core)
         elif selector == "fastv":
             assert probs is not None
@@ -192,7 +192,7 @@ class CoreMatchingLlava:
 
             if budgets.is_neuron_sparse(index):
                 member = token_core_membership(a[0], budgets.tokens_per_neuron_set)
-                core_neurons[index] = prompt_core_neurons(member, budgets.core_neurons)
+                core_neurons[index] = prompt_core_neurons(member, budgets.core_neurons, budgets.neuron_chunks)
                 compact[index] = CompactFFN.gather(layer.mlp, core_neurons[index])
             if index == budgets.prune_layer:
                 kept, scores = self._select_image_tokens(budgets, a[0], probs, span)

@@ -32,13 +32,36 @@ def token_core_membership(activations: Tensor, tokens_per_set: int) -> Tensor:
     return (activations >= threshold) & (activations > 0)
 
 
-def prompt_core_neurons(membership: Tensor, num_core: int) -> Tensor:
+def prompt_core_neurons(membership: Tensor, num_core: int, chunks: int = 1) -> Tensor:
     """Core neurons of the prompt C*: the `num_core` neurons that are token-wise core for most tokens.
 
+    With chunks > 1 the neurons are split into `chunks` contiguous ranges and each range keeps its
+    share of `num_core` (as `chunk_sizes` splits them): what a TensorRT build does when N is beyond
+    TopK's limit (K < 3840).
     membership: bool [T, D] -> int64 [N], ascending.
     """
     counts = membership.sum(dim=0)  # f(n): [D]
-    return stable_topk(counts, num_core).sort().values
+    if chunks == 1:
+        return stable_topk(counts, num_core).sort().values
+    picked = []
+    for (start, stop), share in zip(chunk_bounds(counts.shape[0], chunks), chunk_sizes(num_core, chunks), strict=True):
+        picked.append(stable_topk(counts[start:stop], share).sort().values + start)
+    return torch.cat(picked)
+
+
+def chunk_sizes(total: int, chunks: int) -> list[int]:
+    """`total` split into `chunks` near-equal parts, the larger ones first (as numpy.array_split)."""
+    base, extra = divmod(total, chunks)
+    return [base + (1 if i < extra else 0) for i in range(chunks)]
+
+
+def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `chunks` contiguous near-equal ranges of `length`."""
+    bounds, start = [], 0
+    for size in chunk_sizes(length, chunks):
+        bounds.append((start, start + size))
+        start += size
+    return bounds
 
 
 def matching_scores(image_membership: Tensor, core_neurons: Tensor) -> Tensor:

@@ -82,3 +82,22 @@ def test_budgets_of_llava_7b():
     assert budgets.tokens_per_neuron_set == 1101 and budgets.core_neurons == 4404
     assert not budgets.is_dense
     assert CoreMatchingConfig.dense(576).resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576).is_dense
+
+
+def test_chunked_core_neurons_keep_each_chunks_share():
+    # counts: neuron n is core for n % 7 tokens; 10 neurons in 2 chunks of 5, N = 5 -> 3 + 2.
+    member = torch.zeros(7, 10, dtype=torch.bool)
+    for n in range(10):
+        member[: n % 7, n] = True
+    from coreMatching.selection import chunk_bounds, chunk_sizes
+
+    assert chunk_sizes(5, 2) == [3, 2] and chunk_bounds(10, 2) == [(0, 5), (5, 10)]
+    assert prompt_core_neurons(member, 5, chunks=2).tolist() == [2, 3, 4, 5, 6]
+    assert prompt_core_neurons(member, 5).tolist() == [2, 3, 4, 5, 6]
+    assert prompt_core_neurons(member, 4, chunks=2).tolist() == [3, 4, 5, 6]
+    assert prompt_core_neurons(member, 4).tolist() == [3, 4, 5, 6]
+    # A chunk with only low counts still keeps its share.
+    member2 = member.clone()
+    member2[:, 5:] = False
+    assert prompt_core_neurons(member2, 4, chunks=2).tolist() == [3, 4, 5, 6]
+    assert prompt_core_neurons(member2, 4).tolist() == [1, 2, 3, 4]

@@ -1,0 +1,125 @@
+"""`python -m export build | validate | engine`.
+
+Thin entry points: parse the flags, build a config, call one library function,
+print. User mistakes end in one `error:` line and exit code 2; a failed
+validation in exit code 1. torch is imported only by `build` and `validate`:
+`engine` runs on a Jetson without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from coreMatching.cli import add_config_arguments, config_from_args
+
+
+def _build_parser(sub: Any) -> None:
+    p = sub.add_parser("build", help="trace the model into ONNX graphs with CoreMatching, validate, write a build",
+                       description="Trace a LLaVA model into ONNX graphs (vision, embed, prefill, decode) with "
+                       "in-graph core-token and core-neuron selection, validate them against PyTorch, "
+                       "and write a build directory.")  # fmt: skip
+    p.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
+    p.add_argument("--out", type=Path, default=Path("builds/default"), help="build directory (default builds/default)")
+    add_config_arguments(p)
+    p.add_argument("--fp16", action="store_true", help="float16 weights and activations (GPU builds)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image included (default 1024)")
+    p.add_argument("--max-sequence", type=int, default=2048, help="longest prompt + answer (default 2048)")
+    p.add_argument("--neuron-chunks", type=int, default=1,
+                   help="select core neurons per chunk of the FFN (default 1; raised automatically where N "
+                   "is beyond TensorRT's TopK limit)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-validate", action="store_true", help="skip the validation against PyTorch")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def _validate_parser(sub: Any) -> None:
+    p = sub.add_parser("validate", help="check an existing build's files and validate it against PyTorch again")
+    p.add_argument("build", type=Path, help="the build directory")
+    p.add_argument("--model", type=Path, default=None,
+                   help="the checkpoint the build was made from (default: the one its manifest names)")  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from coreMatching.errors import CoreMatchingError
+    from export.build import STAGES, BuildError, build
+    from export.config import ExportConfig
+    from export.summary import print_summary
+    from export.validate import ValidationError
+    from models import ModelLoadError
+
+    console = Console(stderr=True)
+    try:
+        corematching = None
+        if not args.dense:
+            corematching = config_from_args(args).with_(neuron_chunks=args.neuron_chunks)
+        config = ExportConfig(
+            out=args.out, model_dir=args.model, corematching=corematching, fp16=args.fp16, opset=args.opset,
+            force=args.force, validate=not args.no_validate, max_prompt_tokens=args.max_prompt_tokens,
+            max_sequence=args.max_sequence,
+        )  # fmt: skip
+        with console.status("building") as status:
+
+            def on_stage(name: str) -> None:
+                step = STAGES.index(name) + 1
+                status.update(f"[{step}/{len(STAGES)}] {name}")
+                logging.getLogger("export").info("stage %d/%d: %s", step, len(STAGES), name)
+
+            result = build(config, on_stage)
+    except ValidationError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        return 1
+    except (CoreMatchingError, ModelLoadError, BuildError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from export.manifest import ManifestError, read_manifest, verify_files
+    from export.summary import print_validation
+    from models import ModelLoadError, default_model_dir, load_llava
+
+    try:
+        manifest = read_manifest(args.build)
+        verify_files(args.build, manifest)
+        source = manifest["model"]["source"]
+        model_dir = args.model or (default_model_dir() if source == "embedded default" else Path(source))
+        model, processor = load_llava(model_dir)
+        from export.validate import validate_build
+
+        report = validate_build(args.build, manifest, model, processor)
+    except (ManifestError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_validation(report)
+    return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _build_parser(sub)
+    _validate_parser(sub)
+    from export.engine_cli import add_engine_parser, run_engine
+
+    add_engine_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"build": run_build, "validate": run_validate, "engine": run_engine}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

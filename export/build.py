@@ -1,0 +1,342 @@
+"""`python -m export build`: trace, run the passes, validate and write a build directory.
+
+A build is written to a temporary directory next to `--out` and renamed into
+place only once it is complete and validated: an error or a failed validation
+leaves nothing behind (the validation report goes next to `--out`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from coreMatching.config import Budgets
+from coreMatching.errors import ConfigError
+from coreMatching.flops import FlopsComparison, compare, decode_flops, prefill_flops
+from export.config import ExportConfig
+from export.manifest import FORMAT_VERSION, record_files, write_manifest
+from export.modules import Decoder
+from export.passes import check_tensorrt, insert_core_neuron_selection, insert_core_token_selection, insert_ffn_gather
+from export.passes.membership import TOPK_LIMIT
+from export.trace import Geometry, save_model, trace_decode, trace_embed, trace_prefill, trace_vision
+from export.validate import ValidationError, ValidationReport, validate_build
+from models import default_model_dir, load_llava
+
+log = logging.getLogger(__name__)
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+STAGES = ("load", "trace vision", "trace embed", "trace prefill", "trace decode", "graph passes", "validate", "write")
+# Copied from the checkpoint when present: what the torch-free runtime needs to tokenize and preprocess.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+# The text of a typical question, for the FLOPs figures of the summary.
+QUESTION_TOKENS = 40
+
+
+class BuildError(RuntimeError):
+    """A build cannot be made as asked; the message names the problem and the fix."""
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    validation: ValidationReport | None
+    seconds: float
+
+
+def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -> BuildResult:
+    stage = on_stage or (lambda name: None)
+    started = time.perf_counter()
+    out = config.out.expanduser().resolve()
+    if out.exists() and not config.force:
+        raise BuildError(f"{out} already exists; pass --force to replace it, or choose another --out")
+
+    stage("load")
+    model_dir = (config.model_dir or default_model_dir()).expanduser().resolve()
+    model, processor = load_llava(model_dir)
+    geometry = Geometry.of(model)
+    budgets = _budgets(config, geometry)
+    _check_limits(config, model, geometry)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        dtype = torch.float16 if config.fp16 else torch.float32
+        traced_model = model.to(dtype) if config.fp16 else model
+        decoder = Decoder(traced_model).eval()
+        stage("trace vision")
+        trace_vision(traced_model, geometry, tmp / "vision.onnx", config.opset, dtype)
+        stage("trace embed")
+        trace_embed(traced_model, tmp / "embed.onnx", config.opset)
+        stage("trace prefill")
+        trace_prefill(decoder, geometry, budgets, tmp / "prefill.onnx", config.opset, dtype)
+        stage("trace decode")
+        trace_decode(decoder, geometry, budgets, tmp / "decode.onnx", config.opset, dtype)
+        del decoder
+        if config.fp16:
+            model = model.float()  # the reference runs in fp32
+
+        stage("graph passes")
+        trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets)
+        _copy_tokenizer(model_dir, processor, tmp)
+        manifest = _manifest(config, model, model_dir, geometry, budgets, tmp, trt_problems)
+        record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+        write_manifest(tmp, manifest)
+
+        report = None
+        if config.validate:
+            stage("validate")
+            report = validate_build(tmp, manifest, model, processor)
+            manifest["validation"] = report.to_dict()
+            if not report.passed:
+                path = out.parent / f"{out.name}.validation-failed.json"
+                path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                failed = "; ".join(f"{c.name}: {', '.join(c.problems)}" for c in report.cases if c.problems)
+                raise ValidationError(f"validation failed ({failed}); report: {path}", report)
+        else:
+            manifest["validation"] = {"passed": None, "skipped": "--no-validate"}
+        manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+        write_manifest(tmp, manifest)
+
+        stage("write")
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(out=out, manifest=manifest, validation=report, seconds=time.perf_counter() - started)
+
+
+def _budgets(config: ExportConfig, geometry: Geometry) -> Budgets | None:
+    if config.corematching is None:
+        return None
+    cm = config.corematching
+    n = math.ceil(cm.neuron_ratio * geometry.intermediate_size)
+    if config.tensorrt and cm.neuron_chunks == 1 and n > TOPK_LIMIT:
+        # TensorRT's TopK takes K < 3840: select the core neurons per chunk (SPEC §3), recorded in the manifest.
+        cm = dataclasses.replace(cm, neuron_chunks=math.ceil(n / TOPK_LIMIT))
+        log.info("N = %d core neurons is beyond TopK's limit: selecting them in %d chunks", n, cm.neuron_chunks)
+    return cm.resolve(
+        num_layers=geometry.num_layers,
+        intermediate_size=geometry.intermediate_size,
+        num_image_tokens=geometry.num_image_tokens,
+    )
+
+
+def _check_limits(config: ExportConfig, model: Any, geometry: Geometry) -> None:
+    text = model.config.text_config
+    if config.max_prompt_tokens <= geometry.num_image_tokens:
+        raise ConfigError(
+            f"--max-prompt-tokens {config.max_prompt_tokens} leaves no room for text after the "
+            f"{geometry.num_image_tokens} image tokens; raise it"
+        )
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and config.max_sequence > limit:
+        raise ConfigError(f"--max-sequence {config.max_sequence} is beyond the model's {limit} positions; lower it")
+    for module in model.model.language_model.layers[0].mlp.modules():
+        if getattr(module, "bias", None) is not None:
+            raise BuildError("FFN layers with biases are not supported by the export; the reference handles them")
+    window = getattr(text, "sliding_window", None) if text.model_type == "mistral" else None
+    if window is not None and window < config.max_sequence:
+        raise BuildError(
+            f"the model attends within a sliding window of {window} tokens, shorter than --max-sequence "
+            f"{config.max_sequence}; export with --max-sequence {window} or less"
+        )
+
+
+def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None) -> list[str]:
+    """The CoreMatching passes over the traced prefill; returns what would stop a TensorRT build."""
+    graph = gs.import_onnx(onnx.load(path))
+    if budgets is not None:
+        b, width = budgets, geometry.intermediate_size
+        for layer in b.neuron_sparse_layers:
+            insert_core_neuron_selection(graph, layer, b.tokens_per_neuron_set, b.core_neurons, width, b.neuron_chunks)
+        insert_core_token_selection(graph, b.prune_layer, b.num_image_tokens, b.token_budget, b.tokens_per_neuron_set,
+                                    b.core_neurons, width, b.neuron_chunks, b.auto_range)  # fmt: skip
+        for layer in b.neuron_sparse_layers:
+            insert_ffn_gather(graph, layer, f"decoder.layers.{layer}.mlp")
+    problems = check_tensorrt(graph)
+    if budgets is not None and budgets.token_budget == "auto":
+        problems.append("token_budget 'auto' gives data-dependent shapes (ONNX Runtime only)")
+    if budgets is not None and budgets.tokens_per_neuron_set > TOPK_LIMIT:
+        problems.append(f"k_tok = {budgets.tokens_per_neuron_set} is above TopK's limit {TOPK_LIMIT}")
+    model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=True)
+    save_model(model, path)
+    return problems
+
+
+def _copy_tokenizer(model_dir: Path, processor: Any, out: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    if not (out / "chat_template.jinja").exists():
+        template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+        if not template:
+            raise BuildError(f"{model_dir} has no chat template; add chat_template.jinja (the LLaVA-1.5 template)")
+        (out / "chat_template.jinja").write_text(template)
+    if not (out / "preprocessor_config.json").exists():
+        processor.image_processor.to_json_file(out / "preprocessor_config.json")
+
+
+def _io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    model = onnx.load(path, load_external_data=False)
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": v.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, dict[str, int]]:
+    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits)."""
+    n_img = geometry.num_image_tokens
+    prompt = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS, "max": config.max_prompt_tokens}
+    past = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS + 16, "max": config.max_sequence - 1}
+    dims = {"S": prompt, "P": past}
+    if budgets is not None:
+        lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
+        dims["P_kept"] = {"min": 1 + lo, "opt": past["opt"] - n_img + hi, "max": past["max"] - n_img + hi}
+    return dims
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("corematching-edge", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon",
+                    "onnxscript"):  # fmt: skip
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def flops_summary(geometry: Geometry, budgets: Budgets | None) -> FlopsComparison | None:
+    """Analytic FLOPs dense vs CoreMatching for a typical prompt (static budgets only)."""
+    if budgets is None or budgets.token_budget == "auto":
+        return None
+    return compare(geometry.decoder(), geometry.num_image_tokens + QUESTION_TOKENS, [budgets])[0]
+
+
+def _manifest(
+    config: ExportConfig,
+    model: Any,
+    model_dir: Path,
+    geometry: Geometry,
+    budgets: Budgets | None,
+    build: Path,
+    trt_problems: list[str],
+) -> dict[str, Any]:
+    text, vision = model.config.text_config, model.config.vision_config
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) or text.eos_token_id
+    flops = flops_summary(geometry, budgets)
+    decoder = geometry.decoder()
+    prompt = geometry.num_image_tokens + QUESTION_TOKENS
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "source": "embedded default" if model_dir == default_model_dir().resolve() else str(model_dir),
+            "text_model_type": text.model_type,
+            "hidden_size": geometry.hidden_size,
+            "intermediate_size": geometry.intermediate_size,
+            "num_layers": geometry.num_layers,
+            "num_heads": geometry.num_heads,
+            "num_kv_heads": geometry.num_kv_heads,
+            "head_dim": geometry.head_dim,
+            "vocab_size": geometry.vocab_size,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "num_image_tokens": geometry.num_image_tokens,
+            "image_token_id": model.config.image_token_id,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": text.pad_token_id,
+        },
+        "precision": "float16" if config.fp16 else "float32",
+        "opset": config.opset,
+        "corematching": _corematching_section(budgets, config),
+        "dims": _dims(config, geometry, budgets),
+        "graphs": {
+            name: {
+                "file": f"{name}.onnx",
+                "external_data": f"{name}.onnx.data" if (build / f"{name}.onnx.data").exists() else None,
+                **_io(build / f"{name}.onnx"),
+            }
+            for name in GRAPHS
+        },
+        "tensorrt": {"compatible": not trt_problems, "reason": "; ".join(trt_problems)},
+        "tokenizer": {
+            "tokenizer": "tokenizer.json",
+            "chat_template": "chat_template.jinja",
+            "preprocessor": "preprocessor_config.json",
+        },
+        "flops": {
+            "prompt_tokens": prompt,
+            "prefill_dense": prefill_flops(decoder, prompt, None),
+            "prefill_corematching": flops.prefill_corematching if flops else None,
+            "decode_dense": decode_flops(decoder, prompt, None),
+            "decode_corematching": flops.decode_corematching if flops else None,
+        },
+        "versions": _versions(),
+    }
+
+
+def _corematching_section(budgets: Budgets | None, config: ExportConfig) -> dict[str, Any]:
+    if budgets is None:
+        return {"dense": True}
+    cm = config.corematching
+    assert cm is not None
+    return {
+        "dense": False,
+        "token_budget": budgets.token_budget,
+        "token_ratio": cm.token_ratio,
+        "neuron_ratio": cm.neuron_ratio,
+        "prune_layer": budgets.prune_layer,
+        "neuron_layers": list(budgets.neuron_layers),
+        "tokens_per_neuron_set": budgets.tokens_per_neuron_set,
+        "core_neurons": budgets.core_neurons,
+        "neuron_chunks": budgets.neuron_chunks,
+        "auto_range": list(budgets.auto_range),
+    }
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Moves the finished build into place; an old build (with --force) goes only once the new one is there."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,499 @@
+"""TensorRT engines for a build directory (`python -m export engine BUILD`), torch-free.
+
+An engine is built on the machine that will run it (a Jetson builds its own): it runs only on the GPU
+model and TensorRT version that built it. This module imports `tensorrt` only inside `build_engines`, and
+never torch or transformers, so that a board with JetPack's TensorRT and the light runtime can use it.
+
+Two TensorRT API generations are supported and reported (`TrtApi.name`, recorded in the manifest):
+8.6 ("bindings": networks need the EXPLICIT_BATCH flag) and 10.x or later ("named-tensors": explicit batch is
+implicit). TensorRT 11 removed `BuilderFlag.FP16` (networks are strongly typed), so there fp16 means a
+float16 export.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import importlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from export.manifest import (
+    ManifestError,
+    graph_files,
+    read_manifest,
+    record_files,
+    verify_files,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+GRAPHS: tuple[str, ...] = ("vision", "embed", "prefill", "decode")
+ENGINE_DIR = "engines"
+ENGINE_NOTE = "an engine runs only on the GPU model and TensorRT version that built it"
+
+Shape = tuple[int, ...]
+
+
+class EngineError(Exception):
+    """An engine build that cannot start or did not finish."""
+
+
+class TensorRTMissingError(EngineError):
+    """The `tensorrt` Python package cannot be imported."""
+
+
+class UnsupportedTensorRTError(EngineError):
+    """TensorRT is importable but too old, or it does not support this GPU."""
+
+
+class NoGpuError(EngineError):
+    """No CUDA GPU is visible: engines are built on the GPU that will run them."""
+
+
+class EngineBuildError(EngineError):
+    """TensorRT could not parse a graph or build its engine; `errors` lists TensorRT's messages."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    build_dir: Path
+    fp16: bool = False
+    workspace_mb: int = 4096
+    graphs: tuple[str, ...] = GRAPHS
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build_dir", Path(self.build_dir))
+        graphs = (self.graphs,) if isinstance(self.graphs, str) else tuple(self.graphs)
+        object.__setattr__(self, "graphs", graphs)
+        # bool is an int subclass: `workspace_mb=True` would silently mean 1 MiB.
+        if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb <= 0:
+            raise ValueError(f"workspace must be a positive number of MiB, not {self.workspace_mb!r}")
+        if not graphs:
+            raise ValueError(f"no graphs to build: choose from {', '.join(GRAPHS)}")
+        unknown = [g for g in graphs if g not in GRAPHS]
+        if unknown:
+            raise ValueError(f"unknown graph(s) {', '.join(map(repr, unknown))}: choose from {', '.join(GRAPHS)}")
+        if len(set(graphs)) != len(graphs):
+            raise ValueError(f"graph listed twice in {', '.join(graphs)}")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    compute_capability: str  # "8.7"
+
+    @property
+    def sm(self) -> tuple[int, int]:
+        major, _, minor = self.compute_capability.partition(".")
+        return int(major), int(minor or 0)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "compute_capability": self.compute_capability}
+
+
+@dataclass(frozen=True)
+class TrtApi:
+    """What differs between the TensorRT generations this builder supports."""
+
+    version: str
+    major: int
+    minor: int
+    name: str  # "bindings" (8.6) | "named-tensors" (10.x and later)
+    network_flags: int  # for Builder.create_network
+    workspace_pool: Any  # trt.MemoryPoolType.WORKSPACE
+    fp16_flag: Any | None  # trt.BuilderFlag.FP16; None where removed (TensorRT 11: strong typing)
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    build_dir: Path
+    tensorrt_version: str
+    api: str
+    fp16: bool
+    workspace_mb: int
+    device: DeviceInfo
+    engines: dict[str, Path]  # graph -> engine file
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def trt_api(trt: Any) -> TrtApi:
+    """The API generation of an imported `tensorrt` module, from its `__version__`."""
+    version = str(getattr(trt, "__version__", ""))
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise UnsupportedTensorRTError(f"cannot read TensorRT's version ({version!r}); TensorRT 8.6 is the minimum")
+    major, minor = int(match[1]), int(match[2])
+    if (major, minor) < (8, 6):
+        raise UnsupportedTensorRTError(
+            f"TensorRT {version} is too old: 8.6 is the minimum (8.6 for Pascal GPUs, 10.x for SM 7.5 and later)"
+        )
+    if major == 9:  # 9.x shipped only as TensorRT-LLM previews, between the two APIs
+        raise UnsupportedTensorRTError(f"TensorRT {version} is not supported: use 8.6 or 10.x")
+    pool = trt.MemoryPoolType.WORKSPACE  # set_memory_pool_limit exists in 8.6 and 10.x alike
+    fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
+    if major == 8:
+        # 8.x still has implicit-batch networks: ONNX needs the explicit-batch one.
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        return TrtApi(version, major, minor, "bindings", flags, pool, fp16_flag)
+    # 10.x: EXPLICIT_BATCH is deprecated and ignored; every network is explicit-batch.
+    return TrtApi(version, major, minor, "named-tensors", 0, pool, fp16_flag)
+
+
+def import_tensorrt() -> ModuleType:
+    try:
+        return importlib.import_module("tensorrt")
+    except (ImportError, OSError) as e:  # OSError: the package is there but libnvinfer is not
+        raise TensorRTMissingError(
+            f"TensorRT's Python package cannot be imported ({e}): install TensorRT 8.6 for Pascal GPUs such as "
+            "the Titan Xp (pip install 'tensorrt==8.6.*'), TensorRT 10.x for SM 7.5 and later "
+            "(pip install 'tensorrt==10.*'), or on a Jetson the one JetPack ships (apt install nvidia-jetpack)"
+        ) from e
+
+
+def _no_gpu(detail: str) -> NoGpuError:
+    return NoGpuError(
+        f"no CUDA GPU is visible ({detail}): TensorRT engines are built on the GPU that will run them; "
+        "check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or run the build with ONNX Runtime instead"
+    )
+
+
+def _cuda_runtime() -> Any | None:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6 and later) or the older `cuda.cudart`."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _cuda_ok(err: Any) -> bool:
+    return getattr(err, "value", err) == 0  # cudaError_t enum or a plain int
+
+
+def _text(value: Any) -> str:
+    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).split("\x00")[0].strip()
+
+
+def _runtime_device(cudart: Any) -> DeviceInfo:
+    err, count = cudart.cudaGetDeviceCount()
+    if not _cuda_ok(err) or count < 1:
+        raise _no_gpu(f"cudaGetDeviceCount: {getattr(err, 'name', err)}, {count} device(s)")
+    err, prop = cudart.cudaGetDeviceProperties(0)
+    if not _cuda_ok(err):
+        raise _no_gpu(f"cudaGetDeviceProperties: {getattr(err, 'name', err)}")
+    return DeviceInfo(_text(prop.name), f"{prop.major}.{prop.minor}")
+
+
+def _driver_device() -> DeviceInfo:
+    """The driver API through ctypes: works without cuda-python (a bare JetPack Python has only TensorRT)."""
+    lib = None
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        raise _no_gpu("the NVIDIA driver library libcuda could not be loaded")
+    rc = lib.cuInit(0)
+    if rc != 0:
+        raise _no_gpu(f"cuInit returned CUDA error {rc}")
+    count, dev, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        raise _no_gpu(f"cuDeviceGetCount found {count.value} device(s)")
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGet(ctypes.byref(dev), 0)
+    lib.cuDeviceGetName(name, len(name), dev)
+    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
+    return DeviceInfo(_text(name.value), f"{major.value}.{minor.value}")
+
+
+def detect_gpu() -> DeviceInfo:
+    """The first visible CUDA GPU (the one TensorRT builds for), without torch; raises NoGpuError."""
+    cudart = _cuda_runtime()
+    if cudart is not None:
+        try:
+            return _runtime_device(cudart)
+        except NoGpuError:
+            raise
+        except Exception as e:  # cuda-python present but its libcudart is not: ask the driver
+            log.debug("cuda-python could not query the GPU (%s); trying the driver API", e)
+    return _driver_device()
+
+
+def profiles_from_manifest(manifest: Mapping[str, Any], graph: str) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of every input of `graph`, symbolic dims taken from `manifest["dims"]`."""
+    graphs = manifest.get("graphs", {})
+    if graph not in graphs:
+        raise ManifestError(f"the manifest has no {graph!r} graph (it has {', '.join(graphs) or 'none'})")
+    dims = manifest.get("dims", {})
+    profiles: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for spec in graphs[graph].get("inputs", []):
+        shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
+        for d in spec["shape"]:
+            if isinstance(d, str):
+                if d not in dims:
+                    raise ManifestError(f"input {spec['name']!r} of {graph} uses dim {d!r}, which manifest dims lack")
+                bounds = [dims[d].get(k) for k in ("min", "opt", "max")]
+                if not all(isinstance(b, int) and b >= 0 for b in bounds) or not bounds[0] <= bounds[1] <= bounds[2]:
+                    raise ManifestError(f"dim {d!r} needs integers 0 <= min <= opt <= max, not {dims[d]}")
+            elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+                bounds = [d, d, d]
+            else:
+                raise ManifestError(f"input {spec['name']!r} of {graph} has an invalid dimension {d!r}")
+            for shape, bound in zip(shapes, bounds, strict=True):
+                shape.append(bound)
+        profiles[spec["name"]] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
+    return profiles
+
+
+def _dynamic_inputs(manifest: Mapping[str, Any], graph: str) -> set[str]:
+    return {
+        s["name"] for s in manifest["graphs"][graph].get("inputs", []) if any(isinstance(d, str) for d in s["shape"])
+    }
+
+
+def engine_file(graph: str) -> str:
+    return f"{ENGINE_DIR}/{graph}.plan"
+
+
+def record_engines(
+    build_dir: str | Path,
+    manifest: Mapping[str, Any],
+    engine_files: Mapping[str, str],
+    *,
+    device: DeviceInfo,
+    tensorrt_version: str,
+    api: str,
+    fp16: bool,
+    workspace_mb: int,
+) -> dict[str, Any]:
+    """Writes the manifest's `engines` section and the engines' sha256, atomically; returns the new manifest.
+
+    `engine_files` maps graph -> engine path relative to the build. Engines of other graphs from an earlier run
+    stay listed only if they were built for the same TensorRT, API, precision and GPU; otherwise they are
+    unlisted (a runtime must not mix them). The given manifest is not changed, and nothing is written when a
+    file cannot be hashed.
+    """
+    build = Path(build_dir)
+    missing = [f for f in engine_files.values() if not (build / f).is_file()]
+    if missing:
+        raise ManifestError(f"engine file(s) {', '.join(missing)} missing from {build}; manifest left unchanged")
+    new = copy.deepcopy(dict(manifest))
+    section: dict[str, Any] = {
+        "tensorrt_version": tensorrt_version,
+        "api": api,
+        "fp16": fp16,
+        "workspace_mb": workspace_mb,
+        "device": device.as_dict(),
+        "graphs": {g: {"file": f} for g, f in engine_files.items()},
+        "note": ENGINE_NOTE,
+    }
+    previous = new.get("engines") or {}
+    same_target = all(previous.get(k) == section[k] for k in ("tensorrt_version", "api", "fp16", "device"))
+    for graph, entry in (previous.get("graphs") or {}).items():
+        if graph in engine_files:
+            continue
+        if same_target and (build / entry["file"]).is_file():
+            section["graphs"][graph] = entry
+        else:
+            log.warning("%s was built for another TensorRT, GPU or precision: unlisted; rebuild it", entry["file"])
+            new.get("files", {}).pop(entry["file"], None)
+    section["graphs"] = {g: section["graphs"][g] for g in GRAPHS if g in section["graphs"]}
+    new["engines"] = section
+    record_files(build, new, list(engine_files.values()))
+    write_manifest(build, new)
+    return new
+
+
+def _check_build(config: EngineConfig) -> dict[str, Any]:
+    """Everything that needs no TensorRT: the manifest, its files, and engines already there."""
+    manifest = read_manifest(config.build_dir)
+    trt_info = manifest.get("tensorrt")
+    if not isinstance(trt_info, dict) or "compatible" not in trt_info:
+        raise ManifestError(f"{config.build_dir}/manifest.json has no tensorrt section; rebuild the build directory")
+    if not trt_info["compatible"]:
+        raise EngineError(
+            f"this build cannot run in TensorRT: {trt_info.get('reason') or 'no reason given'}; "
+            "use ONNX Runtime, or export a TensorRT-compatible build"
+        )
+    names: list[str] = []
+    for graph in config.graphs:
+        if graph not in manifest.get("graphs", {}):
+            raise ManifestError(
+                f"the manifest has no {graph!r} graph; choose from {', '.join(manifest.get('graphs', {}))}"
+            )
+        names += graph_files(manifest, graph)
+        profiles_from_manifest(manifest, graph)  # a bad dims section fails here, before any TensorRT work
+    verify_files(config.build_dir, manifest, names)
+    existing = [engine_file(g) for g in config.graphs if (config.build_dir / engine_file(g)).exists()]
+    if existing and not config.force:
+        raise EngineError(f"{', '.join(existing)} already exist(s) in {config.build_dir}: pass --force to rebuild")
+    return manifest
+
+
+def _build_one(
+    trt: Any,
+    api: TrtApi,
+    builder: Any,
+    logger: Any,
+    onnx_path: Path,
+    graph: str,
+    profiles: dict[str, tuple[Shape, Shape, Shape]],
+    dynamic: set[str],
+    fp16: bool,
+    workspace_mb: int,
+    out: Path,
+) -> None:
+    network = builder.create_network(api.network_flags)
+    parser = trt.OnnxParser(network, logger)
+    # From the file (not from bytes) so that the parser finds external data beside it.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name} ({len(errors)} error(s))", errors)
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    unlisted = [n for n, s in inputs.items() if any(d < 0 for d in s) and n not in dynamic]
+    stale = sorted(dynamic - inputs.keys())
+    if unlisted or stale:
+        raise EngineBuildError(
+            f"{onnx_path.name} and the manifest disagree on the dynamic inputs of {graph} "
+            f"(not in the manifest: {unlisted or 'none'}; not in the graph: {stale or 'none'}); rebuild the build"
+        )
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(api.workspace_pool, workspace_mb << 20)
+    if fp16:
+        config.set_flag(api.fp16_flag)
+    if dynamic:  # static graphs get TensorRT's default profile
+        profile = builder.create_optimization_profile()
+        for name in sorted(dynamic):
+            profile.set_shape(name, *profiles[name])
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT failed to build the {graph} engine (its messages above say why)")
+    with out.open("wb") as f:
+        f.write(serialized)
+
+
+def _place(tmp: Path, engines_dir: Path, graphs: tuple[str, ...]) -> None:
+    """Moves the finished engines into engines/: one rename of the whole folder where there is none yet."""
+    if not engines_dir.exists():
+        os.replace(tmp, engines_dir)
+        return
+    for graph in graphs:
+        os.replace(tmp / f"{graph}.plan", engines_dir / f"{graph}.plan")
+
+
+def build_engines(config: EngineConfig) -> EngineReport:
+    """Builds `engines/{graph}.plan` for each graph of `config` and records them in the manifest."""
+    manifest = _check_build(config)
+    trt = import_tensorrt()
+    device = detect_gpu()
+    api = trt_api(trt)
+    if api.major >= 10 and device.sm < (7, 0):
+        raise UnsupportedTensorRTError(
+            f"TensorRT {api.version} does not support {device.name} (SM {device.compute_capability}): "
+            "install TensorRT 8.6, the last release for Pascal, or use ONNX Runtime's CUDA provider"
+        )
+    precision = manifest.get("precision", "float32")
+    use_fp16 = config.fp16
+    if config.fp16 and api.fp16_flag is None:
+        if precision != "float16":
+            raise EngineError(
+                f"TensorRT {api.version} removed the fp16 builder flag (networks are strongly typed): "
+                "export a float16 build instead, or build without --fp16"
+            )
+        log.info("TensorRT %s follows the graphs' own float16 types; the --fp16 flag is not needed", api.version)
+        use_fp16 = False
+    elif precision == "float16" and not config.fp16 and api.fp16_flag is not None:
+        log.warning("the graphs are float16 but --fp16 was not given: TensorRT may run them in fp32 kernels")
+
+    log.info("TensorRT %s (%s API) on %s (SM %s)", api.version, api.name, device.name, device.compute_capability)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if use_fp16 and not getattr(builder, "platform_has_fast_fp16", True):
+        log.warning(
+            "%s has no fast fp16 (on Pascal, such as the Titan Xp, fp16 runs at a small fraction of fp32 speed): "
+            "an fp32 engine (no --fp16) is faster there",
+            device.name,
+        )
+
+    build, engines_dir = config.build_dir, config.build_dir / ENGINE_DIR
+    seconds: dict[str, float] = {}
+    tmp = Path(tempfile.mkdtemp(prefix=".engines-tmp-", dir=build))
+    try:
+        for i, graph in enumerate(config.graphs, 1):
+            profiles = profiles_from_manifest(manifest, graph)
+            dynamic = _dynamic_inputs(manifest, graph)
+            ranges = ", ".join(f"{n} {profiles[n][0]}..{profiles[n][2]}" for n in sorted(dynamic)) or "static"
+            log.info(
+                "[%d/%d] building %s engine (%s, %s)",
+                i,
+                len(config.graphs),
+                graph,
+                "fp16" if config.fp16 else "fp32",
+                ranges,
+            )
+            start = time.perf_counter()
+            onnx_path = build / manifest["graphs"][graph]["file"]
+            _build_one(
+                trt,
+                api,
+                builder,
+                logger,
+                onnx_path,
+                graph,
+                profiles,
+                dynamic,
+                use_fp16,
+                config.workspace_mb,
+                tmp / f"{graph}.plan",
+            )
+            seconds[graph] = time.perf_counter() - start
+            size = (tmp / f"{graph}.plan").stat().st_size
+            log.info(
+                "[%d/%d] %s engine built in %.1f s (%.1f MB)", i, len(config.graphs), graph, seconds[graph], size / 1e6
+            )
+        _place(tmp, engines_dir, config.graphs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    files = {g: engine_file(g) for g in config.graphs}
+    record_engines(
+        build,
+        manifest,
+        files,
+        device=device,
+        tensorrt_version=api.version,
+        api=api.name,
+        fp16=config.fp16,
+        workspace_mb=config.workspace_mb,
+    )
+    return EngineReport(
+        build,
+        api.version,
+        api.name,
+        config.fp16,
+        config.workspace_mb,
+        device,
+        {g: build / f for g, f in files.items()},
+        seconds,
+    )

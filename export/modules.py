@@ -1,0 +1,231 @@
+"""The traced forms of a LLaVA model: vision, embed, prefill and decode (SPEC §3).
+
+Each module holds its weights in the layout its MatMuls read (`x @ w_t`), under
+names that the graph-surgeon passes look up (`layers.{i}.mlp.gate_t`), so that
+the exported graph carries them as plain initializers with no Transpose in
+between. The math is the reference's (`coreMatching.layers`), checked by the
+build's validation against `transformers` and the reference.
+
+The prefill graph is traced *dense* with two seams that the passes fill in:
+- a graph input `keep_indices` [S'] gathers the hidden states and position ids
+  after the prune layer (the core-token pass replaces it with TopK + Gather);
+- graph outputs `act.{i}` [T, D] expose the FFN activation of the prune layer
+  and the neuron-sparse layers (the core-neuron pass turns them into
+  `core_neurons.{i}`, and the FFN-gather pass adds the compacted weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from coreMatching.backbones import backbone_of
+from coreMatching.config import Budgets
+
+
+def _t(linear: nn.Linear) -> nn.Parameter:
+    return nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+
+
+def _bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, h: Tensor) -> Tensor:
+        # As transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype.
+        x = h.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(h.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.head_dim: int = attn.head_dim
+        self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        self.q_t, self.k_t, self.v_t, self.o_t = (_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj), _t(attn.o_proj))
+        self.q_b, self.k_b, self.v_b, self.o_b = (
+            _bias(attn.q_proj),
+            _bias(attn.k_proj),
+            _bias(attn.v_proj),
+            _bias(attn.o_proj),
+        )
+
+    @staticmethod
+    def _proj(x: Tensor, w_t: Tensor, b: Tensor | None) -> Tensor:
+        y = x @ w_t
+        return y if b is None else y + b
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None):
+        # x: [1, T, d]; cos/sin: [1, 1, T, hd]; past: ([1, n_kv, P, hd], [1, n_kv, P, hd])
+        seq = x.shape[1]
+        q = self._proj(x, self.q_t, self.q_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, H, T, hd]
+        k = self._proj(x, self.k_t, self.k_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, T, hd]
+        v = self._proj(x, self.v_t, self.v_b).view(1, seq, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        groups = q.shape[1] // k.shape[1]
+        k_rep = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        v_rep = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        # Prefill (no past): causal by index, which equals causal by position since kept tokens keep
+        # their order. Decode (one query, past given): the query sees every cached token.
+        out = nn.functional.scaled_dot_product_attention(
+            q, k_rep, v_rep, is_causal=past is None, scale=self.scale
+        )  # [1, H, T, hd]
+        out = self._proj(out.transpose(1, 2).reshape(1, seq, -1), self.o_t, self.o_b)
+        return out, k, v
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FFN(nn.Module):
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.act = mlp.act_fn
+        self.gate_t, self.up_t, self.down_t = _t(mlp.gate_proj), _t(mlp.up_proj), _t(mlp.down_proj)
+        self.gate_b, self.up_b, self.down_b = _bias(mlp.gate_proj), _bias(mlp.up_proj), _bias(mlp.down_proj)
+
+    def activation(self, x: Tensor, gate_t: Tensor, up_t: Tensor) -> Tensor:
+        g, u = x @ gate_t, x @ up_t
+        if self.gate_b is not None and gate_t is self.gate_t:
+            g = g + self.gate_b
+        if self.up_b is not None and up_t is self.up_t:
+            u = u + self.up_b
+        return self.act(g) * u
+
+    def down(self, a: Tensor, down_t: Tensor) -> Tensor:
+        y = a @ down_t
+        return y if self.down_b is None else y + self.down_b
+
+
+class Layer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(layer.input_layernorm)
+        self.attn = Attention(layer.self_attn)
+        self.post_norm = RMSNorm(layer.post_attention_layernorm)
+        self.mlp = FFN(layer.mlp)
+
+
+class Rope(nn.Module):
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [T] int64 -> cos, sin: [1, 1, T, hd]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype)[None, None], (emb.sin() * self.scaling).to(dtype)[None, None]
+
+
+class Decoder(nn.Module):
+    """The decoder's weights in MatMul layout, shared by the prefill and decode modules."""
+
+    def __init__(self, llava: Any) -> None:
+        super().__init__()
+        backbone = backbone_of(llava)
+        self.layers = nn.ModuleList(Layer(layer) for layer in backbone.layers(llava))
+        self.norm = RMSNorm(backbone.final_norm(llava))
+        self.rope = Rope(backbone.rotary_emb(llava))
+        self.lm_head_t = _t(backbone.lm_head(llava))
+
+    def logits(self, h_last: Tensor) -> Tensor:
+        # h_last: [1, d] -> [1, V]
+        return self.norm(h_last) @ self.lm_head_t
+
+
+class Prefill(nn.Module):
+    """inputs_embeds [1, S, d] (+ keep_indices [S'] when pruning) -> logits, KV of every layer, activations."""
+
+    def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.budgets = budgets  # None: the dense model
+        self.act_layers = [] if budgets is None else sorted({budgets.prune_layer, *budgets.neuron_sparse_layers})
+
+    def forward(self, inputs_embeds: Tensor, keep_indices: Tensor | None = None) -> tuple[Tensor, ...]:
+        h = inputs_embeds  # [1, S, d]
+        positions = torch.arange(h.shape[1], device=h.device)  # [S]
+        cos, sin = self.decoder.rope(positions, h.dtype)
+        kv: list[Tensor] = []
+        acts: list[Tensor] = []
+        for index, layer in enumerate(self.decoder.layers):
+            attn_out, k, v = layer.attn(layer.input_norm(h), cos, sin, None)
+            kv += [k, v]
+            h = h + attn_out
+            x = layer.post_norm(h)
+            a = layer.mlp.activation(x, layer.mlp.gate_t, layer.mlp.up_t)  # [1, T, D]
+            h = h + layer.mlp.down(a, layer.mlp.down_t)
+            if index in self.act_layers:
+                acts.append(a[0])
+            if self.budgets is not None and index == self.budgets.prune_layer:
+                assert keep_indices is not None
+                h = h.index_select(1, keep_indices)  # [1, S', d]: later layers see the kept tokens only
+                cos, sin = self.decoder.rope(keep_indices, h.dtype)  # kept tokens keep their positions
+        logits = self.decoder.logits(h[:, -1])
+        return (logits, *kv, *acts)
+
+
+class Decode(nn.Module):
+    """One token: inputs_embeds [1, 1, d], position_ids [1], past KV, compacted FFN weights -> logits, present KV."""
+
+    def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.sparse = [] if budgets is None else budgets.neuron_sparse_layers
+
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past_and_ffn: Tensor) -> tuple[Tensor, ...]:
+        num_layers = len(self.decoder.layers)
+        past, ffn = past_and_ffn[: 2 * num_layers], past_and_ffn[2 * num_layers :]
+        compact = {layer: ffn[3 * i : 3 * i + 3] for i, layer in enumerate(self.sparse)}
+        h = inputs_embeds
+        cos, sin = self.decoder.rope(position_ids, h.dtype)
+        present: list[Tensor] = []
+        for index, layer in enumerate(self.decoder.layers):
+            attn_out, k, v = layer.attn(layer.input_norm(h), cos, sin, (past[2 * index], past[2 * index + 1]))
+            present += [k, v]
+            h = h + attn_out
+            x = layer.post_norm(h)
+            gate_t, up_t, down_t = compact.get(index, (layer.mlp.gate_t, layer.mlp.up_t, layer.mlp.down_t))
+            h = h + layer.mlp.down(layer.mlp.activation(x, gate_t, up_t), down_t)
+        return (self.decoder.logits(h[:, -1]), *present)
+
+
+class Vision(nn.Module):
+    """pixel_values [1, 3, H, W] -> image_features [1, n_img, d] (vision tower, feature layer, projector)."""
+
+    def __init__(self, llava: Any) -> None:
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        out = self.llava.model.get_image_features(pixel_values=pixel_values)
+        features = out.pooler_output if hasattr(out, "pooler_output") else out
+        return features[0][None]
+
+
+class Embed(nn.Module):
+    """input_ids [1, S] -> inputs_embeds [1, S, d]"""
+
+    def __init__(self, llava: Any) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(backbone_of(llava).embed_tokens(llava).weight.detach().clone(), requires_grad=False)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return nn.functional.embedding(input_ids, self.weight)

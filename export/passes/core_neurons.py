@@ -1,0 +1,26 @@
+"""Pass: the prompt's core neurons of one layer, from the traced FFN activation (SPEC §1, §3).
+
+Before: the traced prefill outputs `act.{layer}` [T, D], the layer's FFN activation.
+After:  it outputs `core_neurons.{layer}` [N] int64 (ascending) instead.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from export.passes.membership import core_neurons, membership
+from export.passes.ops import drop_output, find_tensor
+
+
+def insert_core_neuron_selection(
+    graph: gs.Graph, layer: int, tokens_per_set: int, num_core: int, width: int, chunks: int = 1
+) -> gs.Graph:
+    # 1. The seam: the layer's activation, exposed by the trace as a graph output.
+    act = find_tensor(graph, f"act.{layer}")
+    # 2. Token-wise core neurons, then the prompt's core neurons (TopK over the counts).
+    member = membership(graph, act, layer, tokens_per_set)
+    core = core_neurons(graph, member, layer, num_core, width, chunks)
+    # 3. Output the indices instead of the activation.
+    drop_output(graph, act.name)
+    graph.outputs.append(core)
+    return graph.cleanup().toposort()

@@ -1,0 +1,182 @@
+"""Tracing the four graphs with torch's dynamo ONNX exporter (SPEC §3).
+
+Every graph gets explicit input and output names, and every sequence length
+stays dynamic: `S` (prompt), `S_kept` (prompt after pruning), `P` and
+`P_kept` (cached tokens of the full and of the pruned layers in decode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from coreMatching.config import Budgets
+from coreMatching.flops import DecoderGeometry
+from export.modules import Decode, Decoder, Embed, Prefill, Vision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The static sizes of a LLaVA model that the graphs are shaped by."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_size: int
+    num_image_tokens: int
+
+    @classmethod
+    def of(cls, llava: Any) -> Geometry:
+        text, vision = llava.config.text_config, llava.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        full = llava.config.vision_feature_select_strategy == "full"
+        return cls(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab_size=text.vocab_size,
+            image_size=vision.image_size,
+            num_image_tokens=patches + int(full),
+        )
+
+    def decoder(self) -> DecoderGeometry:
+        """The decoder's geometry for the analytic FLOPs."""
+        return DecoderGeometry(self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads,
+                               self.num_kv_heads, self.head_dim, self.vocab_size)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TracedGraph:
+    name: str
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _export(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: tuple[Any, ...],
+    opset: int,
+) -> TracedGraph:
+    # The exporter reports its progress on stdout and warns about torchvision ops it skips:
+    # keep both out of the user's terminal (they go to the debug log).
+    buffer = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+    log.debug("exporter output for %s:\n%s", path.name, buffer.getvalue())
+    model = program.model_proto
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    return TracedGraph(path.stem, path, inputs, outputs)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Saves one graph; models over 2 GB keep their weights in `<file>.data` (ONNX external data)."""
+    if model.ByteSize() < 2**31 - 2**20:
+        onnx.save_model(model, path)
+    else:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
+
+
+def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: torch.dtype) -> TracedGraph:
+    pixels = torch.zeros(1, 3, geometry.image_size, geometry.image_size, dtype=dtype)
+    return _export(Vision(llava), (pixels,), path, ["pixel_values"], ["image_features"], ({},), opset)
+
+
+def trace_embed(llava: Any, path: Path, opset: int) -> TracedGraph:
+    ids = torch.zeros(1, 9, dtype=torch.int64)
+    dims = ({1: torch.export.Dim("S", min=1, max=1 << 20)},)
+    return _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def ffn_names(layers: list[int]) -> list[str]:
+    return [f"ffn.{i}.{w}" for i in layers for w in ("gate_t", "up_t", "down_t")]
+
+
+def trace_prefill(
+    decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
+) -> TracedGraph:
+    """The dense prefill with the seams of `export.modules.Prefill` (keep_indices in, activations out)."""
+    n_img = geometry.num_image_tokens
+    seq = n_img + 7  # distinct example sizes, so the exporter cannot take two dims for equal
+    embeds = torch.zeros(1, seq, geometry.hidden_size, dtype=dtype)
+    module = Prefill(decoder, budgets)
+    s = torch.export.Dim("S", min=2, max=1 << 16)
+    outputs = ["logits", *kv_names("present", geometry.num_layers), *[f"act.{i}" for i in module.act_layers]]
+    if budgets is None:
+        return _export(module, (embeds,), path, ["inputs_embeds"], outputs, ({1: s},), opset)
+    kept = budgets.token_budget if budgets.token_budget != "auto" else min(budgets.auto_range[1], n_img - 1)
+    keep = torch.cat([torch.arange(3), 3 + torch.arange(kept), torch.arange(3 + n_img, seq)])
+    s_kept = torch.export.Dim("S_kept", min=1, max=1 << 16)
+    return _export(module, (embeds, keep), path, ["inputs_embeds", "keep_indices"], outputs,
+                   ({1: s}, {0: s_kept}), opset)  # fmt: skip
+
+
+def trace_decode(
+    decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
+) -> TracedGraph:
+    n_img = geometry.num_image_tokens
+    past_len = n_img + 9
+    kept_len = past_len - n_img + (budgets.auto_range[0] if budgets and budgets.token_budget == "auto" else
+                                   budgets.token_budget if budgets else n_img)  # fmt: skip
+    p = torch.export.Dim("P", min=1, max=1 << 16)
+    p_kept = torch.export.Dim("P_kept", min=1, max=1 << 16)
+    shape = (1, geometry.num_kv_heads, 0, geometry.head_dim)
+    past, dims = [], []
+    for layer in range(geometry.num_layers):
+        pruned = budgets is not None and layer > budgets.prune_layer
+        length, dim = (kept_len, p_kept) if pruned else (past_len, p)
+        past += [torch.zeros(shape[0], shape[1], length, shape[3], dtype=dtype) for _ in range(2)]
+        dims += [{2: dim}, {2: dim}]
+    sparse = [] if budgets is None else budgets.neuron_sparse_layers
+    n = budgets.core_neurons if budgets is not None else geometry.intermediate_size
+    d = geometry.hidden_size
+    ffn = []
+    for _ in sparse:
+        ffn += [torch.zeros(d, n, dtype=dtype), torch.zeros(d, n, dtype=dtype), torch.zeros(n, d, dtype=dtype)]
+        dims += [{}, {}, {}]
+    embeds = torch.zeros(1, 1, d, dtype=dtype)
+    position = torch.tensor([past_len], dtype=torch.int64)
+    inputs = ["inputs_embeds", "position_ids", *kv_names("past", geometry.num_layers), *ffn_names(sparse)]
+    outputs = ["logits", *kv_names("present", geometry.num_layers)]
+    return _export(Decode(decoder, budgets), (embeds, position, *past, *ffn), path, inputs, outputs,
+                   ({}, {}, tuple(dims)), opset)  # fmt: skip

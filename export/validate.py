@@ -1,0 +1,207 @@
+"""The correctness contract of SPEC §4, run on a build.
+
+Dense builds are compared with `transformers` (`LlavaForConditionalGeneration.generate`),
+CoreMatching builds with the `coreMatching` reference: the same kept image tokens,
+the same core neurons, logits within the tolerance at the prefill and at every
+decode step, and the same greedy tokens for 32 steps. Two cases: the shipped
+example image with its question, and a random image with a random question.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from coreMatching import CoreMatchingConfig, CoreMatchingLlava
+from export.ort_runner import OrtBuild
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "shapes_red_circle.png"
+EXAMPLE_QUESTION = "What colour is the circle?"
+_WORDS = (
+    "what",
+    "where",
+    "which",
+    "how",
+    "many",
+    "is",
+    "are",
+    "the",
+    "a",
+    "of",
+    "on",
+    "in",
+    "left",
+    "right",
+    "colour",
+    "shape",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+)
+
+# fp32: SPEC §4. fp16: see docs/architecture.md (half precision keeps ~3 significant digits, and the
+# error grows with depth; the selections and greedy tokens must still agree).
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+
+
+class ValidationError(RuntimeError):
+    """A build failed its validation; the report says how."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class CaseReport:
+    name: str
+    question: str
+    prompt_tokens: int
+    steps: int
+    max_logit_diff: float
+    max_vision_diff: float
+    equal_tokens: int  # leading greedy tokens that agree
+    kept_equal: bool | None  # None for dense builds
+    core_equal: bool | None
+    kept_image_tokens: int | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class ValidationReport:
+    reference: str  # "transformers" or "coreMatching"
+    precision: str
+    tolerance: float
+    optimization_level: str
+    cases: list[CaseReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(case.passed for case in self.cases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reference": self.reference,
+            "precision": self.precision,
+            "tolerance": self.tolerance,
+            "optimization_level": self.optimization_level,
+            "cases": [asdict(case) | {"passed": case.passed} for case in self.cases],
+        }
+
+
+def corematching_from_manifest(manifest: dict[str, Any]) -> CoreMatchingConfig | None:
+    cm = manifest["corematching"]
+    if cm["dense"]:
+        return None
+    return CoreMatchingConfig(
+        token_budget=cm["token_budget"],
+        token_ratio=cm["token_ratio"],
+        neuron_ratio=cm["neuron_ratio"],
+        prune_layer=cm["prune_layer"],
+        neuron_layers=tuple(cm["neuron_layers"]),
+        neuron_chunks=cm["neuron_chunks"],
+        auto_min_tokens=cm["auto_range"][0],
+        auto_max_tokens=cm["auto_range"][1],
+    )
+
+
+def validation_cases(image_size: int, seed: int = 0) -> list[tuple[str, Any, str]]:
+    """(name, PIL image, question): the shipped example, and a random image with a random question."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    noise = Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+    question = " ".join(rng.choice(_WORDS, size=7)).capitalize() + "?"
+    with Image.open(EXAMPLE_IMAGE) as example:
+        cases = [("example", example.convert("RGB"), EXAMPLE_QUESTION)]
+    return [*cases, ("random", noise, question)]
+
+
+def _prompt(processor: Any, question: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def _reference(model: Any, config: CoreMatchingConfig | None, ids: torch.Tensor, pixels: torch.Tensor, steps: int):
+    """(tokens, logits [steps, V], image features [n_img, d], kept, core) of the PyTorch side."""
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0].float().numpy()
+        if config is None:
+            out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=steps, min_new_tokens=steps,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)  # fmt: skip
+            tokens = out.sequences[0, ids.shape[1] :].tolist()
+            return tokens, torch.stack(out.logits)[:, 0].float().numpy(), features, None, None
+    result = CoreMatchingLlava(model, config).generate(ids, pixels, max_new_tokens=steps, stop_at_eos=False)
+    return result.tokens, result.step_logits.numpy(), features, result.kept_image_tokens, result.core_neurons
+
+
+def validate_build(
+    build_dir: str | Path,
+    manifest: dict[str, Any],
+    model: Any,
+    processor: Any,
+    steps: int = 32,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ValidationReport:
+    """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares."""
+    config = corematching_from_manifest(manifest)
+    precision = manifest["precision"]
+    tolerance = TOLERANCE[precision]
+    runner = OrtBuild(build_dir, manifest, level=level)
+    cases = []
+    for name, image, question in validation_cases(manifest["model"]["image_size"]):
+        inputs = processor(images=image, text=_prompt(processor, question), return_tensors="pt")
+        ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
+        ref_tokens, ref_logits, ref_features, ref_kept, ref_core = _reference(model, config, ids, pixels, steps)
+        got = runner.greedy(ids.numpy(), pixels.float().numpy(), steps)
+
+        equal = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens, strict=True)) if a != b), steps)
+        # Logits are comparable only while both sides have been fed the same tokens.
+        compared = min(equal + 1, steps)
+        logit_diff = float(np.abs(got.logits[:compared] - ref_logits[:compared]).max())
+        vision_diff = float(np.abs(got.image_features.astype(np.float32) - ref_features).max())
+        case = CaseReport(
+            name=name,
+            question=question,
+            prompt_tokens=int(ids.shape[1]),
+            steps=steps,
+            max_logit_diff=logit_diff,
+            max_vision_diff=vision_diff,
+            equal_tokens=equal,
+            kept_equal=None if config is None else got.kept_image_tokens == ref_kept,
+            core_equal=None if config is None else got.core_neurons == ref_core,
+            kept_image_tokens=None if got.kept_image_tokens is None else len(got.kept_image_tokens),
+        )
+        if logit_diff > tolerance:
+            case.problems.append(f"logits differ by {logit_diff:.3g} (tolerance {tolerance:g})")
+        if equal < steps:
+            case.problems.append(f"greedy tokens differ from step {equal} of {steps}")
+        if case.kept_equal is False:
+            case.problems.append("kept image tokens differ from the reference's")
+        if case.core_equal is False:
+            case.problems.append("core neurons differ from the reference's")
+        log.info("validation %s: %s", name, "passed" if case.passed else "; ".join(case.problems))
+        cases.append(case)
+    return ValidationReport(
+        reference="transformers" if config is None else "coreMatching",
+        precision=precision,
+        tolerance=tolerance,
+        optimization_level=str(level).rsplit(".", 1)[-1],
+        cases=cases,
+    )
