@@ -21,7 +21,7 @@ def _size(path: Path) -> str:
 def print_validation(report: Any, console: Console | None = None) -> None:
     """One column per case, one row per check (fits a narrow terminal)."""
     console = console or Console()
-    table = Table(title=f"validation against {report.reference} ({report.precision}, tolerance {report.tolerance:g})")
+    table = Table(title=f"validation against {report.reference} ({report.precision})")
     table.add_column("check")
     for case in report.cases:
         table.add_column(case.name)
@@ -31,11 +31,12 @@ def print_validation(report: Any, console: Console | None = None) -> None:
 
     row("prompt tokens", lambda c: str(c.prompt_tokens))
     row("max |Δ logits|", lambda c: f"{c.max_logit_diff:.2e}")
+    row("tolerance", lambda c: f"{c.tolerance:.2e}")
     row("max |Δ image features|", lambda c: f"{c.max_vision_diff:.2e}")
     row("equal greedy tokens", lambda c: f"{c.equal_tokens}/{c.steps}")
     row("kept image tokens", lambda c: "all" if c.kept_image_tokens is None else str(c.kept_image_tokens))
-    row("same kept tokens", lambda c: "-" if c.kept_equal is None else str(c.kept_equal))
-    row("same core neurons", lambda c: "-" if c.core_equal is None else str(c.core_equal))
+    row("same kept tokens", lambda c: "-" if c.kept_overlap is None else f"{c.kept_overlap:.0%}")
+    row("same core neurons", lambda c: "-" if c.core_overlap is None else f"{c.core_overlap:.0%} (worst layer)")
     row("result", lambda c: "[green]passed[/green]" if c.passed else f"[red]{'; '.join(c.problems)}[/red]")
     console.print(table)
 

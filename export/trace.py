@@ -104,9 +104,13 @@ def _export(
     return TracedGraph(path.stem, path, inputs, outputs)
 
 
+# protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Saves one graph; models over 2 GB keep their weights in `<file>.data` (ONNX external data)."""
-    if model.ByteSize() < 2**31 - 2**20:
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, path)
     else:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,

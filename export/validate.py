@@ -49,9 +49,26 @@ _WORDS = (
     "small",
 )
 
-# fp32: SPEC §4. fp16: see docs/architecture.md (half precision keeps ~3 significant digits, and the
-# error grows with depth; the selections and greedy tokens must still agree).
-TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a build must meet. The logit tolerance of a case is `absolute + relative * max |reference logit|`."""
+
+    absolute: float
+    relative: float
+    min_overlap: float  # share of the reference's kept tokens / core neurons the build must also select
+    near_ties: bool  # greedy tokens may part only where the reference's top two logits are within tolerance
+
+
+# float32: SPEC §4, exact selections and tokens. float16 (docs/architecture.md): an 11-bit mantissa
+# gives ~5e-4 relative error per operation, growing with depth, so logits are compared relative to
+# their scale, selections must overlap by 90% (a count at the threshold can flip), and greedy
+# decoding may part from the reference only at a near-tie, after which nothing is comparable.
+CRITERIA = {
+    "float32": Criteria(absolute=1e-4, relative=0.0, min_overlap=1.0, near_ties=False),
+    "float16": Criteria(absolute=1e-3, relative=2e-2, min_overlap=0.9, near_ties=True),
+}
 
 
 class ValidationError(RuntimeError):
@@ -69,10 +86,13 @@ class CaseReport:
     prompt_tokens: int
     steps: int
     max_logit_diff: float
+    tolerance: float
     max_vision_diff: float
     equal_tokens: int  # leading greedy tokens that agree
     kept_equal: bool | None  # None for dense builds
     core_equal: bool | None
+    kept_overlap: float | None
+    core_overlap: float | None
     kept_image_tokens: int | None
     problems: list[str] = field(default_factory=list)
 
@@ -85,7 +105,7 @@ class CaseReport:
 class ValidationReport:
     reference: str  # "transformers" or "coreMatching"
     precision: str
-    tolerance: float
+    criteria: Criteria
     optimization_level: str
     cases: list[CaseReport]
 
@@ -98,7 +118,7 @@ class ValidationReport:
             "passed": self.passed,
             "reference": self.reference,
             "precision": self.precision,
-            "tolerance": self.tolerance,
+            "criteria": asdict(self.criteria),
             "optimization_level": self.optimization_level,
             "cases": [asdict(case) | {"passed": case.passed} for case in self.cases],
         }
@@ -162,7 +182,7 @@ def validate_build(
     """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares."""
     config = corematching_from_manifest(manifest)
     precision = manifest["precision"]
-    tolerance = TOLERANCE[precision]
+    criteria = CRITERIA[precision]
     runner = OrtBuild(build_dir, manifest, level=level)
     cases = []
     for name, image, question in validation_cases(manifest["model"]["image_size"]):
@@ -170,38 +190,57 @@ def validate_build(
         ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
         ref_tokens, ref_logits, ref_features, ref_kept, ref_core = _reference(model, config, ids, pixels, steps)
         got = runner.greedy(ids.numpy(), pixels.float().numpy(), steps)
-
-        equal = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens, strict=True)) if a != b), steps)
-        # Logits are comparable only while both sides have been fed the same tokens.
-        compared = min(equal + 1, steps)
-        logit_diff = float(np.abs(got.logits[:compared] - ref_logits[:compared]).max())
-        vision_diff = float(np.abs(got.image_features.astype(np.float32) - ref_features).max())
-        case = CaseReport(
-            name=name,
-            question=question,
-            prompt_tokens=int(ids.shape[1]),
-            steps=steps,
-            max_logit_diff=logit_diff,
-            max_vision_diff=vision_diff,
-            equal_tokens=equal,
-            kept_equal=None if config is None else got.kept_image_tokens == ref_kept,
-            core_equal=None if config is None else got.core_neurons == ref_core,
-            kept_image_tokens=None if got.kept_image_tokens is None else len(got.kept_image_tokens),
-        )
-        if logit_diff > tolerance:
-            case.problems.append(f"logits differ by {logit_diff:.3g} (tolerance {tolerance:g})")
-        if equal < steps:
-            case.problems.append(f"greedy tokens differ from step {equal} of {steps}")
-        if case.kept_equal is False:
-            case.problems.append("kept image tokens differ from the reference's")
-        if case.core_equal is False:
-            case.problems.append("core neurons differ from the reference's")
-        log.info("validation %s: %s", name, "passed" if case.passed else "; ".join(case.problems))
-        cases.append(case)
+        cases.append(_compare(name, question, int(ids.shape[1]), steps, criteria, got,
+                              (ref_tokens, ref_logits, ref_features, ref_kept, ref_core)))  # fmt: skip
+        log.info("validation %s: %s", name, "passed" if cases[-1].passed else "; ".join(cases[-1].problems))
     return ValidationReport(
         reference="transformers" if config is None else "coreMatching",
         precision=precision,
-        tolerance=tolerance,
+        criteria=criteria,
         optimization_level=str(level).rsplit(".", 1)[-1],
         cases=cases,
     )
+
+
+def _overlap(got: list[int], ref: list[int]) -> float:
+    return len(set(got) & set(ref)) / max(len(ref), 1)
+
+
+def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criteria, got: Any, ref: tuple) -> CaseReport:
+    ref_tokens, ref_logits, ref_features, ref_kept, ref_core = ref
+    tolerance = criteria.absolute + criteria.relative * float(np.abs(ref_logits).max())
+    equal = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens, strict=True)) if a != b), steps)
+    # Logits are comparable only while both sides have been fed the same tokens.
+    compared = min(equal + 1, steps)
+    logit_diff = float(np.abs(got.logits[:compared] - ref_logits[:compared]).max())
+    kept_overlap = core_overlap = None
+    if ref_kept is not None:
+        kept_overlap = _overlap(got.kept_image_tokens, ref_kept)
+        core_overlap = min((_overlap(got.core_neurons.get(layer, []), neurons) for layer, neurons in ref_core.items()),
+                           default=1.0)  # fmt: skip
+    case = CaseReport(
+        name=name,
+        question=question,
+        prompt_tokens=prompt,
+        steps=steps,
+        max_logit_diff=logit_diff,
+        tolerance=tolerance,
+        max_vision_diff=float(np.abs(got.image_features.astype(np.float32) - ref_features).max()),
+        equal_tokens=equal,
+        kept_equal=None if ref_kept is None else got.kept_image_tokens == ref_kept,
+        core_equal=None if ref_core is None else got.core_neurons == ref_core,
+        kept_overlap=kept_overlap,
+        core_overlap=core_overlap,
+        kept_image_tokens=None if got.kept_image_tokens is None else len(got.kept_image_tokens),
+    )
+    if logit_diff > tolerance:
+        case.problems.append(f"logits differ by {logit_diff:.3g} (tolerance {tolerance:.3g})")
+    if equal < steps:
+        margin = float(ref_logits[equal, ref_tokens[equal]] - ref_logits[equal, got.tokens[equal]])
+        if not (criteria.near_ties and margin <= tolerance):
+            case.problems.append(f"greedy tokens differ from step {equal} of {steps}")
+    if kept_overlap is not None and kept_overlap < criteria.min_overlap:
+        case.problems.append(f"kept image tokens differ from the reference's ({kept_overlap:.0%} shared)")
+    if core_overlap is not None and core_overlap < criteria.min_overlap:
+        case.problems.append(f"core neurons differ from the reference's ({core_overlap:.0%} shared in the worst layer)")
+    return case

@@ -269,7 +269,18 @@ def build_default_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the embedded default llava-hf directory to `out_dir` (created if needed); returns it."""
     import torch
 
-    preset = from_name(DEFAULT_PRESET)
+    return write_checkpoint(out_dir, from_name(DEFAULT_PRESET), seed=seed, dtype=torch.float16)
+
+
+def write_checkpoint(out_dir: str | Path, preset: ModelPreset, seed: int = 0, dtype: object = None) -> Path:
+    """A complete llava-hf directory for `preset` with random weights and the project's real tokenizer.
+
+    The preset's vocabulary must be the tokenizer's (its `<image>` id included): the default
+    model's, or a tiny test preset resized to it (`preset.replace(vocab_size=..., image_token_id=...)`).
+    dtype: the stored weights' dtype (default float32).
+    """
+    import torch
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -284,9 +295,10 @@ def build_default_model(out_dir: str | Path, seed: int = 0) -> Path:
     processor = build_processor(tokenizer, preset)
 
     model = build_random_model(preset, seed=seed)
-    model = model.to(torch.float16)
+    dtype = dtype or torch.float32
+    model = model.to(dtype)
     for sub in (model.config.text_config, model.config.vision_config):
-        sub.dtype = torch.float16  # keep config.json consistent with the stored weights
+        sub.dtype = dtype  # keep config.json consistent with the stored weights
     # transformers 5 always writes safetensors (there is no pickle option any more).
     model.save_pretrained(out, max_shard_size="1GB")
     _save_processor(processor, out)

@@ -1,0 +1,316 @@
+"""`python -m export build` / `validate` on tiny checkpoints of every supported backbone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from coreMatching import CoreMatchingConfig
+from export.__main__ import main
+from export.build import BuildError, build
+from export.config import ExportConfig
+from export.manifest import read_manifest
+from export.ort_runner import OrtBuild
+from models.default_model import write_checkpoint
+from models.presets import from_name
+
+REPO = Path(__file__).resolve().parent.parent
+# Tiny presets resized to the project tokenizer's vocabulary (1024 ids, <image> = 1023).
+BACKBONES = {
+    "llama": ("tiny-llama", {}),
+    "llama-gqa": ("tiny-llama-gqa", {}),
+    "mistral-gqa": ("tiny-mistral", {"sliding_window": None}),
+    "llama-cls": ("tiny-llama-full", {}),
+}
+CM = CoreMatchingConfig(token_budget=5, prune_layer=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def make(name: str, **changes) -> Path:
+        key = name + json.dumps(changes, sort_keys=True)
+        if key not in made:
+            preset_name, defaults = BACKBONES[name]
+            preset = from_name(preset_name).replace(vocab_size=1024, image_token_id=1023, pad_token_id=3,
+                                                    **{**defaults, **changes})  # fmt: skip
+            made[key] = write_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), preset, seed=1)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def built(checkpoint, tmp_path_factory):
+    """Builds (cached for the session) of (backbone, 'dense' | 'cm')."""
+    results = {}
+
+    def get(name: str, mode: str):
+        if (name, mode) not in results:
+            out = tmp_path_factory.mktemp("builds") / f"{name}-{mode}"
+            config = ExportConfig(out=out, model_dir=checkpoint(name), corematching=None if mode == "dense" else CM,
+                                  max_prompt_tokens=64, max_sequence=128)  # fmt: skip
+            results[name, mode] = build(config)
+        return results[name, mode]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", ["dense", "cm"])
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_builds_pass_validation(built, name, mode):
+    result = built(name, mode)
+    report = result.validation
+    assert report.passed, report.to_dict()
+    assert report.reference == ("transformers" if mode == "dense" else "coreMatching")
+    for case in report.cases:
+        assert case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
+        if mode == "cm":
+            assert case.kept_equal and case.core_equal and case.kept_image_tokens == 5
+    manifest = read_manifest(result.out)
+    assert manifest["validation"]["passed"] is True
+    assert manifest["tensorrt"]["compatible"], manifest["tensorrt"]["reason"]
+    assert set(manifest["files"]) >= {"vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx", "tokenizer.json",
+                                      "chat_template.jinja", "preprocessor_config.json"}  # fmt: skip
+
+
+def test_prefill_holds_core_token_topk_and_gather(built):
+    result = built("llama-gqa", "cm")
+    graph = onnx.load(result.out / "prefill.onnx").graph
+    nodes = list(graph.node)
+    assert not {"NonZero", "If", "Loop"} & {n.op_type for n in nodes}
+    token_topk = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.tokens")]
+    assert len(token_topk) == 2  # select, then restore the order
+    # The hidden states of the layer after the prune layer are gathered by the computed keep indices.
+    gathers = [n for n in nodes if n.op_type == "Gather" and "cm.tokens.keep_indices" in n.input]
+    assert gathers, "no Gather reads the core-token selection"
+    assert [i.name for i in graph.input] == ["inputs_embeds", "image_start"]
+    outputs = [o.name for o in graph.output]
+    assert "kept_image_tokens" in outputs and "core_neurons.1" in outputs and "ffn.1.gate_t" in outputs
+    assert not any(name.startswith("act.") for name in outputs)
+
+
+def test_every_graph_passes_the_full_checker(built):
+    result = built("mistral-gqa", "cm")
+    for name in ("vision", "embed", "prefill", "decode"):
+        onnx.checker.check_model(str(result.out / f"{name}.onnx"), full_check=True)
+
+
+def test_decode_ffn_matmuls_read_compacted_weights(built):
+    result = built("llama", "cm")
+    manifest = result.manifest
+    n, d = manifest["corematching"]["core_neurons"], manifest["model"]["hidden_size"]
+    sparse = range(*manifest["corematching"]["neuron_layers"])
+    assert n < manifest["model"]["intermediate_size"]
+    graph = onnx.load(result.out / "decode.onnx").graph
+    shapes = {i.name: [x.dim_value for x in i.type.tensor_type.shape.dim] for i in graph.input}
+    matmul_inputs = {name for node in graph.node if node.op_type == "MatMul" for name in node.input}
+    for layer in sparse:
+        assert shapes[f"ffn.{layer}.gate_t"] == [d, n] and shapes[f"ffn.{layer}.up_t"] == [d, n]
+        assert shapes[f"ffn.{layer}.down_t"] == [n, d]
+        assert {f"ffn.{layer}.gate_t", f"ffn.{layer}.up_t", f"ffn.{layer}.down_t"} <= matmul_inputs
+        # and the full weights of that layer are not in the decode graph at all
+        assert f"decoder.layers.{layer}.mlp.gate_t" not in {i.name for i in graph.initializer}
+    assert not any(node.op_type == "Gather" and "ffn." in " ".join(node.input) for node in graph.node)
+
+
+def test_every_ort_optimization_level_gives_the_same_outputs(built):
+    result = built("llama-gqa", "cm")
+    ids = np.array([[1, 50, 60] + [1023] * 16 + [70, 80, 90, 100]])
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 56, 56)).astype(np.float32)
+    levels = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]  # fmt: skip
+    runs = [OrtBuild(result.out, result.manifest, level=level).greedy(ids, pixels, 8) for level in levels]
+    for other in runs[1:]:
+        assert other.tokens == runs[0].tokens
+        assert other.kept_image_tokens == runs[0].kept_image_tokens
+        assert other.core_neurons == runs[0].core_neurons
+        np.testing.assert_allclose(other.logits, runs[0].logits, atol=1e-5, rtol=0)
+
+
+def test_auto_budget_build_is_ort_only(checkpoint, tmp_path):
+    auto = CoreMatchingConfig(token_budget="auto", prune_layer=1, auto_min_tokens=2)
+    config = ExportConfig(out=tmp_path / "auto", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128,
+                          corematching=auto)  # fmt: skip
+    result = build(config)
+    assert result.validation.passed, result.validation.to_dict()
+    assert not result.manifest["tensorrt"]["compatible"]
+    assert "auto" in result.manifest["tensorrt"]["reason"]
+
+
+def test_chunked_neuron_selection_build(checkpoint, tmp_path):
+    config = ExportConfig(out=tmp_path / "chunks", model_dir=checkpoint("llama-gqa"), max_prompt_tokens=64,
+                          max_sequence=128, corematching=CM.with_(neuron_chunks=2))  # fmt: skip
+    result = build(config)
+    assert result.validation.passed, result.validation.to_dict()
+    assert result.manifest["corematching"]["neuron_chunks"] == 2
+    graph = onnx.load(result.out / "prefill.onnx").graph
+    assert sum(n.op_type == "TopK" and n.name.startswith("cm.l2.neuron_topk") for n in graph.node) == 2
+
+
+def test_exception_half_way_leaves_no_directory(checkpoint, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while tracing decode")
+
+    monkeypatch.setattr("export.build.trace_decode", broken)
+    out = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="simulated"):
+        build(ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64,
+                           max_sequence=128))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_validation_exits_1_writes_report_and_no_build(checkpoint, tmp_path, monkeypatch, capsys):
+    from export.validate import CRITERIA, Criteria
+
+    monkeypatch.setitem(CRITERIA, "float32", Criteria(absolute=0.0, relative=0.0, min_overlap=1.0, near_ties=False))
+    out = tmp_path / "b"
+    code = main(["build", "--model", str(checkpoint("llama")), "--out", str(out), "--token-budget", "5",
+                 "--prune-layer", "1", "--max-prompt-tokens", "64", "--max-sequence", "128"])  # fmt: skip
+    assert code == 1
+    assert not out.exists() and not list(tmp_path.glob(".b.*"))
+    report = json.loads((tmp_path / "b.validation-failed.json").read_text())
+    assert report["passed"] is False and "logits differ" in report["cases"][0]["problems"][0]
+    assert "validation failed" in capsys.readouterr().err
+
+
+def test_existing_out_is_refused_without_force(checkpoint, tmp_path, capsys):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    args = ["build", "--model", str(checkpoint("llama")), "--out", str(out), "--no-validate", "--token-budget", "5",
+            "--max-prompt-tokens", "64", "--max-sequence", "128"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists; pass --force" in err[0]
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert main([*args, "--force"]) == 0
+    assert (out / "manifest.json").exists() and not (out / "mine.txt").exists()
+
+
+def test_validate_command_passes_and_catches_tampering(built, tmp_path, capsys):
+    good = built("llama", "cm").out
+    assert main(["validate", str(good)]) == 0
+    graph = tmp_path / "graph"
+    shutil.copytree(good, graph)
+    data = bytearray((graph / "decode.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (graph / "decode.onnx").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["validate", str(graph)]) == 2
+    assert "decode.onnx does not match its sha256" in capsys.readouterr().err
+    manifest_dir = tmp_path / "manifest"
+    shutil.copytree(good, manifest_dir)
+    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    manifest["corematching"]["token_budget"] = 6
+    (manifest_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["validate", str(manifest_dir)]) == 2
+    assert "manifest.json was edited" in capsys.readouterr().err
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused(checkpoint, tmp_path):
+    with pytest.raises(BuildError, match="sliding window of 12 tokens"):
+        build(ExportConfig(out=tmp_path / "w", model_dir=checkpoint("mistral-gqa", sliding_window=12),
+                           corematching=CM, max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--token-budget", "0"], "token_budget must be at least 1"),
+        (["--token-budget", "700"], "larger than the 576 image tokens"),
+        (["--neuron-ratio", "1.5"], "neuron_ratio must be in (0, 1]"),
+        (["--prune-layer", "99"], "outside the decoder"),
+        (["--opset", "11"], "--opset 11 is not supported"),
+        (["--model", "/nonexistent/llava"], "does not exist"),
+        (["--token-budget", "many"], "token budget must be an integer or 'auto'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exits_2(args, message, tmp_path):
+    done = _cli("build", "--out", str(tmp_path / "b"), *args)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_default_build_with_no_arguments(tmp_path):
+    """The issue's bar: `python -m export build` builds and validates the default model."""
+    done = subprocess.run([sys.executable, "-m", "export", "build"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "builds" / "default")
+    assert manifest["validation"]["passed"] and manifest["model"]["source"] == "embedded default"
+    assert manifest["corematching"]["token_budget"] == 64 and manifest["model"]["num_image_tokens"] == 576
+    assert "passed" in done.stdout
+
+
+def test_engine_command_imports_no_torch_and_explains_a_missing_tensorrt(built):
+    """`python -m export engine` runs on a Jetson without torch; without TensorRT it says so in one line."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['export', 'engine', {str(built('llama', 'cm').out)!r}]\n"
+        "try:\n    runpy.run_module('export', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules, code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if "TensorRT" not in done.stderr:
+        pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be shown")
+    assert done.stdout.split() == ["False", "False", "2"], done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
+    result = build(ExportConfig(out=tmp_path / "fp16", model_dir=checkpoint("llama-gqa"), corematching=CM, fp16=True,
+                                max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+    report = result.validation
+    assert report.passed, report.to_dict()
+    assert report.precision == "float16" and report.criteria.relative > 0
+    graph = onnx.load(result.out / "decode.onnx").graph
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
+
+
+def test_large_graphs_use_external_data(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.trace.EXTERNAL_DATA_THRESHOLD", 1000)
+    result = build(ExportConfig(out=tmp_path / "ext", model_dir=checkpoint("llama"), corematching=CM,
+                                max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+    assert result.validation.passed
+    for name in ("vision", "embed", "prefill", "decode"):
+        graph = result.manifest["graphs"][name]
+        assert graph["external_data"] == f"{name}.onnx.data"
+        assert graph["external_data"] in result.manifest["files"]
+        assert (result.out / f"{name}.onnx").stat().st_size < (result.out / f"{name}.onnx.data").stat().st_size
+
+
+def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
+    from export.ort_runner import OrtGeneration
+    from export.validate import CRITERIA, _compare
+
+    ref_logits = np.zeros((4, 5), np.float32)
+    ref_logits[:, 1] = 10.0
+    ref_logits[2, 3] = 9.9999  # step 2: tokens 1 and 3 nearly tie in the reference
+    got_logits = ref_logits.copy()
+    got_logits[2, 3] = 10.0001
+    got = OrtGeneration(tokens=[1, 1, 3, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32),
+                        kept_image_tokens=None)  # fmt: skip
+    ref = ([1, 1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), None, None)
+    assert _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
+    assert not _compare("c", "q", 10, 4, CRITERIA["float32"], got, ref).passed
+    ref_logits[2, 3] = 5.0  # a clear winner: parting there is a failure whatever the precision
+    assert not _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
