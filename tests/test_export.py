@@ -250,17 +250,6 @@ def test_bad_input_is_one_line_and_exits_2(args, message, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_default_build_with_no_arguments(tmp_path):
-    """The issue's bar: `python -m export build` builds and validates the default model."""
-    done = subprocess.run([sys.executable, "-m", "export", "build"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    manifest = read_manifest(tmp_path / "builds" / "default")
-    assert manifest["validation"]["passed"] and manifest["model"]["source"] == "embedded default"
-    assert manifest["corematching"]["token_budget"] == 64 and manifest["model"]["num_image_tokens"] == 576
-    assert "passed" in done.stdout
-
-
 def test_engine_command_imports_no_torch_and_explains_a_missing_tensorrt(built):
     """`python -m export engine` runs on a Jetson without torch; without TensorRT it says so in one line."""
     code = (
