@@ -103,7 +103,7 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         stage("graph passes")
         trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets)
         _copy_tokenizer(model_dir, processor, tmp)
-        manifest = _manifest(config, model, model_dir, geometry, budgets, tmp, trt_problems)
+        manifest = _manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
         record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file()))
         write_manifest(tmp, manifest)
 
@@ -218,14 +218,18 @@ def _io(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, dict[str, int]]:
-    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits)."""
+    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits).
+
+    S: prompt length. B / B_kept: the decode step's cache buffers of the full / pruned layers,
+    which hold up to max_sequence - 1 tokens before the last one.
+    """
     n_img = geometry.num_image_tokens
     prompt = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS, "max": config.max_prompt_tokens}
-    past = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS + 16, "max": config.max_sequence - 1}
-    dims = {"S": prompt, "P": past}
+    cache = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS + 32, "max": config.max_sequence - 1}
+    dims = {"S": prompt, "B": cache}
     if budgets is not None:
         lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
-        dims["P_kept"] = {"min": 1 + lo, "opt": past["opt"] - n_img + hi, "max": past["max"] - n_img + hi}
+        dims["B_kept"] = {"min": 1 + lo, "opt": cache["opt"] - n_img + hi, "max": cache["max"] - n_img + hi}
     return dims
 
 
@@ -247,9 +251,20 @@ def flops_summary(geometry: Geometry, budgets: Budgets | None) -> FlopsCompariso
     return compare(geometry.decoder(), geometry.num_image_tokens + QUESTION_TOKENS, [budgets])[0]
 
 
+def _prompt_format(processor: Any) -> tuple[str, str]:
+    """(prompt with a `{question}` marker, image token) from the checkpoint's chat template."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    image_token = getattr(processor, "image_token", "<image>")
+    if prompt.count("{question}") != 1 or prompt.count(image_token) != 1:
+        raise BuildError(f"the chat template renders {prompt!r}: expected one question and one {image_token}")
+    return prompt, image_token
+
+
 def _manifest(
     config: ExportConfig,
     model: Any,
+    processor: Any,
     model_dir: Path,
     geometry: Geometry,
     budgets: Budgets | None,
@@ -261,6 +276,7 @@ def _manifest(
     eos = getattr(generation, "eos_token_id", None) or text.eos_token_id
     flops = flops_summary(geometry, budgets)
     decoder = geometry.decoder()
+    prompt_format, image_token = _prompt_format(processor)
     prompt = geometry.num_image_tokens + QUESTION_TOKENS
     return {
         "format_version": FORMAT_VERSION,
@@ -300,6 +316,10 @@ def _manifest(
             "tokenizer": "tokenizer.json",
             "chat_template": "chat_template.jinja",
             "preprocessor": "preprocessor_config.json",
+            # The chat template rendered around a marker, so the runtime needs no Jinja: replace
+            # `{question}`, then repeat the image token num_image_tokens times, then tokenize.
+            "prompt": prompt_format,
+            "image_token": image_token,
         },
         "flops": {
             "prompt_tokens": prompt,

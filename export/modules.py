@@ -87,6 +87,32 @@ class Attention(nn.Module):
         return out, k, v
 
 
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, valid: Tensor):
+        """One token against a preallocated cache buffer, without concatenating (or copying) it.
+
+        x: [1, 1, d]; past_k/past_v: [1, n_kv, B, hd], of which the first `valid` [1] positions hold
+        tokens (the rest is zero padding). Returns the output [1, 1, d] and the token's own k, v
+        [1, n_kv, 1, hd], which the caller writes into its buffer at position `valid`.
+        """
+        q = self._proj(x, self.q_t, self.q_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, H, 1, hd]
+        k = self._proj(x, self.k_t, self.k_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, 1, hd]
+        v = self._proj(x, self.v_t, self.v_b).view(1, 1, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        n_kv = k.shape[1]
+        # Query heads grouped by the KV head they read (head h reads KV head h // groups, as
+        # repeat_interleave does): [1, n_kv, groups, hd], so no KV head is repeated.
+        qg = q.reshape(1, n_kv, -1, self.head_dim)
+        s_past = (qg @ past_k.transpose(-1, -2)) * self.scale  # [1, n_kv, g, B]
+        filled = torch.arange(past_k.shape[2], device=x.device) < valid  # [B]
+        s_past = torch.where(filled, s_past, torch.finfo(s_past.dtype).min)
+        s_new = (qg * k).sum(-1, keepdim=True) * self.scale  # [1, n_kv, g, 1]
+        probs = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)  # over the scores only, not the cache
+        out = probs[..., :-1] @ past_v + probs[..., -1:] * v  # [1, n_kv, g, hd]
+        out = self._proj(out.reshape(1, 1, -1), self.o_t, self.o_b)
+        return out, k, v
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -183,28 +209,39 @@ class Prefill(nn.Module):
 
 
 class Decode(nn.Module):
-    """One token: inputs_embeds [1, 1, d], position_ids [1], past KV, compacted FFN weights -> logits, present KV."""
+    """One token against preallocated cache buffers.
+
+    Inputs: inputs_embeds [1, 1, d]; position_ids [1], which is also the number of cached tokens
+    of the full layers; past_kept_length [1], the cached tokens of the pruned layers (CoreMatching
+    builds); the buffers past.{i}.key/value [1, n_kv, B, hd] (B >= the valid length, zero padded);
+    the compacted FFN weights of the neuron-sparse layers.
+    Outputs: logits [1, V] and new.{i}.key/value [1, n_kv, 1, hd], the token's own cache entries.
+    """
 
     def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
         super().__init__()
         self.decoder = decoder
+        self.prune_layer = None if budgets is None else budgets.prune_layer
         self.sparse = [] if budgets is None else budgets.neuron_sparse_layers
 
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *past_and_ffn: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         num_layers = len(self.decoder.layers)
-        past, ffn = past_and_ffn[: 2 * num_layers], past_and_ffn[2 * num_layers :]
+        kept_length, rest = (rest[0], rest[1:]) if self.prune_layer is not None else (position_ids, rest)
+        past, ffn = rest[: 2 * num_layers], rest[2 * num_layers :]
         compact = {layer: ffn[3 * i : 3 * i + 3] for i, layer in enumerate(self.sparse)}
         h = inputs_embeds
         cos, sin = self.decoder.rope(position_ids, h.dtype)
-        present: list[Tensor] = []
+        new: list[Tensor] = []
         for index, layer in enumerate(self.decoder.layers):
-            attn_out, k, v = layer.attn(layer.input_norm(h), cos, sin, (past[2 * index], past[2 * index + 1]))
-            present += [k, v]
+            valid = kept_length if self.prune_layer is not None and index > self.prune_layer else position_ids
+            attn_out, k, v = layer.attn.decode(layer.input_norm(h), cos, sin, past[2 * index], past[2 * index + 1],
+                                               valid)  # fmt: skip
+            new += [k, v]
             h = h + attn_out
             x = layer.post_norm(h)
             gate_t, up_t, down_t = compact.get(index, (layer.mlp.gate_t, layer.mlp.up_t, layer.mlp.down_t))
             h = h + layer.mlp.down(layer.mlp.activation(x, gate_t, up_t), down_t)
-        return (self.decoder.logits(h[:, -1]), *present)
+        return (self.decoder.logits(h[:, -1]), *new)
 
 
 class Vision(nn.Module):

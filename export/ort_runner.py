@@ -1,7 +1,7 @@
 """Runs a build's graphs in ONNX Runtime, greedy, for validation and tests (numpy only, no torch).
 
-The decode loop here is the plain one (the KV cache goes in and out of every
-step); the runtime's pipeline is the fast one. Both follow the graph contract
+The decode loop here is the plain numpy one; the runtime's pipeline binds the
+same buffers to the sessions without copies. Both follow the graph contract
 of SPEC §3: vision -> embed -> splice the image features at `image_start` ->
 prefill -> compacted FFN weights and KV cache -> decode steps.
 """
@@ -67,22 +67,34 @@ class OrtBuild:
         if "image_start" in [i.name for i in self.sessions["prefill"].get_inputs()]:
             feeds["image_start"] = np.array([image_start], dtype=np.int64)
         out = self.run("prefill", feeds)
-        state = {f"past.{name[len('present.'):]}": v for name, v in out.items() if name.startswith("present.")}
-        state.update({name: v for name, v in out.items() if name.startswith("ffn.")})  # gathered once
+        # The cache: one zero-padded buffer per layer, sized once for the whole answer; each decode
+        # step reads the buffers and writes only its own token's entries.
+        buffers, lengths = {}, {}
+        for name, value in out.items():
+            if name.startswith("present."):
+                key = f"past.{name[len('present.'):]}"
+                buffers[key] = np.zeros((*value.shape[:2], value.shape[2] + steps, value.shape[3]), value.dtype)
+                buffers[key][:, :, : value.shape[2]] = value
+                lengths[key] = value.shape[2]
+        compact = {name: v for name, v in out.items() if name.startswith("ffn.")}  # gathered once per request
         logits = [out["logits"][0]]
         tokens = [int(np.argmax(logits[-1]))]  # first maximum, as torch.argmax
         position = input_ids.shape[1]
+        kept_length = min(lengths.values())
         for _ in range(steps - 1):
             step_embeds = self.run("embed", {"input_ids": np.array([[tokens[-1]]], dtype=np.int64)})["inputs_embeds"]
-            feeds = {"inputs_embeds": step_embeds, "position_ids": np.array([position], dtype=np.int64)}
-            feeds.update({name: state[name] for name in self.decode_inputs if name in state})
-            step = self.run("decode", feeds)
+            feeds = {"inputs_embeds": step_embeds, "position_ids": np.array([position], dtype=np.int64),
+                     "past_kept_length": np.array([kept_length], dtype=np.int64), **buffers, **compact}  # fmt: skip
+            step = self.run("decode", {name: feeds[name] for name in self.decode_inputs})
             for name, value in step.items():
-                if name.startswith("present."):
-                    state[f"past.{name[len('present.'):]}"] = value
+                if name.startswith("new."):
+                    key = f"past.{name[len('new.'):]}"
+                    buffers[key][:, :, lengths[key]] = value[:, :, 0]
+                    lengths[key] += 1
             logits.append(step["logits"][0])
             tokens.append(int(np.argmax(logits[-1])))
             position += 1
+            kept_length += 1
         core = {
             int(name.split(".")[1]): value.tolist() for name, value in out.items() if name.startswith("core_neurons.")
         }

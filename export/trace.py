@@ -158,29 +158,34 @@ def trace_prefill(
 def trace_decode(
     decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
 ) -> TracedGraph:
+    """The decode step against preallocated buffers (`export.modules.Decode`)."""
     n_img = geometry.num_image_tokens
-    past_len = n_img + 9
-    kept_len = past_len - n_img + (budgets.auto_range[0] if budgets and budgets.token_budget == "auto" else
-                                   budgets.token_budget if budgets else n_img)  # fmt: skip
-    p = torch.export.Dim("P", min=1, max=1 << 16)
-    p_kept = torch.export.Dim("P_kept", min=1, max=1 << 16)
-    shape = (1, geometry.num_kv_heads, 0, geometry.head_dim)
+    kept = n_img if budgets is None else (budgets.auto_range[0] if budgets.token_budget == "auto" else
+                                          budgets.token_budget)  # fmt: skip
+    position = n_img + 9
+    buffer, buffer_kept = position + 5, position - n_img + kept + 3  # distinct example sizes
+    b = torch.export.Dim("B", min=1, max=1 << 16)
+    b_kept = torch.export.Dim("B_kept", min=1, max=1 << 16)
     past, dims = [], []
     for layer in range(geometry.num_layers):
         pruned = budgets is not None and layer > budgets.prune_layer
-        length, dim = (kept_len, p_kept) if pruned else (past_len, p)
-        past += [torch.zeros(shape[0], shape[1], length, shape[3], dtype=dtype) for _ in range(2)]
+        length, dim = (buffer_kept, b_kept) if pruned else (buffer, b)
+        past += [torch.zeros(1, geometry.num_kv_heads, length, geometry.head_dim, dtype=dtype) for _ in range(2)]
         dims += [{2: dim}, {2: dim}]
     sparse = [] if budgets is None else budgets.neuron_sparse_layers
-    n = budgets.core_neurons if budgets is not None else geometry.intermediate_size
-    d = geometry.hidden_size
+    n, d = (geometry.intermediate_size if budgets is None else budgets.core_neurons), geometry.hidden_size
     ffn = []
     for _ in sparse:
         ffn += [torch.zeros(d, n, dtype=dtype), torch.zeros(d, n, dtype=dtype), torch.zeros(n, d, dtype=dtype)]
         dims += [{}, {}, {}]
+    lengths = [torch.tensor([position], dtype=torch.int64)]
+    inputs = ["inputs_embeds", "position_ids"]
+    if budgets is not None:
+        lengths.append(torch.tensor([position - n_img + kept], dtype=torch.int64))
+        inputs.append("past_kept_length")
+        dims.insert(0, {})
+    inputs += [*kv_names("past", geometry.num_layers), *ffn_names(sparse)]
+    outputs = ["logits", *kv_names("new", geometry.num_layers)]
     embeds = torch.zeros(1, 1, d, dtype=dtype)
-    position = torch.tensor([past_len], dtype=torch.int64)
-    inputs = ["inputs_embeds", "position_ids", *kv_names("past", geometry.num_layers), *ffn_names(sparse)]
-    outputs = ["logits", *kv_names("present", geometry.num_layers)]
-    return _export(Decode(decoder, budgets), (embeds, position, *past, *ffn), path, inputs, outputs,
+    return _export(Decode(decoder, budgets), (embeds, *lengths, *past, *ffn), path, inputs, outputs,
                    ({}, {}, tuple(dims)), opset)  # fmt: skip
