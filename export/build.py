@@ -192,6 +192,14 @@ def _copy_tokenizer(model_dir: Path, processor: Any, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
+    # The tokenizer transformers actually runs: for some checkpoints (Llama's sentencepiece ones)
+    # it rebuilds the pipeline from the vocabulary rather than using tokenizer.json as stored, and
+    # the runtime must tokenize exactly as the processor that the build was validated with.
+    backend = getattr(processor.tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.save(str(out / "tokenizer.json"))
+    elif not (out / "tokenizer.json").exists():
+        raise BuildError(f"{model_dir} has no fast tokenizer (tokenizer.json); the runtime needs one")
     if not (out / "chat_template.jinja").exists():
         template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
         if not template:

@@ -12,20 +12,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from coreMatching import CoreMatchingConfig, CoreMatchingLlava
 from coreMatching.errors import InputError
+from runtime.preprocess import ImageError, load_image  # one image loader for the reference and the runtime
+
+__all__ = ["ImageError", "ReferenceAnswer", "answer", "build_prompt", "load_image"]
 
 log = logging.getLogger(__name__)
-
-# Pillow's own limit is a warning up to 2x and an error beyond; refuse anything over it.
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class ImageError(InputError):
-    """The image file cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -36,24 +31,6 @@ class ReferenceAnswer:
     num_image_tokens: int
     prompt_tokens: int
     timings: dict[str, Any] = field(default_factory=dict)  # seconds: vision, prefill, decode (list)
-
-
-def load_image(path: str | Path) -> Any:
-    """An RGB PIL image, or an ImageError naming the problem."""
-    from PIL import Image, ImageOps
-
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image {path} does not exist")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image {path} is too large ({e}); resize it below {MAX_IMAGE_PIXELS} pixels") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path} is not a readable image ({e}); pass a PNG or JPEG file") from e
 
 
 def build_prompt(processor: Any, question: str) -> str:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from coreMatching.cli import add_config_arguments, config_from_args
     from coreMatching.errors import CoreMatchingError
     from models import ModelLoadError, default_model_dir, load_llava
-    from models.answer import answer, load_image
+    from models.answer import ImageError, answer, load_image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args, num_image_tokens=(vision.image_size // vision.patch_size) ** 2 + full)
         stream = None if args.json else lambda text: print(text, end="", flush=True)
         result = answer(model, processor, image, args.question, config, args.max_new_tokens, on_text=stream)
-    except (CoreMatchingError, ModelLoadError) as e:
+    except (CoreMatchingError, ImageError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

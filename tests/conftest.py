@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +47,68 @@ def make_inputs(model, before: int = 3, after: int = 7, seed: int = 0) -> tuple[
 def tiny(request):
     """(preset name, model) for every tiny backbone."""
     return request.param, tiny_model(request.param)
+
+
+# -- tiny llava-hf checkpoints and builds (session-cached) -----------------------------------------
+
+# Tiny presets resized to the project tokenizer's vocabulary (1024 ids, <image> = 1023).
+BACKBONES = {
+    "llama": ("tiny-llama", {}),
+    "llama-gqa": ("tiny-llama-gqa", {}),
+    "mistral-gqa": ("tiny-mistral", {"sliding_window": None}),
+    "llama-cls": ("tiny-llama-full", {}),
+}
+
+
+def _cm():
+    from coreMatching import CoreMatchingConfig
+
+    return CoreMatchingConfig(token_budget=5, prune_layer=1)
+
+
+CM = _cm()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name, **preset changes) -> a llava-hf directory with the project tokenizer."""
+    from models.default_model import write_checkpoint
+    from models.presets import from_name
+
+    made: dict[str, Path] = {}
+
+    def make(name: str, **changes) -> Path:
+        key = name + json.dumps(changes, sort_keys=True)
+        if key not in made:
+            preset_name, defaults = BACKBONES[name]
+            preset = from_name(preset_name).replace(
+                vocab_size=1024, image_token_id=1023, pad_token_id=3, **{**defaults, **changes}
+            )
+            made[key] = write_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), preset, seed=1)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def built(checkpoint, tmp_path_factory):
+    """built(backbone, "dense" | "cm") -> BuildResult, built and validated once per session."""
+    from export.build import build
+    from export.config import ExportConfig
+
+    results = {}
+
+    def get(name: str, mode: str):
+        if (name, mode) not in results:
+            out = tmp_path_factory.mktemp("builds") / f"{name}-{mode}"
+            config = ExportConfig(
+                out=out,
+                model_dir=checkpoint(name),
+                corematching=None if mode == "dense" else CM,
+                max_prompt_tokens=64,
+                max_sequence=128,
+            )
+            results[name, mode] = build(config)
+        return results[name, mode]
+
+    return get

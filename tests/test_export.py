@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import BACKBONES, CM
 
 from coreMatching import CoreMatchingConfig
 from export.__main__ import main
@@ -19,52 +20,8 @@ from export.build import BuildError, build
 from export.config import ExportConfig
 from export.manifest import read_manifest
 from export.ort_runner import OrtBuild
-from models.default_model import write_checkpoint
-from models.presets import from_name
 
 REPO = Path(__file__).resolve().parent.parent
-# Tiny presets resized to the project tokenizer's vocabulary (1024 ids, <image> = 1023).
-BACKBONES = {
-    "llama": ("tiny-llama", {}),
-    "llama-gqa": ("tiny-llama-gqa", {}),
-    "mistral-gqa": ("tiny-mistral", {"sliding_window": None}),
-    "llama-cls": ("tiny-llama-full", {}),
-}
-CM = CoreMatchingConfig(token_budget=5, prune_layer=1)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def make(name: str, **changes) -> Path:
-        key = name + json.dumps(changes, sort_keys=True)
-        if key not in made:
-            preset_name, defaults = BACKBONES[name]
-            preset = from_name(preset_name).replace(vocab_size=1024, image_token_id=1023, pad_token_id=3,
-                                                    **{**defaults, **changes})  # fmt: skip
-            made[key] = write_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), preset, seed=1)
-        return made[key]
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def built(checkpoint, tmp_path_factory):
-    """Builds (cached for the session) of (backbone, 'dense' | 'cm')."""
-    results = {}
-
-    def get(name: str, mode: str):
-        if (name, mode) not in results:
-            out = tmp_path_factory.mktemp("builds") / f"{name}-{mode}"
-            config = ExportConfig(out=out, model_dir=checkpoint(name), corematching=None if mode == "dense" else CM,
-                                  max_prompt_tokens=64, max_sequence=128)  # fmt: skip
-            results[name, mode] = build(config)
-        return results[name, mode]
-
-    return get
-
-
 @pytest.mark.parametrize("mode", ["dense", "cm"])
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_builds_pass_validation(built, name, mode):

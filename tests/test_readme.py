@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,23 +23,27 @@ def test_quick_start_is_two_commands_install_then_run():
     main, tests = quick_start_commands()
     for command in (main, tests):
         assert "pip install torch==2.13.0 -e" in command  # the CPU build, pinned
-    assert main.endswith("&& python -m export build")
+    assert "&& python -m export build && python runtime/demo.py" in main
     assert tests.endswith("&& pytest")
     ci = (REPO / ".ci" / "run").read_text()
     assert 'pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[test]"' in ci
     assert "pytest" in ci
 
 
-def test_main_command_builds_a_validated_default_build(tmp_path):
-    """The README's main command, as written, in a fresh directory."""
-    argv = quick_start_commands()[0].rsplit("&& ", 1)[1].split()
-    assert argv[:3] == ["python", "-m", "export"]
-    done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+def test_main_command_builds_and_answers(tmp_path):
+    """The README's main command, as written (after the install), in a fresh copy of the examples."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    steps = [shlex.split(step) for step in quick_start_commands()[0].split(" && ") if step.startswith("python ")]
+    assert [step[:2] for step in steps] == [["python", "-m"], ["python", "runtime/demo.py"]]
+    build = subprocess.run([sys.executable, *steps[0][1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
     manifest = json.loads((tmp_path / "builds" / "default" / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["model"]["source"] == "embedded default"
     assert manifest["corematching"]["token_budget"] == 64 and manifest["model"]["num_image_tokens"] == 576
-    assert "passed" in done.stdout
+    demo = [str(REPO / "runtime" / "demo.py"), *steps[1][2:]]
+    answer = subprocess.run([sys.executable, *demo], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert answer.returncode == 0, answer.stderr
+    assert "kept 64 of 576 image tokens" in answer.stdout and "tokens/s" in answer.stdout
 
 
 REFERENCE = "python scripts/reference_answer.py"
@@ -71,7 +77,7 @@ def test_reference_answer_bad_input_is_one_line():
         (("--token-budget", "600"), "larger than the 576 image tokens"),
         (("--model", str(REPO / "examples")), "no config.json"),
         (("--question", "  "), "question is empty"),
-        (("--image", str(REPO / "README.md")), "not a readable image"),
+        (("--image", str(REPO / "README.md")), "is not an image"),
     ]:
         done = _run(main, *extra)
         assert done.returncode == 2, (extra, done.stderr)

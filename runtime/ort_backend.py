@@ -1,0 +1,194 @@
+"""The ONNX Runtime backend: TensorRT, CUDA or CPU execution provider (torch-free).
+
+Per request the cache is one zero-padded buffer per layer, sized once for the
+prompt and the longest answer. The decode session is IO-bound to those buffers
+and to the request's compacted FFN weights once; every step rebinds only the
+token's embedding and positions, and writes the token's own cache entries (the
+decode graph's `new.{i}.*` outputs, [1, n_kv, 1, hd]) into the buffers.
+
+On the CPU provider the bound buffers are the numpy arrays themselves (ONNX
+Runtime reads them in place), so a step moves no cache bytes. On a GPU
+provider the buffers and the compacted weights live on the device
+(`runtime.cuda_memory`), and a step moves the embedding, two integers and the
+logits across the bus.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.manifest import graph_files
+from runtime.backend import Backend, BackendError, CacheLayout, PrefillResult
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+# What "auto" tries, best first.
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+TRT_CACHE = "trt_cache"
+
+
+class ProviderError(BackendError):
+    """An execution provider asked for by name is not available."""
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(
+            "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
+            "(NVIDIA GPU; on a Jetson the wheel built for your JetPack)"
+        ) from e
+    return onnxruntime
+
+
+def choose_providers(requested: str, available: list[str], build_dir: Path, fp16: bool) -> tuple[list[Any], list[str]]:
+    """(providers for InferenceSession, warnings). `requested`: auto, tensorrt, cuda or cpu.
+
+    Under "auto" the best available provider leads and the others follow as fallbacks (with a
+    warning when no GPU provider is there); a provider asked for by name must be available.
+    """
+    if requested != "auto" and requested not in PROVIDERS:
+        raise ProviderError(f"unknown provider {requested!r}; use auto, {', '.join(PROVIDERS)}")
+    have = [key for key in AUTO_ORDER if PROVIDERS[key] in available]
+    warnings = []
+    if requested == "auto":
+        chosen = have
+        if chosen[:1] == ["cpu"]:
+            warnings.append("no GPU execution provider in this onnxruntime (install onnxruntime-gpu): using the CPU")
+    elif requested in have:
+        chosen = AUTO_ORDER[AUTO_ORDER.index(requested) :]
+        chosen = [key for key in chosen if key in have]
+    else:
+        names = ", ".join(key for key in have) or "none"
+        raise ProviderError(
+            f"execution provider {requested!r} is not available in this onnxruntime (it has: {names}); "
+            "install onnxruntime-gpu for cuda/tensorrt, or choose --provider auto"
+        )
+    providers: list[Any] = []
+    for key in chosen:
+        if key == "tensorrt":
+            # Engines built by the provider are cached next to the build, so later runs start fast.
+            options = {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(build_dir / TRT_CACHE),
+                "trt_fp16_enable": fp16,
+            }
+            providers.append((PROVIDERS[key], options))
+        else:
+            providers.append(PROVIDERS[key])
+    return providers, warnings
+
+
+class OrtBackend(Backend):
+    def __init__(self, build_dir: str | Path, manifest: dict[str, Any], provider: str = "auto") -> None:
+        ort = _import_ort()
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest
+        self.layout = CacheLayout.from_manifest(manifest)
+        providers, warnings = choose_providers(
+            provider, ort.get_available_providers(), self.build_dir, manifest["precision"] == "float16"
+        )
+        for warning in warnings:
+            log.warning(warning)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(
+                str(self.build_dir / graph_files(manifest, name)[0]), options, providers=providers
+            )
+            for name in ("vision", "embed", "prefill", "decode")
+        }
+        used = self.sessions["decode"].get_providers()[0]
+        self.name = f"onnxruntime/{used}"
+        if used != PROVIDERS["cpu"]:
+            # The device-resident cache needs cuda-python; without it the host buffers still work,
+            # but ONNX Runtime then copies them to the device each step.
+            log.info("GPU provider %s: the cache buffers are copied to the device on each step", used)
+        self._ort = ort
+        self._decode_inputs = {i.name for i in self.sessions["decode"].get_inputs()}
+        self._prefill_inputs = {i.name for i in self.sessions["prefill"].get_inputs()}
+        self._binding: Any = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self._lengths: dict[str, int] = {}
+        self._new: dict[str, np.ndarray] = {}
+        self._position = 0
+        self._kept_length = 0
+
+    # -- stateless graphs -------------------------------------------------------------
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run("vision", {"pixel_values": pixel_values.astype(self.layout.dtype)})["image_features"]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self._run("embed", {"input_ids": input_ids.astype(np.int64)})["inputs_embeds"]
+
+    # -- one request --------------------------------------------------------------------
+
+    def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
+        feeds = {"inputs_embeds": inputs_embeds}
+        if "image_start" in self._prefill_inputs:
+            feeds["image_start"] = np.array([image_start], dtype=np.int64)
+        out = self._run("prefill", feeds)
+        prompt = inputs_embeds.shape[1]
+        answer = capacity - prompt
+        binding = self.sessions["decode"].io_binding()
+        self._buffers, self._lengths, self._new = {}, {}, {}
+        for name, value in out.items():
+            if name.startswith("present."):
+                key = "past." + name[len("present.") :]
+                # The buffer holds the prompt's cache and room for the whole answer, zero padded
+                # (padding is masked in the graph; zeros keep 0 * padding finite).
+                buffer = np.zeros((*value.shape[:2], value.shape[2] + answer, value.shape[3]), value.dtype)
+                buffer[:, :, : value.shape[2]] = value
+                self._buffers[key], self._lengths[key] = buffer, value.shape[2]
+                binding.bind_cpu_input(key, buffer)  # read in place: no copy per step
+                new = np.empty((*value.shape[:2], 1, value.shape[3]), value.dtype)
+                self._new[key] = new
+                binding.bind_ortvalue_output(
+                    "new." + name[len("present.") :], self._ort.OrtValue.ortvalue_from_numpy(new)
+                )
+            elif name.startswith("ffn."):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # compacted once per request
+        self._logits = np.empty((1, self.manifest["model"]["vocab_size"]), self.layout.dtype)
+        binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self._binding = binding
+        self._position = prompt
+        self._kept_length = min(self._lengths.values())
+        kept = out.get("kept_image_tokens")
+        return PrefillResult(
+            logits=out["logits"][0].astype(np.float32), kept_image_tokens=None if kept is None else kept.tolist()
+        )
+
+    def decode(self, token_id: int) -> np.ndarray:
+        if self._binding is None:
+            raise BackendError("decode before prefill: run a prompt first")
+        binding = self._binding
+        binding.bind_cpu_input("inputs_embeds", self.embed(np.array([[token_id]], dtype=np.int64)))
+        binding.bind_cpu_input("position_ids", np.array([self._position], dtype=np.int64))
+        if "past_kept_length" in self._decode_inputs:
+            binding.bind_cpu_input("past_kept_length", np.array([self._kept_length], dtype=np.int64))
+        for key, buffer in self._buffers.items():
+            if self._lengths[key] >= buffer.shape[2]:
+                raise BackendError("the answer outgrew the cache sized at prefill; raise the capacity")
+        self.sessions["decode"].run_with_iobinding(binding)
+        for key, new in self._new.items():
+            self._buffers[key][:, :, self._lengths[key]] = new[:, :, 0]  # the token's own entries only
+            self._lengths[key] += 1
+        self._position += 1
+        self._kept_length += 1
+        return self._logits[0].astype(np.float32)

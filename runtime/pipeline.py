@@ -1,0 +1,170 @@
+"""`runtime.Pipeline`: answer questions about images with a build (SPEC §6), torch-free.
+
+    pipeline = Pipeline.load("builds/default")            # provider="auto": TensorRT, CUDA, then CPU
+    answer = pipeline.answer("photo.jpg", "What is on the table?", max_new_tokens=64)
+    answer.text, answer.token_ids, answer.kept_image_tokens, answer.timings
+
+`stream(...)` yields the answer's text as it is generated; `answer(..., on_text=print)`
+does the same through a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.manifest import ManifestError, read_manifest, verify_files
+from runtime.backend import Backend, BackendError
+from runtime.preprocess import ImageProcessor, load_image
+from runtime.sampling import Sampler, Sampling
+from runtime.text import PromptError, PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class GenerationError(ValueError):
+    """A generation setting the build cannot honour (e.g. an answer longer than its cache)."""
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    kept_image_tokens: list[int] | None  # None for dense builds (every image token is kept)
+    num_image_tokens: int
+    prompt_tokens: int
+    backend: str
+    timings: dict[str, Any] = field(default_factory=dict)  # seconds: preprocess, vision, prefill, decode (list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "answer": self.text,
+            "token_ids": self.token_ids,
+            "kept_image_tokens": self.kept_image_tokens,
+            "timings": self.timings,
+            "backend": self.backend,
+            "prompt_tokens": self.prompt_tokens,
+            "num_image_tokens": self.num_image_tokens,
+        }
+
+
+class Pipeline:
+    def __init__(self, build_dir: Path, manifest: dict[str, Any], backend: Backend) -> None:
+        self.build_dir = build_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.images = ImageProcessor.from_build(build_dir)
+        self.tokenizer = PromptTokenizer.from_build(build_dir, manifest)
+        self.num_image_tokens: int = manifest["model"]["num_image_tokens"]
+        # The longest prompt + answer the cache buffers (and TensorRT profiles) admit.
+        dims = manifest["dims"]
+        self.max_sequence: int = dims["B"]["max"] + 1
+
+    @classmethod
+    def load(cls, build_dir: str | Path, provider: str = "auto", backend: str = "auto") -> Pipeline:
+        """Checks the manifest (format version, sha256 of every file) before loading anything."""
+        build = Path(build_dir)
+        manifest = read_manifest(build)
+        verify_files(build, manifest)
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+        if backend == "tensorrt" or (backend == "auto" and provider in ("auto", "tensorrt") and "engines" in manifest):
+            try:
+                from runtime.trt_backend import TrtBackend
+
+                return cls(build, manifest, TrtBackend(build, manifest))
+            except BackendError:
+                if backend == "tensorrt":
+                    raise
+                log.warning(
+                    "TensorRT engines cannot run here; using ONNX Runtime", exc_info=log.isEnabledFor(logging.DEBUG)
+                )
+        from runtime.ort_backend import OrtBackend
+
+        return cls(build, manifest, OrtBackend(build, manifest, provider))
+
+    def stream(
+        self,
+        image: Any,
+        question: str,
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        stop_at_eos: bool = True,
+    ) -> Iterator[tuple[int, str]]:
+        """Yields (token id, new text) as tokens come; `self.last` holds the finished Answer."""
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        timings: dict[str, Any] = {}
+        start = time.perf_counter()
+        pixels = self.images(load_image(image))  # [1, 3, H, W]
+        ids = self.tokenizer.encode(question)  # [1, S]
+        prompt = ids.shape[1]
+        if prompt + max_new_tokens > self.max_sequence:
+            raise GenerationError(
+                f"max_new_tokens {max_new_tokens} is beyond the cache: the {prompt}-token prompt leaves room for "
+                f"{self.max_sequence - prompt} (the build's max sequence is {self.max_sequence}); ask for fewer, "
+                "or rebuild with a larger --max-sequence"
+            )
+        timings["preprocess"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        features = self.backend.vision(pixels)  # [1, n_img, d]
+        timings["vision"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        embeds = self.backend.embed(ids)  # [1, S, d]
+        image_start = self.tokenizer.image_start(ids)
+        embeds[0, image_start : image_start + self.num_image_tokens] = features[0]
+        result = self.backend.prefill(embeds, image_start, prompt + max_new_tokens)
+        timings["prefill"] = time.perf_counter() - start
+
+        sampler = Sampler(sampling or Sampling())
+        eos = self.tokenizer.eos_token_ids if stop_at_eos else set()
+        text = self.tokenizer.stream()
+        tokens: list[int] = []
+        decode: list[float] = []
+        timings["decode"] = decode
+        logits = result.logits
+        self.last = Answer(
+            "", tokens, result.kept_image_tokens, self.num_image_tokens, prompt, self.backend.name, timings
+        )
+        while True:
+            token = sampler(logits)
+            tokens.append(token)
+            if token in eos:
+                break
+            piece = text.push(token)
+            if piece:
+                yield token, piece
+            if len(tokens) == max_new_tokens:
+                break
+            start = time.perf_counter()
+            logits = self.backend.decode(token)
+            decode.append(time.perf_counter() - start)
+        tail = text.flush()
+        if tail:
+            yield tokens[-1], tail
+        self.last.text = self.tokenizer.decode(tokens).strip()
+
+    def answer(
+        self,
+        image: Any,
+        question: str,
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+        stop_at_eos: bool = True,
+    ) -> Answer:
+        for _token, piece in self.stream(image, question, max_new_tokens, sampling, stop_at_eos):
+            if on_text is not None:
+                on_text(piece)
+        return self.last
+
+
+__all__ = ["Answer", "BackendError", "GenerationError", "ManifestError", "Pipeline", "PromptError"]

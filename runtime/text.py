@@ -1,0 +1,156 @@
+"""Prompt tokenization and streaming detokenization for the torch-free runtime (tokenizers only).
+
+The build's manifest holds the checkpoint's chat template already rendered around a `{question}`
+marker, so no Jinja is needed: the question replaces the marker, the single image token is repeated
+`num_image_tokens` times (as transformers' LlavaProcessor expands it), and tokenizer.json, whose
+post-processor prepends `<s>`, tokenizes the result. The ids equal the transformers processor's
+`input_ids` for the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+QUESTION_MARKER = "{question}"
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class PromptError(ValueError):
+    """A question cannot be turned into a prompt for this build; the message names the fix."""
+
+
+class PromptTokenizer:
+    """The build's prompt format and tokenizer: question -> input_ids, generated ids -> text."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt: str,
+        image_token: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        max_prompt_tokens: int,
+        eos_token_ids: Sequence[int],
+    ) -> None:
+        if prompt.count(QUESTION_MARKER) != 1 or prompt.count(image_token) != 1:
+            raise ValueError(
+                f"the build's prompt format {prompt!r} needs one {QUESTION_MARKER} and one {image_token}; rebuild it"
+            )
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self._eos_token_ids = tuple(eos_token_ids)
+        # Expand the image token in the template only: a question is never searched for it.
+        before, after = prompt.split(QUESTION_MARKER)
+        expanded = image_token * num_image_tokens
+        self._before = before.replace(image_token, expanded)
+        self._after = after.replace(image_token, expanded)
+
+    @classmethod
+    def from_build(cls, build_dir: str | Path, manifest: dict[str, Any]) -> PromptTokenizer:
+        section, model = manifest.get("tokenizer", {}), manifest.get("model", {})
+        path = Path(build_dir) / section.get("tokenizer", "tokenizer.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the build is incomplete, rebuild it")
+        try:
+            prompt, image_token = section["prompt"], section["image_token"]
+            image_token_id, num_image_tokens = int(model["image_token_id"]), int(model["num_image_tokens"])
+            max_prompt_tokens = int(manifest["dims"]["S"]["max"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"the build's manifest has no {e} entry for the prompt; rebuild it") from None
+        eos = model.get("eos_token_id")
+        eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+        tokenizer = Tokenizer.from_file(str(path))
+        if tokenizer.token_to_id(image_token) != image_token_id:
+            raise ValueError(
+                f"{path} gives {image_token} the id {tokenizer.token_to_id(image_token)}, the model expects "
+                f"{image_token_id}; rebuild the build directory"
+            )
+        return cls(tokenizer, prompt, image_token, image_token_id, num_image_tokens, max_prompt_tokens, eos_ids)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The ids that end an answer (the manifest's eos_token_id, one or several)."""
+        return self._eos_token_ids
+
+    def encode(self, question: str) -> np.ndarray:
+        """input_ids [1, S] int64 of the prompt for a question."""
+        question = question.strip()
+        if not question:
+            raise PromptError("the question is empty; ask something about the image")
+        if self.image_token in question:
+            # transformers refuses it too (more image tokens than images); the model takes one image.
+            raise PromptError(f"the question contains the image token {self.image_token}; remove it")
+        # Concatenation, not str.format: braces in a question are ordinary text.
+        text = self._before + question + self._after
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        images = sum(1 for i in ids if i == self.image_token_id)
+        if images != self.num_image_tokens:
+            raise PromptError(
+                f"the prompt has {images} image tokens, the model expects {self.num_image_tokens}; "
+                "rephrase the question or rebuild the build directory"
+            )
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens ({self.num_image_tokens} of them for the image), longer than the "
+                f"build's maximum of {self.max_prompt_tokens}; ask a shorter question, or rebuild with a larger "
+                "--max-prompt-tokens (python -m export build --max-prompt-tokens N)"
+            )
+        return np.asarray([ids], dtype=np.int64)
+
+    def image_start(self, ids: np.ndarray | Sequence[int]) -> int:
+        """Position of the first image token in input_ids ([1, S] or [S])."""
+        flat = np.asarray(ids).reshape(-1)
+        hits = np.flatnonzero(flat == self.image_token_id)
+        if hits.size == 0:
+            raise ValueError(f"the ids hold no image token ({self.image_token_id}); encode the prompt with encode()")
+        return int(hits[0])
+
+    def decode(self, ids: np.ndarray | Sequence[int]) -> str:
+        """Text of token ids, special tokens skipped."""
+        return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
+
+    def stream(self) -> TextStream:
+        """A fresh incremental detokenizer for one answer."""
+        return TextStream(self.decode)
+
+
+class TextStream:
+    """Incremental detokenizer: push generated ids one by one, get the newly completed text.
+
+    A token can end inside a UTF-8 character (byte-level BPE pieces, SentencePiece byte fallback), and
+    decoders such as SentencePiece's strip a leading space from the first token of a sequence. So every
+    step decodes a window that starts at the previous emission's first token and returns what the new ids
+    add to it, holding text back while it ends in an incomplete character (U+FFFD). The concatenated
+    output of `push` and `flush` equals `decode(all ids)`.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # ids before this are emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        return self._step(final=False)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end is emitted as decode gives it)."""
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> str:
+        emitted = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(emitted) or (text.endswith(REPLACEMENT_CHAR) and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted) :]

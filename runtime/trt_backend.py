@@ -1,0 +1,520 @@
+"""The TensorRT backend: runs the engines of `python -m export engine` (engines/{graph}.plan), torch-free.
+
+`tensorrt` and cuda-python are imported when a TrtBackend is made, not with this module. Two TensorRT API
+generations are supported, picked from `tensorrt.__version__` and logged: 8.6 ("bindings": a pointer list
+indexed by binding, execute_async_v2) and 10.x ("named-tensors": one address per tensor name,
+execute_async_v3). An engine only runs on the GPU model and TensorRT version that built it; the manifest's
+`engines` section records both and a mismatch is refused before any engine is loaded.
+
+Per request: vision, embed and prefill run on device buffers; the cache buffers (one per layer, sized once
+for the request) receive the prefill's cache with one 2-D copy each; the compacted FFN weights stay where
+the prefill wrote them. The decode context is bound to all of those ONCE per request. A step then moves a
+token id and two integers to the device, runs the embed and decode engines, writes the token's own cache
+entries with one 2-D copy per buffer, and brings back only the logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backend import Backend, BackendError, CacheLayout, PrefillResult
+from runtime.cuda_memory import DeviceBuffer, Stream, write_prefix, write_token
+
+log = logging.getLogger(__name__)
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+STEP_INPUTS = ("position_ids", "past_kept_length")
+
+
+# -- what needs no TensorRT: the manifest, the API choice, the cache sizes -------------------------------
+
+
+def engine_files(manifest: dict[str, Any], build_dir: Path) -> dict[str, Path]:
+    """The engine of every graph; refuses a build whose engines were not built (or are gone)."""
+    first = f"run `python -m export engine {build_dir}` on this machine first"
+    graphs = (manifest.get("engines") or {}).get("graphs") or {}
+    if not graphs:
+        raise BackendError(f"{build_dir} has no TensorRT engines: {first}")
+    missing = [g for g in GRAPHS if g not in graphs]
+    if missing:
+        raise BackendError(f"{build_dir} has no TensorRT engine for {', '.join(missing)}: {first}")
+    files = {g: build_dir / graphs[g]["file"] for g in GRAPHS}
+    absent = [str(p) for p in files.values() if not p.is_file()]
+    if absent:
+        raise BackendError(f"engine file(s) {', '.join(absent)} are missing: {first}")
+    return files
+
+
+def check_target(manifest: dict[str, Any], tensorrt_version: str, gpu_name: str, build_dir: Path) -> None:
+    """Refuses engines built by another TensorRT version or on another GPU model."""
+    engines = manifest["engines"]
+    rebuild = (
+        "an engine only runs on the GPU and TensorRT version that built it; "
+        f"rebuild them here with `python -m export engine {build_dir} --force`"
+    )
+    built_with = str(engines.get("tensorrt_version"))
+    if built_with != tensorrt_version:
+        raise BackendError(
+            f"the engines were built with TensorRT {built_with}, this machine has {tensorrt_version}: {rebuild}"
+        )
+    built_on = str((engines.get("device") or {}).get("name"))
+    if built_on != gpu_name:
+        raise BackendError(f"the engines were built on {built_on}, this machine has {gpu_name}: {rebuild}")
+
+
+def dim_range(manifest: dict[str, Any], graph: str, tensor: str, axis: int) -> tuple[int, int]:
+    """(min, max) of one input axis: the engine's optimization profile, from the manifest's dims."""
+    spec = next((s for s in manifest["graphs"][graph]["inputs"] if s["name"] == tensor), None)
+    if spec is None:
+        raise BackendError(f"the manifest lists no input {tensor!r} of {graph}; rebuild the build directory")
+    dim = spec["shape"][axis]
+    if isinstance(dim, int):
+        return dim, dim
+    return int(manifest["dims"][dim]["min"]), int(manifest["dims"][dim]["max"])
+
+
+def cache_size(name: str, prompt_length: int, answer: int, low: int, high: int) -> int:
+    """Positions of one cache buffer: the prompt's and the answer's, clamped into the engine's [low, high].
+
+    The answer's last token is never written to the cache, so `prompt_length + answer - 1` must fit.
+    """
+    if prompt_length + answer - 1 > high:
+        raise BackendError(
+            f"{name} needs {prompt_length + answer - 1} cache positions ({prompt_length} of the prompt, "
+            f"{answer - 1} of the answer) but the decode engine admits {high}: ask for fewer new tokens, or "
+            "export the build with a larger --max-sequence"
+        )
+    size = max(low, min(prompt_length + answer, high))
+    if size != prompt_length + answer:
+        log.debug("%s: %d positions (the engine's profile admits %d..%d)", name, size, low, high)
+    return size
+
+
+# -- the two TensorRT APIs behind one interface ---------------------------------------------------------
+
+
+class EngineIO:
+    """One execution context of an engine: shapes, addresses and launches by tensor name."""
+
+    api = ""
+
+    def __init__(self, trt: Any, engine: Any, graph: str) -> None:
+        self.trt, self.engine, self.graph = trt, engine, graph
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {graph} (out of GPU memory?)")
+        names = self._names()
+        self._slot = {name: i for i, name in enumerate(names)}
+        self.inputs = [n for n in names if self._is_input(n)]
+        self.outputs = [n for n in names if n not in self.inputs]
+        shape_inputs = [n for n in self.inputs if self._is_shape_tensor(n)]
+        if shape_inputs:  # they would need host memory, which this backend never binds
+            raise BackendError(f"the {graph} engine takes shape tensor(s) {', '.join(shape_inputs)}: unsupported")
+
+    def is_dynamic(self, name: str) -> bool:
+        return any(d < 0 for d in self.engine_shape(name))
+
+    def _fail(self, what: str) -> BackendError:
+        return BackendError(f"TensorRT refused {what} for the {self.graph} engine")
+
+    # Per API:
+    def _names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _is_input(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _is_shape_tensor(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> np.dtype:
+        raise NotImplementedError
+
+    def engine_shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def bind(self, name: str, ptr: int) -> None:
+        raise NotImplementedError
+
+    def execute(self, stream_handle: int) -> None:
+        raise NotImplementedError
+
+
+class BindingsIO(EngineIO):
+    """TensorRT 8.6: bindings by index; execute_async_v2 takes the list of every binding's address."""
+
+    api = "bindings"
+
+    def __init__(self, trt: Any, engine: Any, graph: str) -> None:
+        super().__init__(trt, engine, graph)
+        self._addresses = [0] * engine.num_bindings
+
+    def _names(self) -> list[str]:
+        return [self.engine.get_binding_name(i) for i in range(self.engine.num_bindings)]
+
+    def _is_input(self, name: str) -> bool:
+        return bool(self.engine.binding_is_input(self._slot[name]))
+
+    def _is_shape_tensor(self, name: str) -> bool:
+        return bool(getattr(self.engine, "is_shape_binding", lambda i: False)(self._slot[name]))
+
+    def dtype(self, name: str) -> np.dtype:
+        # 8.6 has no INT64 I/O: the ONNX parser makes int64 inputs and outputs INT32.
+        return np.dtype(self.trt.nptype(self.engine.get_binding_dtype(self._slot[name])))
+
+    def engine_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.engine.get_binding_shape(self._slot[name]))
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_binding_shape(self._slot[name], tuple(shape)):
+            raise self._fail(f"{name} of shape {tuple(shape)} (outside its optimization profile?)")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.context.get_binding_shape(self._slot[name]))
+
+    def bind(self, name: str, ptr: int) -> None:
+        self._addresses[self._slot[name]] = ptr
+
+    def execute(self, stream_handle: int) -> None:
+        if not self.context.execute_async_v2(self._addresses, stream_handle):
+            raise self._fail("execute_async_v2")
+
+
+class NamedTensorsIO(EngineIO):
+    """TensorRT 10.x: I/O tensors by name; the context keeps each address until it is set again."""
+
+    api = "named-tensors"
+
+    def _names(self) -> list[str]:
+        return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def _is_input(self, name: str) -> bool:
+        return bool(self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT)
+
+    def _is_shape_tensor(self, name: str) -> bool:
+        return bool(getattr(self.engine, "is_shape_inference_io", lambda n: False)(name))
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def engine_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.engine.get_tensor_shape(name))
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, tuple(shape)):
+            raise self._fail(f"{name} of shape {tuple(shape)} (outside its optimization profile?)")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.context.get_tensor_shape(name))
+
+    def bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise self._fail(f"the address of {name}")
+
+    def execute(self, stream_handle: int) -> None:
+        if not self.context.execute_async_v3(stream_handle):
+            raise self._fail("execute_async_v3")
+
+
+def select_api(trt: Any) -> type[EngineIO]:
+    """BindingsIO for TensorRT 8.6, NamedTensorsIO for 10.x and later."""
+    version = str(getattr(trt, "__version__", ""))
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise BackendError(f"cannot read TensorRT's version ({version!r}); TensorRT 8.6 or 10.x is needed")
+    major, minor = int(match[1]), int(match[2])
+    if major >= 10:
+        return NamedTensorsIO
+    if major == 8 and minor >= 6:
+        return BindingsIO
+    raise BackendError(f"TensorRT {version} is not supported: use 8.6 (Pascal GPUs) or 10.x")
+
+
+def import_tensorrt() -> Any:
+    try:
+        return importlib.import_module("tensorrt")
+    except (ImportError, OSError) as e:  # OSError: the package is there, libnvinfer is not
+        raise BackendError(
+            f"TensorRT's Python package cannot be imported ({e}): install the TensorRT that built the engines, "
+            "or run the build with ONNX Runtime (--backend onnxruntime)"
+        ) from e
+
+
+def current_gpu() -> str:
+    """The name of the GPU TensorRT runs on, as `python -m export engine` recorded it."""
+    from export.engine import NoGpuError, detect_gpu  # torch-free; imports cuda-python only when called
+
+    try:
+        return detect_gpu().name
+    except NoGpuError as e:
+        raise BackendError(str(e)) from e
+
+
+# -- the backend ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Request:
+    """The device state of one request, freed when the next one starts."""
+
+    cache: dict[str, DeviceBuffer] = field(default_factory=dict)  # past.{i}.key/value
+    lengths: dict[str, int] = field(default_factory=dict)  # valid positions of each buffer
+    ffn: dict[str, DeviceBuffer] = field(default_factory=dict)  # the compacted weights, from prefill
+    outputs: dict[str, DeviceBuffer] = field(default_factory=dict)  # the decode's logits and new.{i}.*
+    position: int = 0  # cached tokens of the full layers
+    kept_length: int = 0  # cached tokens of the layers after the prune layer
+
+    def free(self) -> None:
+        for group in (self.cache, self.ffn, self.outputs):
+            for buffer in group.values():
+                buffer.free()
+            group.clear()
+
+
+class TrtBackend(Backend):
+    def __init__(self, build_dir: str | Path, manifest: dict[str, Any]) -> None:
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest
+        files = engine_files(manifest, self.build_dir)
+        trt = import_tensorrt()
+        io_class = select_api(trt)
+        check_target(manifest, str(trt.__version__), current_gpu(), self.build_dir)
+        log.info("TensorRT %s: the %s API", trt.__version__, io_class.api)
+        self.name = f"tensorrt/{trt.__version__}"
+        self.api = io_class.api  # "bindings" (8.6) | "named-tensors" (10.x)
+        self.layout = CacheLayout.from_manifest(manifest)
+        self._trt = trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)  # must outlive its engines (TensorRT 8.x)
+        self._engines = {graph: self._load(graph, path) for graph, path in files.items()}
+        self._io = {graph: io_class(trt, engine, graph) for graph, engine in self._engines.items()}
+        self.stream = Stream()
+        self._request: _Request | None = None
+        decode = self._io["decode"]
+        self._limits = {n: dim_range(manifest, "decode", n, 2) for n in decode.inputs if n.startswith("past.")}
+        self._scalars = {n: DeviceBuffer((1,), decode.dtype(n)) for n in STEP_INPUTS if n in decode.inputs}
+        self._prepare_step_embed()
+
+    def _load(self, graph: str, path: Path) -> Any:
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BackendError(
+                f"TensorRT could not load {path} (its messages above say why): an engine only runs on the GPU and "
+                f"TensorRT version that built it; rebuild with `python -m export engine {self.build_dir} --force`"
+            )
+        return engine
+
+    def _prepare_step_embed(self) -> None:
+        """Device buffers for the decode steps' token id and its embedding, made once.
+
+        The embed engine shares the prompt's dim S, whose profile may start above one token: a step then embeds
+        a row of pad ids with the token first, and decode reads the first row in place. The steps reuse the
+        embed engine's one context (TensorRT gives an optimization profile to one context at a time), bound to
+        these buffers again only after a prompt was embedded.
+        """
+        io = self._io["embed"]
+        low, self._embed_max = dim_range(self.manifest, "embed", "input_ids", 1)
+        self._embed_min = max(1, low)
+        if self._embed_min > 1:
+            log.info("the embed engine's profile starts at %d ids: each decode step embeds that many", low)
+        pad = self.manifest["model"].get("pad_token_id") or 0
+        self._step_ids = DeviceBuffer.from_numpy(np.full((1, self._embed_min), pad, io.dtype("input_ids")), self.stream)
+        if io.is_dynamic("input_ids"):
+            io.set_input_shape("input_ids", self._step_ids.shape)
+        self._step_embeds = DeviceBuffer(io.output_shape("inputs_embeds"), io.dtype("inputs_embeds"))
+        if self._step_embeds.dtype != self._io["decode"].dtype("inputs_embeds"):
+            raise BackendError("the embed and decode engines disagree on the embeddings' type; rebuild the engines")
+        self._embed_bound_for_steps = False
+
+    def _bind_embed_for_steps(self) -> None:
+        if self._embed_bound_for_steps:
+            return
+        io = self._io["embed"]
+        if io.is_dynamic("input_ids"):
+            io.set_input_shape("input_ids", self._step_ids.shape)
+        io.bind("input_ids", self._step_ids.ptr)
+        io.bind("inputs_embeds", self._step_embeds.ptr)
+        self._embed_bound_for_steps = True
+
+    # -- launches ----------------------------------------------------------------------------------
+
+    def _bind_outputs(self, io: EngineIO) -> dict[str, DeviceBuffer]:
+        """Device buffers for every output, shaped as the engine computes them from the input shapes."""
+        outputs: dict[str, DeviceBuffer] = {}
+        try:
+            for name in io.outputs:
+                shape = io.output_shape(name)
+                if any(d < 0 for d in shape):
+                    raise BackendError(f"{name} of {io.graph} has a data-dependent shape: use ONNX Runtime")
+                outputs[name] = DeviceBuffer(shape, io.dtype(name))
+                io.bind(name, outputs[name].ptr)
+        except BaseException:
+            for buffer in outputs.values():
+                buffer.free()
+            raise
+        return outputs
+
+    def _launch(
+        self, graph: str, feeds: dict[str, np.ndarray]
+    ) -> tuple[dict[str, DeviceBuffer], dict[str, DeviceBuffer]]:
+        """Uploads `feeds`, runs `graph`; returns (input buffers, output buffers), both the caller's to free."""
+        io = self._io[graph]
+        missing = [n for n in io.inputs if n not in feeds]
+        if missing:
+            raise BackendError(f"the {graph} engine needs {', '.join(missing)}; rebuild the engines")
+        inputs: dict[str, DeviceBuffer] = {}
+        outputs: dict[str, DeviceBuffer] = {}
+        try:
+            for name, value in feeds.items():
+                inputs[name] = DeviceBuffer.from_numpy(np.asarray(value, io.dtype(name)), self.stream)
+                if io.is_dynamic(name):
+                    io.set_input_shape(name, inputs[name].shape)
+                io.bind(name, inputs[name].ptr)
+            outputs = self._bind_outputs(io)
+            io.execute(self.stream.handle)
+        except BaseException:
+            for buffer in [*inputs.values(), *outputs.values()]:
+                buffer.free()
+            raise
+        return inputs, outputs
+
+    def _run_to_host(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs, outputs = self._launch(graph, feeds)
+        try:
+            return {name: buffer.to_numpy(self.stream) for name, buffer in outputs.items()}
+        finally:
+            for buffer in [*inputs.values(), *outputs.values()]:
+                buffer.free()
+
+    # -- the Backend interface -------------------------------------------------------------------
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._run_to_host("vision", {"pixel_values": pixel_values})["image_features"]
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        length = ids.shape[1]
+        if length > self._embed_max:
+            raise BackendError(f"a prompt of {length} tokens is longer than the engines admit ({self._embed_max})")
+        if length < self._embed_min:  # below the profile: pad, embed, cut
+            pad = self.manifest["model"].get("pad_token_id") or 0
+            ids = np.concatenate([ids, np.full((1, self._embed_min - length), pad, ids.dtype)], axis=1)
+        self._embed_bound_for_steps = False  # the prompt takes the embed context's shape and addresses
+        return self._run_to_host("embed", {"input_ids": ids})["inputs_embeds"][:, :length]
+
+    def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
+        self._end_request()
+        prompt = inputs_embeds.shape[1]
+        if capacity < prompt:
+            raise BackendError(f"capacity {capacity} is less than the {prompt}-token prompt")
+        feeds = {"inputs_embeds": inputs_embeds}
+        if "image_start" in self._io["prefill"].inputs:
+            feeds["image_start"] = np.array([image_start])
+        inputs, outputs = self._launch("prefill", feeds)
+        try:
+            logits = outputs["logits"].to_numpy(self.stream)[0].astype(np.float32)
+            kept = outputs.get("kept_image_tokens")
+            kept_tokens = None if kept is None else [int(i) for i in kept.to_numpy(self.stream)]
+            self._request = self._start_request(outputs, prompt, capacity - prompt)
+        finally:
+            self.stream.synchronize()  # the cache copies read the prefill's outputs freed below
+            for buffer in [*inputs.values(), *outputs.values()]:
+                buffer.free()
+        return PrefillResult(logits=logits, kept_image_tokens=kept_tokens)
+
+    def _start_request(self, outputs: dict[str, DeviceBuffer], prompt: int, answer: int) -> _Request:
+        """Cache buffers filled from the prefill, compacted weights taken over, the decode context bound once."""
+        decode = self._io["decode"]
+        request = _Request(position=prompt)
+        try:
+            for name in [n for n in outputs if n.startswith("ffn.")]:
+                request.ffn[name] = outputs.pop(name)  # stays on the device for the whole answer
+            for name, (low, high) in self._limits.items():
+                present = outputs.get("present." + name[len("past.") :])
+                if present is None:
+                    raise BackendError(f"the prefill engine gives no cache for {name}; rebuild the engines")
+                num_kv, length, head_dim = present.shape[1], present.shape[2], present.shape[3]
+                size = cache_size(name, length, answer, low, high)
+                if decode.dtype(name) != present.dtype:
+                    raise BackendError(f"prefill and decode disagree on the type of {name}; rebuild the engines")
+                buffer = request.cache[name] = DeviceBuffer((1, num_kv, size, head_dim), present.dtype)
+                buffer.zero(self.stream)  # the padding is masked in the graph; zeros keep 0 * padding finite
+                write_prefix(buffer, present, self.stream)
+                request.lengths[name] = length
+            request.kept_length = min(request.lengths.values())
+            bound = {**request.cache, **request.ffn, **self._scalars, "inputs_embeds": self._step_embeds}
+            unbound = [n for n in decode.inputs if n not in bound]
+            if unbound:
+                raise BackendError(f"the decode engine takes {', '.join(unbound)}, which prefill did not give")
+            for name in decode.inputs:
+                if decode.is_dynamic(name):
+                    shape = (1, 1, self._step_embeds.shape[2]) if name == "inputs_embeds" else bound[name].shape
+                    decode.set_input_shape(name, shape)
+                decode.bind(name, bound[name].ptr)  # inputs_embeds: the first row of the step's embeddings
+            request.outputs = self._bind_outputs(decode)
+        except BaseException:
+            request.free()
+            raise
+        return request
+
+    def decode(self, token_id: int) -> np.ndarray:
+        request = self._request
+        if request is None:
+            raise BackendError("decode before prefill: run a prompt first")
+        for name, buffer in request.cache.items():
+            if request.lengths[name] >= buffer.shape[2]:
+                raise BackendError(
+                    f"the answer outgrew the cache: {name} holds {buffer.shape[2]} positions (sized at prefill, "
+                    "within the decode engine's profile); ask for fewer new tokens"
+                )
+        # Only the first id changes; the padding after it (if any) stays from construction.
+        self._step_ids.copy_from_numpy(np.array([token_id]), self.stream)
+        self._bind_embed_for_steps()
+        self._io["embed"].execute(self.stream.handle)
+        values = {"position_ids": request.position, "past_kept_length": request.kept_length}
+        for name, buffer in self._scalars.items():
+            buffer.copy_from_numpy(np.array([values[name]]), self.stream)
+        self._io["decode"].execute(self.stream.handle)
+        for name, buffer in request.cache.items():
+            write_token(buffer, request.outputs["new." + name[len("past.") :]], request.lengths[name], self.stream)
+            request.lengths[name] += 1
+        logits = request.outputs["logits"].to_numpy(self.stream)  # waits for the step
+        request.position += 1
+        request.kept_length += 1
+        return logits[0].astype(np.float32)
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def _end_request(self) -> None:
+        if self._request is not None:
+            self.stream.synchronize()
+            self._request.free()
+            self._request = None
+
+    def close(self) -> None:
+        """Frees the device memory now (otherwise it goes with the object); contexts before engines."""
+        self._end_request()
+        for buffer in [self._step_ids, self._step_embeds, *self._scalars.values()]:
+            buffer.free()
+        self._io.clear()
+        self._engines.clear()
+        self.stream.close()
+
+    def __enter__(self) -> TrtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

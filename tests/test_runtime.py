@@ -1,0 +1,255 @@
+"""The torch-free runtime against the reference, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CM
+from PIL import Image
+
+from coreMatching import CoreMatchingLlava
+from export.manifest import ManifestError
+from models import load_llava
+from runtime import GenerationError, Pipeline, PromptError, Sampling
+from runtime.ort_backend import ProviderError, choose_providers
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "shapes_red_circle.png"
+DEMO = REPO / "runtime" / "demo.py"
+
+
+def reference_tokens(model_dir: Path, mode: str, image: Path, question: str, steps: int):
+    model, processor = load_llava(model_dir)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
+    if mode == "dense":
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)  # fmt: skip
+        return out[0, inputs["input_ids"].shape[1] :].tolist(), None
+    reference = CoreMatchingLlava(model, CM)
+    result = reference.generate(inputs["input_ids"], inputs["pixel_values"], steps, stop_at_eos=False)
+    return result.tokens, result.kept_image_tokens
+
+
+@pytest.mark.parametrize("mode", ["dense", "cm"])
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa"])
+def test_runtime_tokens_equal_the_reference(built, checkpoint, name, mode):
+    pipeline = Pipeline.load(built(name, mode).out, provider="cpu")
+    for question in ("What colour is the circle?", "Is there a square on the left?"):
+        answer = pipeline.answer(EXAMPLE, question, max_new_tokens=32, stop_at_eos=False)
+        tokens, kept = reference_tokens(checkpoint(name), mode, EXAMPLE, question, 32)
+        assert answer.token_ids == tokens
+        assert answer.kept_image_tokens == kept
+        assert len(answer.timings["decode"]) == 31 and answer.timings["prefill"] > 0
+
+
+def test_stream_pieces_make_the_answer(built):
+    pipeline = Pipeline.load(built("llama-gqa", "cm").out, provider="cpu")
+    pieces = [piece for _, piece in pipeline.stream(EXAMPLE, "What is it?", max_new_tokens=20, stop_at_eos=False)]
+    assert "".join(pieces).strip() == pipeline.last.text
+    assert len(pipeline.last.token_ids) == 20
+
+
+def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch):
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    backend = pipeline.backend
+    bound: list[str] = []
+    session = backend.sessions["decode"]
+    original = session.io_binding
+
+    def counting_binding():
+        binding = original()
+        bind = binding.bind_cpu_input
+
+        def record(name, value):
+            bound.append(name)
+            return bind(name, value)
+
+        binding.bind_cpu_input = record
+        return binding
+
+    monkeypatch.setattr(session, "io_binding", counting_binding)
+    pipeline.answer(EXAMPLE, "What colour is the circle?", max_new_tokens=6, stop_at_eos=False)
+    pointers = {key: buffer.ctypes.data for key, buffer in backend._buffers.items()}
+    lengths = dict(backend._lengths)
+    backend.decode(5)
+    assert {key: buffer.ctypes.data for key, buffer in backend._buffers.items()} == pointers  # written in place
+    assert all(backend._lengths[key] == lengths[key] + 1 for key in lengths)
+    ffn = [name for name in bound if name.startswith("ffn.")]
+    assert len(ffn) == len(set(ffn)) == 3 * len(range(*pipeline.manifest["corematching"]["neuron_layers"]))
+    assert bound.count("past.0.key") == 1  # the cache buffers are bound once per request, not per step
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(built):
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    greedy = pipeline.answer(EXAMPLE, "What?", 12, stop_at_eos=False).token_ids
+    one = pipeline.answer(EXAMPLE, "What?", 12, Sampling(temperature=1.5, seed=3), stop_at_eos=False).token_ids
+    again = pipeline.answer(EXAMPLE, "What?", 12, Sampling(temperature=1.5, seed=3), stop_at_eos=False).token_ids
+    other = pipeline.answer(EXAMPLE, "What?", 12, Sampling(temperature=1.5, seed=4), stop_at_eos=False).token_ids
+    assert one == again and one != other
+    nucleus = pipeline.answer(EXAMPLE, "What?", 12, Sampling(temperature=1.0, top_p=1e-6, seed=0), stop_at_eos=False)
+    assert nucleus.token_ids == greedy
+
+
+def test_stops_at_end_of_sequence(built, monkeypatch):
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    first = pipeline.answer(EXAMPLE, "What?", 5, stop_at_eos=False).token_ids
+    stop = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token new at step i
+    monkeypatch.setattr(type(pipeline.tokenizer), "eos_token_ids", property(lambda self: (first[stop],)))
+    assert pipeline.answer(EXAMPLE, "What?", 5).token_ids == first[: stop + 1]
+
+
+def test_runtime_and_demo_import_no_torch(built):
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['demo', '--build', {str(built('llama', 'cm').out)!r}, '--image', {str(EXAMPLE)!r}, "
+        "'--question', 'What?', '--max-new-tokens', '3', '--provider', 'cpu', '--json']\n"
+        f"try:\n    runpy.run_path({str(DEMO)!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules, code, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.stderr.strip().splitlines()[-1] == "False False 0", done.stderr
+    assert len(json.loads(done.stdout)["token_ids"]) == 3
+
+
+def test_providers():
+    build = Path("/b")
+    assert choose_providers("cpu", ["CPUExecutionProvider"], build, False) == (["CPUExecutionProvider"], [])
+    providers, warnings = choose_providers("auto", ["CPUExecutionProvider"], build, False)
+    assert providers == ["CPUExecutionProvider"] and "using the CPU" in warnings[0]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers, warnings = choose_providers("auto", gpu, build, True)
+    assert providers[0][0] == "TensorrtExecutionProvider" and providers[1:] == gpu[1:] and not warnings
+    assert providers[0][1]["trt_engine_cache_path"] == "/b/trt_cache" and providers[0][1]["trt_fp16_enable"]
+    assert choose_providers("cuda", gpu, build, False)[0] == gpu[1:]
+    with pytest.raises(ProviderError, match="'cuda' is not available"):
+        choose_providers("cuda", ["CPUExecutionProvider"], build, False)
+
+
+def test_pipeline_refuses_a_tampered_or_newer_build(built, tmp_path):
+    good = built("llama", "cm").out
+    tampered = tmp_path / "tampered"
+    shutil.copytree(good, tampered)
+    (tampered / "tokenizer.json").write_text((tampered / "tokenizer.json").read_text().replace("circle", "circlf"))
+    with pytest.raises(ManifestError, match=r"tokenizer\.json does not match its sha256"):
+        Pipeline.load(tampered)
+    newer = tmp_path / "newer"
+    shutil.copytree(good, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="newer than this tool"):
+        Pipeline.load(newer)
+
+
+def test_generation_limits(built):
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    with pytest.raises(GenerationError, match="beyond the cache"):
+        pipeline.answer(EXAMPLE, "What?", max_new_tokens=200)
+    with pytest.raises(PromptError, match="longer than"):
+        pipeline.answer(EXAMPLE, "why " * 80, max_new_tokens=2)
+
+
+# -- demo.py: one line and exit 2 for every user mistake ----------------------------------------
+
+
+def demo(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DEMO), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def bad_images(tmp_path: Path) -> dict[str, Path]:
+    paths = {"missing": tmp_path / "missing.png", "empty": tmp_path / "empty.png", "text": tmp_path / "notes.png"}
+    paths["empty"].write_bytes(b"")
+    paths["text"].write_text("not an image")
+    data = EXAMPLE.read_bytes()
+    paths["truncated"] = tmp_path / "truncated.png"
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["bomb"] = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(paths["bomb"])  # 144 M pixels, a few KB on disk
+    return paths
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("missing", "does not exist"), ("empty", "empty"), ("text", "not"), ("truncated", "truncated"),
+     ("bomb", "pixels")],
+)  # fmt: skip
+def test_demo_bad_images(built, tmp_path, kind, message):
+    image = bad_images(tmp_path)[kind]
+    done = demo("--build", str(built("llama", "cm").out), "--image", str(image), "--question", "What?", "--provider",
+                "cpu")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0].lower(), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--question", "   "], "question is empty"),
+        (["--question", "why " * 80], "longer than"),
+        (["--max-new-tokens", "500"], "beyond the cache"),
+        (["--provider", "cuda"], "'cuda' is not available"),
+        (["--temperature", "-1"], "temperature"),
+    ],
+)
+def test_demo_bad_settings(built, extra, message):
+    args = ["--build", str(built("llama", "cm").out), "--image", str(EXAMPLE), "--question", "What?", *extra]
+    done = demo(*args)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_refuses_a_missing_or_tampered_build(built, tmp_path):
+    done = demo("--build", str(tmp_path / "nothing"), "--image", str(EXAMPLE), "--question", "What?")
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    tampered = tmp_path / "t"
+    shutil.copytree(built("llama", "cm").out, tampered)
+    data = bytearray((tampered / "prefill.onnx").read_bytes())
+    data[-3] ^= 1
+    (tampered / "prefill.onnx").write_bytes(bytes(data))
+    done = demo("--build", str(tampered), "--image", str(EXAMPLE), "--question", "What?")
+    assert done.returncode == 2 and "sha256" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_auto_provider_falls_back_with_a_warning(built):
+    done = demo("--build", str(built("llama", "cm").out), "--image", str(EXAMPLE), "--question", "What?",
+                "--max-new-tokens", "4")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "warning: no GPU execution provider" in done.stderr
+    assert "kept 5 of 16 image tokens" in done.stdout and "tokens/s" in done.stdout
+
+
+def test_demo_core_tokens_picture_and_force(built, tmp_path):
+    picture = tmp_path / "core.png"
+    args = ["--build", str(built("llama", "cm").out), "--image", str(EXAMPLE), "--question", "What?",
+            "--max-new-tokens", "2", "--core-tokens", str(picture), "--json"]  # fmt: skip
+    assert demo(*args).returncode == 0
+    image = np.asarray(Image.open(picture))
+    assert image.shape == (56, 56, 3)
+    done = demo(*args)
+    assert done.returncode == 2 and "already exists; pass --force" in done.stderr
+    assert demo(*args, "--force").returncode == 0
+
+
+def test_demo_interactive_loop_until_empty_line(built):
+    done = subprocess.run(
+        [sys.executable, str(DEMO), "--build", str(built("llama", "cm").out), "--max-new-tokens", "3", "--provider",
+         "cpu"],
+        input=f"{EXAMPLE}\nWhat colour?\n{EXAMPLE}\nAnd the shape?\n\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("kept 5 of 16 image tokens") == 2
