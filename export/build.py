@@ -228,13 +228,14 @@ def _io(path: Path) -> dict[str, list[dict[str, Any]]]:
 def _dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, dict[str, int]]:
     """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits).
 
-    S: prompt length. B / B_kept: the decode step's cache buffers of the full / pruned layers,
-    which hold up to max_sequence - 1 tokens before the last one.
+    S: prompt length. T: ids the embed graph takes at once. B / B_kept: the decode step's cache
+    buffers of the full / pruned layers, which hold up to max_sequence - 1 tokens before the last one.
     """
     n_img = geometry.num_image_tokens
     prompt = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS, "max": config.max_prompt_tokens}
     cache = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS + 32, "max": config.max_sequence - 1}
-    dims = {"S": prompt, "B": cache}
+    tokens = {"min": 1, "opt": 1, "max": config.max_prompt_tokens}  # embed: prompts and single tokens
+    dims = {"S": prompt, "T": tokens, "B": cache}
     if budgets is not None:
         lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
         dims["B_kept"] = {"min": 1 + lo, "opt": cache["opt"] - n_img + hi, "max": cache["max"] - n_img + hi}

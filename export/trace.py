@@ -124,7 +124,8 @@ def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: 
 
 def trace_embed(llava: Any, path: Path, opset: int) -> TracedGraph:
     ids = torch.zeros(1, 9, dtype=torch.int64)
-    dims = ({1: torch.export.Dim("S", min=1, max=1 << 20)},)
+    # Its own dim: it embeds whole prompts and single generated tokens (a TensorRT profile from 1).
+    dims = ({1: torch.export.Dim("T", min=1, max=1 << 20)},)
     return _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
 
 
