@@ -8,9 +8,11 @@ decode graph's `new.{i}.*` outputs, [1, n_kv, 1, hd]) into the buffers.
 
 On the CPU provider the bound buffers are the numpy arrays themselves (ONNX
 Runtime reads them in place), so a step moves no cache bytes. On a GPU
-provider the buffers and the compacted weights live on the device
-(`runtime.cuda_memory`), and a step moves the embedding, two integers and the
-logits across the bus.
+provider the buffers and the compacted weights are uploaded once per request
+(`runtime.cuda_memory`, cuda-python) and bound by device pointer; a step moves
+the embedding, two integers and the logits across the bus, and writes the
+token's cache entries with one strided device copy per tensor. (The GPU path
+has not run here: the development machine has no GPU.)
 """
 
 from __future__ import annotations
@@ -110,15 +112,24 @@ class OrtBackend(Backend):
         }
         used = self.sessions["decode"].get_providers()[0]
         self.name = f"onnxruntime/{used}"
+        # On a GPU provider the cache lives on the device (device buffers by name), written one token
+        # at a time; that needs cuda-python. Without it the host buffers still work, but ONNX
+        # Runtime then copies them to the device on every step.
+        self._device: dict[str, Any] | None = None
+        self._device_type = "cuda"  # what ONNX Runtime is told the device pointers point into
         if used != PROVIDERS["cpu"]:
-            # The device-resident cache needs cuda-python; without it the host buffers still work,
-            # but ONNX Runtime then copies them to the device each step.
-            log.info("GPU provider %s: the cache buffers are copied to the device on each step", used)
+            try:
+                from runtime.cuda_memory import load_cudart
+
+                load_cudart()
+                self._device = {}
+            except BackendError as e:
+                log.warning("%s; the KV cache will be copied to the GPU on every decode step", e)
         self._ort = ort
         self._decode_inputs = {i.name for i in self.sessions["decode"].get_inputs()}
         self._prefill_inputs = {i.name for i in self.sessions["prefill"].get_inputs()}
         self._binding: Any = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}  # host buffers (the device path keeps them for bookkeeping)
         self._lengths: dict[str, int] = {}
         self._new: dict[str, np.ndarray] = {}
         self._position = 0
@@ -146,8 +157,8 @@ class OrtBackend(Backend):
         out = self._run("prefill", feeds)
         prompt = inputs_embeds.shape[1]
         answer = capacity - prompt
+        self._release()
         binding = self.sessions["decode"].io_binding()
-        self._buffers, self._lengths, self._new = {}, {}, {}
         for name, value in out.items():
             if name.startswith("present."):
                 key = "past." + name[len("present.") :]
@@ -156,14 +167,10 @@ class OrtBackend(Backend):
                 buffer = np.zeros((*value.shape[:2], value.shape[2] + answer, value.shape[3]), value.dtype)
                 buffer[:, :, : value.shape[2]] = value
                 self._buffers[key], self._lengths[key] = buffer, value.shape[2]
-                binding.bind_cpu_input(key, buffer)  # read in place: no copy per step
-                new = np.empty((*value.shape[:2], 1, value.shape[3]), value.dtype)
-                self._new[key] = new
-                binding.bind_ortvalue_output(
-                    "new." + name[len("present.") :], self._ort.OrtValue.ortvalue_from_numpy(new)
-                )
+                self._new[key] = np.empty((*value.shape[:2], 1, value.shape[3]), value.dtype)
+                self._bind(binding, key, buffer, "new." + name[len("present.") :], self._new[key])
             elif name.startswith("ffn."):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # compacted once per request
+                self._bind(binding, name, np.ascontiguousarray(value))  # compacted once per request
         self._logits = np.empty((1, self.manifest["model"]["vocab_size"]), self.layout.dtype)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
         self._binding = binding
@@ -173,6 +180,30 @@ class OrtBackend(Backend):
         return PrefillResult(
             logits=out["logits"][0].astype(np.float32), kept_image_tokens=None if kept is None else kept.tolist()
         )
+
+    def _bind(self, binding: Any, name: str, value: np.ndarray, out_name: str = "", out: Any = None) -> None:
+        """Binds a request-long input (and the step output that updates it) on the host or the device."""
+        if self._device is None:
+            binding.bind_cpu_input(name, value)  # read in place: no copy per step
+            if out_name:
+                binding.bind_ortvalue_output(out_name, self._ort.OrtValue.ortvalue_from_numpy(out))
+            return
+        from runtime.cuda_memory import DeviceBuffer
+
+        device = DeviceBuffer.from_numpy(value)  # once per request
+        self._device[name] = device
+        binding.bind_input(name, self._device_type, 0, value.dtype, list(value.shape), device.ptr)
+        if out_name:
+            new = DeviceBuffer(out.shape, out.dtype)
+            self._device[out_name] = new
+            binding.bind_output(out_name, self._device_type, 0, out.dtype, list(out.shape), new.ptr)
+
+    def _release(self) -> None:
+        for buffer in (self._device or {}).values():
+            buffer.free()
+        if self._device is not None:
+            self._device = {}
+        self._buffers, self._lengths, self._new = {}, {}, {}
 
     def decode(self, token_id: int) -> np.ndarray:
         if self._binding is None:
@@ -187,8 +218,17 @@ class OrtBackend(Backend):
                 raise BackendError("the answer outgrew the cache sized at prefill; raise the capacity")
         self.sessions["decode"].run_with_iobinding(binding)
         for key, new in self._new.items():
-            self._buffers[key][:, :, self._lengths[key]] = new[:, :, 0]  # the token's own entries only
+            if self._device is None:
+                self._buffers[key][:, :, self._lengths[key]] = new[:, :, 0]  # the token's own entries only
+            else:
+                from runtime.cuda_memory import write_token
+
+                write_token(self._device[key], self._device["new" + key[len("past") :]], self._lengths[key])
             self._lengths[key] += 1
+        if self._device is not None:
+            from runtime.cuda_memory import check, load_cudart
+
+            check(load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         self._position += 1
         self._kept_length += 1
         return self._logits[0].astype(np.float32)

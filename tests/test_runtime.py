@@ -253,3 +253,26 @@ def test_demo_interactive_loop_until_empty_line(built):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("kept 5 of 16 image tokens") == 2
+
+
+def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
+    """The GPU provider's path (device buffers bound by pointer, one strided copy per tensor and step),
+    run on host memory: a fake cudart allocates real host blocks, which ONNX Runtime's CPU provider
+    reads and writes through the same pointer bindings."""
+    from test_trt_backend import FakeCudart
+
+    from runtime import cuda_memory
+
+    out = built("llama-gqa", "cm").out
+    expected = Pipeline.load(out, provider="cpu").answer(EXAMPLE, "What?", 10, stop_at_eos=False).token_ids
+    fake = FakeCudart()
+    monkeypatch.setattr(cuda_memory, "_CUDART", fake)
+    pipeline = Pipeline.load(out, provider="cpu")
+    pipeline.backend._device, pipeline.backend._device_type = {}, "cpu"
+    copies = []
+    original = cuda_memory.memcpy2d
+    monkeypatch.setattr(cuda_memory, "memcpy2d", lambda *a, **k: copies.append(a[2]) or original(*a, **k))
+    assert pipeline.answer(EXAMPLE, "What?", 10, stop_at_eos=False).token_ids == expected
+    layers = pipeline.manifest["model"]["num_layers"]
+    assert len(copies) == 9 * 2 * layers  # one 2-D copy per cache tensor per decode step
+    assert all(plan.height == pipeline.manifest["model"]["num_kv_heads"] for plan in copies)
