@@ -123,15 +123,25 @@ def _k(budgets: Budgets) -> int:
     return budgets.token_budget
 
 
-def ffn_weight_bytes_ratio(geometry: DecoderGeometry, budgets: Budgets) -> float:
-    """Dense / CoreMatching FFN weight bytes read per decode step (the decode step is memory bound)."""
-    dense = geometry.num_layers * geometry.intermediate_size
-    sparse = sum(
-        budgets.core_neurons if budgets.is_neuron_sparse(layer) else geometry.intermediate_size
-        for layer in range(geometry.num_layers)
+def decode_bytes(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None, itemsize: int = 4) -> int:
+    """Bytes a decode step reads: every weight it multiplies by (the FFN of the neuron-sparse layers
+    at N neurons) and the KV cache (shorter after the prune layer). A decode step is memory bound,
+    so this ratio, not the FLOPs', is what its speedup can reach."""
+    d, q_width, kv_width = (
+        geometry.hidden_size,
+        geometry.num_heads * geometry.head_dim,
+        geometry.num_kv_heads * geometry.head_dim,
     )
-    return dense / sparse
-
+    total = d * geometry.vocab_size  # LM head
+    for layer in range(geometry.num_layers):
+        past, width = cached_tokens, geometry.intermediate_size
+        if budgets is not None:
+            if layer > budgets.prune_layer:
+                past = cached_tokens - budgets.num_image_tokens + _k(budgets)
+            if budgets.is_neuron_sparse(layer):
+                width = budgets.core_neurons
+        total += 2 * d * q_width + 2 * d * kv_width + 3 * d * width + 2 * kv_width * past
+    return total * itemsize
 
 
 @dataclass(frozen=True)

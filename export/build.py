@@ -35,6 +35,7 @@ from export.passes import check_tensorrt, insert_core_neuron_selection, insert_c
 from export.passes.membership import TOPK_LIMIT
 from export.trace import Geometry, save_model, trace_decode, trace_embed, trace_prefill, trace_vision
 from export.validate import ValidationError, ValidationReport, validate_build
+from export.weights import WEIGHTS, share_weights
 from models import default_model_dir, load_llava
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
 
         stage("graph passes")
         trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets)
+        weights = share_weights(tmp, [f"{name}.onnx" for name in GRAPHS])
         _copy_tokenizer(model_dir, processor, tmp)
         manifest = _manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
+        manifest["weights"] = weights
         record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file()))
         write_manifest(tmp, manifest)
 
@@ -315,7 +318,7 @@ def _manifest(
         "graphs": {
             name: {
                 "file": f"{name}.onnx",
-                "external_data": f"{name}.onnx.data" if (build / f"{name}.onnx.data").exists() else None,
+                "external_data": WEIGHTS,  # every graph's weights, stored once (export/weights.py)
                 **_io(build / f"{name}.onnx"),
             }
             for name in GRAPHS

@@ -14,12 +14,13 @@ Format (version 1)::
                        "tokens_per_neuron_set", "core_neurons", "neuron_chunks", "auto_range"},
       "dims": {"S": {"min", "opt", "max"}, ...},          # every symbolic dimension of the graphs
       "graphs": {"vision" | "embed" | "prefill" | "decode": {
-          "file": "prefill.onnx", "external_data": null | "prefill.onnx.data",
+          "file": "prefill.onnx", "external_data": "weights.bin",   # shared by all graphs
           "inputs": [{"name", "dtype", "shape": [1, "S", 64]}], "outputs": [...]}},
       "tensorrt": {"compatible": bool, "reason": str},
       "files": {"prefill.onnx": "<sha256>", ...},         # every file of the build but the manifest
       "tokenizer": {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
                     "preprocessor": "preprocessor_config.json"},
+      "weights": {"file": "weights.bin", "graphs": {"prefill.onnx": {name: [offset, dtype, shape]}}},
       "validation": {...}, "versions": {...},
       "engines": {...},                                   # added by `python -m export engine`
       "integrity": "<sha256>"                             # of this JSON without the field itself

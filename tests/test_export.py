@@ -232,16 +232,24 @@ def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
 
 
-def test_large_graphs_use_external_data(checkpoint, tmp_path, monkeypatch):
+def test_weights_are_stored_once_for_all_graphs(checkpoint, tmp_path, monkeypatch):
+    # Even graphs the tracer had to split into <graph>.onnx.data (over 2 GB) end in the one weights.bin.
     monkeypatch.setattr("export.trace.EXTERNAL_DATA_THRESHOLD", 1000)
     result = build(ExportConfig(out=tmp_path / "ext", model_dir=checkpoint("llama"), corematching=CM,
                                 max_prompt_tokens=64, max_sequence=128))  # fmt: skip
     assert result.validation.passed
+    assert not list(result.out.glob("*.onnx.data")) and "weights.bin" in result.manifest["files"]
+    index = result.manifest["weights"]["graphs"]
+    blob = (result.out / "weights.bin").read_bytes()
+    stored = sum(np.prod(shape) * np.dtype(dtype).itemsize for entries in index.values()
+                 for _, dtype, shape in {v[0]: v for v in entries.values()}.values())  # fmt: skip
+    assert len(blob) < 1.05 * stored  # decode's weights are prefill's: not stored twice
+    shared = set(index["prefill.onnx"]) & set(index["decode.onnx"])
+    assert "decoder.layers.0.attn.q_t" in shared
+    assert index["prefill.onnx"]["decoder.layers.0.attn.q_t"] == index["decode.onnx"]["decoder.layers.0.attn.q_t"]
     for name in ("vision", "embed", "prefill", "decode"):
-        graph = result.manifest["graphs"][name]
-        assert graph["external_data"] == f"{name}.onnx.data"
-        assert graph["external_data"] in result.manifest["files"]
-        assert (result.out / f"{name}.onnx").stat().st_size < (result.out / f"{name}.onnx.data").stat().st_size
+        assert result.manifest["graphs"][name]["external_data"] == "weights.bin"
+        assert (result.out / f"{name}.onnx").stat().st_size < 1_000_000  # the graph and its small constants
 
 
 def test_fp16_criteria_accept_divergence_only_at_a_near_tie():

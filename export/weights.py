@@ -1,0 +1,71 @@
+"""One weight file for every graph of a build.
+
+The prefill and decode graphs hold the same decoder weights (decode all but the
+FFN of its neuron-sparse layers). Saved separately, a runtime that opens both
+sessions holds them twice. So the build writes every initializer once, into
+`weights.bin` (64-byte aligned, deduplicated by name and content), and points
+each graph's initializers at it as ONNX external data (location, offset,
+length): the graphs stay standard ONNX that onnx, ONNX Runtime and TensorRT's
+parser read as they are. The manifest indexes the file, so the torch-free
+runtime can memory-map it once and hand each session views of the same pages
+(`runtime.ort_backend`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+WEIGHTS = "weights.bin"
+ALIGN = 64
+# Smaller tensors (shapes, scalars) stay inside the graph: ONNX Runtime needs those for shape inference.
+MIN_BYTES = 1024
+
+
+def share_weights(build: Path, graphs: list[str]) -> dict[str, Any]:
+    """Moves the initializers of `graphs` (file names in `build`) into one weights.bin; returns the index.
+
+    Index: {"file": "weights.bin", "graphs": {file: {initializer: [offset, dtype, shape]}}}.
+    """
+    stored: dict[tuple[str, str], int] = {}  # (name, sha256) -> offset
+    index: dict[str, dict[str, list[Any]]] = {}
+    with (build / WEIGHTS).open("wb") as blob:
+        for graph in graphs:
+            path = build / graph
+            model = onnx.load(path, load_external_data=True)
+            entries: dict[str, list[Any]] = {}
+            for tensor in model.graph.initializer:
+                array = numpy_helper.to_array(tensor)
+                if array.nbytes < MIN_BYTES:
+                    continue
+                data = np.ascontiguousarray(array).tobytes()
+                key = (tensor.name, hashlib.sha256(data).hexdigest())
+                if key not in stored:
+                    blob.write(b"\0" * (-blob.tell() % ALIGN))
+                    stored[key] = blob.tell()
+                    blob.write(data)
+                offset = stored[key]
+                _point_at(tensor, offset, len(data))
+                entries[tensor.name] = [offset, array.dtype.name, list(array.shape)]
+            onnx.save_model(model, path)
+            stale = build / f"{graph}.data"
+            if stale.exists():
+                stale.unlink()
+            index[graph] = entries
+    return {"file": WEIGHTS, "graphs": index}
+
+
+def _point_at(tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    """Makes `tensor` an external-data reference into weights.bin (the ONNX external data fields)."""
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
