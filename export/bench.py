@@ -181,15 +181,17 @@ def _ort(build: Path, name: str, config: BenchConfig) -> Measurement:
 def _peak_memory(build: Path, new_tokens: int) -> int:
     """Peak resident memory of a fresh process that loads the build and answers once."""
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "from runtime import Pipeline\n"
         f"p = Pipeline.load({str(build)!r}, provider='cpu')\n"
         f"p.answer({str(IMAGE)!r}, {QUESTION!r}, {new_tokens}, stop_at_eos=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child started by a big
+        # parent (this benchmark holds a torch model) would report the parent's peak.
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(done.stdout.split()[-1]) * 1024  # kB
 
 
 def _weight_bytes(build: Path, manifest: dict[str, Any]) -> int:
