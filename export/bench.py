@@ -494,7 +494,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {t['target']} | {fmt(t['measured'])} | {fmt(t['required'])} | {'yes' if t['met'] else '**no**'} |"
             )
-    lines += ["", "Plots: `latency.png` (latency against kept image tokens), `stages.png` (stage breakdown).", ""]
+    lines += ["", "Plots: `latency.png` (latency against kept image tokens), `stages.png` (stage breakdown). "
+              "Why targets are missed, with profiles: `analysis.md`.", ""]
     return "\n".join(lines)
 
 
