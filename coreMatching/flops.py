@@ -8,6 +8,7 @@ itself (TopK over D per token at a few layers): each is under 1% of a layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +100,8 @@ def prefill_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budget
     return total
 
 
-def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> int:
-    """FLOPs of one decode step after `cached_tokens` (the prompt, plus tokens generated so far)."""
-    total = geometry.lm_head()
+def decode_layers(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> Iterator[tuple[int, int]]:
+    """(cached tokens it attends to, FFN width it computes) of every layer in a decode step."""
     for layer in range(geometry.num_layers):
         past, width = cached_tokens, geometry.intermediate_size
         if budgets is not None:
@@ -109,6 +109,13 @@ def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets
                 past = cached_tokens - budgets.num_image_tokens + _k(budgets)
             if budgets.is_neuron_sparse(layer):
                 width = budgets.core_neurons
+        yield past, width
+
+
+def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> int:
+    """FLOPs of one decode step after `cached_tokens` (the prompt, plus tokens generated so far)."""
+    total = geometry.lm_head()
+    for past, width in decode_layers(geometry, cached_tokens, budgets):
         total += geometry.projections(1) + geometry.attention(1, past) + geometry.ffn(1, width)
     return total
 
@@ -133,13 +140,7 @@ def decode_bytes(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets
         geometry.num_kv_heads * geometry.head_dim,
     )
     total = d * geometry.vocab_size  # LM head
-    for layer in range(geometry.num_layers):
-        past, width = cached_tokens, geometry.intermediate_size
-        if budgets is not None:
-            if layer > budgets.prune_layer:
-                past = cached_tokens - budgets.num_image_tokens + _k(budgets)
-            if budgets.is_neuron_sparse(layer):
-                width = budgets.core_neurons
+    for past, width in decode_layers(geometry, cached_tokens, budgets):
         total += 2 * d * q_width + 2 * d * kv_width + 3 * d * width + 2 * kv_width * past
     return total * itemsize
 

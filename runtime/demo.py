@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (EOFError, KeyboardInterrupt):
         print()
+        return 0
+    except BrokenPipeError:
+        # The reader went away (`demo.py ... | head`): stop quietly, as command-line tools do.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout must stay open for the interpreter's exit
         return 0
 
 
