@@ -103,13 +103,14 @@ class CoreMatchingLlava:
             raise InputError(
                 f"pixel_values must be [1, 3, H, W] (one image per request), got {list(pixel_values.shape)}"
             )
-        out = self.model.model.get_image_features(pixel_values=pixel_values)
+        weight = self.backbone.embed_tokens(self.model).weight
+        out = self.model.model.get_image_features(pixel_values=pixel_values.to(weight.device, weight.dtype))
         features = out.pooler_output if hasattr(out, "pooler_output") else out
         return features[0]
 
     def image_span(self, input_ids: Tensor, num_image_tokens: int) -> tuple[int, int]:
         """[start, stop) of the one contiguous run of image placeholders in the prompt."""
-        where = (input_ids[0] == self.image_token_id).nonzero().flatten()
+        where = (input_ids[0].cpu() == self.image_token_id).nonzero().flatten()
         if where.numel() == 0:
             raise InputError(
                 f"the prompt has no image placeholder (token id {self.image_token_id}); put '<image>' in the "
@@ -140,7 +141,7 @@ class CoreMatchingLlava:
             assert probs is not None
             scores = fastv_scores(probs, start, n_img)
         else:
-            scores = random_scores(n_img, self.config.seed)
+            scores = random_scores(n_img, self.config.seed).to(activations.device)
         k = elbow_count(scores, *budgets.auto_range) if budgets.token_budget == "auto" else budgets.token_budget
         kept = stable_topk(scores, k).sort().values
         return kept, scores
@@ -169,16 +170,17 @@ class CoreMatchingLlava:
         seq_len = input_ids.shape[1]
 
         embed = self.backbone.embed_tokens(self.model)
-        h = embed(input_ids).clone()  # [1, S, d]
+        h = embed(input_ids.to(embed.weight.device)).clone()  # [1, S, d]
         h[0, span[0] : span[1]] = features.to(h.dtype)
-        positions = torch.arange(seq_len)  # [S]; pruning keeps the original ids
+        device = h.device
+        positions = torch.arange(seq_len, device=device)  # [S]; pruning keeps the original ids
 
         rotary = self.backbone.rotary_emb(self.model)
         kv: list[LayerKV] = []
         core_neurons: dict[int, Tensor] = {}
         compact: dict[int, CompactFFN] = {}
-        kept = torch.arange(n_img)
-        scores = torch.zeros(n_img)
+        kept = torch.arange(n_img, device=device)
+        scores = torch.zeros(n_img, device=device)
         for index, layer in enumerate(self.backbone.layers(self.model)):
             rope = rotary(h, positions[None])
             want_probs = index == budgets.prune_layer and self.config.token_selector == "fastv"
@@ -217,8 +219,10 @@ class CoreMatchingLlava:
     @torch.inference_mode()
     def decode_step(self, state: PrefillState, token_id: int) -> Tensor:
         """Appends one token to the request and returns the next logits [V]. Updates `state.kv`."""
-        h = self.backbone.embed_tokens(self.model)(torch.tensor([[token_id]]))  # [1, 1, d]
-        position = torch.tensor([state.next_position])
+        embed = self.backbone.embed_tokens(self.model)
+        device = embed.weight.device
+        h = embed(torch.tensor([[token_id]], device=device))  # [1, 1, d]
+        position = torch.tensor([state.next_position], device=device)
         rope = self.backbone.rotary_emb(self.model)(h, position[None])
         for index, layer in enumerate(self.backbone.layers(self.model)):
             attn_out, state.kv[index], _ = attention(
@@ -276,9 +280,9 @@ class CoreMatchingLlava:
             tokens=tokens,
             kept_image_tokens=state.kept_image_tokens.tolist(),
             core_neurons={layer: neurons.tolist() for layer, neurons in state.core_neurons.items()},
-            prefill_logits=state.logits,
-            step_logits=torch.stack(step_logits),
-            token_scores=state.token_scores,
+            prefill_logits=state.logits.cpu(),
+            step_logits=torch.stack(step_logits).cpu(),
+            token_scores=state.token_scores.cpu(),
             kv_lengths=kv_lengths,
         )
 

@@ -118,6 +118,7 @@ def keep_indices(image_start: int, num_image_tokens: int, seq_len: int, kept_ima
 
     kept_image: int64 [k] ascending, indices into the image's tokens -> int64 [S - n_img + k], ascending
     """
-    before = torch.arange(0, image_start)
-    after = torch.arange(image_start + num_image_tokens, seq_len)
+    device = kept_image.device
+    before = torch.arange(0, image_start, device=device)
+    after = torch.arange(image_start + num_image_tokens, seq_len, device=device)
     return torch.cat([before, kept_image + image_start, after])

@@ -56,6 +56,8 @@ class BenchConfig:
     out: Path = Path("docs/benchmarks")
     torch_baselines: bool = True
     target_budget: int = 64
+    # On a CUDA GPU: the PyTorch dense model and the reference at this geometry (random bf16 weights).
+    gpu_preset: str = "llava-1.5-7b"
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.new_tokens < 2:
@@ -285,6 +287,72 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
     return results
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_device_figures(preset: Any, device: str, budget: int, repeats: int, dtype: Any = None) -> dict[str, Any]:
+    """Prefill and decode-step medians of the PyTorch dense model and the reference on `device`.
+
+    A random-weight model of the preset (bf16 by default: llava-1.5-7b fits a 24 GB GPU), a prompt
+    of the image's tokens and 40 text tokens; the GPU is synchronised around every timing.
+    """
+    import torch
+
+    from coreMatching import CoreMatchingLlava
+    from models.presets import build_random_model, from_name
+
+    spec = from_name(preset) if isinstance(preset, str) else preset
+    dtype = dtype or torch.bfloat16
+    model = build_random_model(spec, seed=0, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(3, spec.vocab_size - 2, (40,), generator=generator)
+    ids = torch.cat([text[:3], torch.full((spec.num_image_tokens,), spec.image_token_id), text[3:]])[None].to(device)
+    pixels = torch.randn(1, 3, spec.image_size, spec.image_size, generator=generator).to(device, dtype)
+    cuda = torch.device(device).type == "cuda"
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    @torch.inference_mode()
+    def dense() -> tuple[float, float]:
+        prefill, out = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True))
+        token = out.logits[:, -1:].argmax(-1)
+        step, _ = timed(lambda: model(input_ids=token, past_key_values=out.past_key_values, use_cache=True))
+        return prefill, step
+
+    reference = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=budget))
+
+    def sparse() -> tuple[float, float]:
+        prefill, state = timed(lambda: reference.prefill(ids, pixels))
+        step, _ = timed(lambda: reference.decode_step(state, int(state.logits.argmax())))
+        return prefill, step
+
+    rows = []
+    for name, run in (("transformers dense", dense), (f"coreMatching reference k={budget}", sparse)):
+        run()  # warm-up
+        runs = [run() for _ in range(repeats)]
+        rows.append(
+            {"name": name, "prefill": _median([r[0] for r in runs]), "decode_step": _median([r[1] for r in runs])}
+        )
+    gpu = torch.cuda.get_device_name(torch.device(device)) if cuda else platform.processor() or "cpu"
+    return {
+        "device": gpu,
+        "preset": spec.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_tokens": ids.shape[1],
+        "rows": rows,
+    }
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -352,6 +420,10 @@ def run_bench(config: BenchConfig, stage: Callable[[str], None] = lambda s: None
         m.decode_flops = decode_flops(geometry, prompt_tokens, budgets)
         m.decode_bytes = decode_bytes(geometry, prompt_tokens, budgets)
     report = _report(config, preset, prompt_tokens, measurements)
+    report["gpu"] = {"skipped": "no CUDA GPU on this machine"}
+    if config.torch_baselines and _cuda_available():
+        stage(f"measure PyTorch on the GPU at {config.gpu_preset} geometry")
+        report["gpu"] = torch_device_figures(config.gpu_preset, "cuda", config.target_budget, config.repeats)
     stage("write")
     write_report(report, config.out)
     return report
@@ -494,8 +566,25 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {t['target']} | {fmt(t['measured'])} | {fmt(t['required'])} | {'yes' if t['met'] else '**no**'} |"
             )
-    lines += ["", "Plots: `latency.png` (latency against kept image tokens), `stages.png` (stage breakdown). "
-              "Why targets are missed, with profiles: `analysis.md`.", ""]
+    gpu = report.get("gpu") or {}
+    if gpu.get("rows"):
+        lines += [
+            "",
+            f"## PyTorch on {gpu['device']} ({gpu['preset']} geometry, random {gpu['dtype']} weights, "
+            f"{gpu['prompt_tokens']}-token prompt)",
+            "",
+            "| configuration | prefill ms | decode step ms |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {r['name']} | {_ms(r['prefill'])} | {_ms(r['decode_step'])} |" for r in gpu["rows"]]
+    elif gpu.get("skipped"):
+        lines += ["", f"PyTorch on a GPU at llava-1.5-7b geometry: not measured ({gpu['skipped']})."]
+    lines += [
+        "",
+        "Plots: `latency.png` (latency against kept image tokens), `stages.png` (stage breakdown). "
+        "Why targets are missed, with profiles: `analysis.md`.",
+        "",
+    ]
     return "\n".join(lines)
 
 

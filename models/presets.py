@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from coreMatching.backbones import UnsupportedBackboneError, backbone_for
 
@@ -352,9 +352,13 @@ def from_name(name: str) -> ModelPreset:
         raise UnknownPresetError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
-def build_random_model(preset_or_name: ModelPreset | str, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A random-weight fp32 LLaVA of the preset, in eval mode, identical for the same seed.
+def build_random_model(
+    preset_or_name: ModelPreset | str, seed: int = 0, device: str | None = None, dtype: Any = None
+) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA of the preset (fp32 on the CPU by default), in eval mode, identical for the same seed.
 
+    device/dtype: where and in what precision to build it; a 7B model is built directly on the GPU
+    in bf16 (initialising 7B fp32 weights on the CPU first would take minutes and 28 GB).
     The global torch RNG is forked so that building a model does not change the
     caller's random stream (tests that draw inputs afterwards stay reproducible).
     """
@@ -363,8 +367,10 @@ def build_random_model(preset_or_name: ModelPreset | str, seed: int = 0) -> Llav
 
     preset = from_name(preset_or_name) if isinstance(preset_or_name, str) else preset_or_name
     config = preset.hf_config()
-    with torch.random.fork_rng(devices=[]):
+    dtype = dtype or torch.float32
+    devices = [torch.device(device).index or 0] if device and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device or "cpu"):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     logger.debug("built random %s (seed %d)", preset.name, seed)
     return model.eval()

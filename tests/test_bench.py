@@ -53,3 +53,15 @@ def test_bench_and_plan_commands(tmp_path):
     plan = json.loads(done.stdout)
     assert plan["memory"]["dense"]["fits"] is True
     assert plan["memory"]["corematching"]["compacted_ffn"] > 0 == plan["memory"]["dense"]["compacted_ffn"]
+
+
+def test_device_figures_path_runs_on_the_cpu():
+    """The GPU section's code, on the CPU with a tiny model (the GPU run has no machine here)."""
+    import torch
+
+    from export.bench import torch_device_figures
+
+    figures = torch_device_figures("tiny-llama-gqa", "cpu", 4, repeats=1, dtype=torch.float32)
+    assert [row["name"] for row in figures["rows"]] == ["transformers dense", "coreMatching reference k=4"]
+    assert all(row["prefill"] > 0 and row["decode_step"] > 0 for row in figures["rows"])
+    assert figures["prompt_tokens"] == 16 + 40 and figures["dtype"] == "float32"
