@@ -218,7 +218,7 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
     import torch
 
     from coreMatching import CoreMatchingLlava
-    from models import load_llava
+    from models import load_llava, num_image_tokens
     from models.answer import build_prompt, load_image
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -228,7 +228,7 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
         sub._attn_implementation = "eager"
     inputs = processor(images=load_image(IMAGE), text=build_prompt(processor, QUESTION), return_tensors="pt")
     ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-    n_img = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    n_img = num_image_tokens(model.config)
     results = []
 
     def repeat(measure: Callable[[], dict[str, float]]) -> dict[str, float]:

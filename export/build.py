@@ -37,6 +37,7 @@ from export.trace import Geometry, save_model, trace_decode, trace_embed, trace_
 from export.validate import ValidationError, ValidationReport, validate_build
 from export.weights import WEIGHTS, share_weights
 from models import default_model_dir, load_llava
+from models.answer import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +266,7 @@ def flops_summary(geometry: Geometry, budgets: Budgets | None) -> FlopsCompariso
 
 def _prompt_format(processor: Any) -> tuple[str, str]:
     """(prompt with a `{question}` marker, image token) from the checkpoint's chat template."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    prompt = build_prompt(processor, "{question}")
     image_token = getattr(processor, "image_token", "<image>")
     if prompt.count("{question}") != 1 or prompt.count(image_token) != 1:
         raise BuildError(f"the chat template renders {prompt!r}: expected one question and one {image_token}")

@@ -47,7 +47,6 @@ class OrtBuild:
             for name in ("vision", "embed", "prefill", "decode")
         }
         self.decode_inputs = [i.name for i in self.sessions["decode"].get_inputs()]
-        self.decode_outputs = [o.name for o in self.sessions["decode"].get_outputs()]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[graph]

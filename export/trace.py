@@ -41,9 +41,9 @@ class Geometry:
 
     @classmethod
     def of(cls, llava: Any) -> Geometry:
+        from models import num_image_tokens
+
         text, vision = llava.config.text_config, llava.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        full = llava.config.vision_feature_select_strategy == "full"
         return cls(
             hidden_size=text.hidden_size,
             intermediate_size=text.intermediate_size,
@@ -53,7 +53,7 @@ class Geometry:
             head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
             vocab_size=text.vocab_size,
             image_size=vision.image_size,
-            num_image_tokens=patches + int(full),
+            num_image_tokens=num_image_tokens(llava.config),
         )
 
     def decoder(self) -> DecoderGeometry:
@@ -62,12 +62,6 @@ class Geometry:
                                self.num_kv_heads, self.head_dim, self.vocab_size)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TracedGraph:
-    name: str
-    path: Path
-    inputs: list[str]
-    outputs: list[str]
 
 
 def _export(
@@ -78,7 +72,7 @@ def _export(
     outputs: list[str],
     dynamic: tuple[Any, ...],
     opset: int,
-) -> TracedGraph:
+) -> None:
     # The exporter reports its progress on stdout and warns about torchvision ops it skips:
     # keep both out of the user's terminal (they go to the debug log).
     buffer = io.StringIO()
@@ -101,7 +95,6 @@ def _export(
     model = program.model_proto
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path)
-    return TracedGraph(path.stem, path, inputs, outputs)
 
 
 # protobuf cannot hold more than 2 GB; keep a margin for the graph itself.
@@ -117,16 +110,16 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
                         location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
 
 
-def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: torch.dtype) -> TracedGraph:
+def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: torch.dtype) -> None:
     pixels = torch.zeros(1, 3, geometry.image_size, geometry.image_size, dtype=dtype)
-    return _export(Vision(llava), (pixels,), path, ["pixel_values"], ["image_features"], ({},), opset)
+    _export(Vision(llava), (pixels,), path, ["pixel_values"], ["image_features"], ({},), opset)
 
 
-def trace_embed(llava: Any, path: Path, opset: int) -> TracedGraph:
+def trace_embed(llava: Any, path: Path, opset: int) -> None:
     ids = torch.zeros(1, 9, dtype=torch.int64)
     # Its own dim: it embeds whole prompts and single generated tokens (a TensorRT profile from 1).
     dims = ({1: torch.export.Dim("T", min=1, max=1 << 20)},)
-    return _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
+    _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:
@@ -139,7 +132,7 @@ def ffn_names(layers: list[int]) -> list[str]:
 
 def trace_prefill(
     decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
-) -> TracedGraph:
+) -> None:
     """The dense prefill with the seams of `export.modules.Prefill` (keep_indices in, activations out)."""
     n_img = geometry.num_image_tokens
     seq = n_img + 7  # distinct example sizes, so the exporter cannot take two dims for equal
@@ -148,17 +141,17 @@ def trace_prefill(
     s = torch.export.Dim("S", min=2, max=1 << 16)
     outputs = ["logits", *kv_names("present", geometry.num_layers), *[f"act.{i}" for i in module.act_layers]]
     if budgets is None:
-        return _export(module, (embeds,), path, ["inputs_embeds"], outputs, ({1: s},), opset)
+        _export(module, (embeds,), path, ["inputs_embeds"], outputs, ({1: s},), opset)
+        return
     kept = budgets.token_budget if budgets.token_budget != "auto" else min(budgets.auto_range[1], n_img - 1)
     keep = torch.cat([torch.arange(3), 3 + torch.arange(kept), torch.arange(3 + n_img, seq)])
     s_kept = torch.export.Dim("S_kept", min=1, max=1 << 16)
-    return _export(module, (embeds, keep), path, ["inputs_embeds", "keep_indices"], outputs,
-                   ({1: s}, {0: s_kept}), opset)  # fmt: skip
+    _export(module, (embeds, keep), path, ["inputs_embeds", "keep_indices"], outputs, ({1: s}, {0: s_kept}), opset)
 
 
 def trace_decode(
     decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
-) -> TracedGraph:
+) -> None:
     """The decode step against preallocated buffers (`export.modules.Decode`)."""
     n_img = geometry.num_image_tokens
     kept = n_img if budgets is None else (budgets.auto_range[0] if budgets.token_budget == "auto" else
@@ -188,5 +181,5 @@ def trace_decode(
     inputs += [*kv_names("past", geometry.num_layers), *ffn_names(sparse)]
     outputs = ["logits", *kv_names("new", geometry.num_layers)]
     embeds = torch.zeros(1, 1, d, dtype=dtype)
-    return _export(Decode(decoder, budgets), (embeds, *lengths, *past, *ffn), path, inputs, outputs,
-                   ({}, {}, tuple(dims)), opset)  # fmt: skip
+    args = (embeds, *lengths, *past, *ffn)
+    _export(Decode(decoder, budgets), args, path, inputs, outputs, ({}, {}, tuple(dims)), opset)

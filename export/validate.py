@@ -20,6 +20,7 @@ import torch
 
 from coreMatching import CoreMatchingConfig, CoreMatchingLlava
 from export.ort_runner import OrtBuild
+from models.answer import build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,6 @@ def validation_cases(image_size: int, seed: int = 0) -> list[tuple[str, Any, str
     return [*cases, ("random", noise, question)]
 
 
-def _prompt(processor: Any, question: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
 def _reference(model: Any, config: CoreMatchingConfig | None, ids: torch.Tensor, pixels: torch.Tensor, steps: int):
     """(tokens, logits [steps, V], image features [n_img, d], kept, core) of the PyTorch side."""
     with torch.no_grad():
@@ -186,7 +182,7 @@ def validate_build(
     runner = OrtBuild(build_dir, manifest, level=level)
     cases = []
     for name, image, question in validation_cases(manifest["model"]["image_size"]):
-        inputs = processor(images=image, text=_prompt(processor, question), return_tensors="pt")
+        inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
         ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
         ref_tokens, ref_logits, ref_features, ref_kept, ref_core = _reference(model, config, ids, pixels, steps)
         got = runner.greedy(ids.numpy(), pixels.float().numpy(), steps)

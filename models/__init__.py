@@ -7,7 +7,7 @@
 Importing this package does not import transformers; the functions that build or load models do.
 """
 
-from models.loading import ModelLoadError, check_model_dir, default_model_dir, load_llava
+from models.loading import ModelLoadError, check_model_dir, default_model_dir, load_llava, num_image_tokens
 from models.presets import (
     PRESETS,
     ModelPreset,
@@ -28,4 +28,5 @@ __all__ = [
     "default_model_dir",
     "from_name",
     "load_llava",
+    "num_image_tokens",
 ]

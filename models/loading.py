@@ -37,6 +37,14 @@ class ModelLoadError(ValueError):
     """A model directory cannot be loaded; the message names the problem and the fix, on one line."""
 
 
+def num_image_tokens(config: Any) -> int:
+    """Tokens one image contributes to the prompt for a `LlavaConfig`: its patches, plus the CLS token
+    when the select strategy is "full" (the "default" strategy drops it)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
 def default_model_dir() -> Path:
     """The embedded default llava-hf directory (models/default inside this package)."""
     return Path(__file__).resolve().parent / "default"
@@ -201,8 +209,7 @@ def _check_processor(processor: Any, model: LlavaForConditionalGeneration, path:
             f"{path}: preprocessor_config.json crops images to {height}x{width} but the vision tower "
             f"takes {vision.image_size}x{vision.image_size}; fix crop_size in preprocessor_config.json"
         )
-    patches = (vision.image_size // vision.patch_size) ** 2
-    expected = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    expected = num_image_tokens(config)
     made = (vision.image_size // processor.patch_size) ** 2 + processor.num_additional_image_tokens
     made -= 1 if processor.vision_feature_select_strategy == "default" else 0
     if made != expected:

@@ -57,9 +57,6 @@ class CacheLayout:
             dtype=np.float16 if manifest["precision"] == "float16" else np.float32,
         )
 
-    def is_pruned(self, layer: int) -> bool:
-        return self.prune_layer is not None and layer > self.prune_layer
-
 
 class Backend(ABC):
     """One loaded build; `name` says what runs it (e.g. "onnxruntime/CPUExecutionProvider")."""

@@ -145,17 +145,17 @@ class OrtBackend(Backend):
         }
         used = self.sessions["decode"].get_providers()[0]
         self.name = f"onnxruntime/{used}"
-        # On a GPU provider the cache lives on the device (device buffers by name), written one token
-        # at a time; that needs cuda-python. Without it the host buffers still work, but ONNX
-        # Runtime then copies them to the device on every step.
-        self._device: dict[str, Any] | None = None
+        # On a GPU provider the cache lives on the device, written one token at a time; that needs
+        # cuda-python (`runtime.cuda_memory`, kept in `_cuda`). Without it the host buffers still
+        # work, but ONNX Runtime then copies them to the device on every step.
+        self._cuda: Any = None
         self._device_type = "cuda"  # what ONNX Runtime is told the device pointers point into
         if used != PROVIDERS["cpu"]:
             try:
-                from runtime.cuda_memory import load_cudart
+                from runtime import cuda_memory
 
-                load_cudart()
-                self._device = {}
+                cuda_memory.load_cudart()
+                self._cuda = cuda_memory
             except BackendError as e:
                 log.warning("%s; the KV cache will be copied to the GPU on every decode step", e)
         self._ort = ort
@@ -163,9 +163,11 @@ class OrtBackend(Backend):
         self._prefill_inputs = {i.name for i in self.sessions["prefill"].get_inputs()}
         self._binding: Any = None
         self.last_run_seconds = 0.0
-        self._buffers: dict[str, np.ndarray] = {}  # host buffers (the device path keeps them for bookkeeping)
-        self._lengths: dict[str, int] = {}
-        self._new: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}  # host cache buffers (CPU provider)
+        self._new: dict[str, np.ndarray] = {}  # host step outputs (CPU provider)
+        self._device: dict[str, Any] = {}  # device buffers by tensor name (GPU providers)
+        self._lengths: dict[str, int] = {}  # cached tokens per layer buffer
+        self._capacity: dict[str, int] = {}  # tokens each buffer holds
         self._position = 0
         self._kept_length = 0
 
@@ -197,16 +199,10 @@ class OrtBackend(Backend):
         binding = self.sessions["decode"].io_binding()
         for name, value in out.items():
             if name.startswith("present."):
-                key = "past." + name[len("present.") :]
-                # The buffer holds the prompt's cache and room for the whole answer, zero padded
-                # (padding is masked in the graph; zeros keep 0 * padding finite).
-                buffer = np.zeros((*value.shape[:2], value.shape[2] + answer, value.shape[3]), value.dtype)
-                buffer[:, :, : value.shape[2]] = value
-                self._buffers[key], self._lengths[key] = buffer, value.shape[2]
-                self._new[key] = np.empty((*value.shape[:2], 1, value.shape[3]), value.dtype)
-                self._bind(binding, key, buffer, "new." + name[len("present.") :], self._new[key])
+                suffix = name[len("present.") :]
+                self._bind_cache(binding, f"past.{suffix}", f"new.{suffix}", value, value.shape[2] + answer)
             elif name.startswith("ffn."):
-                self._bind(binding, name, np.ascontiguousarray(value))  # compacted once per request
+                self._bind_input(binding, name, np.ascontiguousarray(value))  # compacted once per request
         self._logits = np.empty((1, self.manifest["model"]["vocab_size"]), self.layout.dtype)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
         self._binding = binding
@@ -217,29 +213,47 @@ class OrtBackend(Backend):
             logits=out["logits"][0].astype(np.float32), kept_image_tokens=None if kept is None else kept.tolist()
         )
 
-    def _bind(self, binding: Any, name: str, value: np.ndarray, out_name: str = "", out: Any = None) -> None:
-        """Binds a request-long input (and the step output that updates it) on the host or the device."""
-        if self._device is None:
-            binding.bind_cpu_input(name, value)  # read in place: no copy per step
-            if out_name:
-                binding.bind_ortvalue_output(out_name, self._ort.OrtValue.ortvalue_from_numpy(out))
+    def _bind_input(self, binding: Any, name: str, value: np.ndarray) -> None:
+        """A request-long input, on the host (read in place) or uploaded once to the device."""
+        if self._cuda is None:
+            binding.bind_cpu_input(name, value)
             return
-        from runtime.cuda_memory import DeviceBuffer
-
-        device = DeviceBuffer.from_numpy(value)  # once per request
+        device = self._cuda.DeviceBuffer.from_numpy(value)
         self._device[name] = device
         binding.bind_input(name, self._device_type, 0, value.dtype, list(value.shape), device.ptr)
-        if out_name:
-            new = DeviceBuffer(out.shape, out.dtype)
-            self._device[out_name] = new
-            binding.bind_output(out_name, self._device_type, 0, out.dtype, list(out.shape), new.ptr)
+
+    def _bind_cache(self, binding: Any, key: str, new_name: str, present: np.ndarray, capacity: int) -> None:
+        """One layer's cache buffer of `capacity` tokens holding the prompt's `present` [1, n_kv, L, hd],
+        zero padded (padding is masked in the graph; zeros keep 0 * padding finite), and the step
+        output that receives the new token's entries."""
+        shape = (*present.shape[:2], capacity, present.shape[3])
+        new_shape = (*present.shape[:2], 1, present.shape[3])
+        self._lengths[key], self._capacity[key] = present.shape[2], capacity
+        if self._cuda is None:
+            buffer = np.zeros(shape, present.dtype)
+            buffer[:, :, : present.shape[2]] = present
+            self._buffers[key] = buffer
+            binding.bind_cpu_input(key, buffer)  # read in place: no copy per step
+            self._new[key] = np.empty(new_shape, present.dtype)
+            binding.bind_ortvalue_output(new_name, self._ort.OrtValue.ortvalue_from_numpy(self._new[key]))
+            return
+        # Device: no host copy of the cache is kept (on a Jetson host and device memory are the same).
+        buffer = self._cuda.DeviceBuffer(shape, present.dtype)
+        buffer.zero()
+        staged = self._cuda.DeviceBuffer.from_numpy(present)
+        self._cuda.write_prefix(buffer, staged)
+        self._cuda.check(self._cuda.load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+        staged.free()
+        new = self._cuda.DeviceBuffer(new_shape, present.dtype)
+        self._device[key], self._device[new_name] = buffer, new
+        binding.bind_input(key, self._device_type, 0, present.dtype, list(shape), buffer.ptr)
+        binding.bind_output(new_name, self._device_type, 0, present.dtype, list(new_shape), new.ptr)
 
     def _release(self) -> None:
-        for buffer in (self._device or {}).values():
+        for buffer in self._device.values():
             buffer.free()
-        if self._device is not None:
-            self._device = {}
-        self._buffers, self._lengths, self._new = {}, {}, {}
+        self._device, self._buffers, self._new = {}, {}, {}
+        self._lengths, self._capacity = {}, {}
 
     def decode(self, token_id: int) -> np.ndarray:
         if self._binding is None:
@@ -249,24 +263,19 @@ class OrtBackend(Backend):
         binding.bind_cpu_input("position_ids", np.array([self._position], dtype=np.int64))
         if "past_kept_length" in self._decode_inputs:
             binding.bind_cpu_input("past_kept_length", np.array([self._kept_length], dtype=np.int64))
-        for key, buffer in self._buffers.items():
-            if self._lengths[key] >= buffer.shape[2]:
-                raise BackendError("the answer outgrew the cache sized at prefill; raise the capacity")
+        if any(self._lengths[key] >= self._capacity[key] for key in self._lengths):
+            raise BackendError("the answer outgrew the cache sized at prefill; raise the capacity")
         start = time.perf_counter()
         self.sessions["decode"].run_with_iobinding(binding)
         self.last_run_seconds = time.perf_counter() - start  # the graph alone: the rest is Python overhead
-        for key, new in self._new.items():
-            if self._device is None:
-                self._buffers[key][:, :, self._lengths[key]] = new[:, :, 0]  # the token's own entries only
+        for key, index in self._lengths.items():
+            if self._cuda is None:
+                self._buffers[key][:, :, index] = self._new[key][:, :, 0]  # the token's own entries only
             else:
-                from runtime.cuda_memory import write_token
-
-                write_token(self._device[key], self._device["new" + key[len("past") :]], self._lengths[key])
-            self._lengths[key] += 1
-        if self._device is not None:
-            from runtime.cuda_memory import check, load_cudart
-
-            check(load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+                self._cuda.write_token(self._device[key], self._device["new" + key[len("past") :]], index)
+            self._lengths[key] = index + 1
+        if self._cuda is not None:
+            self._cuda.check(self._cuda.load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         self._position += 1
         self._kept_length += 1
         return self._logits[0].astype(np.float32)

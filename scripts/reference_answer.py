@@ -23,7 +23,7 @@ DEFAULT_QUESTION = "What colour is the circle?"
 def main(argv: list[str] | None = None) -> int:
     from coreMatching.cli import add_config_arguments, config_from_args
     from coreMatching.errors import CoreMatchingError
-    from models import ModelLoadError, default_model_dir, load_llava
+    from models import ModelLoadError, default_model_dir, load_llava, num_image_tokens
     from models.answer import ImageError, answer, load_image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(args.image)
         model, processor = load_llava(args.model or default_model_dir())
         if config is None:
-            vision = model.config.vision_config
-            full = model.config.vision_feature_select_strategy == "full"
-            config = config_from_args(args, num_image_tokens=(vision.image_size // vision.patch_size) ** 2 + full)
+            config = config_from_args(args, num_image_tokens=num_image_tokens(model.config))
         stream = None if args.json else lambda text: print(text, end="", flush=True)
         result = answer(model, processor, image, args.question, config, args.max_new_tokens, on_text=stream)
     except (CoreMatchingError, ImageError, ModelLoadError) as e:

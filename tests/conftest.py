@@ -20,9 +20,9 @@ def tiny_model(name: str):
 
 
 def num_image_tokens(model) -> int:
-    vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+    from models import num_image_tokens as count
+
+    return count(model.config)
 
 
 def make_inputs(model, before: int = 3, after: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

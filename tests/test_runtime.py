@@ -17,6 +17,7 @@ from PIL import Image
 from coreMatching import CoreMatchingLlava
 from export.manifest import ManifestError
 from models import load_llava
+from models.answer import build_prompt
 from runtime import GenerationError, Pipeline, PromptError, Sampling
 from runtime.ort_backend import ProviderError, choose_providers
 
@@ -27,9 +28,8 @@ DEMO = REPO / "runtime" / "demo.py"
 
 def reference_tokens(model_dir: Path, mode: str, image: Path, question: str, steps: int):
     model, processor = load_llava(model_dir)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
+    inputs = processor(images=Image.open(image).convert("RGB"), text=build_prompt(processor, question),
+                       return_tensors="pt")  # fmt: skip
     if mode == "dense":
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
@@ -268,11 +268,13 @@ def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
     fake = FakeCudart()
     monkeypatch.setattr(cuda_memory, "_CUDART", fake)
     pipeline = Pipeline.load(out, provider="cpu")
-    pipeline.backend._device, pipeline.backend._device_type = {}, "cpu"
+    pipeline.backend._cuda, pipeline.backend._device_type = cuda_memory, "cpu"
     copies = []
     original = cuda_memory.memcpy2d
     monkeypatch.setattr(cuda_memory, "memcpy2d", lambda *a, **k: copies.append(a[2]) or original(*a, **k))
     assert pipeline.answer(EXAMPLE, "What?", 10, stop_at_eos=False).token_ids == expected
     layers = pipeline.manifest["model"]["num_layers"]
-    assert len(copies) == 9 * 2 * layers  # one 2-D copy per cache tensor per decode step
+    # One 2-D copy per cache tensor for the prompt, then one per tensor and decode step; no host cache.
+    assert len(copies) == (1 + 9) * 2 * layers
     assert all(plan.height == pipeline.manifest["model"]["num_kv_heads"] for plan in copies)
+    assert pipeline.backend._buffers == {} and len(fake.blocks) > 0
