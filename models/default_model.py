@@ -3,24 +3,23 @@
 The directory is what `python -m export build` uses when no `--model` is given,
 so it must look exactly like a downloaded llava-hf checkpoint: config.json,
 safetensors weights, a tokenizer (tokenizer.json), preprocessor_config.json and
-a processor with the LLaVA-1.5 chat template. The weights are random for now
-(preset "default-small": the real 576-image-token geometry, small widths); the
-tokenizer is real (byte-level BPE trained here on a built-in English corpus),
-so prompts tokenize and decode like they would with a trained model.
-
-Everything is deterministic: the corpus is generated without randomness, BPE
-training is deterministic, and the weights come from a fixed torch seed.
+a processor with the LLaVA-1.5 chat template. The tokenizer is real (byte-level
+BPE trained here on a built-in English corpus, deterministically); the shipped
+weights are trained on the procedural shapes dataset (`vqa/train.py`,
+`scripts/train_default_model.py`); `write_checkpoint` writes random weights of
+any preset with the same tokenizer, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from models.presets import ModelPreset, build_random_model, from_name
+from models.presets import ModelPreset, build_random_model
 
 if TYPE_CHECKING:
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
@@ -238,40 +237,6 @@ def _rewrite_json(path: Path, drop: tuple[str, ...] = (), add: dict[str, object]
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-_MODEL_CARD = """\
-# corematching-edge default model (`default-small`)
-
-The model that `python -m export build` uses when no `--model` is given. It is a
-complete llava-hf checkpoint directory (config.json, fp16 safetensors, tokenizer,
-preprocessor and processor configs) that loads with
-`transformers.LlavaForConditionalGeneration` / `AutoProcessor` or `models.load_llava`.
-
-- Geometry: the real LLaVA-1.5 token layout (336 px images, patch 14, 576 image
-  tokens, vision feature layer -2, CLS dropped) with small widths: a 2-layer CLIP
-  tower (hidden {vh}) and a {layers}-layer Llama decoder (hidden {h}, FFN {ffn},
-  {heads} heads / {kv} KV heads), {params:,} parameters.
-- Weights: **random** (seed {seed}). The answers are meaningless; the model exists
-  to exercise export, CoreMatching sparsity and the runtime end to end without a
-  download. A later issue replaces these weights with a trained model of the same
-  format.
-- Tokenizer: byte-level BPE, {vocab} tokens (`<unk>` `<s>` `</s>` `<pad>`, then the
-  learned tokens, then `<image>` = {image_id}), trained on a small built-in English
-  visual-QA corpus; `<s>` is prepended like Llama's tokenizer.
-- Prompt: `USER: <image>\\n{{question}} ASSISTANT:`
-
-Rebuild (deterministic for a given seed):
-
-    python scripts/build_default_model.py --out models/default --seed {seed} --force
-"""
-
-
-def build_default_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the embedded default llava-hf directory to `out_dir` (created if needed); returns it."""
-    import torch
-
-    return write_checkpoint(out_dir, from_name(DEFAULT_PRESET), seed=seed, dtype=torch.float16)
-
-
 def write_checkpoint(out_dir: str | Path, preset: ModelPreset, seed: int = 0, dtype: object = None) -> Path:
     """A complete llava-hf directory for `preset` with random weights and the project's real tokenizer.
 
@@ -282,8 +247,19 @@ def write_checkpoint(out_dir: str | Path, preset: ModelPreset, seed: int = 0, dt
     import torch
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    model = build_random_model(preset, seed=seed)
+    save_checkpoint(model, preset, out, dtype=dtype or torch.float32)
+    logger.info("wrote %s (%s, random weights, seed %d)", out, preset.name, seed)
+    return out
 
+
+def save_checkpoint(model: Any, preset: ModelPreset, out_dir: str | Path, dtype: object = None) -> Path:
+    """Save `model` (of `preset`) with the project tokenizer and processor as a llava-hf directory.
+
+    dtype: the stored weights' dtype (default: the model's). The directory is created if needed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(preset.vocab_size)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     # The model's embedding rows and the tokenizer ids must agree, or image features land on text tokens.
@@ -292,25 +268,11 @@ def write_checkpoint(out_dir: str | Path, preset: ModelPreset, seed: int = 0, dt
             f"tokenizer ({len(tokenizer)} tokens, <image>={image_id}) does not match preset "
             f"{preset.name!r} (vocab {preset.vocab_size}, image_token_id {preset.image_token_id})"
         )
-    processor = build_processor(tokenizer, preset)
-
-    model = build_random_model(preset, seed=seed)
-    dtype = dtype or torch.float32
-    model = model.to(dtype)
-    for sub in (model.config.text_config, model.config.vision_config):
-        sub.dtype = dtype  # keep config.json consistent with the stored weights
+    if dtype is not None and dtype != model.dtype:
+        model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its precision
+        for sub in (model.config.text_config, model.config.vision_config):
+            sub.dtype = dtype  # keep config.json consistent with the stored weights
     # transformers 5 always writes safetensors (there is no pickle option any more).
     model.save_pretrained(out, max_shard_size="1GB")
-    _save_processor(processor, out)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "README.md").write_text(
-        _MODEL_CARD.format(
-            vh=preset.vision_hidden_size, layers=preset.num_hidden_layers, h=preset.hidden_size,
-            ffn=preset.intermediate_size, heads=preset.num_attention_heads, kv=preset.num_key_value_heads,
-            params=n_params, seed=seed, vocab=preset.vocab_size, image_id=preset.image_token_id,
-        ),
-        encoding="utf-8",
-    )  # fmt: skip
-    logger.info("wrote %s (%s, %d parameters, seed %d)", out, preset.name, n_params, seed)
+    _save_processor(build_processor(tokenizer, preset), out)
     return out

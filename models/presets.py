@@ -314,21 +314,25 @@ _PRESET_LIST: tuple[ModelPreset, ...] = (
         description="tiny random Llama decoder, CLS kept (17 image tokens), last vision layer (tests)",
     ),
     ModelPreset(
-        # The real LLaVA-1.5 token geometry (576 image tokens) with small widths. The vocabulary
-        # is the embedded tokenizer's (models/default_model.py): 1023 trained tokens + <image>.
+        # The real LLaVA-1.5 token geometry (576 image tokens) with small widths, trained on the shapes
+        # dataset (vqa/). The vision tower is trained from scratch with the projector, so its last layer
+        # feeds the projector (-1): LLaVA-1.5's -2 skips a CLIP layer specialised for the contrastive
+        # loss, which this tower never had. Eight decoder layers, so that the layers after the prune
+        # layer (2) do most of the work, as in a 32-layer LLaVA. The vocabulary is the embedded
+        # tokenizer's (models/default_model.py): 1023 trained tokens + <image>.
         name="default-small",
         image_size=336,
         patch_size=14,
-        vision_hidden_size=64,
-        vision_intermediate_size=256,
-        vision_num_layers=2,
-        vision_num_heads=2,
-        vision_feature_layer=-2,
+        vision_hidden_size=128,
+        vision_intermediate_size=512,
+        vision_num_layers=3,
+        vision_num_heads=4,
+        vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         text_model_type="llama",
         hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=6,
+        intermediate_size=512,
+        num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=1024,
@@ -337,7 +341,7 @@ _PRESET_LIST: tuple[ModelPreset, ...] = (
         eos_token_id=2,
         pad_token_id=3,
         max_position_embeddings=4096,
-        description="the embedded default model (models/default): LLaVA-1.5 token geometry, small widths",
+        description="the embedded default model (models/default): LLaVA-1.5 token geometry, trained on shapes",
     ),
 )
 

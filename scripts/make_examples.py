@@ -2,96 +2,78 @@
 
     python scripts/make_examples.py [--out examples]
 
-Plain Pillow drawing with fixed coordinates and no anti-aliasing, so the PNG
-files are the same on every run. Each scene has a known answer per question,
-which the (later) trained default model can be checked against.
+The scenes are placed by hand (so the file names say what is in them) and drawn by the shapes
+dataset's renderer (vqa/shapes.py) with a background and clutter from a fixed seed; the questions
+use the dataset's templates. The PNG files are the same on every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
+import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
 
-logger = logging.getLogger("make_examples")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-SIZE = 336  # LLaVA-1.5's input resolution: the processor then only normalises
+from vqa.shapes import COLOURS, Shape, render, sample_scene
 
-Shape = tuple[str, str, tuple[int, int, int, int]]  # kind, colour, bounding box
-
-# name -> (background, shapes, [(question, answer), ...])
-SCENES: dict[str, tuple[str, list[Shape], list[tuple[str, str]]]] = {
+# name -> (seed of the background and clutter, [(kind, colour, x, y, radius)], [(question, answer)])
+SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[str, str]]]] = {
     "shapes_red_circle.png": (
-        "white",
-        [("circle", "red", (40, 118, 140, 218)), ("square", "blue", (196, 118, 296, 218))],
+        11,
+        [("circle", "red", 90, 120, 32), ("square", "blue", 240, 130, 34), ("star", "yellow", 170, 260, 30)],
         [
             ("What colour is the circle?", "red"),
-            ("What colour is the square?", "blue"),
-            ("Is the circle on the left or on the right?", "left"),
+            ("What shape is the blue object?", "square"),
+            ("Is the red circle left or right of the blue square?", "left"),
         ],
     ),
     "shapes_three_triangles.png": (
-        "lightgray",
+        12,
         [
-            ("triangle", "green", (30, 60, 120, 150)),
-            ("triangle", "green", (200, 40, 290, 130)),
-            ("triangle", "green", (110, 200, 200, 290)),
+            ("triangle", "green", 70, 80, 28), ("triangle", "green", 250, 90, 28),
+            ("triangle", "green", 160, 200, 28), ("star", "purple", 260, 270, 30), ("circle", "white", 70, 270, 24),
         ],
         [
             ("How many triangles are there?", "three"),
-            ("What colour are the triangles?", "green"),
-            ("Is there a circle in the image?", "no"),
+            ("Is there a purple star?", "yes"),
+            ("Is there a green circle?", "no"),
         ],
     ),
     "shapes_mixed.png": (
-        "navy",
+        13,
         [
-            ("circle", "yellow", (128, 20, 208, 100)),
-            ("rectangle", "orange", (40, 150, 296, 200)),
-            ("square", "white", (138, 236, 198, 296)),
+            ("triangle", "purple", 90, 80, 30), ("square", "white", 250, 80, 30),
+            ("circle", "yellow", 80, 250, 30), ("star", "blue", 250, 250, 32), ("square", "red", 170, 170, 26),
         ],
         [
-            ("What colour is the circle?", "yellow"),
-            ("What shape is at the bottom?", "square"),
-            ("What colour is the rectangle?", "orange"),
+            ("What colour is the triangle?", "purple"),
+            ("Is the blue star above or below the white square?", "below"),
+            ("How many squares are there?", "two"),
         ],
     ),
 }
 
 
-def draw_scene(background: str, shapes: list[Shape]) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE), background)
-    draw = ImageDraw.Draw(image)
-    for kind, colour, (x0, y0, x1, y1) in shapes:
-        if kind == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=colour)
-        elif kind in ("square", "rectangle"):
-            draw.rectangle((x0, y0, x1, y1), fill=colour)
-        elif kind == "triangle":
-            draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
-        else:
-            raise ValueError(f"unknown shape kind {kind!r}")
-    return image
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("examples"), help="output directory")
+    parser.add_argument("--out", type=Path, default=Path("examples"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
     args.out.mkdir(parents=True, exist_ok=True)
     questions = []
-    for name, (background, shapes, qa) in SCENES.items():
-        draw_scene(background, shapes).save(args.out / name, format="PNG", optimize=False)
-        questions += [{"image": name, "question": q, "answer": a} for q, a in qa]
+    for name, (seed, placed, asked) in SCENES.items():
+        scene = sample_scene(np.random.default_rng(seed))  # background and clutter
+        shapes = tuple(Shape(k, c, float(x), float(y), float(r), 0.0, COLOURS[c]) for k, c, x, y, r in placed)
+        render(dataclasses.replace(scene, shapes=shapes)).save(args.out / name)
+        questions += [{"image": name, "question": q, "answer": a} for q, a in asked]
     (args.out / "questions.json").write_text(json.dumps(questions, indent=2) + "\n", encoding="utf-8")
-    logger.info("wrote %d images and %d questions to %s", len(SCENES), len(questions), args.out)
+    print(f"wrote {len(SCENES)} images and {len(questions)} questions to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Accuracy of dense, CoreMatching, FastV and random token selection, on the reference and ONNX builds.
+
+    python scripts/evaluate.py                       # embedded model, 1000 shapes test questions
+    python scripts/evaluate.py --model ~/llava-1.5-7b-hf --data pope.jsonl --onnx none --out-dir pope-eval
+
+Writes results.json, answers.jsonl (every answer), accuracy.md, accuracy.png and core_tokens.png to
+--out-dir (docs/evaluation by default). --data takes a JSONL file of real data: one
+{"image", "question", "answers", "type"} object per line (see vqa/data.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from coreMatching.errors import ConfigError
+from vqa.evaluate import EvalConfig
+from vqa.job import OUTPUTS, EvalJob, parse_setting
+
+log = logging.getLogger("evaluate")
+
+
+def _budget(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = EvalConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="llava-hf directory (default: the embedded model)")
+    parser.add_argument("--data", type=Path, default=None, help="JSONL file of real data (default: shapes test split)")
+    parser.add_argument("--split", default="test", help="shapes split: test or validation")
+    parser.add_argument("--count", type=int, default=1000, help="questions to evaluate")
+    parser.add_argument("--budgets", default=",".join(str(b) for b in defaults.budgets))
+    parser.add_argument("--methods", default=",".join(defaults.methods))
+    parser.add_argument("--prune-layer", type=int, default=defaults.prune_layer)
+    parser.add_argument("--neuron-ratio", type=float, default=defaults.neuron_ratio)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--onnx", default="dense,corematching@64",
+                        help="settings to build as ONNX and answer with the runtime ('none' to skip)")  # fmt: skip
+    parser.add_argument("--onnx-count", type=int, default=None, help="questions for the ONNX runs (default: all)")
+    parser.add_argument("--grid", type=int, default=5, help="rows of the core-token picture")
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
+    parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    existing = [args.out_dir / name for name in OUTPUTS if (args.out_dir / name).exists()]
+    if existing and not args.force:
+        print(f"error: {existing[0]} exists; pass --force to replace the outputs in {args.out_dir}", file=sys.stderr)
+        return 2
+    try:
+        config = EvalConfig(
+            budgets=tuple(_budget(b) for b in args.budgets.split(",")),  # type: ignore[arg-type]
+            methods=tuple(args.methods.split(",")), prune_layer=args.prune_layer, neuron_ratio=args.neuron_ratio,
+            max_new_tokens=args.max_new_tokens,
+        )  # fmt: skip
+        onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
+        job = EvalJob(model_dir=args.model, data=args.data, split=args.split, count=args.count, config=config,
+                      onnx=onnx, onnx_count=args.onnx_count, grid=args.grid)  # fmt: skip
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers.utils import logging as hf_logging
+
+    from models import ModelLoadError
+    from vqa.data import DataError
+    from vqa.job import run_job, write_outputs
+
+    hf_logging.disable_progress_bar()  # one bar per stage is ours
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        try:
+            result, items = run_job(job, progress)
+        except (ModelLoadError, DataError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    command = "python scripts/evaluate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    paths = write_outputs(result, items, args.out_dir, command.strip(), args.grid)
+    for s in result.summaries:
+        kept = f"{s.mean_kept:6.1f}"
+        print(f"{s.setting.label:<28} accuracy {100 * s.accuracy:5.1f}%  kept {kept}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The evaluation end to end on a small slice, counted again directly; and the shipped model's answers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from coreMatching import CoreMatchingConfig
+from vqa.data import is_correct, shapes_items
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import evaluate as evaluate_script  # noqa: E402  (scripts/evaluate.py)
+
+SLICE = 6
+
+
+@pytest.fixture(scope="module")
+def default_loaded():
+    from models import default_model_dir, load_llava
+
+    return load_llava(default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    argv = ["--count", str(SLICE), "--budgets", "576,64,auto", "--onnx", "corematching@64", "--onnx-count", "3",
+            "--grid", "2", "--out-dir", str(out)]  # fmt: skip
+    assert evaluate_script.main(argv) == 0
+    return out
+
+
+def test_outputs_are_written(evaluated: Path) -> None:
+    for name in ("results.json", "answers.jsonl", "accuracy.md", "accuracy.png", "core_tokens.png"):
+        assert (evaluated / name).stat().st_size > 0, name
+    table = (evaluated / "accuracy.md").read_text()
+    assert "| corematching |" in table and "| fastv |" in table and "## Targets" in table
+    assert "corematching@64 [onnx]" in table
+
+
+def test_accuracy_agrees_with_a_direct_count(evaluated: Path, default_loaded) -> None:
+    """Each reference setting answered again with models.answer (its own vision pass), scored here."""
+    from models.answer import answer
+
+    model, processor = default_loaded
+    summaries = {s["setting"]["label"]: s for s in json.loads((evaluated / "results.json").read_text())["summaries"]}
+    items = list(shapes_items("test", SLICE))
+    configs = {
+        "dense": CoreMatchingConfig.dense(576),
+        "corematching@64": CoreMatchingConfig(token_budget=64),
+        "fastv@64": CoreMatchingConfig(token_budget=64, neuron_ratio=1.0, token_selector="fastv"),
+        "random@64": CoreMatchingConfig(token_budget=64, neuron_ratio=1.0, token_selector="random"),
+        "corematching@auto": CoreMatchingConfig(token_budget="auto"),
+    }
+    for label, config in configs.items():
+        direct = [answer(model, processor, i.load_image(), i.question, config, max_new_tokens=4) for i in items]
+        correct = sum(is_correct(a.text, i.answers) for a, i in zip(direct, items, strict=True))
+        assert summaries[label]["questions"] == SLICE
+        assert round(summaries[label]["accuracy"] * SLICE) == correct, label
+        assert summaries[label]["mean_kept"] == pytest.approx(sum(len(a.kept_image_tokens) for a in direct) / SLICE)
+
+
+def test_summaries_are_counted_from_the_answers(evaluated: Path) -> None:
+    records = [json.loads(line) for line in (evaluated / "answers.jsonl").read_text().splitlines()]
+    results = json.loads((evaluated / "results.json").read_text())
+    per_setting = Counter(r["setting"] for r in records)
+    correct = Counter(r["setting"] for r in records if r["correct"])
+    for s in results["summaries"]:
+        label = s["setting"]["label"]
+        assert s["questions"] == per_setting[label]
+        assert s["accuracy"] == pytest.approx(correct[label] / per_setting[label])
+        for qtype, acc in s["per_type"].items():
+            rows = [r for r in records if r["setting"] == label and r["type"] == qtype]
+            assert acc == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    onnx = next(s for s in results["summaries"] if s["setting"]["backend"] == "onnx")
+    assert onnx["questions"] == 3 and onnx["mean_kept"] == 64
+    # The deployed graph answers as the reference does (validated build, same greedy rule).
+    assert onnx["agreement"] == 1.0
+    # fastv/random at every token are the dense model: the same answers.
+    dense = [r["prediction"] for r in records if r["setting"] == "dense"]
+    assert [r["prediction"] for r in records if r["setting"] == "fastv@576"] == dense
+
+
+def test_existing_outputs_need_force(evaluated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_script.main(["--count", "1", "--out-dir", str(evaluated)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--onnx", "fastv@64"], "use 'dense' or 'corematching@K'"),
+        (["--methods", "fastv,magic"], "unknown method 'magic'"),
+        (["--budgets", "64,0"], "positive integers or 'auto'"),
+        (["--data", "missing.jsonl"], "no such file"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, message) -> None:
+    argv = [*args, "--count", "1", "--out-dir", str(tmp_path)] + ([] if "--onnx" in args else ["--onnx", "none"])
+    code = evaluate_script.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_shipped_model_answers_the_shipped_examples(default_loaded) -> None:
+    """The README's examples, dense and with CoreMatching at the default budget (64 of 576 tokens)."""
+    from models.answer import answer, load_image
+
+    model, processor = default_loaded
+    for q in json.loads((REPO / "examples" / "questions.json").read_text()):
+        image = load_image(REPO / "examples" / q["image"])
+        for config in (CoreMatchingConfig.dense(576), CoreMatchingConfig()):
+            got = answer(model, processor, image, q["question"], config, max_new_tokens=4).text
+            assert is_correct(got, (q["answer"],)), (q, config.token_budget, got)
+
+
+def test_rank_and_recall_of_object_patches() -> None:
+    import numpy as np
+    import torch
+
+    from vqa.evaluate import _rank, _recall
+
+    relevant = np.zeros(5, dtype=bool)
+    relevant[[1, 3]] = True
+    # Order best first: 3, 1, then ties 0, 2, 4 by index -> positions of 1 and 3 are 1 and 0.
+    assert _rank(torch.tensor([0.0, 5.0, 0.0, 9.0, 0.0]), relevant) == pytest.approx(np.mean([1 - 1 / 4, 1.0]))
+    assert _rank(torch.tensor([9.0, 0.0, 8.0, 0.0, 7.0]), relevant) == pytest.approx(np.mean([1 - 3 / 4, 1 - 4 / 4]))
+    assert _rank(torch.zeros(5), np.zeros(5, dtype=bool)) is None
+    assert _recall([1, 2], relevant, 5) == 0.5 and _recall(None, relevant, 5) == 1.0
+
+
+def test_make_dataset_script(tmp_path: Path) -> None:
+    import make_dataset
+
+    assert make_dataset.main(["--split", "validation", "--count", "3", "--out", str(tmp_path)]) == 0
+    from vqa.data import jsonl_items
+
+    items = jsonl_items(tmp_path / "questions.jsonl")
+    assert [i.id for i in items] == ["validation-000000", "validation-000001", "validation-000002"]
+    assert make_dataset.main(["--count", "3", "--out", str(tmp_path)]) == 2  # no overwrite without --force

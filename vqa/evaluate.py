@@ -1,0 +1,296 @@
+"""Accuracy of CoreMatching and its token-selection baselines, on the reference and on ONNX builds.
+
+A *setting* is one way of answering: a token selector (dense, corematching, fastv, random) at one
+budget (kept image tokens, or "auto"), run by one backend (the PyTorch reference, or an ONNX build
+through the runtime). Every item is answered greedily under every setting and scored by exact
+match after normalisation (`vqa.data.is_correct`).
+
+Settings, as the paper compares them:
+
+- dense: every image token and every FFN neuron (equal to the stock transformers model);
+- corematching: the method as deployed, token budget k with the prompt's core neurons (beta = 0.4)
+  in the decoding steps;
+- fastv / random: the token-pruning baselines at the same prune layer and budget, with every
+  neuron (FastV ranks image tokens by the attention they receive at the prune layer; random keeps a
+  seeded random subset). At k = n_img they keep every token: they are the dense model there, and
+  reuse its answers rather than computing them twice.
+
+The vision tower runs once per item and its features are shared by every reference setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from coreMatching.config import TOKEN_SELECTORS, CoreMatchingConfig
+from coreMatching.errors import ConfigError
+from vqa.data import Item, is_correct
+
+log = logging.getLogger(__name__)
+
+Budget = int | Literal["auto"]
+METHODS: tuple[str, ...] = ("dense", *TOKEN_SELECTORS)
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # one of METHODS
+    budget: Budget  # kept image tokens ("auto": the elbow); n_img for dense
+    backend: str = "reference"  # "reference" or "onnx"
+
+    @property
+    def label(self) -> str:
+        where = "" if self.backend == "reference" else f" [{self.backend}]"
+        return f"{self.method}@{self.budget}{where}" if self.method != "dense" else f"dense{where}"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    budgets: tuple[Budget, ...] = (576, 192, 128, 64, 32, "auto")
+    methods: tuple[str, ...] = TOKEN_SELECTORS
+    prune_layer: int = 2
+    neuron_ratio: float = 0.4  # CoreMatching's beta; the baselines keep every neuron
+    max_new_tokens: int = 4  # the answers are one word: a few tokens show any run-on
+    seed: int = 0  # of the random selector
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method not in TOKEN_SELECTORS:
+                raise ConfigError(f"unknown method {method!r}; known: {', '.join(TOKEN_SELECTORS)}")
+        for budget in self.budgets:
+            if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+                raise ConfigError(f"budgets must be positive integers or 'auto', got {budget!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+    def settings(self, num_image_tokens: int) -> list[Setting]:
+        """dense first, then every method at every budget it supports (random has no 'auto')."""
+        out = [Setting("dense", num_image_tokens)]
+        for method in self.methods:
+            for budget in self.budgets:
+                if budget == "auto" and method == "random":
+                    continue  # the elbow needs scores; random has none
+                if budget != "auto" and budget > num_image_tokens:
+                    raise ConfigError(f"budget {budget} is more than the model's {num_image_tokens} image tokens")
+                out.append(Setting(method, budget))
+        return out
+
+    def corematching(self, setting: Setting, num_image_tokens: int) -> CoreMatchingConfig:
+        """The reference configuration of a setting."""
+        if setting.method == "dense":
+            return CoreMatchingConfig.dense(num_image_tokens, prune_layer=self.prune_layer)
+        beta = self.neuron_ratio if setting.method == "corematching" else 1.0
+        return CoreMatchingConfig(
+            token_budget=setting.budget, neuron_ratio=beta, prune_layer=self.prune_layer,
+            token_selector=setting.method, seed=self.seed,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
+@dataclass
+class Record:
+    """One item answered under one setting."""
+
+    setting: str
+    item: str
+    type: str
+    prediction: str
+    correct: bool
+    kept: int  # image tokens kept at the prune layer
+    recall: float | None = None  # share of the answer's object patches among the kept tokens
+    rank: float | None = None  # mean percentile of those patches in the selector's order (1: first, 0.5: chance)
+    kept_tokens: list[int] | None = None  # indices into the image tokens (None: every token)
+
+
+@dataclass
+class Summary:
+    setting: Setting
+    questions: int
+    accuracy: float
+    per_type: dict[str, float]
+    mean_kept: float
+    mean_recall: float | None
+    mean_rank: float | None = None
+    relative: float | None = None  # accuracy / dense accuracy (same backend)
+    agreement: float | None = None  # ONNX: share of answers equal to the reference's for the same setting
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["setting"] = {**asdict(self.setting), "label": self.setting.label}
+        return data
+
+
+def _rank(scores: Any, relevant: np.ndarray | None) -> float | None:
+    """Mean percentile of the relevant patches in the order the selector keeps tokens (ties: lower index)."""
+    if relevant is None or not relevant.any() or relevant.shape[0] != scores.shape[0]:
+        return None
+    from coreMatching.selection import stable_topk
+
+    n = scores.shape[0]
+    order = stable_topk(scores, n).cpu().numpy()  # best first
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    return float(np.mean(1.0 - position[relevant] / (n - 1)))
+
+
+def _recall(kept: list[int] | None, relevant: np.ndarray | None, num_image_tokens: int) -> float | None:
+    if relevant is None or not relevant.any() or relevant.shape[0] != num_image_tokens:
+        return None  # no regions known (real data), nothing to find (count of zero), or a CLS token
+    if kept is None:
+        return 1.0
+    return float(relevant[np.asarray(kept, dtype=np.int64)].sum() / relevant.sum())
+
+
+class ReferenceEvaluator:
+    """Answers items with the PyTorch reference under every setting of a config."""
+
+    def __init__(self, model: Any, processor: Any, config: EvalConfig) -> None:
+        from coreMatching import CoreMatchingLlava
+        from models.loading import num_image_tokens
+
+        self.model, self.processor, self.config = model, processor, config
+        self.num_image_tokens = num_image_tokens(model.config)
+        self.settings = config.settings(self.num_image_tokens)
+        self.references = {
+            s.label: CoreMatchingLlava(model, config.corematching(s, self.num_image_tokens)) for s in self.settings
+        }
+
+    def _alias(self, setting: Setting) -> str | None:
+        # A baseline that keeps every token with every neuron is the dense model.
+        dense = setting.method in ("fastv", "random") and setting.budget == self.num_image_tokens
+        return self.settings[0].label if dense else None
+
+    def answer_item(self, item: Item) -> list[Record]:
+        import torch
+
+        from models.answer import build_prompt, load_image
+
+        image = load_image(item.load_image())
+        inputs = self.processor(images=image, text=build_prompt(self.processor, item.question), return_tensors="pt")
+        dense = self.references[self.settings[0].label]
+        features = dense.image_features(inputs["pixel_values"].to(self.model.dtype))  # [n_img, d], shared
+        relevant = item.relevant_patches() if item.relevant_patches is not None else None
+        tokenizer = self.processor.tokenizer
+        records: dict[str, Record] = {}
+        for setting in self.settings:
+            alias = self._alias(setting)
+            if alias is not None:
+                records[setting.label] = Record(**{**asdict(records[alias]), "setting": setting.label})
+                continue
+            tokens: list[int] = []
+            kept: list[int] | None = None
+            rank: float | None = None
+            with torch.inference_mode():
+                stream = self.references[setting.label].stream(
+                    inputs["input_ids"], None, self.config.max_new_tokens, image_features=features
+                )
+                for token, _logits, state in stream:
+                    if not tokens and setting.method != "dense":
+                        kept = state.kept_image_tokens.tolist()
+                        rank = _rank(state.token_scores, relevant)
+                    tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            records[setting.label] = Record(
+                setting=setting.label, item=item.id, type=item.type, prediction=text,
+                correct=is_correct(text, item.answers), kept=self.num_image_tokens if kept is None else len(kept),
+                recall=_recall(kept, relevant, self.num_image_tokens), rank=rank, kept_tokens=kept,
+            )  # fmt: skip
+        return list(records.values())
+
+
+def evaluate_reference(
+    model: Any, processor: Any, items: Iterable[Item], config: EvalConfig,
+    on_item: Callable[[int], None] | None = None,
+) -> tuple[list[Setting], list[Record]]:  # fmt: skip
+    """Every item under every setting of `config` with the reference; on_item(done) reports progress."""
+    evaluator = ReferenceEvaluator(model, processor, config)
+    records: list[Record] = []
+    for done, item in enumerate(items, 1):
+        records += evaluator.answer_item(item)
+        if on_item is not None:
+            on_item(done)
+    return evaluator.settings, records
+
+
+def evaluate_build(
+    build_dir: Path, setting: Setting, items: Iterable[Item], max_new_tokens: int,
+    on_item: Callable[[int], None] | None = None, provider: str = "cpu",
+) -> list[Record]:  # fmt: skip
+    """Every item answered by an ONNX build through the runtime (what a deployment answers)."""
+    from runtime import Pipeline
+    from runtime.preprocess import load_image
+
+    pipeline = Pipeline.load(build_dir, provider=provider)
+    n_img = int(pipeline.manifest["model"]["num_image_tokens"])
+    records = []
+    for done, item in enumerate(items, 1):
+        answer = pipeline.answer(load_image(item.load_image()), item.question, max_new_tokens=max_new_tokens)
+        kept = answer.kept_image_tokens
+        relevant = item.relevant_patches() if item.relevant_patches is not None else None
+        records.append(
+            Record(
+                setting=setting.label, item=item.id, type=item.type, prediction=answer.text,
+                correct=is_correct(answer.text, item.answers), kept=n_img if kept is None else len(kept),
+                recall=_recall(kept, relevant, n_img), kept_tokens=kept,
+            )
+        )  # fmt: skip
+        if on_item is not None:
+            on_item(done)
+    return records
+
+
+def summarise(settings: list[Setting], records: list[Record]) -> list[Summary]:
+    """Accuracy (overall and per question type), mean kept tokens and object recall per setting."""
+    by_setting: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_setting[r.setting].append(r)
+    summaries: list[Summary] = []
+    dense_accuracy: dict[str, float] = {}
+    reference_answers: dict[str, dict[str, str]] = {}
+    for setting in settings:
+        rows = by_setting.get(setting.label, [])
+        if not rows:
+            continue
+        types: dict[str, list[bool]] = defaultdict(list)
+        for r in rows:
+            types[r.type].append(r.correct)
+        recalls = [r.recall for r in rows if r.recall is not None]
+        ranks = [r.rank for r in rows if r.rank is not None]
+        summary = Summary(
+            setting=setting,
+            questions=len(rows),
+            accuracy=float(np.mean([r.correct for r in rows])),
+            per_type={t: float(np.mean(v)) for t, v in sorted(types.items())},
+            mean_kept=float(np.mean([r.kept for r in rows])),
+            mean_recall=float(np.mean(recalls)) if recalls else None,
+            mean_rank=float(np.mean(ranks)) if ranks else None,
+        )
+        if setting.method == "dense":
+            dense_accuracy[setting.backend] = summary.accuracy
+        base = dense_accuracy.get(setting.backend)
+        summary.relative = summary.accuracy / base if base else None
+        if setting.backend == "reference":
+            reference_answers[setting.label] = {r.item: r.prediction for r in rows}
+        else:
+            ref = reference_answers.get(Setting(setting.method, setting.budget).label)
+            if ref:
+                summary.agreement = float(np.mean([ref.get(r.item) == r.prediction for r in rows]))
+        summaries.append(summary)
+    return summaries
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    config: EvalConfig
+    settings: list[Setting]
+    records: list[Record]
+    summaries: list[Summary] = field(default_factory=list)
+    geometry: tuple[int, int, int] = (336, 14, 576)  # image size, patch size, image tokens
