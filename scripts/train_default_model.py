@@ -76,7 +76,8 @@ above/below). Train, validation and test are disjoint seeded streams.
     {command}
 
 {steps} steps of {batch} images (each with up to {turns} questions as one multi-turn conversation, loss
-on the answers only), AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}) from
+on the answers only; plus an auxiliary per-patch colour / shape / object-centre loss on the vision
+tower, whose heads are dropped), AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}) from
 random weights (seed {seed}), fp32 on the CPU: {minutes:.0f} minutes on a 2-core machine. Final
 training loss {loss:.4f}; first-token accuracy on {val_n} validation questions {val:.1%}.
 Loss curve: `docs/training/loss.png`.

@@ -221,5 +221,5 @@ def plot_core_tokens(
         for ax in axes[row]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
