@@ -127,7 +127,7 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         write_manifest(tmp, manifest)
 
         stage("write")
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -363,8 +363,8 @@ def _corematching_section(budgets: Budgets | None, config: ExportConfig) -> dict
     }
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Moves the finished build into place; an old build (with --force) goes only once the new one is there."""
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Moves a finished directory into place; an old one (with --force) goes only once the new one is there."""
     if out.exists():
         trash = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
         out.rename(trash)

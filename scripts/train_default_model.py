@@ -28,20 +28,6 @@ from vqa.train import StepInfo, TrainConfig, TrainConfigError, plot_history, tra
 log = logging.getLogger("train_default_model")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    tmp.chmod(0o755)  # mkdtemp is private; the model is package data every user must read
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 MODEL_CARD = """\
 # corematching-edge default model (`{preset}`)
 
@@ -143,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from export.build import replace_dir
     from models.default_model import save_checkpoint
     from models.presets import from_name
 
@@ -182,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(model, preset, tmp, dtype=torch.float16)
         command = "python scripts/train_default_model.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         write_card(tmp, command.strip(), config, history, model)
-        _replace_dir(tmp, args.out)
+        tmp.chmod(0o755)  # mkdtemp is private; the model is package data every user must read
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        replace_dir(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

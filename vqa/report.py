@@ -209,7 +209,7 @@ def plot_core_tokens(
     axes = axes.reshape(len(items), 1 + len(methods))
     for row, item in enumerate(items):
         image = load_image(item.load_image())
-        dense = index.get((f"dense@{num_image_tokens}", item.id)) or index.get(("dense", item.id))
+        dense = index.get(("dense", item.id))
         axes[row, 0].imshow(image)
         said = dense.prediction if dense else "?"
         axes[row, 0].set_title(f"{item.question}\nanswer: {item.answers[0]}; dense: {said}", fontsize=7)

@@ -201,14 +201,19 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
-def object_patches(scene: Scene, objects: tuple[int, ...], min_cover: float = 0.1) -> np.ndarray:
-    """bool [576]: patches at least `min_cover` covered by any of the given shapes (row-major, as CLIP)."""
+def _coverage(shapes: list[Shape]) -> np.ndarray:
+    """float [576]: the share of each patch (row-major, as CLIP) that the given shapes cover."""
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
-    for i in objects:
-        _draw_shape(draw, scene.shapes[i], 255)
-    cover = np.asarray(mask, dtype=np.float32).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(axis=(1, 3)) / 255
-    return (cover >= min_cover).reshape(-1)
+    for shape in shapes:
+        _draw_shape(draw, shape, 255)
+    pixels = np.asarray(mask, dtype=np.float32).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
+    return (pixels.mean(axis=(1, 3)) / 255).reshape(-1)
+
+
+def object_patches(scene: Scene, objects: tuple[int, ...], min_cover: float = 0.1) -> np.ndarray:
+    """bool [576]: patches at least `min_cover` covered by any of the given shapes."""
+    return _coverage([scene.shapes[i] for i in objects]) >= min_cover
 
 
 def patch_labels(scene: Scene, min_cover: float = 0.3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,10 +228,7 @@ def patch_labels(scene: Scene, min_cover: float = 0.3) -> tuple[np.ndarray, np.n
     best = np.full(GRID * GRID, min_cover, dtype=np.float32)
     names = list(COLOURS)
     for shape in scene.shapes:
-        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-        _draw_shape(ImageDraw.Draw(mask), shape, 255)
-        pixels = np.asarray(mask, dtype=np.float32).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
-        cover = (pixels.mean(axis=(1, 3)) / 255).reshape(-1)
+        cover = _coverage([shape])
         wins = cover >= best
         colour[wins] = 1 + names.index(shape.colour)
         kind[wins] = 1 + SHAPES.index(shape.kind)
