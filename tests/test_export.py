@@ -252,6 +252,17 @@ def test_weights_are_stored_once_for_all_graphs(checkpoint, tmp_path, monkeypatc
         assert (result.out / f"{name}.onnx").stat().st_size < 1_000_000  # the graph and its small constants
 
 
+def test_fp16_selection_overlap_counts_swaps_at_the_cut_as_ties():
+    from export.validate import CRITERIA, selection_overlap
+
+    scores = np.array([50.0, 49.0, 48.0, 47.9, 47.8, 10.0, 0.0])  # range 50: the fp16 band is 2.5
+    ref = [0, 1, 2]  # k = 3: the cut is 48
+    assert selection_overlap([0, 1, 3], ref, scores, CRITERIA["float16"].score_band) == 1.0  # 47.9: a near-tie
+    assert selection_overlap([0, 1, 5], ref, scores, CRITERIA["float16"].score_band) == 2 / 3  # 10: a wrong pick
+    assert selection_overlap([0, 1, 3], ref, scores, CRITERIA["float32"].score_band) == 2 / 3  # fp32: exact
+    assert selection_overlap([0, 1, 3], ref, None, 0.05) == 2 / 3  # no scores: exact
+
+
 def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
     from export.ort_runner import OrtGeneration
     from export.validate import CRITERIA, _compare
@@ -263,7 +274,7 @@ def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
     got_logits[2, 3] = 10.0001
     got = OrtGeneration(tokens=[1, 1, 3, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32),
                         kept_image_tokens=None)  # fmt: skip
-    ref = ([1, 1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), None, None)
+    ref = ([1, 1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), None, None, None)
     assert _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
     assert not _compare("c", "q", 10, 4, CRITERIA["float32"], got, ref).passed
     ref_logits[2, 3] = 5.0  # a clear winner: parting there is a failure whatever the precision

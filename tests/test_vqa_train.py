@@ -8,9 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from models.presets import from_name
+from models.presets import ModelPreset, build_random_model, from_name
 from vqa import shapes
-from vqa.train import IGNORE, Encoder, TrainConfig, TrainConfigError, train, training_batch
+from vqa.train import (
+    IGNORE,
+    Encoder,
+    GroundingLoss,
+    Objective,
+    TrainConfig,
+    TrainConfigError,
+    activation_penalty,
+    init_for_width,
+    train,
+    training_batch,
+    turn_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +42,101 @@ def test_first_turn_and_pixels_match_the_processor(encoder: Encoder) -> None:
     assert torch.equal(inputs["pixel_values"], encoder.pixel_values([e.image()]))
 
 
-def test_conversation_labels_are_the_answers(encoder: Encoder) -> None:
+def test_turns_are_single_turn_prompts_and_answers(encoder: Encoder) -> None:
     _, questions = shapes.training_sample(5)
-    ids, labels = encoder.conversation(questions)
-    assert len(ids) == len(labels)
-    assert ids.count(encoder.image_id) == 576  # one image, expanded once
-    answered = [t for t in labels if t != IGNORE]
+    row = encoder.turns(questions)
+    assert len(row.ids) == len(row.labels) == len(row.positions) == len(row.segments)
+    assert row.ids.count(encoder.image_id) == 576  # one image, expanded once
+    answered = [t for t in row.labels if t != IGNORE]
     expected = [t for q in questions for t in encoder.answer(q.answer)]
     assert answered == expected
     # Labels sit on the answer positions themselves (transformers shifts them).
-    positions = [i for i, t in enumerate(labels) if t != IGNORE]
-    assert [ids[i] for i in positions] == expected
+    positions = [i for i, t in enumerate(row.labels) if t != IGNORE]
+    assert [row.ids[i] for i in positions] == expected
     assert encoder.tokenizer.decode(answered) == "".join(f" {q.answer}</s>" for q in questions)
+    # Each turn, read with its prefix at its position ids, is the inference prompt plus the answer.
+    for turn, (q, at) in enumerate(zip(questions, row.queries, strict=True), start=1):
+        mine = [i for i, s in enumerate(row.segments) if s in (0, turn)]
+        assert [row.ids[i] for i in mine] == encoder.prompt(q.text) + encoder.answer(q.answer)
+        assert [row.positions[i] for i in mine] == list(range(len(mine)))
+        assert row.ids[at + 1] == encoder.answer(q.answer)[0] and row.labels[at + 1] != IGNORE
+
+
+def test_turn_mask_keeps_turns_apart() -> None:
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    allowed = turn_mask(segments)[0, 0] == 0  # [S, S]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0],  # turn 2 sees the prefix and itself, not turn 1
+            [1, 1, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 1],  # padding sees itself only
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[ModelPreset, Encoder, torch.nn.Module]:
+    preset = from_name("tiny-llama-gqa").replace(name="tiny-1024", vocab_size=1024, image_token_id=1023, pad_token_id=3)
+    return preset, Encoder(preset), build_random_model(preset, seed=3).eval()
+
+
+def test_packed_turns_compute_what_single_prompts_compute(tiny: tuple[ModelPreset, Encoder, torch.nn.Module]) -> None:
+    """The answer logits of every packed turn equal those of its question asked alone."""
+    preset, enc, model = tiny
+    _, questions = shapes.training_sample(3, 4)
+    row = enc.turns(questions)
+    pixels = torch.randn(1, 3, preset.image_size, preset.image_size)
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.tensor([row.ids]), position_ids=torch.tensor([row.positions]),
+            attention_mask=turn_mask(torch.tensor([row.segments])), pixel_values=pixels,
+        ).logits[0]  # fmt: skip
+        for q, at in zip(questions, row.queries, strict=True):
+            alone = model(input_ids=torch.tensor([enc.prompt(q.text)]), pixel_values=pixels).logits[0, -1]
+            torch.testing.assert_close(packed[at], alone, atol=1e-5, rtol=1e-5)
+    # Without the turn mask the later turns would read the earlier ones: the check above can fail.
+    with torch.no_grad():
+        leaky = model(input_ids=torch.tensor([row.ids]), pixel_values=pixels).logits[0]
+    assert not torch.allclose(leaky[row.queries[-1]], packed[row.queries[-1]], atol=1e-3)
+
+
+Tiny = tuple[ModelPreset, Encoder, torch.nn.Module]
+
+
+def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None:
+    preset, enc, model = tiny
+    rows = [enc.turns(shapes.training_sample(i, 3)[1]) for i in range(2)]
+    ids = enc.pad_batch([r.ids for r in rows], enc.pad)
+    mask = turn_mask(enc.pad_batch([r.segments for r in rows], -1))
+    queries = enc.pad_batch([r.queries for r in rows], -1)  # [B, T]
+    relevant = torch.rand(*queries.shape, preset.num_image_tokens) < 0.3  # [B, T, P]
+    relevant[0, 0] = False  # a turn about nothing (count zero) is left out
+    grounding = GroundingLoss(model, layer=1)
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(
+                input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0), attention_mask=mask,
+                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_attentions=True,
+            )  # fmt: skip
+            loss = grounding.loss(queries, relevant, rows[0].image_start)
+    finally:
+        grounding.remove()
+        model.set_attn_implementation("sdpa")
+    probs = out.attentions[1][:, 0]  # [B, S, S]: head 0
+    start, n = rows[0].image_start, preset.num_image_tokens
+    expected = [
+        -torch.log(probs[b, queries[b, t], start : start + n][relevant[b, t]].sum())
+        for b in range(2) for t in range(queries.shape[1]) if queries[b, t] >= 0 and relevant[b, t].any()
+    ]  # fmt: skip
+    assert len(expected) == 2 * 3 - 1
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_training_batch_is_padded_and_masked(encoder: Encoder) -> None:
@@ -49,9 +144,19 @@ def test_training_batch_is_padded_and_masked(encoder: Encoder) -> None:
     batch = training_batch(encoder, 0, config)
     b, s = batch["input_ids"].shape
     assert b == 3 and batch["labels"].shape == (b, s) and batch["pixel_values"].shape == (3, 3, 336, 336)
-    pad = batch["attention_mask"] == 0
-    assert (batch["labels"][pad] == IGNORE).all() and (batch["input_ids"][pad] == encoder.pad).all()
+    assert batch["attention_mask"].shape == (b, 1, s, s) and batch["position_ids"].shape == (b, s)
+    pad = batch["input_ids"] == encoder.pad
+    assert (batch["labels"][pad] == IGNORE).all()
     assert batch["patch_labels"].shape == (3, 3, 576)
+    turns = batch["queries"].shape[1]
+    assert batch["relevant"].shape == (3, turns, 576)
+    # Every query is the token just before its answer; the relevant patches are those of the question's objects.
+    for j in range(3):
+        scene, questions = shapes.training_sample(j, config.turns)
+        for t, q in enumerate(questions):
+            at = int(batch["queries"][j, t])
+            assert int(batch["labels"][j, at + 1]) == encoder.answer(q.answer)[0]
+            assert np.array_equal(batch["relevant"][j, t].numpy(), shapes.object_patches(scene, q.objects))
 
 
 def test_patch_labels_mark_the_objects() -> None:
@@ -78,6 +183,8 @@ def test_config_validation_and_schedule() -> None:
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="unknown model preset"):
         TrainConfig(preset="nope")
+    with pytest.raises(TrainConfigError, match="grounding_weight"):
+        TrainConfig(grounding_weight=-1)
 
 
 def test_a_few_steps_train_a_tiny_model() -> None:
@@ -95,3 +202,83 @@ def test_a_few_steps_train_a_tiny_model() -> None:
     start = build_random_model(preset, seed=config.seed).state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, start[k])]
     assert len(changed) > len(start) // 2
+
+
+def test_readout_loss_reads_the_answer_one_layer_after_the_grounded_head(tiny: Tiny) -> None:
+    preset, enc, model = tiny
+    rows = [enc.turns(shapes.training_sample(i, 3)[1]) for i in range(2)]
+    ids = enc.pad_batch([r.ids for r in rows], enc.pad)
+    labels = enc.pad_batch([r.labels for r in rows], IGNORE)
+    queries = enc.pad_batch([r.queries for r in rows], -1)  # [B, T]
+    grounding = GroundingLoss(model, layer=1)
+    try:
+        with torch.no_grad():
+            out = model(
+                input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0),
+                attention_mask=turn_mask(enc.pad_batch([r.segments for r in rows], -1)),
+                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_hidden_states=True,
+            )  # fmt: skip
+            loss = grounding.readout_loss(queries, labels)
+    finally:
+        grounding.remove()
+    after = out.hidden_states[3]  # after layer 2 = one layer after the grounded layer 1
+    logits = [model.lm_head(model.model.language_model.norm(after[b, q])) for b in range(2) for q in rows[b].queries]
+    wanted = torch.tensor([labels[b, q + 1] for b in range(2) for q in rows[b].queries])
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(torch.stack(logits), wanted))
+
+
+def test_width_init_and_activation_penalty() -> None:
+    preset = from_name("tiny-llama").replace(name="tiny-1024", vocab_size=1024, image_token_id=1023, pad_token_id=3)
+    model = build_random_model(preset, seed=0)
+    init_for_width(model, seed=0)
+    for module in model.model.language_model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.numel() > 4000:
+            assert module.weight.std().item() == pytest.approx(module.in_features**-0.5, rel=0.1)
+    h = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)  # RMS 3.54 and 0
+    penalty = activation_penalty([h], max_rms=1.0)
+    assert penalty.item() == pytest.approx((12.5**0.5 - 1) / 2, rel=1e-4)
+    penalty.backward()
+    assert torch.isfinite(h.grad).all() and (h.grad[1] == 0).all()
+    assert activation_penalty([h], max_rms=4.0).item() == 0.0
+
+
+def test_objective_on_the_default_geometry_has_every_loss(encoder: Encoder) -> None:
+    """On the 24 x 24 grid every auxiliary loss is on, finite, and reaches the model's parameters."""
+    preset = from_name("default-small")
+    model = build_random_model(preset, seed=0).train()
+    config = TrainConfig(batch_images=1, turns=3)
+    objective = Objective(model, preset, config)
+    try:
+        losses = objective(model, training_batch(encoder, 0, config))
+        assert set(losses) == {"answer", "patch", "grounding", "scale", "total"}
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert losses["patch"] > 0 and losses["grounding"] > 0
+        losses["total"].backward()
+        attn = model.model.language_model.layers[config.grounding_layer].self_attn
+        assert attn.q_proj.weight.grad.abs().sum() > 0 and objective.parameters()[0].grad is not None
+    finally:
+        objective.remove()
+    with pytest.raises(TrainConfigError, match="past the last layer"):
+        Objective(model, preset, TrainConfig(grounding_layer=8))
+
+
+def test_a_run_continues_from_a_saved_model(tmp_path) -> None:
+    from models.default_model import save_checkpoint
+
+    preset = from_name("tiny-llama").replace(name="tiny-1024", vocab_size=1024, image_token_id=1023, pad_token_id=3)
+    config = TrainConfig(steps=2, batch_images=2, warmup_steps=1, eval_every=0, eval_examples=2)
+    first, _ = train(config, preset=preset)
+    save_checkpoint(first, preset, tmp_path / "stage1")
+    # A near-zero learning rate: the continued model must start from the saved weights, not random ones.
+    again = TrainConfig(
+        steps=1, batch_images=2, warmup_steps=0, eval_every=0, eval_examples=2, lr=1e-12, first_example=4
+    )
+    continued, history = train(again, preset=preset, init_from=tmp_path / "stage1")
+    assert len(history) == 1
+    saved = first.state_dict()
+    for name, value in continued.state_dict().items():
+        torch.testing.assert_close(value, saved[name], atol=1e-6, rtol=0)
+    with pytest.raises(TrainConfigError, match="geometry"):
+        train(again, preset=from_name("default-small"), init_from=tmp_path / "stage1")
+    with pytest.raises(TrainConfigError, match=r"no config\.json"):
+        train(again, preset=preset, init_from=tmp_path)

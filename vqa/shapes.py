@@ -1,7 +1,7 @@
 """A procedural visual question-answering dataset at the LLaVA-1.5 geometry (numpy and Pillow only).
 
 Every image is 336 x 336 (patch 14: 576 image tokens): a textured background with low-saturation
-clutter and one to five saturated shapes (circle, square, triangle, star) of several sizes. Each
+clutter and one to four saturated shapes (circle, square, triangle, star) of several sizes. Each
 question is about a few of those shapes, so its answer depends on a few regions of the image:
 
 - colour:   "What colour is the star?"                          (the named shape is unique)

@@ -1,21 +1,40 @@
-"""Train a small LLaVA on the shapes dataset (torch and transformers, on a CPU in about an hour).
+"""Train a small LLaVA on the shapes dataset (torch and transformers, on a CPU in under an hour).
 
 The model is a stock `LlavaForConditionalGeneration` of a preset (CLIP vision tower, projector,
-Llama decoder) with the project tokenizer. Each training sequence is one image and a multi-turn
-conversation about it, LLaVA-1.5 style:
+Llama decoder) with the project tokenizer. Each training row is one image and several questions
+about it, packed (`Encoder.turns`):
 
-    <s>USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...
+    <s>USER: <image>  \n{q1} ASSISTANT: {a1}</s>  \n{q2} ASSISTANT: {a2}</s>  ...
 
-so the 576 image tokens are paid once for several questions. The loss is on the answers and their
-`</s>` only. The first turn is exactly the prompt the processor builds at inference time
-("USER: <image>\\n{question} ASSISTANT:"), and validation asks single-turn questions.
+so the 576 image tokens are paid once for several questions. An attention mask and position ids
+make every turn see only the image prefix and itself, at the positions of the single-turn prompt
+the processor builds at inference ("USER: <image>\n{question} ASSISTANT:"): each turn computes
+exactly what inference computes, and no answer leaks into another turn. The loss is on the
+answers and their `</s>`.
 
-A vision tower trained from scratch by the answer loss alone learns slowly: an object covers a few
-of 576 patches, so at first its signal is averaged away by the background (a first run of 800
-steps learned only the answer priors). An auxiliary loss fixes that, as CLIP pretraining does for
-LLaVA: small linear heads on the tower's output predict, per patch, the colour and shape of the
-object covering it and whether it holds an object's centre (`shapes.patch_labels`). The heads are
-dropped after training; the saved model is a stock `LlavaForConditionalGeneration`.
+What made a from-scratch model of this size learn to read the image within the hour (the first
+runs sat at the answer priors for 1500 of 2800 steps and ended below 50%):
+
+- Width-scaled initialisation (`init_for_width`) of the decoder, projector and LM head.
+- An auxiliary per-patch loss on the vision tower (`PatchHeads`), as CLIP pretraining gives LLaVA
+  features that already tell objects apart: colour and shape of the object covering each patch
+  and whether it holds an object's centre.
+- A grounding loss on the decoder (`GroundingLoss`): one head of one layer after the prune layer
+  learns to attend to the answer's objects at the token that predicts the answer, and the answer
+  is read out one layer later.
+- A cap on activation scale (`activation_penalty`).
+
+Measured on the way (2800-step runs, validation first-token accuracy on 200 questions):
+- 0.02 init, per-patch loss, multi-turn rows without the turn mask: 47.5% at the end.
+- plus packed turns and the grounding loss: answer priors at step 500 (one answer per question
+  type), though the grounded head put 55% of its attention on the right object and a linear probe
+  read the object's colour from those patches 84% of the time.
+- plus the activation cap: priors at step 450.
+- plus the width-scaled init: 50% at step 500, 56% at 1500, 69% at 2250, 83% at 2800; accuracy
+  rose fastest as the cosine schedule brought the learning rate down.
+
+The auxiliary heads are dropped after training; the saved model is a stock
+`LlavaForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -42,8 +61,44 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens without loss
 
 
+def init_for_width(model: Any, seed: int) -> None:
+    """Re-draws the decoder's, projector's and LM head's weights with std 1/sqrt(fan-in).
+
+    transformers draws every matrix with std `initializer_range` (0.02), a width-independent value
+    tuned for hidden sizes of 1000s. At width 128 that is 4x too small: the chain the answer must
+    take from an image token (value, output, LM head) starts 4^3 = 64x weaker, and training sits at
+    the answer priors for 1000s of steps before the image is read (the first runs: 1500 steps).
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    parts = (model.model.language_model, model.model.multi_modal_projector, model.lm_head)
+    with torch.no_grad():
+        for part in parts:
+            for module in part.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, module.in_features**-0.5, generator=generator)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, torch.nn.Embedding):
+                    module.weight.normal_(0.0, module.embedding_dim**-0.5, generator=generator)
+
+
 class TrainConfigError(ValueError):
     """A training setting out of range."""
+
+
+def _load_start(path: Path, preset: ModelPreset) -> Any:
+    """The fp32 model of a llava-hf directory to continue training from; it must have the preset's geometry."""
+    from transformers import LlavaForConditionalGeneration
+
+    if not (path / "config.json").is_file():
+        raise TrainConfigError(f"--init-from {path}: no config.json there; give a llava-hf model directory")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    text, vision = model.config.text_config, model.config.vision_config
+    ours = (preset.hidden_size, preset.num_hidden_layers, preset.vocab_size, preset.vision_hidden_size)
+    theirs = (text.hidden_size, text.num_hidden_layers, text.vocab_size, vision.hidden_size)
+    if ours != theirs:
+        raise TrainConfigError(f"--init-from {path}: its geometry {theirs} is not preset {preset.name}'s {ours}")
+    return model.train()
 
 
 @dataclass(frozen=True)
@@ -58,12 +113,24 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 1.0  # weight of the per-patch auxiliary loss on the vision tower (0: off)
+    # Grounding loss: one attention head of one decoder layer, at the token that predicts an answer,
+    # is taught to attend to the patches of the objects the answer depends on (0: off).
+    grounding_weight: float = 0.5
+    grounding_layer: int = 4
+    # Activation scale: the projector's image tokens and the decoder's residual stream after every layer
+    # are held to this RMS at most (a penalty on the excess). Unchecked, the first layer writes a large
+    # image-independent vector into every token (RMS 20 to 40), and what a head reads from the image
+    # must then grow as large before it moves the logits.
+    max_rms: float = 4.0
     seed: int = 0
+    first_example: int = 0  # index of the first training image (a continued run starts past the images seen)
     eval_every: int = 250  # steps between validation accuracy checks (0: only at the end)
     eval_examples: int = 200
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def __post_init__(self) -> None:
+        if self.first_example < 0:
+            raise TrainConfigError(f"first_example must be >= 0, got {self.first_example}")
         for name in ("steps", "batch_images", "turns", "eval_examples"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -71,8 +138,12 @@ class TrainConfig:
             raise TrainConfigError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.aux_weight < 0:
-            raise TrainConfigError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.aux_weight < 0 or self.grounding_weight < 0:
+            raise TrainConfigError("aux_weight and grounding_weight must be >= 0")
+        if self.max_rms <= 0:
+            raise TrainConfigError(f"max_rms must be > 0, got {self.max_rms}")
+        if self.grounding_layer < 0:
+            raise TrainConfigError(f"grounding_layer must be >= 0, got {self.grounding_layer}")
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise TrainConfigError("warmup_steps and eval_every must be >= 0")
         from_name(self.preset)  # raises UnknownPresetError with the known names
@@ -83,6 +154,18 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A training row: one image prefix and several turns (see `Encoder.turns`)."""
+
+    ids: list[int]
+    labels: list[int]  # IGNORE except on the answers and their </s>
+    positions: list[int]  # position ids: every turn continues right after the prefix
+    segments: list[int]  # 0: the prefix; t: turn t
+    queries: list[int]  # per turn, the index of the token that predicts its answer
+    image_start: int  # index of the first image token
 
 
 class Encoder:
@@ -106,18 +189,30 @@ class Encoder:
     def answer(self, text: str) -> list[int]:
         return self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] + [self.eos]
 
-    def conversation(self, questions: list[shapes.Question]) -> tuple[list[int], list[int]]:
-        """(input ids, labels) of a multi-turn conversation about one image."""
-        ids: list[int] = []
-        labels: list[int] = []
-        for turn, q in enumerate(questions):
-            asked = self.prompt(q.text) if turn == 0 else self.tokenizer(
-                f"USER: {q.text} ASSISTANT:", add_special_tokens=False
-            )["input_ids"]
-            answered = self.answer(q.answer)
+    def turns(self, questions: list[shapes.Question]) -> Packed:
+        """One image and several single-turn questions about it, packed into one training row.
+
+        The row is the image prefix "<s>USER: <image>" (576 image tokens) once, then for each question
+        the rest of its single-turn prompt ("\n{question} ASSISTANT:") and its answer. Each turn sees
+        the prefix and itself only, at the positions the single-turn prompt has (`Packed.positions`,
+        `Packed.segments`): every turn is exactly the computation of an inference prompt, and no turn can
+        read an answer from another one.
+        """
+        prompts = [self.prompt(q.text) for q in questions]
+        at = len(prompts[0]) - 1 - prompts[0][::-1].index(self.image_id)  # the last image token
+        prefix = prompts[0][: at + 1]
+        ids, labels = list(prefix), [IGNORE] * len(prefix)
+        positions, segments = list(range(len(prefix))), [0] * len(prefix)
+        queries = []
+        for turn, (q, prompt) in enumerate(zip(questions, prompts, strict=True), start=1):
+            assert prompt[: at + 1] == prefix, "the prompt's text after the image must not merge into its prefix"
+            asked, answered = prompt[at + 1 :], self.answer(q.answer)
+            queries.append(len(ids) + len(asked) - 1)  # the last prompt token: it predicts the answer
             ids += asked + answered
             labels += [IGNORE] * len(asked) + answered
-        return ids, labels
+            positions += range(len(prefix), len(prefix) + len(asked) + len(answered))
+            segments += [turn] * (len(asked) + len(answered))
+        return Packed(ids, labels, positions, segments, queries, prefix.index(self.image_id))
 
     def pad_batch(self, rows: list[list[int]], fill: int) -> torch.Tensor:
         width = max(len(r) for r in rows)
@@ -128,24 +223,52 @@ class Encoder:
 
 
 def training_batch(encoder: Encoder, step: int, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """The model's inputs, plus "patch_labels" [3, B, n_patches] (colour, shape, centre) for the aux loss."""
-    images, ids, labels, aux = [], [], [], []
+    """The model's inputs (a 4-D attention mask and position ids that keep the turns apart), plus, for
+    the training losses only: "patch_labels" [3, B, n_patches] (colour, shape, centre), "queries" [B, T]
+    (the index of the token that predicts each turn's answer; -1 past the last turn) and "relevant"
+    [B, T, n_patches] (the patches of the objects each answer depends on).
+    """
+    images, rows, aux, relevant = [], [], [], []
     for j in range(config.batch_images):
-        scene, questions = shapes.training_sample(step * config.batch_images + j, config.turns)
+        scene, questions = shapes.training_sample(config.first_example + step * config.batch_images + j, config.turns)
         images.append(shapes.render(scene))
-        i, lab = encoder.conversation(questions)
-        ids.append(i)
-        labels.append(lab)
+        rows.append(encoder.turns(questions))
         aux.append(np.stack(shapes.patch_labels(scene)))  # [3, 576]
-    input_ids = encoder.pad_batch(ids, encoder.pad)  # [B, S]
-    mask = encoder.pad_batch([[1] * len(r) for r in ids], 0)
+        relevant.append([shapes.object_patches(scene, q.objects) for q in questions])
+    starts = {r.image_start for r in rows}
+    assert len(starts) == 1, "every row has the same prefix"
+    turns = max(len(r.queries) for r in rows)
+    queries = torch.full((len(rows), turns), -1)
+    wanted = torch.zeros(len(rows), turns, shapes.GRID**2, dtype=torch.bool)
+    for b, (row, rel) in enumerate(zip(rows, relevant, strict=True)):
+        queries[b, : len(row.queries)] = torch.tensor(row.queries)
+        wanted[b, : len(rel)] = torch.from_numpy(np.stack(rel))
     return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "labels": encoder.pad_batch(labels, IGNORE),
+        "input_ids": encoder.pad_batch([r.ids for r in rows], encoder.pad),  # [B, S]
+        "labels": encoder.pad_batch([r.labels for r in rows], IGNORE),
+        "position_ids": encoder.pad_batch([r.positions for r in rows], 0),
+        "attention_mask": turn_mask(encoder.pad_batch([r.segments for r in rows], -1)),  # [B, 1, S, S]
         "pixel_values": encoder.pixel_values(images),
         "patch_labels": torch.from_numpy(np.stack(aux, axis=1)),
+        "queries": queries,
+        "relevant": wanted,
+        "image_start": torch.tensor(starts.pop()),
     }
+
+
+def turn_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask [B, 1, S, S] of packed rows: a token sees the earlier tokens of its own
+    turn and of the prefix (segment 0); padding (segment -1) sees itself only.
+
+    segments: [B, S] int
+    """
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()  # [S, S]
+    query, key = segments[:, :, None], segments[:, None, :]  # [B, S, 1], [B, 1, S]
+    allowed = causal & ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)
+    allowed |= torch.eye(s, dtype=torch.bool)  # padding rows: no all-masked softmax
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return mask[:, None]
 
 
 class PatchHeads(torch.nn.Module):
@@ -180,6 +303,126 @@ class _VisionFeatures:
         self.value = output.hidden_states[self.layer][:, 1:]  # [B, P, w]: CLS dropped, as "default" selects
 
 
+class GroundingLoss:
+    """The grounding loss: head 0 of one decoder layer, at each token that predicts an answer, should
+    put its attention on the patches of the objects the answer depends on.
+
+    The attention is recomputed for those few query rows from the layer's inputs (a forward pre-hook),
+    so the model keeps its fast attention kernel. Why: the answer loss alone teaches a decoder to find
+    a few object patches among 576 only slowly (the first runs plateaued at the answer priors for
+    1500 steps); real LLaVA checkpoints learn that grounding from far more data.
+    """
+
+    def __init__(self, model: Any, layer: int) -> None:
+        decoder = model.model.language_model
+        self.attn = decoder.layers[layer].self_attn
+        self.inputs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.handles = [self.attn.register_forward_pre_hook(self._keep, with_kwargs=True)]
+        # The read-out: the hidden state one layer later, through the model's own final norm and LM head.
+        readout = min(layer + 1, len(decoder.layers) - 1)
+        self.norm, self.head = decoder.norm, model.lm_head
+        self.after: torch.Tensor | None = None
+        self.handles.append(decoder.layers[readout].register_forward_hook(self._keep_output))
+
+    def _keep_output(self, _module: Any, _inputs: Any, output: Any) -> None:
+        self.after = output[0] if isinstance(output, tuple) else output  # [B, S, d]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def readout_loss(self, queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each answer's first token, read at the query tokens one layer after the
+        grounded head (a logit lens): the grounded head gets a direct reason to carry what it reads.
+
+        queries: [B, T] (-1: no turn); labels: [B, S]
+        """
+        assert self.after is not None, "the model ran before the loss"
+        rows, turns = (queries >= 0).nonzero(as_tuple=True)
+        at = queries[rows, turns]  # [Q]
+        logits = self.head(self.norm(self.after[rows, at]))  # [Q, V]
+        return torch.nn.functional.cross_entropy(logits, labels[rows, at + 1])
+
+    def _keep(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.inputs = (hidden, kwargs["position_embeddings"], kwargs["attention_mask"])
+
+    def loss(self, queries: torch.Tensor, relevant: torch.Tensor, image_start: int) -> torch.Tensor:
+        # queries: [B, T] token indices (-1: no turn); relevant: [B, T, P] bool
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        assert self.inputs is not None, "the model ran before the loss"
+        hidden, (cos, sin), mask = self.inputs  # hidden: [B, S, d]; cos, sin: [B, S, hd]; mask: [B, 1, S, S]
+        rows, turns = ((queries >= 0) & relevant.any(-1)).nonzero(as_tuple=True)  # [Q] each
+        if len(rows) == 0:
+            return hidden.new_zeros(())
+        at = queries[rows, turns]  # [Q]
+        hd = self.attn.head_dim
+        q = self.attn.q_proj(hidden[rows, at])[:, :hd]  # [Q, hd]: head 0
+        k = self.attn.k_proj(hidden)[..., :hd]  # [B, S, hd]: KV head 0, which head 0 reads
+        q = q * cos[rows, at] + rotate_half(q) * sin[rows, at]
+        k = (k * cos + rotate_half(k) * sin)[rows]  # [Q, S, hd]
+        logits = (k @ q[:, :, None])[..., 0] * self.attn.scaling + mask[rows, 0, at]  # [Q, S]
+        logp = torch.log_softmax(logits, dim=-1)
+        image = logp[:, image_start : image_start + relevant.shape[-1]]  # [Q, P]
+        on_objects = torch.logsumexp(image.masked_fill(~relevant[rows, turns], float("-inf")), dim=-1)  # [Q]
+        return -on_objects.mean()
+
+
+class Objective:
+    """Every loss of a training step, and the hooks they read the model through.
+
+    The answers' cross-entropy, plus, where the preset has the dataset's 24 x 24 grid (the tiny test
+    presets train without them): the per-patch loss on the vision tower (`PatchHeads`), the
+    grounding and read-out losses (`GroundingLoss`); and the activation-scale penalty.
+    """
+
+    def __init__(self, model: Any, preset: ModelPreset, config: TrainConfig) -> None:
+        self.config = config
+        on_grid = preset.num_patches == shapes.GRID**2
+        self.heads = PatchHeads(preset.vision_hidden_size) if config.aux_weight > 0 and on_grid else None
+        self.grounding = None
+        if config.grounding_weight > 0 and on_grid:
+            if config.grounding_layer >= preset.num_hidden_layers:
+                last = preset.num_hidden_layers - 1
+                raise TrainConfigError(f"grounding_layer {config.grounding_layer} is past the last layer ({last})")
+            self.grounding = GroundingLoss(model, config.grounding_layer)
+        self.vision = _VisionFeatures(model)
+        self.projected: list[torch.Tensor] = []
+        self.handle = model.model.multi_modal_projector.register_forward_hook(
+            lambda _m, _i, out: self.projected.append(out)
+        )
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The auxiliary heads' parameters (trained with the model, dropped after)."""
+        return list(self.heads.parameters()) if self.heads is not None else []
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The losses of one batch of `training_batch`: "answer", "patch", "grounding", "scale", "total"."""
+        batch = dict(batch)
+        targets = batch.pop("patch_labels")
+        queries, relevant, image_start = batch.pop("queries"), batch.pop("relevant"), int(batch.pop("image_start"))
+        self.projected.clear()
+        out = model(**batch, output_hidden_states=True)
+        zero = torch.zeros(())
+        patch = self.heads.loss(self.vision.value, targets) if self.heads is not None else zero
+        ground = zero
+        if self.grounding is not None:
+            ground = self.grounding.loss(queries, relevant, image_start) + self.grounding.readout_loss(
+                queries, batch["labels"]
+            )
+        # the image tokens [B, P, d] and the residual stream after every decoder layer [B, S, d]
+        scale = activation_penalty([self.projected[0], *out.hidden_states[1:]], self.config.max_rms)
+        total = out.loss + self.config.aux_weight * patch + self.config.grounding_weight * ground + scale
+        return {"answer": out.loss, "patch": patch, "grounding": ground, "scale": scale, "total": total}
+
+    def remove(self) -> None:
+        self.vision.handle.remove()
+        self.handle.remove()
+        if self.grounding is not None:
+            self.grounding.remove()
+
+
 @torch.no_grad()
 def first_token_accuracy(model: Any, encoder: Encoder, examples: list[shapes.Example], batch: int = 20) -> float:
     """Share of single-turn questions whose greedy first answer token is the answer's first token."""
@@ -210,7 +453,14 @@ class StepInfo:
     lr: float
     seconds: float  # since the start
     aux_loss: float = 0.0  # the per-patch auxiliary loss
+    grounding_loss: float = 0.0  # -log of head 0's attention on the answer's objects
     val_accuracy: float | None = None
+
+
+def activation_penalty(streams: list[torch.Tensor], max_rms: float) -> torch.Tensor:
+    """Sum over the streams of the mean excess of each token's RMS over `max_rms`. streams: [..., d] each"""
+    excess = [torch.relu((h.pow(2).mean(-1) + 1e-6).sqrt() - max_rms).mean() for h in streams]  # eps: finite grad at 0
+    return torch.stack(excess).sum()
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -228,23 +478,26 @@ def train(
     checkpoint: Callable[[Any, int], None] | None = None,
     checkpoint_every: int = 0,
     preset: ModelPreset | None = None,
+    init_from: Path | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Trains from random weights; returns (the fp32 model in eval mode, the per-step history).
 
     on_step: called after every step (progress display). checkpoint(model, step): called every
     `checkpoint_every` steps (0: never) so a long run can be inspected before it ends.
     preset: overrides `config.preset` (tests train an unregistered tiny geometry).
+    init_from: a llava-hf directory of this preset to continue from, instead of random weights.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     preset = preset or from_name(config.preset)
     encoder = Encoder(preset)
-    model = build_random_model(preset, seed=config.seed).train()
-    heads = PatchHeads(preset.vision_hidden_size)
-    # The labels are on the dataset's 24 x 24 grid: a tower with another grid (the tiny test presets) trains without.
-    use_aux = config.aux_weight > 0 and preset.num_patches == shapes.GRID**2
-    vision = _VisionFeatures(model)
-    optimizer = _optimizer(torch.nn.ModuleList([model, heads]), config)
+    if init_from is not None:
+        model = _load_start(Path(init_from), preset)
+    else:
+        model = build_random_model(preset, seed=config.seed).train()
+        init_for_width(model, config.seed)
+    objective = Objective(model, preset, config)
+    optimizer = _optimizer(torch.nn.ModuleList([model, *([objective.heads] if objective.heads else [])]), config)
     validation = list(shapes.examples("validation", config.eval_examples))
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -253,17 +506,17 @@ def train(
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = training_batch(encoder, step, config)
-        targets = batch.pop("patch_labels")
-        loss = model(**batch).loss  # the answers' cross-entropy
-        aux = heads.loss(vision.value, targets) if use_aux and vision.value is not None else torch.zeros(())
+        losses = objective(model, training_batch(encoder, step, config))
         optimizer.zero_grad(set_to_none=True)
-        (loss + config.aux_weight * aux).backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], config.grad_clip)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *objective.parameters()], config.grad_clip)
         optimizer.step()
 
         done = step + 1
-        info = StepInfo(done, config.steps, float(loss.detach()), lr, time.perf_counter() - start, float(aux.detach()))
+        info = StepInfo(
+            done, config.steps, float(losses["answer"].detach()), lr, time.perf_counter() - start,
+            float(losses["patch"].detach()), float(losses["grounding"].detach()),
+        )  # fmt: skip
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             info.val_accuracy = first_token_accuracy(model, encoder, validation)
             log.info("step %d: loss %.4f, validation first-token accuracy %.3f", done, info.loss, info.val_accuracy)
@@ -272,7 +525,7 @@ def train(
             on_step(info)
         if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < config.steps:
             checkpoint(model, done)
-    vision.handle.remove()
+    objective.remove()
     return model.eval(), history
 
 
