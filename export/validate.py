@@ -207,11 +207,7 @@ def validate_build(
     )
 
 
-def _overlap(got: list[int], ref: list[int]) -> float:
-    return len(set(got) & set(ref)) / max(len(ref), 1)
-
-
-def selection_overlap(got: list[int], ref: list[int], scores: np.ndarray | None, band: float) -> float:
+def selection_overlap(got: list[int], ref: list[int], scores: np.ndarray | None = None, band: float = 0.0) -> float:
     """Share of the reference's kept tokens that the build keeps, where a token the build keeps instead
     counts as shared if its reference score is within `band` x (score range) of the reference's k-th
     score: near-equal scores that half precision reorders are ties, not a wrong selection.
@@ -236,8 +232,8 @@ def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criter
     kept_overlap = core_overlap = None
     if ref_kept is not None:
         kept_overlap = selection_overlap(got.kept_image_tokens, ref_kept, ref_scores, criteria.score_band)
-        core_overlap = min((_overlap(got.core_neurons.get(layer, []), neurons) for layer, neurons in ref_core.items()),
-                           default=1.0)  # fmt: skip
+        core_overlap = min((selection_overlap(got.core_neurons.get(layer, []), neurons)
+                            for layer, neurons in ref_core.items()), default=1.0)  # fmt: skip
     case = CaseReport(
         name=name,
         question=question,

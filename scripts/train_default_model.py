@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import shlex
 import shutil
 import sys
@@ -62,7 +61,7 @@ above/below). Train, validation and test are disjoint seeded streams.
 
 {commands}
 
-{start}: {steps} steps of {batch} images, fp32 on the CPU, {minutes:.0f} minutes on a 2-core machine{total}.
+{start}: {steps} steps of {batch} images, fp32 on the CPU, {minutes:.0f} minutes on a 2-core machine.
 AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}).
 
 - Each image comes with up to {turns} questions packed into one row: the image prefix once, then each
@@ -97,17 +96,12 @@ and random token selection at several budgets, on the reference and on ONNX buil
 COMMAND_PREFIX = "    python scripts/train_default_model.py"
 
 
-def _earlier_stages(init_from: Path | None) -> tuple[list[str], float]:
-    """The training commands and minutes recorded in the card of the model a run continues from."""
+def _earlier_commands(init_from: Path | None) -> list[str]:
+    """The training commands recorded in the card of the model a run continues from."""
     card = init_from / "README.md" if init_from is not None else None
     if card is None or not card.is_file():
-        return [], 0.0
-    text = card.read_text(encoding="utf-8")
-    commands = [line for line in text.splitlines() if line.startswith(COMMAND_PREFIX)]
-    minutes = [float(m) for m in re.findall(r"in all (\d+(?:\.\d+)?) minutes", text)]
-    if not minutes:
-        minutes = [float(m) for m in re.findall(r"(\d+(?:\.\d+)?) minutes on\s+a 2-core machine", text)]
-    return commands, minutes[0] if minutes else 0.0
+        return []
+    return [line for line in card.read_text(encoding="utf-8").splitlines() if line.startswith(COMMAND_PREFIX)]
 
 
 def write_card(
@@ -119,23 +113,20 @@ def write_card(
     p = from_name(config.preset)
     final = history[-1]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
-    earlier, earlier_minutes = _earlier_stages(init_from)
-    commands = "\n".join([*earlier, f"    {command}"])
+    commands = "\n".join([*_earlier_commands(init_from), f"    {command}"])
     start = f"From random weights (seed {config.seed})" if init_from is None else "Continued from the model above"
-    minutes = final["seconds"] / 60
-    total = f"; in all {earlier_minutes + minutes:.0f} minutes" if earlier else ""
     (out / "README.md").write_text(
         MODEL_CARD.format(
             preset=p.name, vl=p.vision_num_layers, vh=p.vision_hidden_size, vi=p.vision_intermediate_size,
             vheads=p.vision_num_heads, vfl=p.vision_feature_layer, h=p.hidden_size, layers=p.num_hidden_layers,
             ffn=p.intermediate_size, heads=p.num_attention_heads, kv=p.num_key_value_heads,
             params=sum(t.numel() for t in model.parameters()), size=size, vocab=p.vocab_size,  # type: ignore[attr-defined]
-            image_id=p.image_token_id, commands=commands, start=start, total=total, steps=config.steps,
+            image_id=p.image_token_id, commands=commands, start=start, steps=config.steps,
             batch=config.batch_images,
             turns=config.turns, max_rms=config.max_rms, aux=config.aux_weight, glayer=config.grounding_layer,
             gweight=config.grounding_weight,
             lr=config.lr, warmup=config.warmup_steps, min_lr=config.min_lr_ratio,
-            wd=config.weight_decay, minutes=minutes, loss=final["loss"],
+            wd=config.weight_decay, minutes=final["seconds"] / 60, loss=final["loss"],
             val_n=config.eval_examples, val=final.get("val_accuracy", float("nan")),
         ),
         encoding="utf-8",
@@ -177,9 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, PresetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.init_from is not None and not (args.init_from / "config.json").is_file():
-        print(f"error: --init-from {args.init_from} has no config.json; give a model directory", file=sys.stderr)
-        return 2
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -213,10 +201,15 @@ def main(argv: list[str] | None = None) -> int:
                     info.step, info.steps, ema[-1], info.aux_loss, info.grounding_loss, info.seconds,
                 )  # fmt: skip
 
-        model, history = train(
-            config, on_step=on_step, checkpoint=snapshot if args.checkpoint_dir else None,
-            checkpoint_every=args.checkpoint_every, init_from=args.init_from,
-        )  # fmt: skip
+        try:
+            model, history = train(
+                config, on_step=on_step, checkpoint=snapshot if args.checkpoint_dir else None,
+                checkpoint_every=args.checkpoint_every, init_from=args.init_from,
+            )  # fmt: skip
+        except TrainConfigError as e:  # a bad --init-from: raised before the first step
+            progress.stop()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     args.log_dir.mkdir(parents=True, exist_ok=True)
     write_history(history, config, args.log_dir / "history.json")

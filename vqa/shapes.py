@@ -249,20 +249,16 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question | None:
     shapes = scene.shapes
     kinds = [s.kind for s in shapes]
     colours = [s.colour for s in shapes]
-    if qtype == "colour":
-        unique = _unique(kinds)
+    if qtype in ("colour", "shape"):
+        # Name the object by its other attribute, which must be unique in the scene.
+        names, answers = (kinds, colours) if qtype == "colour" else (colours, kinds)
+        unique = _unique(names)
         if not unique:
             return None
-        kind = str(rng.choice(unique))
-        i = kinds.index(kind)
-        return Question("colour", f"What colour is the {kind}?", colours[i], (i,))
-    if qtype == "shape":
-        unique = _unique(colours)
-        if not unique:
-            return None
-        colour = str(rng.choice(unique))
-        i = colours.index(colour)
-        return Question("shape", f"What shape is the {colour} object?", kinds[i], (i,))
+        name = str(rng.choice(unique))
+        i = names.index(name)
+        text = f"What colour is the {name}?" if qtype == "colour" else f"What shape is the {name} object?"
+        return Question(qtype, text, answers[i], (i,))
     if qtype == "count":
         present = sorted(set(kinds))
         kind = str(rng.choice(present)) if rng.random() < 0.8 else str(rng.choice(SHAPES))

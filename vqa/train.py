@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.answer import build_prompt
 from models.default_model import IMAGE_TOKEN, build_processor, build_tokenizer
 from models.presets import ModelPreset, build_random_model, from_name
 from runtime.preprocess import ImageProcessor
@@ -88,11 +89,12 @@ class TrainConfigError(ValueError):
 
 def _load_start(path: Path, preset: ModelPreset) -> Any:
     """The fp32 model of a llava-hf directory to continue training from; it must have the preset's geometry."""
-    from transformers import LlavaForConditionalGeneration
+    from models.loading import ModelLoadError, load_llava
 
-    if not (path / "config.json").is_file():
-        raise TrainConfigError(f"--init-from {path}: no config.json there; give a llava-hf model directory")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    try:
+        model, _ = load_llava(path)
+    except ModelLoadError as e:
+        raise TrainConfigError(f"--init-from: {e}") from e
     text, vision = model.config.text_config, model.config.vision_config
     ours = (preset.hidden_size, preset.num_hidden_layers, preset.vocab_size, preset.vision_hidden_size)
     theirs = (text.hidden_size, text.num_hidden_layers, text.vocab_size, vision.hidden_size)
@@ -174,15 +176,15 @@ class Encoder:
     def __init__(self, preset: ModelPreset) -> None:
         self.preset = preset
         self.tokenizer = build_tokenizer(preset.vocab_size)
-        processor = build_processor(self.tokenizer, preset)
-        self.pixels = ImageProcessor.from_config(processor.image_processor.to_dict())
+        self.processor = build_processor(self.tokenizer, preset)
+        self.pixels = ImageProcessor.from_config(self.processor.image_processor.to_dict())
         self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
 
     def prompt(self, question: str) -> list[int]:
-        """The first turn: <s>USER: <image>\\n{question} ASSISTANT: with <image> expanded."""
-        ids = self.tokenizer(f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:")["input_ids"]
+        """The inference prompt (the chat template: "USER: <image>\\n{question} ASSISTANT:"), <image> expanded."""
+        ids = self.tokenizer(build_prompt(self.processor, question))["input_ids"]
         at = ids.index(self.image_id)
         return ids[:at] + [self.image_id] * self.preset.num_image_tokens + ids[at + 1 :]
 
@@ -235,8 +237,6 @@ def training_batch(encoder: Encoder, step: int, config: TrainConfig) -> dict[str
         rows.append(encoder.turns(questions))
         aux.append(np.stack(shapes.patch_labels(scene)))  # [3, 576]
         relevant.append([shapes.object_patches(scene, q.objects) for q in questions])
-    starts = {r.image_start for r in rows}
-    assert len(starts) == 1, "every row has the same prefix"
     turns = max(len(r.queries) for r in rows)
     queries = torch.full((len(rows), turns), -1)
     wanted = torch.zeros(len(rows), turns, shapes.GRID**2, dtype=torch.bool)
@@ -252,7 +252,6 @@ def training_batch(encoder: Encoder, step: int, config: TrainConfig) -> dict[str
         "patch_labels": torch.from_numpy(np.stack(aux, axis=1)),
         "queries": queries,
         "relevant": wanted,
-        "image_start": torch.tensor(starts.pop()),
     }
 
 
@@ -388,10 +387,7 @@ class Objective:
                 raise TrainConfigError(f"grounding_layer {config.grounding_layer} is past the last layer ({last})")
             self.grounding = GroundingLoss(model, config.grounding_layer)
         self.vision = _VisionFeatures(model)
-        self.projected: list[torch.Tensor] = []
-        self.handle = model.model.multi_modal_projector.register_forward_hook(
-            lambda _m, _i, out: self.projected.append(out)
-        )
+        self.image_id = model.config.image_token_id
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The auxiliary heads' parameters (trained with the model, dropped after)."""
@@ -401,9 +397,9 @@ class Objective:
         """The losses of one batch of `training_batch`: "answer", "patch", "grounding", "scale", "total"."""
         batch = dict(batch)
         targets = batch.pop("patch_labels")
-        queries, relevant, image_start = batch.pop("queries"), batch.pop("relevant"), int(batch.pop("image_start"))
-        self.projected.clear()
+        queries, relevant = batch.pop("queries"), batch.pop("relevant")
         out = model(**batch, output_hidden_states=True)
+        image_start = int((batch["input_ids"][0] == self.image_id).nonzero()[0])  # every row has the same prefix
         zero = torch.zeros(())
         patch = self.heads.loss(self.vision.value, targets) if self.heads is not None else zero
         ground = zero
@@ -411,14 +407,13 @@ class Objective:
             ground = self.grounding.loss(queries, relevant, image_start) + self.grounding.readout_loss(
                 queries, batch["labels"]
             )
-        # the image tokens [B, P, d] and the residual stream after every decoder layer [B, S, d]
-        scale = activation_penalty([self.projected[0], *out.hidden_states[1:]], self.config.max_rms)
+        # the projected image tokens [B * P, d] and the residual stream after every decoder layer [B, S, d]
+        scale = activation_penalty([out.image_hidden_states, *out.hidden_states[1:]], self.config.max_rms)
         total = out.loss + self.config.aux_weight * patch + self.config.grounding_weight * ground + scale
         return {"answer": out.loss, "patch": patch, "grounding": ground, "scale": scale, "total": total}
 
     def remove(self) -> None:
         self.vision.handle.remove()
-        self.handle.remove()
         if self.grounding is not None:
             self.grounding.remove()
 
