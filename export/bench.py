@@ -87,6 +87,16 @@ class Measurement:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
+
+def _continue_from(model: Any, out: Any) -> dict[str, Any]:
+    """The keyword that hands a forward pass's KV cache to the next one. transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); the range we admit has both."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
 def _median(values: list[float]) -> float:
     return float(statistics.median(values))
 
@@ -243,12 +253,12 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
         t1 = time.perf_counter()
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         t2 = time.perf_counter()
-        past, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        token, steps = out.logits[:, -1:].argmax(-1), []
         for _ in range(config.new_tokens - 1):
             s = time.perf_counter()
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            out = model(input_ids=token, **_continue_from(model, out), use_cache=True)
             steps.append(time.perf_counter() - s)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            token = out.logits[:, -1:].argmax(-1)
         t3 = time.perf_counter()
         model.generate(**inputs, max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens, do_sample=False)
         return {
@@ -326,7 +336,7 @@ def torch_device_figures(preset: Any, device: str, budget: int, repeats: int, dt
     def dense() -> tuple[float, float]:
         prefill, out = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True))
         token = out.logits[:, -1:].argmax(-1)
-        step, _ = timed(lambda: model(input_ids=token, past_key_values=out.past_key_values, use_cache=True))
+        step, _ = timed(lambda: model(input_ids=token, **_continue_from(model, out), use_cache=True))
         return prefill, step
 
     reference = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=budget))

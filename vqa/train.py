@@ -291,15 +291,28 @@ class PatchHeads(torch.nn.Module):
 
 
 class _VisionFeatures:
-    """Keeps the vision tower's output of the layer the projector reads, from a forward hook."""
+    """Keeps, from forward hooks, the vision tower's output of the layer the projector reads and the
+    projector's output. Hooks, not the model output's fields: transformers renames and reshapes
+    those between minor releases (5.24 made the projected features a per-image list)."""
 
     def __init__(self, model: Any) -> None:
         self.layer = model.config.vision_feature_layer
-        self.value: torch.Tensor | None = None
-        self.handle = model.model.vision_tower.register_forward_hook(self._keep)
+        self.value: torch.Tensor | None = None  # [B, P, w]
+        self.projected: torch.Tensor | None = None  # [B, P, d]
+        self.handles = [
+            model.model.vision_tower.register_forward_hook(self._keep),
+            model.model.multi_modal_projector.register_forward_hook(self._keep_projected),
+        ]
 
     def _keep(self, _module: Any, _inputs: Any, output: Any) -> None:
         self.value = output.hidden_states[self.layer][:, 1:]  # [B, P, w]: CLS dropped, as "default" selects
+
+    def _keep_projected(self, _module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        self.projected = output
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class GroundingLoss:
@@ -407,13 +420,13 @@ class Objective:
             ground = self.grounding.loss(queries, relevant, image_start) + self.grounding.readout_loss(
                 queries, batch["labels"]
             )
-        # the projected image tokens [B * P, d] and the residual stream after every decoder layer [B, S, d]
-        scale = activation_penalty([out.image_hidden_states, *out.hidden_states[1:]], self.config.max_rms)
+        # the projected image tokens [B, P, d] and the residual stream after every decoder layer [B, S, d]
+        scale = activation_penalty([self.vision.projected, *out.hidden_states[1:]], self.config.max_rms)
         total = out.loss + self.config.aux_weight * patch + self.config.grounding_weight * ground + scale
         return {"answer": out.loss, "patch": patch, "grounding": ground, "scale": scale, "total": total}
 
     def remove(self) -> None:
-        self.vision.handle.remove()
+        self.vision.remove()
         if self.grounding is not None:
             self.grounding.remove()
 
