@@ -2,7 +2,7 @@
 
     python scripts/train_default_model.py --out models/default --force
 
-About 50 minutes on a 2-core CPU with the defaults. Writes the fp16 checkpoint to --out (through a
+About an hour on a 2-core CPU with the defaults. Writes the fp16 checkpoint to --out (through a
 temporary directory renamed at the end: an interrupted run leaves the old model in place) and the
 loss history and curve to --log-dir. --checkpoint-dir gets an fp32 snapshot every
 --checkpoint-every steps, to evaluate a long run before it ends.
@@ -71,9 +71,12 @@ AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}).
   `LlavaForConditionalGeneration`):
   - per patch, on the vision tower: the colour and shape of the object covering it and whether it
     holds an object's centre (weight {aux});
+  - per image token, on the projector's output: a linear read-out of the patch's row and column
+    (squared error, weight {pweight}), so that where a patch is reaches the decoder in the values
+    its heads read;
   - grounding, on the decoder: head 0 of layer {glayer}, at the token that predicts an answer, is taught to
-    attend to the patches of the objects the answer depends on, and the answer is read out one layer
-    later through the model's own norm and LM head (weight {gweight});
+    attend to the patches of the objects the answer depends on ({pairing}),
+    and the answer is read out one layer later through the model's own norm and LM head (weight {gweight});
   - a penalty on activations whose RMS exceeds {max_rms}.
 - The decoder, projector and LM head start from std 1/sqrt(fan-in), not transformers' fixed 0.02,
   which is tuned for widths of 1000s. With 0.02 at width 128 the model sat at the answer priors for
@@ -124,7 +127,11 @@ def write_card(
             image_id=p.image_token_id, commands=commands, start=start, steps=config.steps,
             batch=config.batch_images,
             turns=config.turns, max_rms=config.max_rms, aux=config.aux_weight, glayer=config.grounding_layer,
-            gweight=config.grounding_weight,
+            gweight=config.grounding_weight, pweight=config.position_weight,
+            pairing=(
+                "for a position question, head 0 the first named object and head 1 the second"
+                if config.pair_grounding else "both objects of a position question on head 0"
+            ),
             lr=config.lr, warmup=config.warmup_steps, min_lr=config.min_lr_ratio,
             wd=config.weight_decay, minutes=final["seconds"] / 60, loss=final["loss"],
             val_n=config.eval_examples, val=final.get("val_accuracy", float("nan")),
@@ -149,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         "--first-example", type=int, default=defaults.first_example,
         help="index of the first training image (to continue past the images a run has seen)",
     )  # fmt: skip
+    parser.add_argument(
+        "--position-weight", type=float, default=defaults.position_weight,
+        help="weight of the per-patch row/column loss on the vision tower (0: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-pair-grounding", dest="pair_grounding", action="store_false",
+        help="ground both objects of a position question on one head (the recipe before position training)",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="fp32 snapshots during training")
     parser.add_argument("--checkpoint-every", type=int, default=500)
@@ -163,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(
             preset=args.preset, steps=args.steps, batch_images=args.batch_images, lr=args.lr, seed=args.seed,
             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
-            first_example=args.first_example,
+            first_example=args.first_example, position_weight=args.position_weight,
+            pair_grounding=args.pair_grounding, eval_examples=args.eval_examples,
         )  # fmt: skip
     except (TrainConfigError, PresetError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -197,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, completed=info.step, loss=ema[-1], val=val)
             if not progress.console.is_terminal and info.step % 50 == 0:  # a log file gets a line now and then
                 log.info(
-                    "step %d/%d: loss %.4f, patch loss %.3f, grounding loss %.3f (%.0f s)",
-                    info.step, info.steps, ema[-1], info.aux_loss, info.grounding_loss, info.seconds,
+                    "step %d/%d: loss %.4f, patch loss %.3f, position loss %.3f, grounding loss %.3f (%.0f s)",
+                    info.step, info.steps, ema[-1], info.aux_loss, info.position_loss, info.grounding_loss,
+                    info.seconds,
                 )  # fmt: skip
 
         try:

@@ -279,3 +279,30 @@ def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
     assert not _compare("c", "q", 10, 4, CRITERIA["float32"], got, ref).passed
     ref_logits[2, 3] = 5.0  # a clear winner: parting there is a failure whatever the precision
     assert not _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
+
+
+def test_fp16_tolerance_doubles_only_where_selections_differ():
+    """A near-tie swap of core neurons runs a slightly different sparse FFN: float16 allows twice the
+    logit tolerance for that case, and only for it; float32 never (its selections must be equal)."""
+    from export.ort_runner import OrtGeneration
+    from export.validate import CRITERIA, _compare
+
+    ref_logits = np.zeros((3, 4), np.float32)
+    ref_logits[:, 1] = 10.0  # tolerance 1e-3 + 2e-2 * 10 = 0.201
+    got_logits = ref_logits.copy()
+    got_logits[1, 2] = 0.3  # a decode step off by 0.3: over the bound, under twice it
+    scores = np.arange(8.0)[::-1].copy()
+    ref = ([1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), [0, 1], {3: list(range(20))}, scores)
+
+    def case(core: list[int], criteria: str):
+        got = OrtGeneration(tokens=[1, 1, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32),
+                            kept_image_tokens=[0, 1], core_neurons={3: core})  # fmt: skip
+        return _compare("c", "q", 10, 3, CRITERIA[criteria], got, ref)
+
+    same = case(list(range(20)), "float16")
+    assert not same.passed and same.tolerance == pytest.approx(0.201)
+    swapped = case([*range(19), 25], "float16")  # 95% shared: within min_overlap
+    assert swapped.passed and swapped.tolerance == pytest.approx(0.402)
+    assert not case([*range(19), 25], "float32").passed
+    got_logits[1, 2] = 0.5  # over twice the bound: fails even with the swap
+    assert not case([*range(19), 25], "float16").passed

@@ -110,8 +110,8 @@ def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 open: the shipped model (83.5% on 1000 validation questions, 63 min of CPU training) "
-    "misses 3 of the 9 shipped examples (two position questions and a count); this test must pass once a "
+    reason="issue 5 open: the shipped model (86.4% dense on the test split, 68 min of CPU training) "
+    "misses 2 of the 9 shipped examples (a count of three and a presence 'no'); this test must pass once a "
     "better-trained model replaces it",
 )
 def test_shipped_model_answers_the_shipped_examples(default_loaded) -> None:

@@ -15,6 +15,7 @@ from vqa.train import (
     Encoder,
     GroundingLoss,
     Objective,
+    PatchHeads,
     TrainConfig,
     TrainConfigError,
     activation_penalty,
@@ -109,7 +110,8 @@ def test_packed_turns_compute_what_single_prompts_compute(tiny: tuple[ModelPrese
 Tiny = tuple[ModelPreset, Encoder, torch.nn.Module]
 
 
-def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None:
+@pytest.mark.parametrize("head", [0, 1])
+def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny, head: int) -> None:
     preset, enc, model = tiny
     rows = [enc.turns(shapes.training_sample(i, 3)[1]) for i in range(2)]
     ids = enc.pad_batch([r.ids for r in rows], enc.pad)
@@ -125,11 +127,11 @@ def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None
                 input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0), attention_mask=mask,
                 pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_attentions=True,
             )  # fmt: skip
-            loss = grounding.loss(queries, relevant, rows[0].image_start)
+            loss = grounding.loss(queries, relevant, rows[0].image_start, head=head)
     finally:
         grounding.remove()
         model.set_attn_implementation("sdpa")
-    probs = out.attentions[1][:, 0]  # [B, S, S]: head 0
+    probs = out.attentions[1][:, head]  # [B, S, S]
     start, n = rows[0].image_start, preset.num_image_tokens
     expected = [
         -torch.log(probs[b, queries[b, t], start : start + n][relevant[b, t]].sum())
@@ -149,14 +151,48 @@ def test_training_batch_is_padded_and_masked(encoder: Encoder) -> None:
     assert (batch["labels"][pad] == IGNORE).all()
     assert batch["patch_labels"].shape == (3, 3, 576)
     turns = batch["queries"].shape[1]
-    assert batch["relevant"].shape == (3, turns, 576)
-    # Every query is the token just before its answer; the relevant patches are those of the question's objects.
+    assert batch["relevant"].shape == (2, 3, turns, 576)
+    # Every query is the token just before its answer. Head 0 grounds on the question's objects, except
+    # that a position question gives head 0 its first object and head 1 its second.
+    paired = 0
     for j in range(3):
         scene, questions = shapes.training_sample(j, config.turns)
         for t, q in enumerate(questions):
             at = int(batch["queries"][j, t])
             assert int(batch["labels"][j, at + 1]) == encoder.answer(q.answer)[0]
-            assert np.array_equal(batch["relevant"][j, t].numpy(), shapes.object_patches(scene, q.objects))
+            first, second = batch["relevant"][0, j, t].numpy(), batch["relevant"][1, j, t].numpy()
+            if q.type == "position":
+                paired += 1
+                assert np.array_equal(first, shapes.object_patches(scene, q.objects[:1]))
+                assert np.array_equal(second, shapes.object_patches(scene, q.objects[1:]))
+                assert second.any() and not np.array_equal(first, second)
+            else:
+                assert np.array_equal(first, shapes.object_patches(scene, q.objects)) and not second.any()
+    assert paired > 0
+    unpaired = training_batch(encoder, 0, TrainConfig(batch_images=3, steps=1, pair_grounding=False))
+    assert not unpaired["relevant"][1].any()
+
+
+def test_position_read_out_follows_row_major_patches() -> None:
+    """The row / column targets follow CLIP's row-major patch order, scaled to [-1, 1]: tokens that
+    hold (row, column) and a read-out that copies them give a loss of 0, transposed ones do not, and
+    object patches and the rest weigh half each."""
+    heads = PatchHeads(8, 4)
+    p, half = shapes.GRID**2, (shapes.GRID - 1) / 2
+    rows, cols = torch.arange(p) // shapes.GRID, torch.arange(p) % shapes.GRID
+    where = (torch.stack([rows, cols], -1).float() - half) / half  # [P, 2]
+    tokens = torch.cat([where, torch.zeros(p, 2)], -1)[None].repeat(2, 1, 1)  # [2, P, 4]
+    objects = torch.zeros(2, p, dtype=torch.bool)
+    objects[:, :10] = True
+    with torch.no_grad():
+        heads.where.weight.copy_(torch.eye(2, 4))
+        heads.where.bias.zero_()
+        assert heads.position_loss(tokens, objects) < 1e-10
+        assert heads.position_loss(tokens.flip(-1).roll(2, -1), objects) > 0.1  # columns read as rows
+        heads.where.weight.zero_()
+        expected = (where[:10].pow(2).mean() + where[10:].pow(2).mean()) / 2
+        torch.testing.assert_close(heads.position_loss(tokens, objects), expected)
+        torch.testing.assert_close(heads.position_loss(tokens, torch.zeros_like(objects)), where.pow(2).mean())
 
 
 def test_patch_labels_mark_the_objects() -> None:
@@ -250,9 +286,9 @@ def test_objective_on_the_default_geometry_has_every_loss(encoder: Encoder) -> N
     objective = Objective(model, preset, config)
     try:
         losses = objective(model, training_batch(encoder, 0, config))
-        assert set(losses) == {"answer", "patch", "grounding", "scale", "total"}
+        assert set(losses) == {"answer", "patch", "position", "grounding", "scale", "total"}
         assert all(torch.isfinite(v) for v in losses.values())
-        assert losses["patch"] > 0 and losses["grounding"] > 0
+        assert losses["patch"] > 0 and losses["position"] > 0 and losses["grounding"] > 0
         losses["total"].backward()
         attn = model.model.language_model.layers[config.grounding_layer].self_attn
         assert attn.q_proj.weight.grad.abs().sum() > 0 and objective.parameters()[0].grad is not None
@@ -282,3 +318,30 @@ def test_a_run_continues_from_a_saved_model(tmp_path) -> None:
         train(again, preset=from_name("default-small"), init_from=tmp_path / "stage1")
     with pytest.raises(TrainConfigError, match=r"no config\.json"):
         train(again, preset=preset, init_from=tmp_path)
+
+
+def test_the_training_script_writes_a_loadable_model_with_its_card(tmp_path, capsys) -> None:
+    """One step of the real script on the default geometry: a llava-hf directory that loads, a card that
+    records the command and the recipe, the loss history; an existing --out is kept without --force."""
+    import importlib.util
+    from pathlib import Path
+
+    from models.loading import load_llava
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, logs = tmp_path / "model", tmp_path / "logs"
+    args = ["--out", str(out), "--log-dir", str(logs), "--steps", "1", "--batch-images", "1", "--warmup-steps", "0"]
+    assert script.main([*args, "--eval-examples", "2"]) == 0
+    model, _ = load_llava(out)
+    assert model.config.text_config.hidden_size == from_name("default-small").hidden_size
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "    python scripts/train_default_model.py --out" in card
+    assert "head 1 the second" in card and "row and column" in card
+    assert (logs / "history.json").is_file() and (logs / "loss.png").is_file()
+    before = sorted(p.name for p in out.iterdir())
+    assert script.main([*args, "--eval-examples", "2", "--no-pair-grounding"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
