@@ -369,8 +369,9 @@ class _VisionFeatures:
 
 
 class GroundingLoss:
-    """The grounding loss: head 0 of one decoder layer, at each token that predicts an answer, should
-    put its attention on the patches of the objects the answer depends on.
+    """The grounding loss: a head of one decoder layer (head 0; head 1 too for a position question's
+    second object), at each token that predicts an answer, should put its attention on the patches of
+    the objects the answer depends on.
 
     The attention is recomputed for those few query rows from the layer's inputs (a forward pre-hook),
     so the model keeps its fast attention kernel. Why: the answer loss alone teaches a decoder to find
@@ -530,7 +531,7 @@ class StepInfo:
     seconds: float  # since the start
     aux_loss: float = 0.0  # the per-patch auxiliary loss
     position_loss: float = 0.0  # the row / column read-out's squared error
-    grounding_loss: float = 0.0  # -log of head 0's attention on the answer's objects
+    grounding_loss: float = 0.0  # -log of the grounded heads' attention on their objects, plus the read-out
     val_accuracy: float | None = None
 
 
