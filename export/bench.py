@@ -87,15 +87,14 @@ class Measurement:
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
-
-def _continue_from(model: Any, out: Any) -> dict[str, Any]:
-    """The keyword that hands a forward pass's KV cache to the next one. transformers 5.24 renamed
-    `past_key_values` to `cache` (the old name warns, and goes in 5.40); the range we admit has both."""
+def _cache_keyword(model: Any) -> str:
+    """The forward keyword (and output field) that carries the KV cache from one pass to the next.
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40); the
+    range we admit has both. Asked once per model, outside the timed loops."""
     import inspect
 
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 
 def _median(values: list[float]) -> float:
     return float(statistics.median(values))
@@ -246,6 +245,8 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
         runs = [measure() for _ in range(config.repeats)]
         return {key: _median([run[key] for run in runs]) for key in runs[0]}
 
+    cache = _cache_keyword(model)
+
     @torch.inference_mode()
     def hf() -> dict[str, float]:
         t0 = time.perf_counter()
@@ -256,7 +257,7 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
         token, steps = out.logits[:, -1:].argmax(-1), []
         for _ in range(config.new_tokens - 1):
             s = time.perf_counter()
-            out = model(input_ids=token, **_continue_from(model, out), use_cache=True)
+            out = model(input_ids=token, **{cache: getattr(out, cache)}, use_cache=True)
             steps.append(time.perf_counter() - s)
             token = out.logits[:, -1:].argmax(-1)
         t3 = time.perf_counter()
@@ -332,11 +333,13 @@ def torch_device_figures(preset: Any, device: str, budget: int, repeats: int, dt
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
+    cache = _cache_keyword(model)
+
     @torch.inference_mode()
     def dense() -> tuple[float, float]:
         prefill, out = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True))
-        token = out.logits[:, -1:].argmax(-1)
-        step, _ = timed(lambda: model(input_ids=token, **_continue_from(model, out), use_cache=True))
+        token, past = out.logits[:, -1:].argmax(-1), {cache: getattr(out, cache)}
+        step, _ = timed(lambda: model(input_ids=token, **past, use_cache=True))
         return prefill, step
 
     reference = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=budget))

@@ -232,10 +232,10 @@ def selection_overlap(got: list[int], ref: list[int], scores: np.ndarray | None 
 
 def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criteria, got: Any, ref: tuple) -> CaseReport:
     ref_tokens, ref_logits, ref_features, ref_kept, ref_core, ref_scores = ref
+    kept_equal = None if ref_kept is None else got.kept_image_tokens == ref_kept
+    core_equal = None if ref_core is None else got.core_neurons == ref_core
     tolerance = criteria.absolute + criteria.relative * float(np.abs(ref_logits).max())
-    if (ref_kept is not None and got.kept_image_tokens != ref_kept) or (
-        ref_core is not None and got.core_neurons != ref_core
-    ):
+    if kept_equal is False or core_equal is False:
         tolerance *= criteria.selection_slack
     equal = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens, strict=True)) if a != b), steps)
     # Logits are comparable only while both sides have been fed the same tokens.
@@ -255,8 +255,8 @@ def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criter
         tolerance=tolerance,
         max_vision_diff=float(np.abs(got.image_features.astype(np.float32) - ref_features).max()),
         equal_tokens=equal,
-        kept_equal=None if ref_kept is None else got.kept_image_tokens == ref_kept,
-        core_equal=None if ref_core is None else got.core_neurons == ref_core,
+        kept_equal=kept_equal,
+        core_equal=core_equal,
         kept_overlap=kept_overlap,
         core_overlap=core_overlap,
         kept_image_tokens=None if got.kept_image_tokens is None else len(got.kept_image_tokens),

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--position-weight", type=float, default=defaults.position_weight,
-        help="weight of the per-patch row/column loss on the vision tower (0: off)",
+        help="weight of the linear row/column read-out on the projector's image tokens (0: off)",
     )  # fmt: skip
     parser.add_argument(
         "--no-pair-grounding", dest="pair_grounding", action="store_false",

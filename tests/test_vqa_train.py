@@ -110,15 +110,17 @@ def test_packed_turns_compute_what_single_prompts_compute(tiny: tuple[ModelPrese
 Tiny = tuple[ModelPreset, Encoder, torch.nn.Module]
 
 
-@pytest.mark.parametrize("head", [0, 1])
-def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny, head: int) -> None:
+def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None:
+    """Per head, the mean -log of the eager attention probability on its relevant patches; summed over
+    heads; a turn without relevant patches for a head is left out of that head's mean."""
     preset, enc, model = tiny
     rows = [enc.turns(shapes.training_sample(i, 3)[1]) for i in range(2)]
     ids = enc.pad_batch([r.ids for r in rows], enc.pad)
     mask = turn_mask(enc.pad_batch([r.segments for r in rows], -1))
     queries = enc.pad_batch([r.queries for r in rows], -1)  # [B, T]
-    relevant = torch.rand(*queries.shape, preset.num_image_tokens) < 0.3  # [B, T, P]
-    relevant[0, 0] = False  # a turn about nothing (count zero) is left out
+    relevant = torch.rand(2, *queries.shape, preset.num_image_tokens) < 0.3  # [H, B, T, P]
+    relevant[0, 0, 0] = False  # a turn about nothing (count zero) is left out
+    relevant[1, :, 1:] = False  # head 1 grounded on the first turns only (as for position questions)
     grounding = GroundingLoss(model, layer=1)
     model.set_attn_implementation("eager")
     try:
@@ -127,18 +129,28 @@ def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny, head: i
                 input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0), attention_mask=mask,
                 pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_attentions=True,
             )  # fmt: skip
-            loss = grounding.loss(queries, relevant, rows[0].image_start, head=head)
+            both = grounding.loss(queries, relevant, rows[0].image_start)
+            nothing = torch.zeros_like(relevant[0])
+            alone = [
+                grounding.loss(queries, torch.stack([relevant[0], nothing]), rows[0].image_start),
+                grounding.loss(queries, torch.stack([nothing, relevant[1]]), rows[0].image_start),
+            ]
     finally:
         grounding.remove()
         model.set_attn_implementation("sdpa")
-    probs = out.attentions[1][:, head]  # [B, S, S]
     start, n = rows[0].image_start, preset.num_image_tokens
-    expected = [
-        -torch.log(probs[b, queries[b, t], start : start + n][relevant[b, t]].sum())
-        for b in range(2) for t in range(queries.shape[1]) if queries[b, t] >= 0 and relevant[b, t].any()
-    ]  # fmt: skip
-    assert len(expected) == 2 * 3 - 1
-    torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    expected = []
+    for head in range(2):
+        probs = out.attentions[1][:, head]  # [B, S, S]
+        terms = [
+            -torch.log(probs[b, queries[b, t], start : start + n][relevant[head, b, t]].sum())
+            for b in range(2) for t in range(queries.shape[1]) if queries[b, t] >= 0 and relevant[head, b, t].any()
+        ]  # fmt: skip
+        assert len(terms) == (2 * 3 - 1 if head == 0 else 2)
+        expected.append(torch.stack(terms).mean())
+    for got, want in zip(alone, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both, expected[0] + expected[1], atol=1e-5, rtol=1e-5)
 
 
 def test_training_batch_is_padded_and_masked(encoder: Encoder) -> None:

@@ -1,4 +1,4 @@
-"""Train a small LLaVA on the shapes dataset (torch and transformers, on a CPU in under an hour).
+"""Train a small LLaVA on the shapes dataset (torch and transformers, on a CPU in about an hour).
 
 The model is a stock `LlavaForConditionalGeneration` of a preset (CLIP vision tower, projector,
 Llama decoder) with the project tokenizer. Each training row is one image and several questions
@@ -304,6 +304,14 @@ def turn_mask(segments: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
+def _halves(each: torch.Tensor, on_objects: torch.Tensor) -> torch.Tensor:
+    """Mean of per-patch losses where object patches and the rest weigh half each: objects cover a few
+    percent of the patches. Either group alone, if the other is empty."""
+    if on_objects.any() and (~on_objects).any():
+        return (each[on_objects].mean() + each[~on_objects].mean()) / 2
+    return each.mean()
+
+
 class PatchHeads(torch.nn.Module):
     """Per-patch colour / shape / centre classifiers on the vision tower's features, and a linear
     read-out of each image token's row and column from the projector's output (training only)."""
@@ -319,10 +327,7 @@ class PatchHeads(torch.nn.Module):
         losses = []
         for head, target in zip(self.heads, targets, strict=True):
             each = torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target.flatten(), reduction="none")
-            # Objects cover a few percent of the patches: their patches and the rest weigh half each.
-            on = target.flatten() > 0
-            parts = [each[on].mean(), each[~on].mean()] if on.any() and (~on).any() else [each.mean()]
-            losses.append(torch.stack(parts).mean())
+            losses.append(_halves(each, target.flatten() > 0))
         return torch.stack(losses).mean()
 
     def position_loss(self, tokens: torch.Tensor, on_objects: torch.Tensor) -> torch.Tensor:
@@ -338,9 +343,7 @@ class PatchHeads(torch.nn.Module):
         half = (shapes.GRID - 1) / 2
         target = (torch.stack([rows, cols], dim=-1).float() - half) / half  # [P, 2] in [-1, 1]
         each = (self.where(tokens) - target).pow(2).mean(-1)  # [B, P]
-        if on_objects.any() and (~on_objects).any():
-            return (each[on_objects].mean() + each[~on_objects].mean()) / 2
-        return each.mean()
+        return _halves(each, on_objects)
 
 
 class _VisionFeatures:
@@ -413,28 +416,33 @@ class GroundingLoss:
         hidden = args[0] if args else kwargs["hidden_states"]
         self.inputs = (hidden, kwargs["position_embeddings"], kwargs["attention_mask"])
 
-    def loss(self, queries: torch.Tensor, relevant: torch.Tensor, image_start: int, head: int = 0) -> torch.Tensor:
-        """-log of the attention mass that `head`, at each query token, puts on its relevant patches."""
-        # queries: [B, T] token indices (-1: no turn); relevant: [B, T, P] bool
+    def loss(self, queries: torch.Tensor, relevant: torch.Tensor, image_start: int) -> torch.Tensor:
+        """Sum over heads h of the mean -log attention mass that head h, at each query token, puts on
+        relevant[h]'s patches (a head with no relevant patches for a turn is not grounded there).
+
+        queries: [B, T] token indices (-1: no turn); relevant: [H, B, T, P] bool, for heads 0 .. H-1
+        """
         from transformers.models.llama.modeling_llama import rotate_half
 
         assert self.inputs is not None, "the model ran before the loss"
         hidden, (cos, sin), mask = self.inputs  # hidden: [B, S, d]; cos, sin: [B, S, hd]; mask: [B, 1, S, S]
-        rows, turns = ((queries >= 0) & relevant.any(-1)).nonzero(as_tuple=True)  # [Q] each
-        if len(rows) == 0:
-            return hidden.new_zeros(())
-        at = queries[rows, turns]  # [Q]
         hd = self.attn.head_dim
-        kv = head // self.attn.num_key_value_groups  # the KV head this query head reads (GQA)
-        q = self.attn.q_proj(hidden[rows, at])[:, head * hd : (head + 1) * hd]  # [Q, hd]
-        k = self.attn.k_proj(hidden)[..., kv * hd : (kv + 1) * hd]  # [B, S, hd]
-        q = q * cos[rows, at] + rotate_half(q) * sin[rows, at]
-        k = (k * cos + rotate_half(k) * sin)[rows]  # [Q, S, hd]
-        logits = (k @ q[:, :, None])[..., 0] * self.attn.scaling + mask[rows, 0, at]  # [Q, S]
-        logp = torch.log_softmax(logits, dim=-1)
-        image = logp[:, image_start : image_start + relevant.shape[-1]]  # [Q, P]
-        on_objects = torch.logsumexp(image.masked_fill(~relevant[rows, turns], float("-inf")), dim=-1)  # [Q]
-        return -on_objects.mean()
+        keys = self.attn.k_proj(hidden).unflatten(-1, (-1, hd))  # [B, S, kv heads, hd], once for every head
+        keys = keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]
+        total = hidden.new_zeros(())
+        for head, wanted in enumerate(relevant):
+            rows, turns = ((queries >= 0) & wanted.any(-1)).nonzero(as_tuple=True)  # [Q] each
+            if len(rows) == 0:
+                continue
+            at = queries[rows, turns]  # [Q]
+            q = self.attn.q_proj(hidden[rows, at])[:, head * hd : (head + 1) * hd]  # [Q, hd]
+            q = q * cos[rows, at] + rotate_half(q) * sin[rows, at]
+            k = keys[rows, :, head // self.attn.num_key_value_groups]  # [Q, S, hd]: the KV head it reads (GQA)
+            logits = (k @ q[:, :, None])[..., 0] * self.attn.scaling + mask[rows, 0, at]  # [Q, S]
+            image = torch.log_softmax(logits, dim=-1)[:, image_start : image_start + wanted.shape[-1]]  # [Q, P]
+            on_objects = torch.logsumexp(image.masked_fill(~wanted[rows, turns], float("-inf")), dim=-1)  # [Q]
+            total = total - on_objects.mean()
+        return total
 
 
 class Objective:
@@ -449,7 +457,7 @@ class Objective:
         self.config = config
         on_grid = preset.num_patches == shapes.GRID**2
         self.heads = None
-        if config.aux_weight > 0 and on_grid:
+        if (config.aux_weight > 0 or config.position_weight > 0) and on_grid:
             self.heads = PatchHeads(preset.vision_hidden_size, preset.hidden_size)
         self.grounding = None
         if config.grounding_weight > 0 and on_grid:
@@ -475,15 +483,14 @@ class Objective:
         zero = torch.zeros(())
         patch = position = zero
         if self.heads is not None:
-            patch = self.heads.loss(self.vision.value, targets)
+            if self.config.aux_weight > 0:
+                patch = self.heads.loss(self.vision.value, targets)
             if self.config.position_weight > 0:
                 position = self.heads.position_loss(self.vision.projected, targets[0] > 0)
         ground = zero
         if self.grounding is not None:
             # relevant: [2, B, T, P], the targets of heads 0 and 1 (head 1's are empty unless paired)
-            ground = self.grounding.loss(queries, relevant[0], image_start, head=0)
-            if relevant[1].any():
-                ground = ground + self.grounding.loss(queries, relevant[1], image_start, head=1)
+            ground = self.grounding.loss(queries, relevant, image_start)
             ground = ground + self.grounding.readout_loss(queries, batch["labels"])
         # the projected image tokens [B, P, d] and the residual stream after every decoder layer [B, S, d]
         scale = activation_penalty([self.vision.projected, *out.hidden_states[1:]], self.config.max_rms)
