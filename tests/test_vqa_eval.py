@@ -110,8 +110,8 @@ def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 5 open: the shipped model (86.4% dense on the test split, 68 min of CPU training) "
-    "misses 2 of the 9 shipped examples (a count of three and a presence 'no'); this test must pass once a "
+    reason="issue 5 open: the shipped model (93.7% dense on the test split, 54 min of CPU training; count "
+    "82%) misses 1 of the 9 shipped examples (a count of three, answered 'two'); this test must pass once a "
     "better-trained model replaces it",
 )
 def test_shipped_model_answers_the_shipped_examples(default_loaded) -> None:

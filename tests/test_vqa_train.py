@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -252,6 +253,19 @@ def test_a_few_steps_train_a_tiny_model() -> None:
     assert len(changed) > len(start) // 2
 
 
+def test_bf16_autocast_trains_fp32_weights() -> None:
+    """Under bf16 autocast the losses stay finite, the weights stay fp32, and the first step's losses are
+    those of fp32 within bfloat16 rounding."""
+    preset = from_name("tiny-llama").replace(name="tiny-1024", vocab_size=1024, image_token_id=1023, pad_token_id=3)
+    run = {"steps": 1, "batch_images": 2, "warmup_steps": 1, "eval_every": 0, "eval_examples": 2}
+    model, history = train(TrainConfig(bf16=True, **run), preset=preset)
+    _, exact = train(TrainConfig(**run), preset=preset)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.isfinite(history[0]["loss"])
+    assert history[0]["loss"] != exact[0]["loss"]  # bfloat16 did run
+    assert history[0]["loss"] == pytest.approx(exact[0]["loss"], rel=0.02)
+
+
 def test_readout_loss_reads_the_answer_one_layer_after_the_grounded_head(tiny: Tiny) -> None:
     preset, enc, model = tiny
     rows = [enc.turns(shapes.training_sample(i, 3)[1]) for i in range(2)]
@@ -346,13 +360,21 @@ def test_the_training_script_writes_a_loadable_model_with_its_card(tmp_path, cap
     spec.loader.exec_module(script)
     out, logs = tmp_path / "model", tmp_path / "logs"
     args = ["--out", str(out), "--log-dir", str(logs), "--steps", "1", "--batch-images", "1", "--warmup-steps", "0"]
-    assert script.main([*args, "--eval-examples", "2"]) == 0
+    assert script.main([*args, "--eval-examples", "2", "--bf16", "--turns", "3"]) == 0
     model, _ = load_llava(out)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", framework="pt") as stored:  # fp16, whatever the training precision
+        names = list(stored.keys())  # safe_open is not iterable
+        assert {stored.get_slice(k).get_dtype() for k in names} == {"F16"}
     assert model.config.text_config.hidden_size == from_name("default-small").hidden_size
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "    python scripts/train_default_model.py --out" in card
     assert "head 1 the second" in card and "row and column" in card
+    assert "bf16 autocast on the CPU" in card
     assert (logs / "history.json").is_file() and (logs / "loss.png").is_file()
+    recorded = json.loads((logs / "history.json").read_text(encoding="utf-8"))["config"]
+    assert recorded["bf16"] is True and recorded["turns"] == 3
     before = sorted(p.name for p in out.iterdir())
     assert script.main([*args, "--eval-examples", "2", "--no-pair-grounding"]) == 2
     assert "pass --force" in capsys.readouterr().err
