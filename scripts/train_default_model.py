@@ -53,7 +53,7 @@ tokens (CLS dropped).
 
 The procedural shapes dataset (`vqa/shapes.py`): one to four coloured shapes (circle, square, triangle,
 star; red, green, blue, yellow, purple, white) of several sizes on textured backgrounds with clutter.
-Questions: colour of a named shape, shape of a coloured object, count of a kind (zero to five),
+Questions: colour of a named shape, shape of a coloured object, count of a kind (zero to four),
 presence of a coloured shape (yes/no, with hard negatives), relative position (left/right,
 above/below). Train, validation and test are disjoint seeded streams.
 
@@ -61,7 +61,7 @@ above/below). Train, validation and test are disjoint seeded streams.
 
 {commands}
 
-{start}: {steps} steps of {batch} images, {precision} on the CPU, {minutes:.0f} minutes on a 2-core machine.
+{start}: {steps} steps of {batch} images{crowding}, {precision} on the CPU, {minutes:.0f} minutes on a 2-core machine.
 AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}).
 
 - Each image comes with up to {turns} questions packed into one row: the image prefix once, then each
@@ -126,6 +126,10 @@ def write_card(
             params=sum(t.numel() for t in model.parameters()), size=size, vocab=p.vocab_size,  # type: ignore[attr-defined]
             image_id=p.image_token_id, commands=commands, start=start, steps=config.steps,
             batch=config.batch_images, precision="bf16 autocast" if config.bf16 else "fp32",
+            crowding=(
+                f" ({config.crowded:.0%} of them crowded: three or four objects of two kinds, so that counts of"
+                " three and four are common)" if config.crowded else ""
+            ),
             turns=config.turns, max_rms=config.max_rms, aux=config.aux_weight, glayer=config.grounding_layer,
             gweight=config.grounding_weight, pweight=config.position_weight,
             pairing=(
@@ -166,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         help="ground both objects of a position question on one head (the recipe before position training)",
     )  # fmt: skip
     parser.add_argument(
+        "--crowded", type=float, default=defaults.crowded,
+        help="share of training images with three or four objects of two kinds (counts of three and four are common)",
+    )  # fmt: skip
+    parser.add_argument(
         "--bf16", action="store_true",
         help="matmuls and attention in bfloat16 under CPU autocast (faster on CPUs with AVX512-BF16)",
     )  # fmt: skip
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
             first_example=args.first_example, position_weight=args.position_weight,
             pair_grounding=args.pair_grounding, eval_examples=args.eval_examples, bf16=args.bf16,
-            turns=args.turns,
+            turns=args.turns, crowded=args.crowded,
         )  # fmt: skip
     except (TrainConfigError, PresetError) as e:
         print(f"error: {e}", file=sys.stderr)

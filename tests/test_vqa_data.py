@@ -24,6 +24,25 @@ def test_examples_are_deterministic() -> None:
     assert scene_a == scene_b and qs_a == qs_b
 
 
+def test_crowded_training_scenes_have_three_or_four_objects_of_two_kinds() -> None:
+    # At 0 the stream is the one drawn without the option: the shipped first stage's data is unchanged.
+    assert [shapes.training_sample(i, 6, 0.0) for i in range(5)] == [shapes.training_sample(i, 6) for i in range(5)]
+    crowded = [shapes.training_sample(i, 18, 1.0) for i in range(40)]
+    for scene, questions in crowded:
+        assert 3 <= len(scene.shapes) <= shapes.MAX_OBJECTS
+        assert len({s.kind for s in scene.shapes}) <= 2
+        for q in questions:  # the questions stay true to the scene
+            if q.type == "count":
+                kind = next(k for k, plural in shapes.PLURALS.items() if plural in q.text)
+                assert q.answer == shapes.NUMBERS[sum(s.kind == kind for s in scene.shapes)]
+    answers = [q.answer for _, qs in crowded for q in qs if q.type == "count"]
+    assert answers.count("three") >= 10
+    some = [len(shapes.training_sample(i, 6, 0.5)[0].shapes) for i in range(60)]
+    assert min(some) < 3 <= max(some)  # a mix
+    with pytest.raises(shapes.DatasetError, match="crowded"):
+        shapes.training_sample(0, 6, 1.5)
+
+
 def test_splits_are_disjoint() -> None:
     digests = {
         split: {shapes.image_digest(e.image()) for e in shapes.examples(split, 60)} for split in ("validation", "test")

@@ -236,6 +236,8 @@ def test_config_validation_and_schedule() -> None:
         TrainConfig(preset="nope")
     with pytest.raises(TrainConfigError, match="grounding_weight"):
         TrainConfig(grounding_weight=-1)
+    with pytest.raises(TrainConfigError, match="crowded"):
+        TrainConfig(crowded=1.2)
 
 
 def test_a_few_steps_train_a_tiny_model() -> None:
@@ -362,7 +364,7 @@ def test_the_training_script_writes_a_loadable_model_with_its_card(tmp_path, cap
     spec.loader.exec_module(script)
     out, logs = tmp_path / "model", tmp_path / "logs"
     args = ["--out", str(out), "--log-dir", str(logs), "--steps", "1", "--batch-images", "1", "--warmup-steps", "0"]
-    assert script.main([*args, "--eval-examples", "2", "--bf16", "--turns", "3"]) == 0
+    assert script.main([*args, "--eval-examples", "2", "--bf16", "--turns", "3", "--crowded", "0.5"]) == 0
     model, _ = load_llava(out)
     from safetensors import safe_open
 
@@ -373,10 +375,10 @@ def test_the_training_script_writes_a_loadable_model_with_its_card(tmp_path, cap
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "    python scripts/train_default_model.py --out" in card
     assert "head 1 the second" in card and "row and column" in card
-    assert "bf16 autocast on the CPU" in card
+    assert "bf16 autocast on the CPU" in card and "50% of them crowded" in card
     assert (logs / "history.json").is_file() and (logs / "loss.png").is_file()
     recorded = json.loads((logs / "history.json").read_text(encoding="utf-8"))["config"]
-    assert recorded["bf16"] is True and recorded["turns"] == 3
+    assert recorded["bf16"] is True and recorded["turns"] == 3 and recorded["crowded"] == 0.5
     before = sorted(p.name for p in out.iterdir())
     assert script.main([*args, "--eval-examples", "2", "--no-pair-grounding"]) == 2
     assert "pass --force" in capsys.readouterr().err

@@ -6,7 +6,7 @@ question is about a few of those shapes, so its answer depends on a few regions 
 
 - colour:   "What colour is the star?"                          (the named shape is unique)
 - shape:    "What shape is the purple object?"                  (the named colour is unique)
-- count:    "How many circles are there?"                       (zero .. five)
+- count:    "How many circles are there?"                       (zero .. four)
 - presence: "Is there a red square?"                            (yes / no, with hard negatives)
 - position: "Is the red circle left or right of the blue star?" (or above / below)
 
@@ -117,10 +117,16 @@ def _muted(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(np.clip(value + t, 0, 255)) for t in tint)  # type: ignore[return-value]
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    # Half the scenes draw their shapes from two kinds only, so that counts above one are common.
-    kinds = SHAPES if rng.random() < 0.5 else tuple(rng.choice(SHAPES, size=2, replace=False))
+def sample_scene(rng: np.random.Generator, crowded: bool = False) -> Scene:
+    """A random scene. `crowded` (training only): three or four objects of two kinds, where counts of
+    three and four, rare in the test distribution's scenes, are common."""
+    if crowded:
+        n = int(rng.integers(3, MAX_OBJECTS + 1))
+        kinds = tuple(rng.choice(SHAPES, size=2, replace=False))
+    else:
+        n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        # Half the scenes draw their shapes from two kinds only, so that counts above one are common.
+        kinds = SHAPES if rng.random() < 0.5 else tuple(rng.choice(SHAPES, size=2, replace=False))
     shapes: list[Shape] = []
     attempts = 0
     while len(shapes) < n and attempts < 200:
@@ -324,14 +330,17 @@ def examples(split: str, count: int, start: int = 0) -> Iterator[Example]:
         yield example(split, i)
 
 
-def training_sample(index: int, turns: int = 12) -> tuple[Scene, list[Question]]:
+def training_sample(index: int, turns: int = 12, crowded: float = 0.0) -> tuple[Scene, list[Question]]:
     """A training image with up to `turns` different questions about it, the types taken in turn, shuffled.
 
     Many questions per image: each costs a dozen tokens next to the image's 576, so a step learns
-    from several times more answers for nearly the same compute.
+    from several times more answers for nearly the same compute. A share `crowded` of the images are
+    crowded scenes (see `sample_scene`); at 0 the stream is the one drawn without the option.
     """
+    if not 0.0 <= crowded <= 1.0:
+        raise DatasetError(f"crowded must be a share in [0, 1], got {crowded}")
     rng = _rng("train", index)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, crowded=crowded > 0 and bool(rng.random() < crowded))
     questions: dict[str, Question] = {}
     for attempt in range(4 * turns):
         q = ask(scene, QUESTION_TYPES[attempt % len(QUESTION_TYPES)], rng)
