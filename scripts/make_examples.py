@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,17 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vqa.shapes import (
-    COLOURS,
-    IMAGE_SIZE,
-    MAX_OBJECTS,
-    MAX_RADIUS,
-    MIN_OBJECTS,
-    MIN_RADIUS,
-    Shape,
-    render,
-    sample_scene,
-)
+from vqa.shapes import COLOURS, Shape, layout_problem, render, sample_scene
 
 # name -> (seed of the background and clutter, [(kind, colour, x, y, radius)], [(question, answer)])
 SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[str, str]]]] = {
@@ -73,16 +62,13 @@ SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[st
 }
 
 
-def check_in_distribution(name: str, placed: list[tuple[str, str, int, int, int]]) -> None:
-    """Raise ValueError where a hand-placed scene is one the dataset could not draw."""
-    if not MIN_OBJECTS <= len(placed) <= MAX_OBJECTS:
-        raise ValueError(f"{name}: {len(placed)} objects; the dataset has {MIN_OBJECTS} to {MAX_OBJECTS}")
-    for i, (_, _, x, y, r) in enumerate(placed):
-        if not MIN_RADIUS <= r <= MAX_RADIUS or not r + 4 <= min(x, y) <= max(x, y) <= IMAGE_SIZE - r - 4:
-            raise ValueError(f"{name}: object {i} (radius {r} at {x}, {y}) is outside the dataset's sizes or frame")
-        for j, (_, _, x2, y2, r2) in enumerate(placed[:i]):
-            if math.hypot(x - x2, y - y2) < r + r2 + 8:
-                raise ValueError(f"{name}: objects {j} and {i} overlap; the dataset keeps every object whole")
+def placed_shapes(name: str, placed: list[tuple[str, str, int, int, int]]) -> tuple[Shape, ...]:
+    """The hand-placed objects as dataset shapes; ValueError where the dataset could not draw them."""
+    shapes = tuple(Shape(k, c, float(x), float(y), float(r), 0.0, COLOURS[c]) for k, c, x, y, r in placed)
+    problem = layout_problem(shapes)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     questions = []
     for name, (seed, placed, asked) in SCENES.items():
-        check_in_distribution(name, placed)
+        shapes = placed_shapes(name, placed)
         scene = sample_scene(np.random.default_rng(seed))  # background and clutter
-        shapes = tuple(Shape(k, c, float(x), float(y), float(r), 0.0, COLOURS[c]) for k, c, x, y, r in placed)
         render(dataclasses.replace(scene, shapes=shapes)).save(args.out / name)
         questions += [{"image": name, "question": q, "answer": a} for q, a in asked]
     (args.out / "questions.json").write_text(json.dumps(questions, indent=2) + "\n", encoding="utf-8")

@@ -28,6 +28,8 @@ def test_crowded_training_scenes_have_three_or_four_objects_of_two_kinds() -> No
     # At 0 the stream is the one drawn without the option: the shipped first stage's data is unchanged.
     assert [shapes.training_sample(i, 6, 0.0) for i in range(5)] == [shapes.training_sample(i, 6) for i in range(5)]
     crowded = [shapes.training_sample(i, 18, 1.0) for i in range(40)]
+    plain = [shapes.example("test", i).scene for i in range(40)]
+    assert all(shapes.layout_problem(scene.shapes) is None for scene in plain + [c for c, _ in crowded])
     for scene, questions in crowded:
         assert 3 <= len(scene.shapes) <= shapes.MAX_OBJECTS
         assert len({s.kind for s in scene.shapes}) <= 2

@@ -47,6 +47,8 @@ SPLITS: dict[str, int] = {"train": 1001, "validation": 2002, "test": 3003}
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
 MIN_RADIUS, MAX_RADIUS = 24, 44  # px: objects span about 3.5 to 6 patches
 POSITION_MARGIN = 24  # px between two centres along the asked axis
+FRAME_MARGIN = 4  # px between an object's circumscribed circle and the image border
+OBJECT_GAP = 8  # px between two objects' circumscribed circles: every object is fully visible
 
 
 class DatasetError(ValueError):
@@ -132,9 +134,9 @@ def sample_scene(rng: np.random.Generator, crowded: bool = False) -> Scene:
     while len(shapes) < n and attempts < 200:
         attempts += 1
         r = float(rng.uniform(MIN_RADIUS, MAX_RADIUS))
-        x, y = (float(v) for v in rng.uniform(r + 4, IMAGE_SIZE - r - 4, size=2))
-        if any(math.hypot(x - s.x, y - s.y) < r + s.radius + 8 for s in shapes):
-            continue  # no overlaps: every object is fully visible
+        x, y = (float(v) for v in rng.uniform(r + FRAME_MARGIN, IMAGE_SIZE - r - FRAME_MARGIN, size=2))
+        if any(_too_close(x, y, r, s) for s in shapes):
+            continue
         kind = str(rng.choice(kinds))
         colour = str(rng.choice(list(COLOURS)))
         shapes.append(Shape(kind, colour, x, y, r, float(rng.uniform(-25, 25)), _jitter(rng, COLOURS[colour], 18)))
@@ -156,6 +158,23 @@ def sample_scene(rng: np.random.Generator, crowded: bool = False) -> Scene:
         noise_seed=int(rng.integers(0, 2**31 - 1)),
         clutter=tuple(clutter),  # type: ignore[arg-type]
     )
+
+
+def _too_close(x: float, y: float, radius: float, other: Shape) -> bool:
+    return math.hypot(x - other.x, y - other.y) < radius + other.radius + OBJECT_GAP
+
+
+def layout_problem(shapes: tuple[Shape, ...]) -> str | None:
+    """Why `sample_scene` could never place these objects (count, size, frame, overlap), or None."""
+    if not MIN_OBJECTS <= len(shapes) <= MAX_OBJECTS:
+        return f"{len(shapes)} objects; the dataset has {MIN_OBJECTS} to {MAX_OBJECTS}"
+    for i, s in enumerate(shapes):
+        low, high = s.radius + FRAME_MARGIN, IMAGE_SIZE - s.radius - FRAME_MARGIN
+        if not MIN_RADIUS <= s.radius <= MAX_RADIUS or not low <= min(s.x, s.y) <= max(s.x, s.y) <= high:
+            return f"object {i} (radius {s.radius:g} at {s.x:g}, {s.y:g}) is outside the dataset's sizes or frame"
+        if any(_too_close(s.x, s.y, s.radius, other) for other in shapes[:i]):
+            return f"object {i} overlaps an earlier one; the dataset keeps every object whole"
+    return None
 
 
 def _polygon(shape: Shape) -> list[tuple[float, float]]:
