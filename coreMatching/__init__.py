@@ -1,4 +1,4 @@
-"""CoreMatching: core neurons of the prompt select the core image tokens (SPEC §1).
+"""CoreMatching: core neurons of the prompt select the core image tokens (docs/method.md).
 
 The PyTorch reference that every exported graph and runtime answer is checked
 against. Depends on torch only; models are `transformers` LLaVA instances read

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from coreMatching.config import TOKEN_SELECTORS, CoreMatchingConfig
+from coreMatching.config import CoreMatchingConfig
 from coreMatching.errors import ConfigError
+from coreMatching.selectors import MERGES, SELECTORS
 
 
 def parse_token_budget(text: str) -> int | str:
@@ -63,10 +64,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="half-open range A:B of neuron-sparse decode layers (default: 6:27 scaled to the depth)",
     )
     group.add_argument(
-        "--selector",
-        choices=TOKEN_SELECTORS,
+        "--token-selector",
+        choices=tuple(SELECTORS),
         default=d.token_selector,
-        help="how image tokens are scored: the method or a baseline (default corematching)",
+        metavar="NAME",
+        help=f"the rule that picks the kept image tokens: {', '.join(SELECTORS)} (default {d.token_selector})",
+    )
+    group.add_argument(
+        "--token-merge",
+        choices=tuple(MERGES),
+        default=d.token_merge,
+        help=f"what becomes of the pruned image tokens: {', '.join(MERGES)} (default {d.token_merge})",
     )
     group.add_argument("--dense", action="store_true",
                        help="keep every image token and every neuron (the dense model)")  # fmt: skip
@@ -84,5 +92,6 @@ def config_from_args(args: argparse.Namespace, num_image_tokens: int | None = No
         neuron_ratio=args.neuron_ratio,
         prune_layer=args.prune_layer,
         neuron_layers=args.neuron_layers,
-        token_selector=args.selector,
+        token_selector=args.token_selector,
+        token_merge=args.token_merge,
     )

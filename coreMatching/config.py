@@ -1,4 +1,4 @@
-"""Typed configuration of CoreMatching (SPEC §1, §6).
+"""Typed configuration of CoreMatching (docs/method.md).
 
 `CoreMatchingConfig` holds what the user chooses; `Budgets` is that choice
 resolved against one model (number of layers, FFN width, image tokens), with
@@ -12,9 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from coreMatching.errors import ConfigError
-
-TokenSelector = Literal["corematching", "fastv", "random"]
-TOKEN_SELECTORS: tuple[str, ...] = ("corematching", "fastv", "random")
+from coreMatching.selectors import DEFAULT_MERGE, DEFAULT_SELECTOR, MERGES, SELECTORS
 
 # The neuron-sparse range of the paper for a 32-layer model: layers 6..26,
 # written as the half-open range [6, 27); other depths scale in proportion.
@@ -33,8 +31,10 @@ class CoreMatchingConfig:
     prune_layer: `l_p`, counted from 0; layers 0..l_p see every token.
     neuron_layers: half-open range (start, stop) of the layers whose decode steps use only
         the core neurons; None scales the paper's [6, 27) of 32 layers to the model's depth.
-    token_selector: how image tokens are scored at the prune layer: "corematching" (the
-        method), or the baselines "fastv" (attention received) and "random".
+    token_selector: the registered rule (`coreMatching.selectors.SELECTORS`) that picks the kept
+        image tokens at the prune layer; the default is the project's measured best.
+    token_merge: what becomes of the pruned image tokens (`coreMatching.selectors.MERGES`): dropped
+        ("none"), one summary token ("summary"), or folded into their nearest kept token ("nearest").
     seed: seed of the "random" selector.
     neuron_chunks: select the prompt's core neurons per contiguous chunk of the FFN, each keeping
         its share of N (1: one global selection, the method). TensorRT builds need chunks when N
@@ -46,7 +46,8 @@ class CoreMatchingConfig:
     neuron_ratio: float = 0.4
     prune_layer: int = 2
     neuron_layers: tuple[int, int] | None = None
-    token_selector: TokenSelector = "corematching"
+    token_selector: str = DEFAULT_SELECTOR
+    token_merge: str = DEFAULT_MERGE
     auto_min_tokens: int = 16
     auto_max_tokens: int | None = None
     seed: int = 0
@@ -71,9 +72,15 @@ class CoreMatchingConfig:
                     f"neuron_layers must be a half-open range (start, stop) with 0 <= start < stop, "
                     f"got {self.neuron_layers!r}"
                 )
-        if self.token_selector not in TOKEN_SELECTORS:
+        if self.token_selector not in SELECTORS:
+            raise ConfigError(f"token_selector must be one of {', '.join(SELECTORS)}, got {self.token_selector!r}")
+        if self.token_merge not in MERGES:
+            raise ConfigError(f"token_merge must be one of {', '.join(MERGES)}, got {self.token_merge!r}")
+        if self.token_budget == "auto" and not SELECTORS[self.token_selector].supports_auto:
+            scoring = ", ".join(name for name, s in SELECTORS.items() if s.supports_auto)
             raise ConfigError(
-                f"token_selector must be one of {', '.join(TOKEN_SELECTORS)}, got {self.token_selector!r}"
+                f"token_budget 'auto' needs a scoring selector ({scoring}); {self.token_selector!r} picks its "
+                "tokens greedily for a fixed budget: give an integer budget or another --token-selector"
             )
         if not isinstance(self.neuron_chunks, int) or self.neuron_chunks < 1:
             raise ConfigError(f"neuron_chunks must be a positive integer, got {self.neuron_chunks!r}")
@@ -86,7 +93,7 @@ class CoreMatchingConfig:
 
     @classmethod
     def dense(cls, num_image_tokens: int, **overrides: object) -> CoreMatchingConfig:
-        """Keeps every image token and every neuron: equal to the dense model (SPEC §4)."""
+        """Keeps every image token and every neuron: equal to the dense model."""
         return cls(token_budget=num_image_tokens, neuron_ratio=1.0, **overrides)  # type: ignore[arg-type]
 
     @classmethod
@@ -124,6 +131,8 @@ class CoreMatchingConfig:
         if self.neuron_chunks > math.ceil(self.neuron_ratio * intermediate_size):
             raise ConfigError(f"neuron_chunks {self.neuron_chunks} is more than the number of core neurons")
         auto_max = num_image_tokens if self.auto_max_tokens is None else min(self.auto_max_tokens, num_image_tokens)
+        # Keeping every image token leaves nothing to merge.
+        merge = "none" if self.token_budget == num_image_tokens else self.token_merge
         return Budgets(
             num_layers=num_layers,
             intermediate_size=intermediate_size,
@@ -135,6 +144,8 @@ class CoreMatchingConfig:
             prune_layer=self.prune_layer,
             neuron_layers=neuron_layers,
             neuron_chunks=self.neuron_chunks,
+            token_selector=self.token_selector,
+            token_merge=merge,
         )
 
 
@@ -152,6 +163,19 @@ class Budgets:
     prune_layer: int  # l_p
     neuron_layers: tuple[int, int]  # half-open [start, stop)
     neuron_chunks: int = 1  # core neurons selected per contiguous chunk of the FFN
+    token_selector: str = DEFAULT_SELECTOR  # the registered rule that picks the kept image tokens
+    token_merge: str = "none"  # what becomes of the pruned ones ("none" when every token is kept)
+
+    @property
+    def merged_tokens(self) -> int:
+        """Extra tokens the merge adds after the kept image tokens (a summary: 1)."""
+        return 1 if self.token_merge == "summary" else 0
+
+    @property
+    def image_slots(self) -> int:
+        """Image tokens later layers hold: k, plus a summary token. Needs a static budget."""
+        assert self.token_budget != "auto", "a static budget"
+        return self.token_budget + self.merged_tokens
 
     @property
     def is_dense(self) -> bool:
@@ -171,5 +195,6 @@ PRESETS: dict[str, CoreMatchingConfig] = {
     "k128": CoreMatchingConfig(token_budget=128),
     "k64": CoreMatchingConfig(token_budget=64),
     "k32": CoreMatchingConfig(token_budget=32),
-    "auto": CoreMatchingConfig(token_budget="auto"),
+    # The authors' adaptive form: their overlap rule, with the elbow of its sorted scores.
+    "auto": CoreMatchingConfig(token_budget="auto", token_selector="query-overlap", token_merge="none"),
 }

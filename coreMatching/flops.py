@@ -1,9 +1,11 @@
 """Analytic FLOPs of dense and CoreMatching inference (one multiply-add = 2 FLOPs).
 
 Counted: the q/k/v/o projections, attention scores and weighted sums (causal:
-query i attends to i + 1 keys), the three FFN matrices, and the LM head on the
-last token only. Not counted: norms, RoPE, softmax, SiLU and the selection
-itself (TopK over D per token at a few layers): each is under 1% of a layer.
+query i attends to i + 1 keys), the three FFN matrices, the LM head on the
+last token only, and the token selection's and the merge's matrix products
+(`selection_flops`: a greedy selector's k steps over the image tokens, the
+merge's overlaps and weighted sums). Not counted: norms, RoPE, softmax, SiLU
+and TopK: each is under 1% of a layer.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ def prefill_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budget
     """Decoder prefill FLOPs for a prompt of `prompt_tokens` (image tokens included).
 
     budgets None is the dense model; otherwise layers after the prune layer see
-    S - n_img + k tokens (prefill is dense in neurons, SPEC §1).
+    S - n_img + k tokens, plus a summary token (prefill is dense in neurons), and
+    the selection and the merge are counted too.
     """
-    total = geometry.lm_head()
+    total = geometry.lm_head() + (0 if budgets is None else selection_flops(geometry, prompt_tokens, budgets))
     for layer in range(geometry.num_layers):
         tokens = prompt_tokens
         if budgets is not None and layer > budgets.prune_layer:
@@ -106,7 +109,7 @@ def decode_layers(geometry: DecoderGeometry, cached_tokens: int, budgets: Budget
         past, width = cached_tokens, geometry.intermediate_size
         if budgets is not None:
             if layer > budgets.prune_layer:
-                past = cached_tokens - budgets.num_image_tokens + _k(budgets)
+                past = cached_tokens - budgets.num_image_tokens + _k(budgets) + budgets.merged_tokens
             if budgets.is_neuron_sparse(layer):
                 width = budgets.core_neurons
         yield past, width
@@ -121,7 +124,29 @@ def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets
 
 
 def kept_length(prompt_tokens: int, budgets: Budgets) -> int:
-    return prompt_tokens - budgets.num_image_tokens + _k(budgets)
+    """Tokens that layers after the prune layer compute and cache: S - n_img + k (+1 for a summary)."""
+    return prompt_tokens - budgets.num_image_tokens + _k(budgets) + budgets.merged_tokens
+
+
+def selection_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budgets) -> int:
+    """The matrix products of the token selector and the merge at the prune layer (static budgets).
+
+    core-coverage: k steps of [n_img, D] @ [D]; max-min: the [n_img, n_img] cosines, then k steps
+    of a minimum; the score rules: at most one [n_img, D] product. nearest: the [n_img, k]
+    core-neuron overlaps and the [S', S] @ [S, d] weighted sum; summary: the weighted sum.
+    """
+    n, width, k = budgets.num_image_tokens, geometry.intermediate_size, _k(budgets)
+    rules = {
+        "core-coverage": 2 * k * n * width,
+        "max-min": 2 * n * n * width + k * n,
+    }
+    total = rules.get(budgets.token_selector, 2 * n * width)
+    rows = kept_length(prompt_tokens, budgets)
+    if budgets.token_merge == "nearest":
+        total += 2 * n * k * width + 2 * rows * prompt_tokens * geometry.hidden_size
+    elif budgets.token_merge == "summary":
+        total += 2 * rows * prompt_tokens * geometry.hidden_size
+    return total
 
 
 def _k(budgets: Budgets) -> int:

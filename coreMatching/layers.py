@@ -25,6 +25,7 @@ class LayerKV:
     key: Tensor  # [1, n_kv, T, hd] (after RoPE)
     value: Tensor  # [1, n_kv, T, hd]
     positions: Tensor  # [T] position ids of the cached tokens (kept tokens keep their original ones)
+    bias: Tensor | None = None  # [T] added to every query's logit for each key: log of its multiplicity (merges)
 
     @property
     def length(self) -> int:
@@ -86,12 +87,14 @@ def attention(
     past: LayerKV | None,
     window: int | None,
     want_probs: bool = False,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, LayerKV, Tensor | None]:
     """Self-attention of one layer on normed hidden states, with an explicit KV cache.
 
-    x: [1, T, d]; positions: [T] position ids of x's tokens.
+    x: [1, T, d]; positions: [T] position ids of x's tokens; key_bias: [T] log multiplicity of x's
+    keys (a merged token weighs as that many copies; None: all 1).
     Returns the output [1, T, d], the layer's cache with x's keys appended, and,
-    when asked (FastV), the attention probabilities [H, T, T_kv].
+    when asked (FastV), the last query's attention probabilities [H, T_kv].
     """
     _, seq, _ = x.shape
     head_dim = attn.head_dim
@@ -105,7 +108,11 @@ def attention(
         kv_positions = torch.cat([past.positions, positions])
     else:
         kv_positions = positions
-    cache = LayerKV(k, v, kv_positions)
+    bias = None
+    if key_bias is not None or (past is not None and past.bias is not None):
+        new_bias = key_bias if key_bias is not None else torch.zeros(seq, device=x.device)
+        bias = new_bias if past is None else torch.cat([_bias_of(past), new_bias])
+    cache = LayerKV(k, v, kv_positions, bias)
 
     groups = q.shape[1] // k.shape[1]
     k_rep = k.repeat_interleave(groups, dim=1)  # [1, H, T_kv, hd]
@@ -115,20 +122,31 @@ def attention(
     # Kept tokens keep their order, so causality by index equals causality by
     # position and the plain causal kernel applies; a sliding window is measured
     # in original positions and needs an explicit mask.
+    # A merged token sits after the kept image tokens but keeps their mean position: causality is by
+    # index there (the order the cache holds), as in the graphs.
     mask = None
-    if window is not None or want_probs:
-        mask = kv_positions[None, :] <= positions[:, None]  # [T, T_kv]
+    if window is not None or want_probs or bias is not None:
+        total = k.shape[2]
+        mask = torch.ones(seq, total, dtype=torch.bool, device=x.device).tril(total - seq)  # [T, T_kv] by index
         if window is not None:
             mask &= (positions[:, None] - kv_positions[None, :]) < window
+    attn_mask = mask
+    if bias is not None:
+        assert mask is not None
+        attn_mask = torch.where(mask, bias.to(q.dtype)[None, :], torch.finfo(q.dtype).min)  # [T, T_kv] additive
     is_causal = mask is None and past is None and seq > 1
-    out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal=is_causal, scale=scale)
+    out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     out = attn.o_proj(out.transpose(1, 2).reshape(1, seq, -1))  # [1, T, d]
 
     probs = None
     if want_probs:
-        logits = (q @ k_rep.transpose(-1, -2)) * scale  # [1, H, T, T_kv]
-        probs = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)[0]
+        logits = (q[:, :, -1:] @ k_rep.transpose(-1, -2)) * scale  # [1, H, 1, T_kv]: the last query only
+        probs = logits.masked_fill(~mask[-1:], float("-inf")).softmax(dim=-1)[0, :, 0]
     return out, cache, probs
+
+
+def _bias_of(past: LayerKV) -> Tensor:
+    return past.bias if past.bias is not None else torch.zeros(past.length, device=past.key.device)
 
 
 def ffn_dense(mlp: Any, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,14 +1,14 @@
-"""CoreMatching on a Hugging Face `LlavaForConditionalGeneration` (SPEC §1, §6).
+"""CoreMatching on a Hugging Face `LlavaForConditionalGeneration` (docs/method.md).
 
 `CoreMatchingLlava(model, config)` runs the method with the model's own
 weights:
 
 - prefill: every layer up to the prune layer sees the whole prompt; at the
-  prune layer the image tokens are scored by how many of their token-wise core
-  neurons are core neurons of the prompt, the top `k` are kept (in their
-  original order) and the others are physically removed from the hidden
-  states, so later layers compute and cache only the kept tokens, which keep
-  their original position ids;
+  prune layer the configured token selector (`coreMatching.rules`) picks `k`
+  image tokens, kept in their original order; the others are physically
+  removed from the hidden states (or merged, `coreMatching.merging`), so later
+  layers compute and cache only the kept tokens, which keep their original
+  position ids;
 - the core neurons of every neuron-sparse layer are counted during prefill
   and that layer's FFN weights are gathered once into compact tensors;
 - decode: every step runs the neuron-sparse layers with the compact weights.
@@ -28,18 +28,12 @@ from torch import Tensor
 
 from coreMatching.backbones import Backbone, backbone_of
 from coreMatching.config import Budgets, CoreMatchingConfig
-from coreMatching.errors import ConfigError, InputError
+from coreMatching.errors import InputError
 from coreMatching.layers import CompactFFN, LayerKV, attention, ffn_dense
-from coreMatching.selection import (
-    elbow_count,
-    fastv_scores,
-    keep_indices,
-    matching_scores,
-    prompt_core_neurons,
-    random_scores,
-    stable_topk,
-    token_core_membership,
-)
+from coreMatching.merging import prune
+from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
+from coreMatching.selection import elbow_count, prompt_core_neurons, stable_topk, token_core_membership
+from coreMatching.selectors import SELECTORS
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +48,15 @@ class PrefillState:
     token_scores: Tensor  # [n_img] the selector's score of every image token
     core_neurons: dict[int, Tensor]  # neuron-sparse layer -> [N] ascending
     compact_ffn: dict[int, CompactFFN]  # neuron-sparse layer -> weights gathered once
-    kv: list[LayerKV]  # per layer; layers after the prune layer hold S - n_img + k tokens
+    kv: list[LayerKV]  # per layer; layers after the prune layer hold S - n_img + k tokens (+1 with a summary)
     logits: Tensor  # [V] logits of the last prompt token
     next_position: int  # position id of the next token (= prompt length: positions are not renumbered)
+    image_bias: Tensor | None = None  # [k'] key bias of the image slots after a merge (None: no merge)
 
 
 @dataclass
 class GenerationResult:
-    """What `generate` returns (SPEC §6)."""
+    """What `generate` returns (README: Python API)."""
 
     tokens: list[int]  # generated ids
     kept_image_tokens: list[int]  # indices into the image's tokens, ascending
@@ -83,8 +78,7 @@ class CoreMatchingLlava:
         self.num_layers: int = text.num_hidden_layers
         self.window = self.backbone.window(text)
         self.image_token_id: int = model.config.image_token_id
-        if self.config.token_budget == "auto" and self.config.token_selector == "random":
-            raise ConfigError("token_budget 'auto' needs a scoring selector; use 'corematching' or 'fastv'")
+        self.selector = SELECTORS[self.config.token_selector]
 
     # -- pieces -------------------------------------------------------------------
 
@@ -126,23 +120,15 @@ class CoreMatchingLlava:
             )
         return start, stop
 
-    def _select_image_tokens(
-        self, budgets: Budgets, activations: Tensor, probs: Tensor | None, span: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
+    def _select_image_tokens(self, view: PruneLayerView) -> tuple[Tensor, Tensor]:
         """Scores every image token at the prune layer and keeps k of them. -> (kept [k] ascending, scores [n_img])"""
-        start, stop = span
-        n_img = stop - start
-        selector = self.config.token_selector
-        if selector == "corematching":
-            member = token_core_membership(activations, budgets.tokens_per_neuron_set)  # [S, D]
-            core = prompt_core_neurons(member, budgets.core_neurons, budgets.neuron_chunks)
-            scores = matching_scores(member[start:stop], core)
-        elif selector == "fastv":
-            assert probs is not None
-            scores = fastv_scores(probs, start, n_img)
+        budgets = view.budgets
+        if budgets.token_budget == "auto":
+            scores = token_scores(budgets.token_selector, view, view.num_image_tokens)
+            k = elbow_count(scores, *budgets.auto_range)
         else:
-            scores = random_scores(n_img, self.config.seed).to(activations.device)
-        k = elbow_count(scores, *budgets.auto_range) if budgets.token_budget == "auto" else budgets.token_budget
+            k = budgets.token_budget
+            scores = token_scores(budgets.token_selector, view, k)
         kept = stable_topk(scores, k).sort().values
         return kept, scores
 
@@ -181,11 +167,13 @@ class CoreMatchingLlava:
         compact: dict[int, CompactFFN] = {}
         kept = torch.arange(n_img, device=device)
         scores = torch.zeros(n_img, device=device)
+        key_bias: Tensor | None = None  # [T] log multiplicity of each key after a merge
+        image_bias: Tensor | None = None
         for index, layer in enumerate(self.backbone.layers(self.model)):
             rope = rotary(h, positions[None])
-            want_probs = index == budgets.prune_layer and self.config.token_selector == "fastv"
+            want_probs = index == budgets.prune_layer and self.selector.needs_attention
             attn_out, cache, probs = attention(
-                layer.self_attn, layer.input_layernorm(h), rope, positions, None, self.window, want_probs
+                layer.self_attn, layer.input_layernorm(h), rope, positions, None, self.window, want_probs, key_bias
             )
             kv.append(cache)
             h = h + attn_out
@@ -197,10 +185,11 @@ class CoreMatchingLlava:
                 core_neurons[index] = prompt_core_neurons(member, budgets.core_neurons, budgets.neuron_chunks)
                 compact[index] = CompactFFN.gather(layer.mlp, core_neurons[index])
             if index == budgets.prune_layer:
-                kept, scores = self._select_image_tokens(budgets, a[0], probs, span)
-                keep = keep_indices(span[0], n_img, seq_len, kept)  # [S - n_img + k]
-                h = h.index_select(1, keep)  # physically drop the other image tokens
-                positions = positions.index_select(0, keep)
+                view = PruneLayerView(a[0], span, budgets, probs, self.config.seed)
+                kept, scores = self._select_image_tokens(view)
+                groups = merge_group_scores(view, kept) if budgets.token_merge == "nearest" else None
+                pruned = prune(h, span, kept, budgets.token_merge, groups)  # physically drop (or merge) the rest
+                h, positions, key_bias, image_bias = pruned.hidden, pruned.positions, pruned.key_bias, pruned.image_bias
 
         logits = self._logits(h[:, -1:])
         log.debug("prefill: %d tokens, kept %d of %d image tokens", seq_len, kept.numel(), n_img)
@@ -214,6 +203,7 @@ class CoreMatchingLlava:
             kv=kv,
             logits=logits,
             next_position=seq_len,
+            image_bias=image_bias,
         )
 
     @torch.inference_mode()

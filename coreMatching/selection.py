@@ -1,4 +1,4 @@
-"""The selection rules of CoreMatching and its baselines (SPEC §1), as pure tensor functions.
+"""The primitives of CoreMatching's selections (docs/method.md), as pure tensor functions.
 
 Every selection breaks ties by the lower index first, which is what ONNX
 `TopK` specifies: the reference sorts with a stable descending sort so that
@@ -70,15 +70,6 @@ def matching_scores(image_membership: Tensor, core_neurons: Tensor) -> Tensor:
     image_membership: bool [n_img, D]; core_neurons: int64 [N] -> int64 [n_img]
     """
     return image_membership.index_select(1, core_neurons).sum(dim=-1)
-
-
-def fastv_scores(attention_probs: Tensor, image_start: int, num_image_tokens: int) -> Tensor:
-    """FastV's score: the mean attention each image token receives, over heads and query tokens.
-
-    attention_probs: [H, T, T] (softmax rows of the prune layer) -> float [n_img]
-    """
-    received = attention_probs.mean(dim=0).mean(dim=0)  # [T]
-    return received[image_start : image_start + num_image_tokens]
 
 
 def random_scores(num_image_tokens: int, seed: int) -> Tensor:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import tempfile
@@ -31,7 +32,14 @@ from coreMatching.flops import FlopsComparison, compare, decode_flops, prefill_f
 from export.config import ExportConfig
 from export.manifest import FORMAT_VERSION, record_files, write_manifest
 from export.modules import Decoder
-from export.passes import check_tensorrt, insert_core_neuron_selection, insert_core_token_selection, insert_ffn_gather
+from export.passes import (
+    check_tensorrt,
+    insert_core_neuron_selection,
+    insert_core_token_selection,
+    insert_ffn_gather,
+    insert_token_merge,
+    insert_token_scores,
+)
 from export.passes.membership import TOPK_LIMIT
 from export.trace import Geometry, save_model, trace_decode, trace_embed, trace_prefill, trace_vision
 from export.validate import ValidationError, ValidationReport, validate_build
@@ -85,7 +93,9 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
     _check_limits(config, model, geometry)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    (tmp / OWNER).write_text(f"{os.getpid()}\n")  # which process builds here: a later build checks it is gone
     try:
         dtype = torch.float16 if config.fp16 else torch.float32
         traced_model = model.to(dtype) if config.fp16 else model
@@ -103,12 +113,13 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
             model = model.float()  # the reference runs in fp32
 
         stage("graph passes")
-        trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets)
+        seed = config.corematching.seed if config.corematching is not None else 0
+        trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets, seed)
         weights = share_weights(tmp, [f"{name}.onnx" for name in GRAPHS])
         _copy_tokenizer(model_dir, processor, tmp)
         manifest = _manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
         manifest["weights"] = weights
-        record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+        record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER))
         write_manifest(tmp, manifest)
 
         report = None
@@ -127,6 +138,7 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         write_manifest(tmp, manifest)
 
         stage("write")
+        (tmp / OWNER).unlink()
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,9 +150,15 @@ def _budgets(config: ExportConfig, geometry: Geometry) -> Budgets | None:
     if config.corematching is None:
         return None
     cm = config.corematching
+    if cm.token_budget == "auto" and cm.token_merge != "none":
+        raise ConfigError(
+            f"--token-budget auto exports without a merge (the merged slots would need a data-dependent count); "
+            f"add --token-merge none (the reference runs {cm.token_merge!r} with 'auto')"
+        )
     n = math.ceil(cm.neuron_ratio * geometry.intermediate_size)
     if config.tensorrt and cm.neuron_chunks == 1 and n > TOPK_LIMIT:
-        # TensorRT's TopK takes K < 3840: select the core neurons per chunk (SPEC §3), recorded in the manifest.
+        # TensorRT's TopK takes K < 3840: select the core neurons per chunk (docs/architecture.md), recorded
+        # in the manifest.
         cm = dataclasses.replace(cm, neuron_chunks=math.ceil(n / TOPK_LIMIT))
         log.info("N = %d core neurons is beyond TopK's limit: selecting them in %d chunks", n, cm.neuron_chunks)
     return cm.resolve(
@@ -171,15 +189,17 @@ def _check_limits(config: ExportConfig, model: Any, geometry: Geometry) -> None:
         )
 
 
-def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None) -> list[str]:
+def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None, seed: int) -> list[str]:
     """The CoreMatching passes over the traced prefill; returns what would stop a TensorRT build."""
     graph = gs.import_onnx(onnx.load(path))
     if budgets is not None:
         b, width = budgets, geometry.intermediate_size
         for layer in b.neuron_sparse_layers:
             insert_core_neuron_selection(graph, layer, b.tokens_per_neuron_set, b.core_neurons, width, b.neuron_chunks)
-        insert_core_token_selection(graph, b.prune_layer, b.num_image_tokens, b.token_budget, b.tokens_per_neuron_set,
-                                    b.core_neurons, width, b.neuron_chunks, b.auto_range)  # fmt: skip
+        scores = insert_token_scores(graph, b, seed)
+        insert_core_token_selection(graph, b, scores)
+        if b.token_merge != "none":
+            insert_token_merge(graph, b)
         for layer in b.neuron_sparse_layers:
             insert_ffn_gather(graph, layer, f"decoder.layers.{layer}.mlp")
     problems = check_tensorrt(graph)
@@ -242,6 +262,7 @@ def _dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> 
     dims = {"S": prompt, "T": tokens, "B": cache}
     if budgets is not None:
         lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
+        lo, hi = lo + budgets.merged_tokens, hi + budgets.merged_tokens  # a summary token is cached too
         dims["B_kept"] = {"min": 1 + lo, "opt": cache["opt"] - n_img + hi, "max": cache["max"] - n_img + hi}
     return dims
 
@@ -360,7 +381,43 @@ def _corematching_section(budgets: Budgets | None, config: ExportConfig) -> dict
         "core_neurons": budgets.core_neurons,
         "neuron_chunks": budgets.neuron_chunks,
         "auto_range": list(budgets.auto_range),
+        "token_selector": budgets.token_selector,
+        "token_merge": budgets.token_merge,
+        "seed": cm.seed,
     }
+
+
+OWNER = ".owner"  # the pid of the build that writes a .partial directory
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Removes the `.NAME.*.partial` directories that an interrupted build of `out` left (killed, so its
+    cleanup never ran); a directory whose builder is still running is left alone. -> the removed ones"""
+    removed = []
+    for partial in out.parent.glob(f".{out.name}.*.partial"):
+        try:
+            pid = int((partial / OWNER).read_text())
+        except (OSError, ValueError):
+            pid = None  # no owner file: from before owners were recorded, or killed before writing it
+        if pid is not None and _alive(pid):
+            log.info("%s belongs to build process %d, still running: left alone", partial, pid)
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted build", partial)
+        removed.append(partial)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

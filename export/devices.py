@@ -1,4 +1,4 @@
-"""The deployment targets this project plans for (SPEC §5), in one table.
+"""The deployment targets this project plans for (README: hardware), in one table.
 
 Everything here is a published figure or a stated assumption; nothing is probed, so the
 planner (`python -m export plan`) runs on any machine, GPU or not, without torch.

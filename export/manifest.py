@@ -1,9 +1,9 @@
 """The build's manifest.json: what a build holds and how to check it (torch-free).
 
-Format (version 1)::
+Format (version 2; version 1 builds have no token selector or merge and must be rebuilt)::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "created": "2026-11-24T06:40:00Z",
       "model": {"source", "text_model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                 "num_kv_heads", "head_dim", "vocab_size", "image_size", "patch_size", "num_image_tokens",
@@ -11,7 +11,8 @@ Format (version 1)::
       "precision": "float32" | "float16",
       "opset": 18,
       "corematching": {"dense", "token_budget", "token_ratio", "neuron_ratio", "prune_layer", "neuron_layers",
-                       "tokens_per_neuron_set", "core_neurons", "neuron_chunks", "auto_range"},
+                       "tokens_per_neuron_set", "core_neurons", "neuron_chunks", "auto_range",
+                       "token_selector", "token_merge", "seed"},
       "dims": {"S": {"min", "opt", "max"}, ...},          # every symbolic dimension of the graphs
       "graphs": {"vision" | "embed" | "prefill" | "decode": {
           "file": "prefill.onnx", "external_data": "weights.bin",   # shared by all graphs
@@ -38,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -74,7 +75,10 @@ def read_manifest(build_dir: str | Path) -> dict[str, Any]:
             f"{path} is format version {version}, newer than this tool's {FORMAT_VERSION}; update the project"
         )
     if version < FORMAT_VERSION:
-        raise ManifestError(f"{path} is format version {version}, older than {FORMAT_VERSION}; rebuild it")
+        raise ManifestError(
+            f"{path} is format version {version}, older than {FORMAT_VERSION} (builds now record their token "
+            f"selector and merge); rebuild it with `python -m export build --out {build} --force`"
+        )
     return manifest
 
 

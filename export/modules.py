@@ -1,4 +1,4 @@
-"""The traced forms of a LLaVA model: vision, embed, prefill and decode (SPEC §3).
+"""The traced forms of a LLaVA model: vision, embed, prefill and decode (docs/architecture.md).
 
 Each module holds its weights in the layout its MatMuls read (`x @ w_t`), under
 names that the graph-surgeon passes look up (`layers.{i}.mlp.gate_t`), so that
@@ -6,12 +6,17 @@ the exported graph carries them as plain initializers with no Transpose in
 between. The math is the reference's (`coreMatching.layers`), checked by the
 build's validation against `transformers` and the reference.
 
-The prefill graph is traced *dense* with two seams that the passes fill in:
+The prefill graph is traced *dense* with seams that the passes fill in:
 - a graph input `keep_indices` [S'] gathers the hidden states and position ids
   after the prune layer (the core-token pass replaces it with TopK + Gather);
+  with a merge, the inputs `merge_weights` [S'', S], `keep_positions` [S''] and
+  `key_bias` [S''] instead (the merge pass computes them): later layers start
+  from `merge_weights @ h` and add `key_bias` to every attention logit;
 - graph outputs `act.{i}` [T, D] expose the FFN activation of the prune layer
   and the neuron-sparse layers (the core-neuron pass turns them into
-  `core_neurons.{i}`, and the FFN-gather pass adds the compacted weights).
+  `core_neurons.{i}`, and the FFN-gather pass adds the compacted weights);
+  `attn_last.{l_p}` [H, T] the last query's attention at the prune layer, for
+  the selectors that read it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 
 from coreMatching.backbones import backbone_of
 from coreMatching.config import Budgets
+from coreMatching.selectors import SELECTORS
 
 
 def _t(linear: nn.Linear) -> nn.Parameter:
@@ -64,35 +70,52 @@ class Attention(nn.Module):
         y = x @ w_t
         return y if b is None else y + b
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None):
-        # x: [1, T, d]; cos/sin: [1, 1, T, hd]; past: ([1, n_kv, P, hd], [1, n_kv, P, hd])
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, key_bias: Tensor | None = None, want_last: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Prefill attention, causal by index. x: [1, T, d]; cos/sin: [1, 1, T, hd]; key_bias: [T] added to
+        every query's logit for each key (a merged token's log multiplicity). -> out [1, T, d], k, v
+        [1, n_kv, T, hd] and, with want_last, the last query's attention probabilities [H, T]."""
         seq = x.shape[1]
         q = self._proj(x, self.q_t, self.q_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, H, T, hd]
         k = self._proj(x, self.k_t, self.k_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, T, hd]
         v = self._proj(x, self.v_t, self.v_b).view(1, seq, -1, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
         groups = q.shape[1] // k.shape[1]
         k_rep = k.repeat_interleave(groups, dim=1) if groups > 1 else k
         v_rep = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-        # Prefill (no past): causal by index, which equals causal by position since kept tokens keep
-        # their order. Decode (one query, past given): the query sees every cached token.
-        out = nn.functional.scaled_dot_product_attention(
-            q, k_rep, v_rep, is_causal=past is None, scale=self.scale
-        )  # [1, H, T, hd]
-        out = self._proj(out.transpose(1, 2).reshape(1, seq, -1), self.o_t, self.o_b)
-        return out, k, v
+        # Causal by index, which equals causal by position since kept tokens keep their order (a merged
+        # token sits after the kept image tokens it stands for).
+        if key_bias is None:
+            out = nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=self.scale)
+        else:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()  # [T, T]
+            mask = torch.where(causal, key_bias[None, :].to(q.dtype), torch.finfo(q.dtype).min)
+            out = nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=self.scale)
+        out = self._proj(out.transpose(1, 2).reshape(1, seq, -1), self.o_t, self.o_b)  # [1, T, d]
+        if not want_last:
+            return out, k, v
+        logits = (q[:, :, -1:] @ k_rep.transpose(-1, -2)) * self.scale  # [1, H, 1, T]: the last query sees all
+        return out, k, v, logits.softmax(dim=-1)[0, :, 0]
 
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor, past_v: Tensor, valid: Tensor):
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        valid: Tensor,
+        past_bias: Tensor | None = None,
+    ):
         """One token against a preallocated cache buffer, without concatenating (or copying) it.
 
         x: [1, 1, d]; past_k/past_v: [1, n_kv, B, hd], of which the first `valid` [1] positions hold
-        tokens (the rest is zero padding). Returns the output [1, 1, d] and the token's own k, v
-        [1, n_kv, 1, hd], which the caller writes into its buffer at position `valid`.
+        tokens (the rest is zero padding); past_bias: [B] the cached keys' log multiplicity (merges).
+        Returns the output [1, 1, d] and the token's own k, v [1, n_kv, 1, hd], which the caller
+        writes into its buffer at position `valid`.
         """
         q = self._proj(x, self.q_t, self.q_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, H, 1, hd]
         k = self._proj(x, self.k_t, self.k_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, 1, hd]
@@ -104,6 +127,8 @@ class Attention(nn.Module):
         # repeat_interleave does): [1, n_kv, groups, hd], so no KV head is repeated.
         qg = q.reshape(1, n_kv, -1, self.head_dim)
         s_past = (qg @ past_k.transpose(-1, -2)) * self.scale  # [1, n_kv, g, B]
+        if past_bias is not None:
+            s_past = s_past + past_bias.to(s_past.dtype)
         filled = torch.arange(past_k.shape[2], device=x.device) < valid  # [B]
         s_past = torch.where(filled, s_past, torch.finfo(s_past.dtype).min)
         s_new = (qg * k).sum(-1, keepdim=True) * self.scale  # [1, n_kv, g, 1]
@@ -177,35 +202,62 @@ class Decoder(nn.Module):
 
 
 class Prefill(nn.Module):
-    """inputs_embeds [1, S, d] (+ keep_indices [S'] when pruning) -> logits, KV of every layer, activations."""
+    """inputs_embeds [1, S, d] and the seams of the module docstring -> logits, KV of every layer, activations.
+
+    Without a merge the seam is keep_indices [S']; with one, merge_weights [S'', S], keep_positions
+    [S''] and key_bias [S''] (`seam_inputs` names them in order).
+    """
 
     def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
         super().__init__()
         self.decoder = decoder
         self.budgets = budgets  # None: the dense model
         self.act_layers = [] if budgets is None else sorted({budgets.prune_layer, *budgets.neuron_sparse_layers})
+        self.merge = budgets is not None and budgets.token_merge != "none"
+        self.want_attention = budgets is not None and SELECTORS[budgets.token_selector].needs_attention
 
-    def forward(self, inputs_embeds: Tensor, keep_indices: Tensor | None = None) -> tuple[Tensor, ...]:
+    @property
+    def seam_inputs(self) -> list[str]:
+        if self.budgets is None:
+            return []
+        return ["merge_weights", "keep_positions", "key_bias"] if self.merge else ["keep_indices"]
+
+    @property
+    def seam_outputs(self) -> list[str]:
+        attention = [f"attn_last.{self.budgets.prune_layer}"] if self.want_attention else []  # type: ignore[union-attr]
+        return [*[f"act.{i}" for i in self.act_layers], *attention]
+
+    def forward(self, inputs_embeds: Tensor, *seams: Tensor) -> tuple[Tensor, ...]:
         h = inputs_embeds  # [1, S, d]
         positions = torch.arange(h.shape[1], device=h.device)  # [S]
         cos, sin = self.decoder.rope(positions, h.dtype)
         kv: list[Tensor] = []
         acts: list[Tensor] = []
+        attention: list[Tensor] = []
+        key_bias: Tensor | None = None
+        prune_layer = None if self.budgets is None else self.budgets.prune_layer
         for index, layer in enumerate(self.decoder.layers):
-            attn_out, k, v = layer.attn(layer.input_norm(h), cos, sin, None)
-            kv += [k, v]
-            h = h + attn_out
+            want_last = self.want_attention and index == prune_layer
+            attn = layer.attn(layer.input_norm(h), cos, sin, key_bias, want_last)
+            kv += [attn[1], attn[2]]
+            attention += list(attn[3:])
+            h = h + attn[0]
             x = layer.post_norm(h)
             a = layer.mlp.activation(x, layer.mlp.gate_t, layer.mlp.up_t)  # [1, T, D]
             h = h + layer.mlp.down(a, layer.mlp.down_t)
             if index in self.act_layers:
                 acts.append(a[0])
-            if self.budgets is not None and index == self.budgets.prune_layer:
-                assert keep_indices is not None
-                h = h.index_select(1, keep_indices)  # [1, S', d]: later layers see the kept tokens only
-                cos, sin = self.decoder.rope(keep_indices, h.dtype)  # kept tokens keep their positions
+            if index == prune_layer:
+                if self.merge:
+                    merge_weights, keep_positions, key_bias = seams  # [S'', S], [S''], [S'']
+                    h = (merge_weights.to(h.dtype) @ h[0])[None]  # [1, S'', d]: kept and merged tokens
+                    key_bias = key_bias.to(h.dtype)
+                else:
+                    (keep_positions,) = seams  # [S']
+                    h = h.index_select(1, keep_positions)  # [1, S', d]: later layers see the kept tokens only
+                cos, sin = self.decoder.rope(keep_positions, h.dtype)  # kept tokens keep their positions
         logits = self.decoder.logits(h[:, -1])
-        return (logits, *kv, *acts)
+        return (logits, *kv, *acts, *attention)
 
 
 class Decode(nn.Module):
@@ -213,8 +265,9 @@ class Decode(nn.Module):
 
     Inputs: inputs_embeds [1, 1, d]; position_ids [1], which is also the number of cached tokens
     of the full layers; past_kept_length [1], the cached tokens of the pruned layers (CoreMatching
-    builds); the buffers past.{i}.key/value [1, n_kv, B, hd] (B >= the valid length, zero padded);
-    the compacted FFN weights of the neuron-sparse layers.
+    builds); with a merge, image_start [1] and kept_bias [k'] (the key bias of the pruned layers'
+    image slots, from prefill); the buffers past.{i}.key/value [1, n_kv, B, hd] (B >= the valid
+    length, zero padded); the compacted FFN weights of the neuron-sparse layers.
     Outputs: logits [1, V] and new.{i}.key/value [1, n_kv, 1, hd], the token's own cache entries.
     """
 
@@ -223,25 +276,39 @@ class Decode(nn.Module):
         self.decoder = decoder
         self.prune_layer = None if budgets is None else budgets.prune_layer
         self.sparse = [] if budgets is None else budgets.neuron_sparse_layers
+        self.merge = budgets is not None and budgets.token_merge != "none"
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         num_layers = len(self.decoder.layers)
         kept_length, rest = (rest[0], rest[1:]) if self.prune_layer is not None else (position_ids, rest)
+        image_start, kept_bias, rest = (rest[0], rest[1], rest[2:]) if self.merge else (None, None, rest)
         past, ffn = rest[: 2 * num_layers], rest[2 * num_layers :]
         compact = {layer: ffn[3 * i : 3 * i + 3] for i, layer in enumerate(self.sparse)}
         h = inputs_embeds
         cos, sin = self.decoder.rope(position_ids, h.dtype)
+        bias = None
+        if self.merge:
+            assert image_start is not None and kept_bias is not None and self.prune_layer is not None
+            bias = _slot_bias(past[2 * (self.prune_layer + 1)].shape[2], image_start, kept_bias)  # [B_kept]
         new: list[Tensor] = []
         for index, layer in enumerate(self.decoder.layers):
-            valid = kept_length if self.prune_layer is not None and index > self.prune_layer else position_ids
+            pruned = self.prune_layer is not None and index > self.prune_layer
+            valid = kept_length if pruned else position_ids
             attn_out, k, v = layer.attn.decode(layer.input_norm(h), cos, sin, past[2 * index], past[2 * index + 1],
-                                               valid)  # fmt: skip
+                                               valid, bias if pruned else None)  # fmt: skip
             new += [k, v]
             h = h + attn_out
             x = layer.post_norm(h)
             gate_t, up_t, down_t = compact.get(index, (layer.mlp.gate_t, layer.mlp.up_t, layer.mlp.down_t))
             h = h + layer.mlp.down(layer.mlp.activation(x, gate_t, up_t), down_t)
         return (self.decoder.logits(h[:, -1]), *new)
+
+
+def _slot_bias(length: int, image_start: Tensor, kept_bias: Tensor) -> Tensor:
+    """The key bias of a pruned layer's cache buffer: kept_bias [k'] at positions image_start..+k', else 0. -> [B]"""
+    slot = torch.arange(length, device=kept_bias.device) - image_start  # [B]
+    inside = (slot >= 0) & (slot < kept_bias.shape[0])
+    return torch.where(inside, kept_bias[slot.clamp(0, kept_bias.shape[0] - 1)], torch.zeros_like(kept_bias[:1]))
 
 
 class Vision(nn.Module):

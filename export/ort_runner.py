@@ -2,7 +2,7 @@
 
 The decode loop here is the plain numpy one; the runtime's pipeline binds the
 same buffers to the sessions without copies. Both follow the graph contract
-of SPEC §3: vision -> embed -> splice the image features at `image_start` ->
+of docs/architecture.md: vision -> embed -> splice the image features at `image_start` ->
 prefill -> compacted FFN weights and KV cache -> decode steps.
 """
 
@@ -75,7 +75,9 @@ class OrtBuild:
                 buffers[key] = np.zeros((*value.shape[:2], value.shape[2] + steps, value.shape[3]), value.dtype)
                 buffers[key][:, :, : value.shape[2]] = value
                 lengths[key] = value.shape[2]
-        compact = {name: v for name, v in out.items() if name.startswith("ffn.")}  # gathered once per request
+        # Request-long decode inputs: the compacted FFN weights (gathered once) and a merge's key bias.
+        compact = {name: v for name, v in out.items() if name.startswith("ffn.") or name == "kept_bias"}
+        compact["image_start"] = np.array([image_start], dtype=np.int64)
         logits = [out["logits"][0]]
         tokens = [int(np.argmax(logits[-1]))]  # first maximum, as torch.argmax
         position = input_ids.shape[1]

@@ -4,7 +4,7 @@ Everything is computed from the model's geometry (a preset, or a llava-hf direct
 config.json read as JSON): no weights are loaded and neither torch nor transformers is
 imported, so a 7B or 13B model is planned on a laptop or on the Jetson itself.
 
-What is counted, in bytes (SPEC §1, §3; docs/architecture.md):
+What is counted, in bytes (docs/method.md, docs/architecture.md):
 
 - weights: vision tower (the whole CLIP tower of the checkpoint) + projector + embedding
   + decoder layers + final norm + LM head, at the precision's bytes per parameter;

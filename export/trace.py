@@ -1,4 +1,4 @@
-"""Tracing the four graphs with torch's dynamo ONNX exporter (SPEC §3).
+"""Tracing the four graphs with torch's dynamo ONNX exporter (docs/architecture.md).
 
 Every graph gets explicit input and output names, and every sequence length
 stays dynamic: `S` (prompt), `S_kept` (prompt after pruning), `P` and
@@ -133,20 +133,31 @@ def ffn_names(layers: list[int]) -> list[str]:
 def trace_prefill(
     decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
 ) -> None:
-    """The dense prefill with the seams of `export.modules.Prefill` (keep_indices in, activations out)."""
+    """The dense prefill with the seams of `export.modules.Prefill` (keep_indices or merge inputs in, activations
+    out)."""
     n_img = geometry.num_image_tokens
     seq = n_img + 7  # distinct example sizes, so the exporter cannot take two dims for equal
     embeds = torch.zeros(1, seq, geometry.hidden_size, dtype=dtype)
     module = Prefill(decoder, budgets)
     s = torch.export.Dim("S", min=2, max=1 << 16)
-    outputs = ["logits", *kv_names("present", geometry.num_layers), *[f"act.{i}" for i in module.act_layers]]
+    outputs = ["logits", *kv_names("present", geometry.num_layers), *module.seam_outputs]
     if budgets is None:
         _export(module, (embeds,), path, ["inputs_embeds"], outputs, ({1: s},), opset)
         return
     kept = budgets.token_budget if budgets.token_budget != "auto" else min(budgets.auto_range[1], n_img - 1)
     keep = torch.cat([torch.arange(3), 3 + torch.arange(kept), torch.arange(3 + n_img, seq)])
     s_kept = torch.export.Dim("S_kept", min=1, max=1 << 16)
-    _export(module, (embeds, keep), path, ["inputs_embeds", "keep_indices"], outputs, ({1: s}, {0: s_kept}), opset)
+    if not module.merge:
+        seams: tuple[torch.Tensor, ...] = (keep,)
+        dims: tuple[Any, ...] = ({1: s}, ({0: s_kept},))  # the module takes (inputs_embeds, *seams)
+    else:
+        rows = keep.numel() + budgets.merged_tokens
+        weights = torch.zeros(rows, seq)  # float32 whatever the precision: the passes compute them
+        weights[torch.arange(keep.numel()), keep] = 1.0
+        positions = torch.cat([keep, keep[-1:].repeat(budgets.merged_tokens)])
+        seams = (weights, positions, torch.zeros(rows))
+        dims = ({1: s}, ({0: s_kept, 1: s}, {0: s_kept}, {0: s_kept}))
+    _export(module, (embeds, *seams), path, ["inputs_embeds", *module.seam_inputs], outputs, dims, opset)
 
 
 def trace_decode(
@@ -178,6 +189,11 @@ def trace_decode(
         lengths.append(torch.tensor([position - n_img + kept], dtype=torch.int64))
         inputs.append("past_kept_length")
         dims.insert(0, {})
+    if budgets is not None and budgets.token_merge != "none":
+        # The pruned layers' key bias: kept_bias [k'] at the image slots, which start at image_start.
+        lengths += [torch.tensor([3], dtype=torch.int64), torch.zeros(budgets.image_slots)]
+        inputs += ["image_start", "kept_bias"]
+        dims[1:1] = [{}, {}]
     inputs += [*kv_names("past", geometry.num_layers), *ffn_names(sparse)]
     outputs = ["logits", *kv_names("new", geometry.num_layers)]
     embeds = torch.zeros(1, 1, d, dtype=dtype)

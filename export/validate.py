@@ -1,4 +1,4 @@
-"""The correctness contract of SPEC §4, run on a build.
+"""The correctness contract (docs/architecture.md, Validation), run on a build.
 
 Dense builds are compared with `transformers` (`LlavaForConditionalGeneration.generate`),
 CoreMatching builds with the `coreMatching` reference: the same kept image tokens,
@@ -72,7 +72,7 @@ class Criteria:
     selection_slack: float = 1.0
 
 
-# float32: SPEC §4, exact selections and tokens. float16 (docs/architecture.md): an 11-bit mantissa
+# float32: exact selections and tokens. float16 (docs/architecture.md): an 11-bit mantissa
 # gives ~5e-4 relative error per operation, growing with depth, so logits are compared relative to
 # their scale, selections must overlap by 90% (a count at the threshold can flip), and greedy
 # decoding may part from the reference only at a near-tie, after which nothing is comparable. A
@@ -155,6 +155,9 @@ def corematching_from_manifest(manifest: dict[str, Any]) -> CoreMatchingConfig |
         neuron_chunks=cm["neuron_chunks"],
         auto_min_tokens=cm["auto_range"][0],
         auto_max_tokens=cm["auto_range"][1],
+        token_selector=cm["token_selector"],
+        token_merge=cm["token_merge"],
+        seed=cm["seed"],
     )
 
 

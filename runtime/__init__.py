@@ -1,4 +1,4 @@
-"""The torch-free runtime: ONNX Runtime or TensorRT, numpy, tokenizers and Pillow only (SPEC §5, §6).
+"""The torch-free runtime: ONNX Runtime or TensorRT, numpy, tokenizers and Pillow only (docs/architecture.md).
 
 from runtime import Pipeline
 answer = Pipeline.load("builds/default").answer("photo.jpg", "What is on the table?")

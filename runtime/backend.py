@@ -1,4 +1,4 @@
-"""What a runtime backend does: run a build's four graphs for one request at a time (SPEC §3).
+"""What a runtime backend does: run a build's four graphs for one request at a time (docs/architecture.md).
 
 The pipeline drives a backend through one request:
 

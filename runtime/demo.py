@@ -1,4 +1,4 @@
-"""Ask a build questions about an image: the streamed answer, then the timings (SPEC §5).
+"""Ask a build questions about an image: the streamed answer, then the timings (README: hardware).
 
     python runtime/demo.py --build builds/default --image examples/shapes_red_circle.png \\
         --question "What colour is the circle?"

@@ -201,8 +201,10 @@ class OrtBackend(Backend):
             if name.startswith("present."):
                 suffix = name[len("present.") :]
                 self._bind_cache(binding, f"past.{suffix}", f"new.{suffix}", value, value.shape[2] + answer)
-            elif name.startswith("ffn."):
-                self._bind_input(binding, name, np.ascontiguousarray(value))  # compacted once per request
+            elif name.startswith("ffn.") or name == "kept_bias":
+                self._bind_input(binding, name, np.ascontiguousarray(value))  # once per request
+        if "image_start" in self._decode_inputs:  # a merge's key bias sits at the image slots
+            self._bind_input(binding, "image_start", np.array([image_start], dtype=np.int64))
         self._logits = np.empty((1, self.manifest["model"]["vocab_size"]), self.layout.dtype)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
         self._binding = binding

@@ -1,4 +1,4 @@
-"""`runtime.Pipeline`: answer questions about images with a build (SPEC §6), torch-free.
+"""`runtime.Pipeline`: answer questions about images with a build (README: Python API), torch-free.
 
     pipeline = Pipeline.load("builds/default")            # provider="auto": TensorRT, CUDA, then CPU
     answer = pipeline.answer("photo.jpg", "What is on the table?", max_new_tokens=64)

@@ -272,7 +272,8 @@ class _Request:
 
     cache: dict[str, DeviceBuffer] = field(default_factory=dict)  # past.{i}.key/value
     lengths: dict[str, int] = field(default_factory=dict)  # valid positions of each buffer
-    ffn: dict[str, DeviceBuffer] = field(default_factory=dict)  # the compacted weights, from prefill
+    # Request-long decode inputs: the compacted weights and a merge's kept_bias (from prefill), image_start.
+    ffn: dict[str, DeviceBuffer] = field(default_factory=dict)
     outputs: dict[str, DeviceBuffer] = field(default_factory=dict)  # the decode's logits and new.{i}.*
     position: int = 0  # cached tokens of the full layers
     kept_length: int = 0  # cached tokens of the layers after the prune layer
@@ -428,20 +429,26 @@ class TrtBackend(Backend):
             logits = outputs["logits"].to_numpy(self.stream)[0].astype(np.float32)
             kept = outputs.get("kept_image_tokens")
             kept_tokens = None if kept is None else [int(i) for i in kept.to_numpy(self.stream)]
-            self._request = self._start_request(outputs, prompt, capacity - prompt)
+            self._request = self._start_request(outputs, prompt, capacity - prompt, image_start)
         finally:
             self.stream.synchronize()  # the cache copies read the prefill's outputs freed below
             for buffer in [*inputs.values(), *outputs.values()]:
                 buffer.free()
         return PrefillResult(logits=logits, kept_image_tokens=kept_tokens)
 
-    def _start_request(self, outputs: dict[str, DeviceBuffer], prompt: int, answer: int) -> _Request:
+    def _start_request(
+        self, outputs: dict[str, DeviceBuffer], prompt: int, answer: int, image_start: int = 0
+    ) -> _Request:
         """Cache buffers filled from the prefill, compacted weights taken over, the decode context bound once."""
         decode = self._io["decode"]
         request = _Request(position=prompt)
         try:
-            for name in [n for n in outputs if n.startswith("ffn.")]:
+            for name in [n for n in outputs if n.startswith("ffn.") or n == "kept_bias"]:
                 request.ffn[name] = outputs.pop(name)  # stays on the device for the whole answer
+            if "image_start" in decode.inputs:
+                request.ffn["image_start"] = DeviceBuffer.from_numpy(
+                    np.array([image_start], decode.dtype("image_start")), self.stream
+                )
             for name, (low, high) in self._limits.items():
                 present = outputs.get("present." + name[len("past.") :])
                 if present is None:

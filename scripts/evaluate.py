@@ -1,4 +1,4 @@
-"""Accuracy of dense, CoreMatching, FastV and random token selection, on the reference and ONNX builds.
+"""Accuracy of every token selector, with and without a merge, on the reference and on ONNX builds.
 
     python scripts/evaluate.py                       # embedded model, 1000 shapes test questions
     python scripts/evaluate.py --model ~/llava-1.5-7b-hf --data pope.jsonl --onnx none --out-dir pope-eval
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from coreMatching.errors import ConfigError
 from vqa.evaluate import EvalConfig
-from vqa.job import OUTPUTS, EvalJob, parse_setting
+from vqa.job import OUTPUTS, EvalJob, default_onnx_settings, parse_setting
 
 log = logging.getLogger("evaluate")
 
@@ -37,14 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="shapes split: test or validation")
     parser.add_argument("--count", type=int, default=1000, help="questions to evaluate")
     parser.add_argument("--budgets", default=",".join(str(b) for b in defaults.budgets))
-    parser.add_argument("--methods", default=",".join(defaults.methods))
+    parser.add_argument("--methods", default=",".join(defaults.methods), help="token selectors (default: all)")
+    parser.add_argument("--merges", default=",".join(defaults.merges), help="merges to run each selector with")
     parser.add_argument("--prune-layer", type=int, default=defaults.prune_layer)
     parser.add_argument("--neuron-ratio", type=float, default=defaults.neuron_ratio)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--onnx", default="dense,corematching@64",
-                        help="settings to build as ONNX and answer with the runtime ('none' to skip)")  # fmt: skip
+    parser.add_argument("--onnx", default=default_onnx_settings(),
+                        help="settings to build as ONNX and answer with the runtime: dense or SELECTOR[+MERGE]@K, "
+                        "comma-separated ('none' to skip; default: every selector at 64)")  # fmt: skip
     parser.add_argument("--onnx-count", type=int, default=None, help="questions for the ONNX runs (default: all)")
     parser.add_argument("--grid", type=int, default=5, help="rows of the core-token picture")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes for the reference answers, each with a copy of the model (default 1)")
+    parser.add_argument("--fidelity-count", type=int, default=100,
+                        help="questions for the teacher-forced decode fidelity (0 to skip; default 100)")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
     args = parser.parse_args(argv)
@@ -57,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvalConfig(
             budgets=tuple(_budget(b) for b in args.budgets.split(",")),  # type: ignore[arg-type]
-            methods=tuple(args.methods.split(",")), prune_layer=args.prune_layer, neuron_ratio=args.neuron_ratio,
+            methods=tuple(args.methods.split(",")), merges=tuple(args.merges.split(",")),
+            prune_layer=args.prune_layer, neuron_ratio=args.neuron_ratio,
             max_new_tokens=args.max_new_tokens,
         )  # fmt: skip
         onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
         job = EvalJob(model_dir=args.model, data=args.data, split=args.split, count=args.count, config=config,
-                      onnx=onnx, onnx_count=args.onnx_count, grid=args.grid)  # fmt: skip
+                      onnx=onnx, onnx_count=args.onnx_count, grid=args.grid,
+                      fidelity_count=args.fidelity_count, workers=args.workers)  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

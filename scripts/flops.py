@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from coreMatching import ConfigError, CoreMatchingConfig
-from coreMatching.flops import DecoderGeometry, VisionGeometry, compare
+from coreMatching.flops import DecoderGeometry, VisionGeometry, compare, kept_length, selection_flops
+from coreMatching.selectors import MERGES, SELECTORS
 from models.presets import PresetError, from_name
 
 
@@ -47,9 +48,10 @@ def render(model: str, question_tokens: int, budgets: list[int], config: CoreMat
         f"{b0.neuron_layers[0]}..{b0.neuron_layers[1] - 1}.",
         "",
         "One multiply-add counts 2 FLOPs. Counted: q/k/v/o projections, causal attention (query i reads i + 1 "
-        "keys), the three FFN matrices, the LM head on the last token. Not counted (under 1% each): norms, RoPE, "
-        "softmax, SiLU, and the TopK of the selection. Prefill is dense in neurons (SPEC §1); decode is the first "
-        "new token with the whole prompt cached.",
+        "keys), the three FFN matrices, the LM head on the last token, and the matrix products of the token "
+        f"selector and the merge (here the default, `{config.token_selector}` with `{config.token_merge}`; every "
+        "selector and merge in the last table). Not counted (under 1% each): norms, RoPE, softmax, SiLU, TopK. "
+        "Prefill is dense in neurons; decode is the first new token with the whole prompt cached.",
         "",
         f"The vision tower and projector cost {vision / 1e12:.3f} TFLOPs in every row (it runs before the decoder "
         "and is not pruned); the figures below are the decoder's.",
@@ -73,8 +75,35 @@ def render(model: str, question_tokens: int, budgets: list[int], config: CoreMat
         )
         + ".",
         "",
+        *selector_costs(geometry, prompt, config, n_img, k=64),
     ]
     return "\n".join(lines)
+
+
+def selector_costs(geometry: DecoderGeometry, prompt: int, config: CoreMatchingConfig, n_img: int, k: int) -> list[str]:
+    """What each selector and merge adds at budget k: FLOPs at the prune layer and the fp16 KV cache of the prompt."""
+    kv_token = 2 * geometry.num_kv_heads * geometry.head_dim * 2  # key and value, fp16, one layer
+    dense_kv = geometry.num_layers * prompt * kv_token
+    lines = [
+        f"## The token selector and the merge at k = {k}",
+        "",
+        f"The selection and merge FLOPs run once per prompt, at the prune layer; the KV cache is the prompt's "
+        f"(fp16; dense: {dense_kv / 2**20:.1f} MiB).",
+        "",
+        "| selector | merge | selection + merge (GFLOPs) | share of the pruned prefill | prompt KV cache (MiB) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name in SELECTORS:
+        for merge in MERGES:
+            b = config.with_(token_budget=k, token_selector=name, token_merge=merge).resolve(
+                num_layers=geometry.num_layers, intermediate_size=geometry.intermediate_size, num_image_tokens=n_img
+            )
+            extra = selection_flops(geometry, prompt, b)
+            prefill = compare(geometry, prompt, [b])[0].prefill_corematching
+            later = geometry.num_layers - b.prune_layer - 1
+            kv = ((b.prune_layer + 1) * prompt + later * kept_length(prompt, b)) * kv_token
+            lines.append(f"| {name} | {merge} | {extra / 1e9:.2f} | {100 * extra / prefill:.2f}% | {kv / 2**20:.1f} |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:

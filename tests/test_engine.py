@@ -47,7 +47,7 @@ from export.manifest import (
 ROOT = Path(__file__).resolve().parents[1]
 ORIN = DeviceInfo("Orin", "8.7")
 
-# Inputs of each graph as the manifest lists them (the shapes of SPEC §3, tiny sizes).
+# Inputs of each graph as the manifest lists them (the shapes of docs/architecture.md, tiny sizes).
 INPUTS: dict[str, list[tuple[str, str, list[Any]]]] = {
     "vision": [("pixel_values", "float32", [1, 3, 32, 32])],
     "embed": [("input_ids", "int64", [1, "S"])],

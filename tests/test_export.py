@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from conftest import BACKBONES, CM
 
-from coreMatching import CoreMatchingConfig
+from coreMatching import ConfigError, CoreMatchingConfig
 from export.__main__ import main
 from export.build import BuildError, build
 from export.config import ExportConfig
@@ -45,15 +45,46 @@ def test_prefill_holds_core_token_topk_and_gather(built):
     graph = onnx.load(result.out / "prefill.onnx").graph
     nodes = list(graph.node)
     assert not {"NonZero", "If", "Loop"} & {n.op_type for n in nodes}
-    token_topk = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.tokens")]
-    assert len(token_topk) == 2  # select, then restore the order
-    # The hidden states of the layer after the prune layer are gathered by the computed keep indices.
-    gathers = [n for n in nodes if n.op_type == "Gather" and "cm.tokens.keep_indices" in n.input]
-    assert gathers, "no Gather reads the core-token selection"
+    keep_topk = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.keep")]
+    assert len(keep_topk) == 2  # select, then restore the order
+    # The default selector is greedy: one TopK(1) per kept token, unrolled.
+    picks = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.tokens.pick")]
+    assert len(picks) == CM.token_budget
+    # The layer after the prune layer starts from the merge's weighted rows (the default merge: nearest).
+    merged = [n for n in nodes if n.op_type == "MatMul" and "cm.merge.weights" in n.input]
+    assert merged, "no MatMul reads the merge weights"
     assert [i.name for i in graph.input] == ["inputs_embeds", "image_start"]
     outputs = [o.name for o in graph.output]
-    assert "kept_image_tokens" in outputs and "core_neurons.1" in outputs and "ffn.1.gate_t" in outputs
-    assert not any(name.startswith("act.") for name in outputs)
+    assert {"kept_image_tokens", "kept_bias", "core_neurons.1", "ffn.1.gate_t"} <= set(outputs)
+    assert not any(name.startswith(("act.", "attn_last.")) for name in outputs)
+    decode_inputs = [i.name for i in onnx.load(result.out / "decode.onnx").graph.input]
+    assert decode_inputs[:5] == ["inputs_embeds", "position_ids", "past_kept_length", "image_start", "kept_bias"]
+
+
+# Every selector and every merge, each in one build (a build takes seconds on a tiny checkpoint).
+SELECTOR_BUILDS = [("prompt-frequency", "nearest"), ("query-overlap", "none"), ("fastv", "summary"),
+                   ("random", "none"), ("max-min", "nearest"), ("core-coverage", "summary")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("selector", "merge"), SELECTOR_BUILDS)
+def test_every_selector_builds_and_validates(checkpoint, tmp_path, selector, merge):
+    config = ExportConfig(out=tmp_path / "b", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128,
+                          corematching=CM.with_(token_selector=selector, token_merge=merge))  # fmt: skip
+    result = build(config)
+    assert result.validation.passed, result.validation.to_dict()
+    for case in result.validation.cases:
+        assert case.kept_equal and case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
+    section = result.manifest["corematching"]
+    assert (section["token_selector"], section["token_merge"]) == (selector, merge)
+    assert result.manifest["tensorrt"]["compatible"], result.manifest["tensorrt"]["reason"]
+
+
+def test_auto_budget_with_a_merge_is_refused(checkpoint, tmp_path):
+    auto = CoreMatchingConfig(token_budget="auto", prune_layer=1, token_selector="query-overlap", token_merge="nearest")
+    config = ExportConfig(out=tmp_path / "auto", model_dir=checkpoint("llama"), corematching=auto)
+    with pytest.raises(ConfigError, match="--token-merge none"):
+        build(config)
+    assert not (tmp_path / "auto").exists()
 
 
 def test_every_graph_passes_the_full_checker(built):
@@ -95,7 +126,8 @@ def test_every_ort_optimization_level_gives_the_same_outputs(built):
 
 
 def test_auto_budget_build_is_ort_only(checkpoint, tmp_path):
-    auto = CoreMatchingConfig(token_budget="auto", prune_layer=1, auto_min_tokens=2)
+    auto = CoreMatchingConfig(token_budget="auto", prune_layer=1, auto_min_tokens=2, token_selector="query-overlap",
+                              token_merge="none")  # fmt: skip
     config = ExportConfig(out=tmp_path / "auto", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128,
                           corematching=auto)  # fmt: skip
     result = build(config)
@@ -124,6 +156,33 @@ def test_exception_half_way_leaves_no_directory(checkpoint, tmp_path, monkeypatc
         build(ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64,
                            max_sequence=128))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_build_leaves_a_partial_that_the_next_build_removes(checkpoint, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "b"
+    argv = [sys.executable, "-m", "export", "build", "--model", str(checkpoint("llama")), "--out", str(out),
+            "--token-budget", "5", "--prune-layer", "1", "--max-prompt-tokens", "64",
+            "--max-sequence", "128"]  # fmt: skip
+    child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".b.*.partial/vision.onnx")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)  # no cleanup runs
+    child.wait()
+    (partial,) = tmp_path.glob(".b.*.partial")
+    assert (partial / ".owner").read_text().strip() == str(child.pid)
+    # A running build's directory is not touched: an owner that is alive (this process) keeps it.
+    alive = tmp_path / ".b.alive.partial"
+    alive.mkdir()
+    (alive / ".owner").write_text(str(os.getpid()))
+    result = build(ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64,
+                                max_sequence=128))  # fmt: skip
+    assert result.validation.passed and out.is_dir() and not (out / ".owner").exists()
+    assert sorted(p.name for p in tmp_path.glob(".b.*")) == [".b.alive.partial"]
 
 
 def test_failed_validation_exits_1_writes_report_and_no_build(checkpoint, tmp_path, monkeypatch, capsys):

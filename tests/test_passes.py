@@ -9,15 +9,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from coreMatching.selection import (
-    elbow_count,
-    keep_indices,
-    matching_scores,
-    prompt_core_neurons,
-    stable_topk,
-    token_core_membership,
+from coreMatching import Budgets
+from coreMatching.merging import prune
+from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
+from coreMatching.selection import elbow_count, keep_indices, prompt_core_neurons, stable_topk, token_core_membership
+from coreMatching.selectors import SELECTORS
+from export.passes import (
+    check_tensorrt,
+    insert_core_neuron_selection,
+    insert_core_token_selection,
+    insert_ffn_gather,
+    insert_token_merge,
+    insert_token_scores,
 )
-from export.passes import check_tensorrt, insert_core_neuron_selection, insert_core_token_selection, insert_ffn_gather
 
 
 def run(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,10 +56,13 @@ def test_core_neuron_pass_matches_reference(chunks):
         assert got.tolist() == prompt_core_neurons(member, n, chunks).tolist()
 
 
-def token_graph(width: int, layer: int) -> gs.Graph:
-    """act_in -> act.{layer}; h [S, 4] gathered by the keep_indices input, as layers after the prune layer are."""
+def token_graph(width: int, layer: int, attention: bool = False, heads: int = 2) -> gs.Graph:
+    """act_in -> act.{layer}; attn_in -> attn_last.{layer} (selectors that read attention); h [S, 4] gathered
+    by the keep_indices input, as layers after the prune layer are."""
     act_in = gs.Variable("act_in", np.float32, ["S", width])
     act = gs.Variable(f"act.{layer}", np.float32, ["S", width])
+    attn_in = gs.Variable("attn_in", np.float32, [heads, "S"])
+    attn = gs.Variable(f"attn_last.{layer}", np.float32, [heads, "S"])
     h = gs.Variable("h", np.float32, ["S", 4])
     keep = gs.Variable("keep_indices", np.int64, ["S_kept"])
     h_kept = gs.Variable("h_kept", np.float32, ["S_kept", 4])
@@ -63,29 +70,107 @@ def token_graph(width: int, layer: int) -> gs.Graph:
         gs.Node("Identity", inputs=[act_in], outputs=[act]),
         gs.Node("Gather", inputs=[h, keep], outputs=[h_kept], attrs={"axis": 0}),
     ]
-    return gs.Graph(nodes=nodes, inputs=[act_in, h, keep], outputs=[h_kept, act], opset=18)
+    if not attention:
+        return gs.Graph(nodes=nodes, inputs=[act_in, h, keep], outputs=[h_kept, act], opset=18)
+    nodes.append(gs.Node("Identity", inputs=[attn_in], outputs=[attn]))
+    return gs.Graph(nodes=nodes, inputs=[act_in, attn_in, h, keep], outputs=[h_kept, act, attn], opset=18)
 
 
-@pytest.mark.parametrize("budget", [1, 5, 12, "auto"])
-def test_core_token_pass_matches_reference(budget):
-    width, k_tok, n, n_img = 32, 5, 12, 12
-    graph = insert_core_token_selection(token_graph(width, 1), 1, n_img, budget, k_tok, n, width, 1, (2, 9))
-    assert [t.name for t in graph.inputs] == ["act_in", "h", "image_start"]
+def budgets_for(selector: str, budget, merge: str = "none", n_img: int = 12, width: int = 32, layer: int = 1):
+    return Budgets(num_layers=4, intermediate_size=width, num_image_tokens=n_img, token_budget=budget,
+                   auto_range=(2, 9), tokens_per_neuron_set=5, core_neurons=12, prune_layer=layer,
+                   neuron_layers=(2, 4), token_selector=selector, token_merge=merge)  # fmt: skip
+
+
+def selection_case(seed: int, before: int, after: int, n_img: int, width: int):
+    rng = np.random.default_rng(seed)
+    seq = before + n_img + after
+    a = activations(seq, width, seed)
+    probs = rng.random((2, seq)).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    h = rng.standard_normal((seq, 4)).astype(np.float32)
+    return seq, a, probs, h
+
+
+CASES = [
+    (name, budget)
+    for name in SELECTORS
+    for budget in ([1, 5, 12] if SELECTORS[name].kind == "greedy" else [1, 5, 12, "auto"])
+    if budget != "auto" or SELECTORS[name].supports_auto
+]
+
+
+@pytest.mark.parametrize(("selector", "budget"), CASES)
+def test_token_selection_passes_match_the_reference_rule(selector, budget):
+    width, n_img = 32, 12
+    b = budgets_for(selector, budget, n_img=n_img, width=width)
+    graph = token_graph(width, 1, attention=SELECTORS[selector].needs_attention)
+    scores = insert_token_scores(graph, b, seed=3)
+    graph = insert_core_token_selection(graph, b, scores)
+    assert [t.name for t in graph.inputs if t.name != "attn_in"] == ["act_in", "h", "image_start"]
     assert [t.name for t in graph.outputs] == ["h_kept", "kept_image_tokens"]
     ops = [node.op for node in graph.nodes]
-    assert "NonZero" not in ops and ops.count("TopK") >= 4
+    assert "NonZero" not in ops and "Loop" not in ops
+    if budget != "auto":
+        assert check_tensorrt(graph) == []
     for seed, (before, after) in enumerate([(3, 5), (0, 7), (6, 0), (1, 1)]):
-        seq = before + n_img + after
-        a = activations(seq, width, seed)
-        h = np.random.default_rng(seed).standard_normal((seq, 4)).astype(np.float32)
-        out = run(graph, {"act_in": a, "h": h, "image_start": np.array([before])})
-        member = token_core_membership(torch.from_numpy(a), k_tok)
-        core = prompt_core_neurons(member, n)
-        scores = matching_scores(member[before : before + n_img], core)
-        k = elbow_count(scores, 2, 9) if budget == "auto" else budget
-        kept = stable_topk(scores, k).sort().values
-        assert out["kept_image_tokens"].tolist() == kept.tolist()
+        seq, a, probs, h = selection_case(seed, before, after, n_img, width)
+        feeds = {"act_in": a, "h": h, "image_start": np.array([before])}
+        if any(t.name == "attn_in" for t in graph.inputs):
+            feeds["attn_in"] = probs
+        out = run(graph, feeds)
+        view = PruneLayerView(torch.from_numpy(a), (before, before + n_img), b, torch.from_numpy(probs), seed=3)
+        k = n_img if budget == "auto" else budget
+        ref = token_scores(selector, view, k)
+        k = elbow_count(ref, 2, 9) if budget == "auto" else budget
+        kept = stable_topk(ref, k).sort().values
+        assert out["kept_image_tokens"].tolist() == kept.tolist(), (selector, seed)
         np.testing.assert_array_equal(out["h_kept"], h[keep_indices(before, n_img, seq, kept).numpy()])
+
+
+def merge_graph(width: int, layer: int) -> gs.Graph:
+    """act_in -> act.{layer}; h_next = merge_weights @ h; keep_positions and key_bias as outputs."""
+    act_in = gs.Variable("act_in", np.float32, ["S", width])
+    act = gs.Variable(f"act.{layer}", np.float32, ["S", width])
+    h = gs.Variable("h", np.float32, ["S", 4])
+    weights = gs.Variable("merge_weights", np.float32, ["R", "S"])
+    positions = gs.Variable("keep_positions", np.int64, ["R"])
+    bias = gs.Variable("key_bias", np.float32, ["R"])
+    h_next, pos_out, bias_out = (gs.Variable(n, np.float32) for n in ("h_next", "pos_out", "bias_out"))
+    pos_out.dtype = np.int64
+    nodes = [
+        gs.Node("Identity", inputs=[act_in], outputs=[act]),
+        gs.Node("MatMul", inputs=[weights, h], outputs=[h_next]),
+        gs.Node("Identity", inputs=[positions], outputs=[pos_out]),
+        gs.Node("Identity", inputs=[bias], outputs=[bias_out]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[act_in, h, weights, positions, bias], outputs=[h_next, pos_out, bias_out, act],
+                    opset=18)  # fmt: skip
+
+
+@pytest.mark.parametrize("merge", ["summary", "nearest"])
+@pytest.mark.parametrize("budget", [1, 5, 11])
+def test_merge_pass_matches_the_reference_merge(merge, budget):
+    width, n_img = 32, 12
+    b = budgets_for("core-coverage", budget, merge=merge, n_img=n_img, width=width)
+    graph = merge_graph(width, 1)
+    graph = insert_core_token_selection(graph, b, insert_token_scores(graph, b))
+    graph = insert_token_merge(graph, b)
+    assert [t.name for t in graph.inputs] == ["act_in", "h", "image_start"]
+    assert [t.name for t in graph.outputs] == ["h_next", "pos_out", "bias_out", "kept_image_tokens", "kept_bias"]
+    assert check_tensorrt(graph) == []
+    for seed, (before, after) in enumerate([(3, 5), (0, 7), (6, 0)]):
+        _, a, _, h = selection_case(seed, before, after, n_img, width)
+        out = run(graph, {"act_in": a, "h": h, "image_start": np.array([before])})
+        span = (before, before + n_img)
+        view = PruneLayerView(torch.from_numpy(a), span, b)
+        kept = stable_topk(token_scores("core-coverage", view, budget), budget).sort().values
+        groups = merge_group_scores(view, kept) if merge == "nearest" else None
+        ref = prune(torch.from_numpy(h)[None], span, kept, merge, groups)
+        np.testing.assert_allclose(out["h_next"], ref.hidden[0].numpy(), rtol=1e-6, atol=1e-6)
+        assert out["pos_out"].tolist() == ref.positions.tolist()
+        np.testing.assert_allclose(out["bias_out"], ref.key_bias.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(out["kept_bias"], ref.image_bias.numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_ffn_gather_pass_gathers_columns_and_rows():

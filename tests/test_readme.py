@@ -44,6 +44,18 @@ def test_main_command_builds_and_answers(tmp_path):
     answer = subprocess.run([sys.executable, *demo], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert answer.returncode == 0, answer.stderr
     assert "kept 64 of 576 image tokens" in answer.stdout and "tokens/s" in answer.stdout
+    assert answer.stdout.splitlines()[0].strip().lower().rstrip(".") == "red"  # the README's question
+    # The same build (the ONNX graphs, through the runtime) answers every shipped example.
+    from runtime import Pipeline
+    from vqa.data import is_correct
+
+    pipeline = Pipeline.load(tmp_path / "builds" / "default", provider="cpu")
+    wrong = []
+    for q in json.loads((REPO / "examples" / "questions.json").read_text()):
+        got = pipeline.answer(REPO / "examples" / q["image"], q["question"], max_new_tokens=4).text
+        if not is_correct(got, (q["answer"],)):
+            wrong.append((q["question"], q["answer"], got))
+    assert not wrong, wrong
 
 
 REFERENCE = "python scripts/reference_answer.py"

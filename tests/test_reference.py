@@ -27,7 +27,7 @@ def hf_greedy(model, ids, pixels, steps):
 
 
 def test_dense_config_equals_transformers(tiny):
-    """SPEC §4: k = n_img and beta = 1 equals the dense model, logits within 1e-4, 32 equal greedy tokens."""
+    """k = n_img and beta = 1 equals the dense model, logits within 1e-4, 32 equal greedy tokens."""
     _, model = tiny
     ids, pixels = make_inputs(model)
     reference = CoreMatchingLlava(model, CoreMatchingConfig.dense(num_image_tokens(model)))
@@ -59,6 +59,22 @@ def test_pruned_kv_cache_holds_kept_tokens_only(tiny):
     assert state.next_position == seq + 1
 
 
+def test_a_summary_token_is_cached_after_the_kept_image_tokens(tiny):
+    _, model = tiny
+    ids, pixels = make_inputs(model)
+    n_img, seq = num_image_tokens(model), ids.shape[1]
+    state = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=5, prune_layer=1, token_merge="summary")).prefill(
+        ids, pixels
+    )
+    assert [layer.length for layer in state.kv][2:] == [seq - n_img + 5 + 1] * (len(state.kv) - 2)
+    start = state.image_span[0]
+    pruned = sorted(set(range(n_img)) - set(state.kept_image_tokens.tolist()))
+    assert state.kv[3].positions[start + 5].item() == sum(start + i for i in pruned) // len(pruned)
+    bias = state.kv[3].bias
+    assert bias is not None and bias[start + 5].item() == pytest.approx(np.log(len(pruned)))
+    assert state.kv[0].bias is None and float(bias.abs().sum()) == pytest.approx(np.log(len(pruned)))
+
+
 def _member(a: np.ndarray, k_tok: int) -> np.ndarray:
     threshold = np.sort(a, axis=-1)[:, -k_tok][:, None]
     return (a >= threshold) & (a > 0)
@@ -75,7 +91,8 @@ def test_selection_matches_independent_recomputation_from_hooks(name):
     model = tiny_model(name)
     ids, pixels = make_inputs(model, seed=3)
     n_img, seq, d_ffn = num_image_tokens(model), ids.shape[1], model.config.text_config.intermediate_size
-    config = CoreMatchingConfig(token_budget=6, prune_layer=1, neuron_layers=(1, 4))
+    config = CoreMatchingConfig(token_budget=6, prune_layer=1, neuron_layers=(1, 4), token_selector="prompt-frequency",
+                                token_merge="none")  # fmt: skip
     budgets = config.resolve(num_layers=4, intermediate_size=d_ffn, num_image_tokens=n_img)
     k_tok, n_core = budgets.tokens_per_neuron_set, budgets.core_neurons
 
@@ -174,7 +191,7 @@ def test_fastv_scores_are_the_attention_received():
     finally:
         hook.remove()
         model.config.text_config._attn_implementation = "sdpa"
-    received = captured["w"][0].mean(0).mean(0)  # [S]
+    received = captured["w"][0].mean(0)[-1]  # [S]: the last prompt token's attention, mean over heads
     start = int((ids[0] == model.config.image_token_id).nonzero()[0])
     state = CoreMatchingLlava(model, CoreMatchingConfig(token_budget=4, token_selector="fastv")).prefill(ids, pixels)
     torch.testing.assert_close(state.token_scores, received[start : start + n_img], atol=1e-6, rtol=1e-5)
@@ -183,7 +200,8 @@ def test_fastv_scores_are_the_attention_received():
 def test_auto_budget_is_clamped_and_recorded():
     model = tiny_model("tiny-llama")
     ids, pixels = make_inputs(model)
-    config = CoreMatchingConfig(token_budget="auto", auto_min_tokens=3, auto_max_tokens=9)
+    config = CoreMatchingConfig(token_budget="auto", auto_min_tokens=3, auto_max_tokens=9,
+                                token_selector="query-overlap", token_merge="none")  # fmt: skip
     state = CoreMatchingLlava(model, config).prefill(ids, pixels)
     assert 3 <= state.kept_image_tokens.numel() <= 9
     with pytest.raises(ConfigError, match="scoring selector"):

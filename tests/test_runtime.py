@@ -102,10 +102,10 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(built):
 
 def test_stops_at_end_of_sequence(built, monkeypatch):
     pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
-    first = pipeline.answer(EXAMPLE, "What?", 5, stop_at_eos=False).token_ids
+    first = pipeline.answer(EXAMPLE, "What colour?", 16, stop_at_eos=False).token_ids
     stop = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token new at step i
     monkeypatch.setattr(type(pipeline.tokenizer), "eos_token_ids", property(lambda self: (first[stop],)))
-    assert pipeline.answer(EXAMPLE, "What?", 5).token_ids == first[: stop + 1]
+    assert pipeline.answer(EXAMPLE, "What colour?", 16).token_ids == first[: stop + 1]
 
 
 def test_runtime_and_demo_import_no_torch(built):

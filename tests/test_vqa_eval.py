@@ -30,8 +30,9 @@ def default_loaded():
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    argv = ["--count", str(SLICE), "--budgets", "576,64,auto", "--onnx", "corematching@64", "--onnx-count", "3",
-            "--grid", "2", "--out-dir", str(out)]  # fmt: skip
+    argv = ["--count", str(SLICE), "--budgets", "576,64,auto", "--onnx", "core-coverage+nearest@64",
+            "--onnx-count", "3",
+            "--grid", "2", "--fidelity-count", "2", "--out-dir", str(out)]  # fmt: skip
     assert evaluate_script.main(argv) == 0
     return out
 
@@ -40,8 +41,19 @@ def test_outputs_are_written(evaluated: Path) -> None:
     for name in ("results.json", "answers.jsonl", "accuracy.md", "accuracy.png", "core_tokens.png"):
         assert (evaluated / name).stat().st_size > 0, name
     table = (evaluated / "accuracy.md").read_text()
-    assert "| corematching |" in table and "| fastv |" in table and "## Targets" in table
-    assert "corematching@64 [onnx]" in table
+    assert "| core-coverage+nearest |" in table and "| fastv |" in table and "| max-min+nearest |" in table
+    assert "## Targets" in table and "core-coverage+nearest@64 [onnx]" in table
+    assert "## Decode fidelity" in table and "| 0.4 |" in table
+
+
+def test_decode_fidelity_is_exact_with_every_neuron(default_loaded) -> None:
+    from vqa.fidelity import FidelityConfig, decode_fidelity
+
+    model, processor = default_loaded
+    full, sparse = decode_fidelity(model, processor, list(shapes_items("validation", 2)),
+                                   FidelityConfig(betas=(1.0, 0.05), steps=6))  # fmt: skip
+    assert (full.top1, full.questions, full.steps) == (1.0, 2, 6) and full.kl < 1e-9
+    assert sparse.kl > 1e-3  # 5% of the neurons: the decode steps do move
 
 
 def test_accuracy_agrees_with_a_direct_count(evaluated: Path, default_loaded) -> None:
@@ -53,10 +65,12 @@ def test_accuracy_agrees_with_a_direct_count(evaluated: Path, default_loaded) ->
     items = list(shapes_items("test", SLICE))
     configs = {
         "dense": CoreMatchingConfig.dense(576),
-        "corematching@64": CoreMatchingConfig(token_budget=64),
-        "fastv@64": CoreMatchingConfig(token_budget=64, neuron_ratio=1.0, token_selector="fastv"),
-        "random@64": CoreMatchingConfig(token_budget=64, neuron_ratio=1.0, token_selector="random"),
-        "corematching@auto": CoreMatchingConfig(token_budget="auto"),
+        "core-coverage+nearest@64": CoreMatchingConfig(token_budget=64),
+        "fastv@64": CoreMatchingConfig(token_budget=64, token_selector="fastv", token_merge="none"),
+        "random+nearest@64": CoreMatchingConfig(token_budget=64, token_selector="random"),
+        "query-overlap@auto": CoreMatchingConfig(
+            token_budget="auto", token_selector="query-overlap", token_merge="none"
+        ),
     }
     for label, config in configs.items():
         direct = [answer(model, processor, i.load_image(), i.question, config, max_new_tokens=4) for i in items]
@@ -82,9 +96,10 @@ def test_summaries_are_counted_from_the_answers(evaluated: Path) -> None:
     assert onnx["questions"] == 3 and onnx["mean_kept"] == 64
     # The deployed graph answers as the reference does (validated build, same greedy rule).
     assert onnx["agreement"] == 1.0
-    # fastv/random at every token are the dense model: the same answers.
-    dense = [r["prediction"] for r in records if r["setting"] == "dense"]
-    assert [r["prediction"] for r in records if r["setting"] == "fastv@576"] == dense
+    # Every selector at every token is one model (answered once): the same answers.
+    first = [r["prediction"] for r in records if r["setting"] == "core-coverage@576"]
+    assert first and [r["prediction"] for r in records if r["setting"] == "fastv@576"] == first
+    assert not any(r["setting"] == "fastv+nearest@576" for r in records)  # nothing to merge at 576
 
 
 def test_existing_outputs_need_force(evaluated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,7 +110,9 @@ def test_existing_outputs_need_force(evaluated: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--onnx", "fastv@64"], "use 'dense' or 'corematching@K'"),
+        (["--onnx", "magic@64"], "use 'dense' or 'SELECTOR[+MERGE]@K'"),
+        (["--onnx", "fastv+average@64"], "use 'dense' or 'SELECTOR[+MERGE]@K'"),
+        (["--merges", "none,average"], "unknown merge 'average'"),
         (["--methods", "fastv,magic"], "unknown method 'magic'"),
         (["--budgets", "64,0"], "positive integers or 'auto'"),
         (["--data", "missing.jsonl"], "no such file"),
@@ -162,3 +179,35 @@ def test_make_dataset_script(tmp_path: Path) -> None:
     items = jsonl_items(tmp_path / "questions.jsonl")
     assert [i.id for i in items] == ["validation-000000", "validation-000001", "validation-000002"]
     assert make_dataset.main(["--count", "3", "--out", str(tmp_path)]) == 2  # no overwrite without --force
+
+
+def test_worker_processes_give_the_same_records() -> None:
+    from vqa.evaluate import EvalConfig
+    from vqa.job import EvalJob, run_job
+
+    config = EvalConfig(budgets=(64,), methods=("core-coverage", "fastv"), merges=("none", "nearest"))
+    one, _ = run_job(EvalJob(count=3, config=config, fidelity_count=0))
+    two, _ = run_job(EvalJob(count=3, config=config, fidelity_count=0, workers=2))
+    assert [s.label for s in one.settings] == [s.label for s in two.settings]
+    assert one.records == two.records and len(one.records) == 3 * 5
+
+
+def test_choose_default_applies_the_written_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import choose_default  # scripts/choose_default.py
+
+    def summary(method: str, merge: str, budget: int, accuracy: float) -> dict:
+        return {"setting": {"method": method, "merge": merge, "budget": budget, "backend": "reference"},
+                "accuracy": accuracy}  # fmt: skip
+
+    rows = [summary("dense", "none", 576, 0.97)]
+    means = {("max-min", "summary"): 0.900, ("max-min", "nearest"): 0.898, ("core-coverage", "summary"): 0.893,
+             ("core-coverage", "nearest"): 0.892, ("fastv", "none"): 0.5}  # fmt: skip
+    for (method, merge), acc in means.items():
+        rows += [summary(method, merge, k, acc) for k in (192, 128, 64, 32)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"summaries": rows}))
+    assert choose_default.main([str(path)]) == 0
+    # Within 1.0 point of the best: exact scores win, then the merge that caches fewer tokens.
+    assert "choice: core-coverage with merge nearest" in capsys.readouterr().out
+    assert choose_default.main([str(path), "--tie", "0.05"]) == 0
+    assert "choice: max-min with merge summary" in capsys.readouterr().out

@@ -1,19 +1,16 @@
-"""Accuracy of CoreMatching and its token-selection baselines, on the reference and on ONNX builds.
+"""Accuracy of the token selectors, with and without a merge, on the reference and on ONNX builds.
 
-A *setting* is one way of answering: a token selector (dense, corematching, fastv, random) at one
-budget (kept image tokens, or "auto"), run by one backend (the PyTorch reference, or an ONNX build
-through the runtime). Every item is answered greedily under every setting and scored by exact
-match after normalisation (`vqa.data.is_correct`).
-
-Settings, as the paper compares them:
+A *setting* is one way of answering: a registered token selector (`coreMatching.selectors`) with a
+merge at one budget (kept image tokens, or "auto"), or dense, run by one backend (the PyTorch
+reference, or an ONNX build through the runtime). Every item is answered greedily under every
+setting and scored by exact match after normalisation (`vqa.data.is_correct`).
 
 - dense: every image token and every FFN neuron (equal to the stock transformers model);
-- corematching: the method as deployed, token budget k with the prompt's core neurons (beta = 0.4)
-  in the decoding steps;
-- fastv / random: the token-pruning baselines at the same prune layer and budget, with every
-  neuron (FastV ranks image tokens by the attention they receive at the prune layer; random keeps a
-  seeded random subset). At k = n_img they keep every token: they are the dense model there, and
-  reuse its answers rather than computing them twice.
+- every selector decodes with the prompt's core neurons (beta, 0.4 by default), so the settings
+  differ only in which image tokens the later layers see;
+- at k = n_img every selector keeps every token (and nothing is merged): those settings are one
+  model, answered once and reused;
+- `auto` (the elbow of the sorted scores) runs for the ranking selectors, without a merge.
 
 The vision tower runs once per item and its features are shared by every reference setting.
 """
@@ -29,41 +26,51 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coreMatching.config import TOKEN_SELECTORS, CoreMatchingConfig
+from coreMatching.config import CoreMatchingConfig
 from coreMatching.errors import ConfigError
+from coreMatching.selectors import DEFAULT_MERGE, MERGES, SELECTORS
 from vqa.data import Item, is_correct
 
 log = logging.getLogger(__name__)
 
 Budget = int | Literal["auto"]
-METHODS: tuple[str, ...] = ("dense", *TOKEN_SELECTORS)
 
 
 @dataclass(frozen=True)
 class Setting:
-    method: str  # one of METHODS
+    method: str  # "dense" or a registered token selector
     budget: Budget  # kept image tokens ("auto": the elbow); n_img for dense
     backend: str = "reference"  # "reference" or "onnx"
+    merge: str = "none"  # what became of the pruned image tokens (coreMatching.selectors.MERGES)
+
+    @property
+    def name(self) -> str:
+        """The selector with its merge: `core-coverage+nearest`, `fastv` (no merge)."""
+        return self.method if self.merge == "none" else f"{self.method}+{self.merge}"
 
     @property
     def label(self) -> str:
         where = "" if self.backend == "reference" else f" [{self.backend}]"
-        return f"{self.method}@{self.budget}{where}" if self.method != "dense" else f"dense{where}"
+        return f"{self.name}@{self.budget}{where}" if self.method != "dense" else f"dense{where}"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     budgets: tuple[Budget, ...] = (576, 192, 128, 64, 32, "auto")
-    methods: tuple[str, ...] = TOKEN_SELECTORS
+    methods: tuple[str, ...] = tuple(SELECTORS)
+    merges: tuple[str, ...] = ("none", DEFAULT_MERGE)
     prune_layer: int = 2
-    neuron_ratio: float = 0.4  # CoreMatching's beta; the baselines keep every neuron
+    neuron_ratio: float = 0.4  # beta of every selector's decoding steps
     max_new_tokens: int = 4  # the answers are one word: a few tokens show any run-on
     seed: int = 0  # of the random selector
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if method not in TOKEN_SELECTORS:
-                raise ConfigError(f"unknown method {method!r}; known: {', '.join(TOKEN_SELECTORS)}")
+            if method not in SELECTORS:
+                raise ConfigError(f"unknown method {method!r}; known: {', '.join(SELECTORS)}")
+        for merge in self.merges:
+            if merge not in MERGES:
+                raise ConfigError(f"unknown merge {merge!r}; known: {', '.join(MERGES)}")
         for budget in self.budgets:
             if budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
                 raise ConfigError(f"budgets must be positive integers or 'auto', got {budget!r}")
@@ -71,25 +78,28 @@ class EvalConfig:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
     def settings(self, num_image_tokens: int) -> list[Setting]:
-        """dense first, then every method at every budget it supports (random has no 'auto')."""
+        """dense first, then every selector with every merge at every budget it supports ('auto': the
+        ranking selectors, without a merge; the full budget once per selector, without a merge)."""
         out = [Setting("dense", num_image_tokens)]
         for method in self.methods:
-            for budget in self.budgets:
-                if budget == "auto" and method == "random":
-                    continue  # the elbow needs scores; random has none
-                if budget != "auto" and budget > num_image_tokens:
-                    raise ConfigError(f"budget {budget} is more than the model's {num_image_tokens} image tokens")
-                out.append(Setting(method, budget))
+            for merge in self.merges:
+                for budget in self.budgets:
+                    if budget == "auto" and (merge != "none" or not SELECTORS[method].supports_auto):
+                        continue
+                    if budget != "auto" and budget > num_image_tokens:
+                        raise ConfigError(f"budget {budget} is more than the model's {num_image_tokens} image tokens")
+                    if budget == num_image_tokens and merge != "none":
+                        continue  # nothing is pruned, so nothing is merged
+                    out.append(Setting(method, budget, merge=merge))
         return out
 
     def corematching(self, setting: Setting, num_image_tokens: int) -> CoreMatchingConfig:
         """The reference configuration of a setting."""
         if setting.method == "dense":
             return CoreMatchingConfig.dense(num_image_tokens, prune_layer=self.prune_layer)
-        beta = self.neuron_ratio if setting.method == "corematching" else 1.0
         return CoreMatchingConfig(
-            token_budget=setting.budget, neuron_ratio=beta, prune_layer=self.prune_layer,
-            token_selector=setting.method, seed=self.seed,  # type: ignore[arg-type]
+            token_budget=setting.budget, neuron_ratio=self.neuron_ratio, prune_layer=self.prune_layer,
+            token_selector=setting.method, token_merge=setting.merge, seed=self.seed,
         )  # fmt: skip
 
 
@@ -162,9 +172,11 @@ class ReferenceEvaluator:
         }
 
     def _alias(self, setting: Setting) -> str | None:
-        # A baseline that keeps every token with every neuron is the dense model.
-        dense = setting.method in ("fastv", "random") and setting.budget == self.num_image_tokens
-        return self.settings[0].label if dense else None
+        # Every selector that keeps every token is one model (the same neurons, no merge): answer it once.
+        if setting.method == "dense" or setting.budget != self.num_image_tokens:
+            return None
+        first = next(s for s in self.settings if s.method != "dense" and s.budget == self.num_image_tokens)
+        return None if first == setting else first.label
 
     def answer_item(self, item: Item) -> list[Record]:
         import torch
@@ -278,7 +290,7 @@ def summarise(settings: list[Setting], records: list[Record]) -> list[Summary]:
         if setting.backend == "reference":
             reference_answers[setting.label] = {r.item: r.prediction for r in rows}
         else:
-            ref = reference_answers.get(Setting(setting.method, setting.budget).label)
+            ref = reference_answers.get(Setting(setting.method, setting.budget, merge=setting.merge).label)
             if ref:
                 summary.agreement = float(np.mean([ref.get(r.item) == r.prediction for r in rows]))
         summaries.append(summary)
@@ -294,3 +306,4 @@ class EvalResult:
     records: list[Record]
     summaries: list[Summary] = field(default_factory=list)
     geometry: tuple[int, int, int] = (336, 14, 576)  # image size, patch size, image tokens
+    fidelity: list[Any] = field(default_factory=list)  # vqa.fidelity.Fidelity per beta

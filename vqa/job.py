@@ -25,18 +25,32 @@ Progress = Callable[[str, int, int], None]
 
 
 def parse_setting(text: str) -> Setting:
-    """'dense' or 'corematching@64' / 'corematching@auto' (what an ONNX build can deploy)."""
+    """'dense', or 'SELECTOR[+MERGE]@K' (K an integer or 'auto'): what an ONNX build can deploy."""
+    from coreMatching.selectors import MERGES, SELECTORS
+
     if text == "dense":
         return Setting("dense", 0, backend="onnx")
-    method, _, budget = text.partition("@")
-    if method != "corematching" or not budget:
-        raise ConfigError(f"ONNX setting {text!r}: use 'dense' or 'corematching@K' (K an integer or 'auto')")
+    name, _, budget = text.partition("@")
+    method, _, merge = name.partition("+")
+    usage = f"use 'dense' or 'SELECTOR[+MERGE]@K' (SELECTOR one of {', '.join(SELECTORS)}; MERGE one of " \
+        f"{', '.join(m for m in MERGES if m != 'none')}; K an integer or 'auto')"  # fmt: skip
+    if method not in SELECTORS or not budget or (merge and merge not in MERGES):
+        raise ConfigError(f"ONNX setting {text!r}: {usage}")
+    merge = merge or "none"
     if budget == "auto":
-        return Setting(method, "auto", backend="onnx")
+        return Setting(method, "auto", backend="onnx", merge=merge)
     try:
-        return Setting(method, int(budget), backend="onnx")
+        return Setting(method, int(budget), backend="onnx", merge=merge)
     except ValueError:
         raise ConfigError(f"ONNX setting {text!r}: the budget must be an integer or 'auto'") from None
+
+
+def default_onnx_settings() -> str:
+    """dense, every selector at k = 64 with the default merge, and the default selector without it."""
+    from coreMatching.selectors import DEFAULT_MERGE, DEFAULT_SELECTOR, SELECTORS
+
+    names = [f"{name}+{DEFAULT_MERGE}@64" for name in SELECTORS]
+    return ",".join(["dense", *names, f"{DEFAULT_SELECTOR}@64"])
 
 
 @dataclass(frozen=True)
@@ -49,10 +63,16 @@ class EvalJob:
     onnx: tuple[Setting, ...] = ()  # settings to build and answer with the runtime
     onnx_count: int | None = None  # items for the ONNX runs (None: all)
     grid: int = 5  # rows of the core-token picture (shapes data only)
+    fidelity_count: int = 100  # questions of the teacher-forced decode-fidelity figures (0: none)
+    workers: int = 1  # processes answering the reference settings (each holds a copy of the model)
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if self.count < 1:
             raise ConfigError(f"count must be at least 1, got {self.count}")
+        if self.fidelity_count < 0:
+            raise ConfigError(f"fidelity_count must be 0 or more, got {self.fidelity_count}")
         if self.onnx_count is not None and self.onnx_count < 1:
             raise ConfigError(f"onnx_count must be at least 1, got {self.onnx_count}")
 
@@ -77,16 +97,30 @@ def run_job(job: EvalJob, progress: Progress | None = None) -> tuple[EvalResult,
     def report(stage: str, total: int) -> Callable[[int], None]:
         return lambda done: progress(stage, done, total) if progress else None
 
-    settings, records = evaluate_reference(model, processor, items, job.config, report("reference", len(items)))
+    if job.workers > 1:
+        from vqa.parallel import reference_records
+
+        settings = job.config.settings(n_img)
+        records = reference_records(job, len(items), job.workers, report("reference", len(items)))
+    else:
+        settings, records = evaluate_reference(model, processor, items, job.config, report("reference", len(items)))
     onnx_items = items[: job.onnx_count] if job.onnx_count else items
     for setting in job.onnx:
         setting = Setting("dense", n_img, "onnx") if setting.method == "dense" else setting
         records += _run_onnx(model_dir, setting, onnx_items, job.config, n_img, report(setting.label, len(onnx_items)))
         settings.append(setting)
+    fidelity = []
+    if job.fidelity_count:
+        from vqa.fidelity import FidelityConfig, decode_fidelity
+
+        probe = items[: job.fidelity_count]
+        fidelity = decode_fidelity(model, processor, probe, FidelityConfig(prune_layer=job.config.prune_layer),
+                                   report("decode fidelity", len(probe)))  # fmt: skip
     name = "embedded default (models/default)" if job.model_dir is None else str(job.model_dir)
     vision = model.config.vision_config
     geometry = (vision.image_size, vision.patch_size, n_img)
-    result = EvalResult(name, job.describe_data(), job.config, settings, records, geometry=geometry)
+    result = EvalResult(name, job.describe_data(), job.config, settings, records, geometry=geometry,
+                        fidelity=fidelity)  # fmt: skip
     result.summaries = summarise(settings, records)
     return result, items
 

@@ -1,4 +1,4 @@
-"""What a TensorRT build accepts (SPEC §3): no NonZero, no If/Loop, TopK with a constant K < 3840."""
+"""What a TensorRT build accepts (docs/architecture.md): no NonZero, no If/Loop, TopK with a constant K < 3840."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pass: the prompt's core neurons of one layer, from the traced FFN activation (SPEC §1, §3).
+"""Pass: the prompt's core neurons of one layer, from the traced FFN activation (docs/method.md, docs/architecture.md).
 
 Before: the traced prefill outputs `act.{layer}` [T, D], the layer's FFN activation.
 After:  it outputs `core_neurons.{layer}` [N] int64 (ascending) instead.

@@ -1,4 +1,4 @@
-"""Pass: compacted FFN weights of one neuron-sparse layer, gathered once per request (SPEC §3).
+"""Pass: compacted FFN weights of one neuron-sparse layer, gathered once per request (docs/architecture.md).
 
 Before: the prefill graph holds the layer's FFN weights as initializers
 (`{prefix}.gate_t` [d, D], `{prefix}.up_t` [d, D], `{prefix}.down_t` [D, d])

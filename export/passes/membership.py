@@ -1,4 +1,4 @@
-"""Shared subgraphs: token-wise core neurons and the prompt's core neurons of one layer (SPEC §1).
+"""Shared subgraphs: token-wise core neurons and the prompt's core neurons of one layer (docs/method.md).
 
 Both the core-token pass and the core-neuron pass need them; they are built
 once per layer and found again by name.
@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from coreMatching.selection import chunk_bounds, chunk_sizes
 from export.passes.ops import Ops
 
-# TensorRT's TopK takes K < 3840 (SPEC §3).
+# TensorRT's TopK takes K < 3840 (docs/architecture.md).
 TOPK_LIMIT = 3839
 
 
