@@ -81,8 +81,7 @@ def backbone_for(text_model_type: str) -> Backbone:
         return BACKBONES[text_model_type]
     except KeyError:
         raise UnsupportedBackboneError(
-            f"text backbone {text_model_type!r} is not supported; supported: "
-            f"{', '.join(supported_model_types())}"
+            f"text backbone {text_model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
         ) from None
 
 

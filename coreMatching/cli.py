@@ -76,8 +76,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.token_merge,
         help=f"what becomes of the pruned image tokens: {', '.join(MERGES)} (default {d.token_merge})",
     )
-    group.add_argument("--dense", action="store_true",
-                       help="keep every image token and every neuron (the dense model)")  # fmt: skip
+    group.add_argument("--dense", action="store_true", help="keep every image token and every neuron (the dense model)")
 
 
 def config_from_args(args: argparse.Namespace, num_image_tokens: int | None = None) -> CoreMatchingConfig:
@@ -85,7 +84,7 @@ def config_from_args(args: argparse.Namespace, num_image_tokens: int | None = No
     if args.dense:
         if num_image_tokens is None:
             raise ConfigError("--dense needs the model's number of image tokens")
-        return CoreMatchingConfig.dense(num_image_tokens, prune_layer=args.prune_layer)
+        return CoreMatchingConfig.keep_all(num_image_tokens, prune_layer=args.prune_layer)
     return CoreMatchingConfig(
         token_budget=args.token_budget,
         token_ratio=args.token_ratio,

@@ -92,8 +92,9 @@ class CoreMatchingConfig:
             )
 
     @classmethod
-    def dense(cls, num_image_tokens: int, **overrides: object) -> CoreMatchingConfig:
-        """Keeps every image token and every neuron: equal to the dense model."""
+    def keep_all(cls, num_image_tokens: int, **overrides: object) -> CoreMatchingConfig:
+        """CoreMatching's code path keeping every image token and every neuron: it computes what the dense
+        model does (tests check it). Dense itself is no configuration: `corematching=None` everywhere."""
         return cls(token_budget=num_image_tokens, neuron_ratio=1.0, **overrides)  # type: ignore[arg-type]
 
     @classmethod
@@ -176,10 +177,6 @@ class Budgets:
         """Image tokens later layers hold: k, plus a summary token. Needs a static budget."""
         assert self.token_budget != "auto", "a static budget"
         return self.token_budget + self.merged_tokens
-
-    @property
-    def is_dense(self) -> bool:
-        return self.token_budget == self.num_image_tokens and self.core_neurons == self.intermediate_size
 
     def is_neuron_sparse(self, layer: int) -> bool:
         return self.neuron_layers[0] <= layer < self.neuron_layers[1]

@@ -14,47 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from buildformat.geometry import Geometry
+from buildformat.geometry import kept_length as geometry_kept_length
 from coreMatching.config import Budgets
-
-
-@dataclass(frozen=True)
-class DecoderGeometry:
-    hidden_size: int  # d
-    intermediate_size: int  # D
-    num_layers: int  # L
-    num_heads: int  # H
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int  # V
-
-    @classmethod
-    def from_text_config(cls, text: Any) -> DecoderGeometry:
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-            head_dim=head_dim,
-            vocab_size=text.vocab_size,
-        )
-
-    def projections(self, tokens: int) -> int:
-        d, q_width, kv_width = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return 2 * tokens * d * (2 * q_width + 2 * kv_width)
-
-    def attention(self, queries: int, past: int) -> int:
-        """Scores and weighted sum for `queries` new tokens after `past` cached ones (causal)."""
-        q_width = self.num_heads * self.head_dim
-        key_reads = queries * past + queries * (queries + 1) // 2
-        return 2 * 2 * q_width * key_reads
-
-    def ffn(self, tokens: int, width: int) -> int:
-        return 3 * 2 * tokens * self.hidden_size * width
-
-    def lm_head(self) -> int:
-        return 2 * self.hidden_size * self.vocab_size
 
 
 @dataclass(frozen=True)
@@ -86,7 +48,7 @@ class VisionGeometry:
         return self.num_layers * per_layer + projector
 
 
-def prefill_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budgets | None) -> int:
+def prefill_flops(geometry: Geometry, prompt_tokens: int, budgets: Budgets | None) -> int:
     """Decoder prefill FLOPs for a prompt of `prompt_tokens` (image tokens included).
 
     budgets None is the dense model; otherwise layers after the prune layer see
@@ -103,19 +65,19 @@ def prefill_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budget
     return total
 
 
-def decode_layers(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> Iterator[tuple[int, int]]:
+def decode_layers(geometry: Geometry, cached_tokens: int, budgets: Budgets | None) -> Iterator[tuple[int, int]]:
     """(cached tokens it attends to, FFN width it computes) of every layer in a decode step."""
     for layer in range(geometry.num_layers):
         past, width = cached_tokens, geometry.intermediate_size
         if budgets is not None:
             if layer > budgets.prune_layer:
-                past = cached_tokens - budgets.num_image_tokens + _k(budgets) + budgets.merged_tokens
+                past = kept_length(cached_tokens, budgets)
             if budgets.is_neuron_sparse(layer):
                 width = budgets.core_neurons
         yield past, width
 
 
-def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None) -> int:
+def decode_flops(geometry: Geometry, cached_tokens: int, budgets: Budgets | None) -> int:
     """FLOPs of one decode step after `cached_tokens` (the prompt, plus tokens generated so far)."""
     total = geometry.lm_head()
     for past, width in decode_layers(geometry, cached_tokens, budgets):
@@ -125,10 +87,10 @@ def decode_flops(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets
 
 def kept_length(prompt_tokens: int, budgets: Budgets) -> int:
     """Tokens that layers after the prune layer compute and cache: S - n_img + k (+1 for a summary)."""
-    return prompt_tokens - budgets.num_image_tokens + _k(budgets) + budgets.merged_tokens
+    return geometry_kept_length(prompt_tokens, budgets.num_image_tokens, _k(budgets), budgets.merged_tokens)
 
 
-def selection_flops(geometry: DecoderGeometry, prompt_tokens: int, budgets: Budgets) -> int:
+def selection_flops(geometry: Geometry, prompt_tokens: int, budgets: Budgets) -> int:
     """The matrix products of the token selector and the merge at the prune layer (static budgets).
 
     core-coverage: k steps of [n_img, D] @ [D]; max-min: the [n_img, n_img] cosines, then k steps
@@ -155,7 +117,7 @@ def _k(budgets: Budgets) -> int:
     return budgets.token_budget
 
 
-def decode_bytes(geometry: DecoderGeometry, cached_tokens: int, budgets: Budgets | None, itemsize: int = 4) -> int:
+def decode_bytes(geometry: Geometry, cached_tokens: int, budgets: Budgets | None, itemsize: int = 4) -> int:
     """Bytes a decode step reads: every weight it multiplies by (the FFN of the neuron-sparse layers
     at N neurons) and the KV cache (shorter after the prune layer). A decode step is memory bound,
     so this ratio, not the FLOPs', is what its speedup can reach."""
@@ -191,7 +153,7 @@ class FlopsComparison:
         return self.decode_dense / self.decode_corematching
 
 
-def compare(geometry: DecoderGeometry, prompt_tokens: int, budgets: list[Budgets]) -> list[FlopsComparison]:
+def compare(geometry: Geometry, prompt_tokens: int, budgets: list[Budgets]) -> list[FlopsComparison]:
     dense_prefill = prefill_flops(geometry, prompt_tokens, None)
     dense_decode = decode_flops(geometry, prompt_tokens, None)
     return [

@@ -34,9 +34,7 @@ class Pruned:
     image_bias: Tensor | None  # [k'] the key bias of the image slots (k' = k, or k + 1 with a summary)
 
 
-def prune(
-    hidden: Tensor, span: tuple[int, int], kept: Tensor, merge: str, groups: Tensor | None = None
-) -> Pruned:
+def prune(hidden: Tensor, span: tuple[int, int], kept: Tensor, merge: str, groups: Tensor | None = None) -> Pruned:
     """hidden: [1, S, d] after the prune layer; kept: [k] ascending image-token indices; groups: for
     `nearest`, [n_img, k] the core-neuron overlap of every image token with every kept one."""
     start, stop = span

@@ -66,33 +66,65 @@ def selector_names() -> tuple[str, ...]:
     return tuple(SELECTORS)
 
 
-register(TokenSelector(
-    "core-coverage", "greedy", "method", False,
-    "greedy weighted coverage of the image tokens' core neurons; a neuron's weight starts higher when it is a core "
-    "neuron of the query token and halves each time a kept token covers it",
-))  # fmt: skip
-register(TokenSelector(
-    "prompt-frequency", "score", "paper", False,
-    "|C(j) ∩ C*| with C* counted over every prompt token (keeps the image's majority patch type)",
-))  # fmt: skip
-register(TokenSelector(
-    "query-overlap", "score", "paper", False,
-    "overlap of each image token's active neurons (a > 0) with the query token's (the last prompt token)",
-))  # fmt: skip
-register(TokenSelector(
-    "fastv", "score", "baseline", True,
-    "FastV: the attention the last prompt token pays each image token at the prune layer, mean over heads",
-    exact=False,
-))  # fmt: skip
-register(TokenSelector(
-    "random", "score", "baseline", False,
-    "a seeded random subset of the image tokens", ranks=False,
-))  # fmt: skip
-register(TokenSelector(
-    "max-min", "greedy", "baseline", False,
-    "DivPrune-style max-min diversity: farthest-point picks under the cosine distance of the prune layer's "
-    "FFN activations", exact=False,
-))  # fmt: skip
+register(
+    TokenSelector(
+        "core-coverage",
+        "greedy",
+        "method",
+        False,
+        "greedy weighted coverage of the image tokens' core neurons; a neuron's weight starts higher when it is a core "
+        "neuron of the query token and halves each time a kept token covers it",
+    )
+)
+register(
+    TokenSelector(
+        "prompt-frequency",
+        "score",
+        "paper",
+        False,
+        "|C(j) ∩ C*| with C* counted over every prompt token (keeps the image's majority patch type)",
+    )
+)
+register(
+    TokenSelector(
+        "query-overlap",
+        "score",
+        "paper",
+        False,
+        "overlap of each image token's active neurons (a > 0) with the query token's (the last prompt token)",
+    )
+)
+register(
+    TokenSelector(
+        "fastv",
+        "score",
+        "baseline",
+        True,
+        "FastV: the attention the last prompt token pays each image token at the prune layer, mean over heads",
+        exact=False,
+    )
+)
+register(
+    TokenSelector(
+        "random",
+        "score",
+        "baseline",
+        False,
+        "a seeded random subset of the image tokens",
+        ranks=False,
+    )
+)
+register(
+    TokenSelector(
+        "max-min",
+        "greedy",
+        "baseline",
+        False,
+        "DivPrune-style max-min diversity: farthest-point picks under the cosine distance of the prune layer's "
+        "FFN activations",
+        exact=False,
+    )
+)
 
 MergeName = Literal["none", "summary", "nearest"]
 

@@ -18,10 +18,13 @@ from coreMatching.cli import add_config_arguments, config_from_args
 
 
 def _build_parser(sub: Any) -> None:
-    p = sub.add_parser("build", help="trace the model into ONNX graphs with CoreMatching, validate, write a build",
-                       description="Trace a LLaVA model into ONNX graphs (vision, embed, prefill, decode) with "
-                       "in-graph core-token and core-neuron selection, validate them against PyTorch, "
-                       "and write a build directory.")  # fmt: skip
+    p = sub.add_parser(
+        "build",
+        help="trace the model into ONNX graphs with CoreMatching, validate, write a build",
+        description="Trace a LLaVA model into ONNX graphs (vision, embed, prefill, decode) with "
+        "in-graph core-token and core-neuron selection, validate them against PyTorch, "
+        "and write a build directory.",
+    )
     p.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
     p.add_argument("--out", type=Path, default=Path("builds/default"), help="build directory (default builds/default)")
     add_config_arguments(p)
@@ -29,9 +32,13 @@ def _build_parser(sub: Any) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image included (default 1024)")
     p.add_argument("--max-sequence", type=int, default=2048, help="longest prompt + answer (default 2048)")
-    p.add_argument("--neuron-chunks", type=int, default=1,
-                   help="select core neurons per chunk of the FFN (default 1; raised automatically where N "
-                   "is beyond TensorRT's TopK limit)")  # fmt: skip
+    p.add_argument(
+        "--neuron-chunks",
+        type=int,
+        default=1,
+        help="select core neurons per chunk of the FFN (default 1; raised automatically where N "
+        "is beyond TensorRT's TopK limit)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-validate", action="store_true", help="skip the validation against PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -40,16 +47,22 @@ def _build_parser(sub: Any) -> None:
 def _validate_parser(sub: Any) -> None:
     p = sub.add_parser("validate", help="check an existing build's files and validate it against PyTorch again")
     p.add_argument("build", type=Path, help="the build directory")
-    p.add_argument("--model", type=Path, default=None,
-                   help="the checkpoint the build was made from (default: the one its manifest names)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the checkpoint the build was made from (default: the one its manifest names)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
 
 def _bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="latency, FLOPs and memory of CoreMatching builds against dense",
-                       description="Build the preset dense and at each budget, then measure ONNX Runtime (CPU), "
-                       "transformers eager and the PyTorch reference side by side; write docs/benchmarks/.",
-                       )  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="latency, FLOPs and memory of CoreMatching builds against dense",
+        description="Build the preset dense and at each budget, then measure ONNX Runtime (CPU), "
+        "transformers eager and the PyTorch reference side by side; write docs/benchmarks/.",
+    )
     p.add_argument("--preset", default="llava-7b-shape", help="model preset (default llava-7b-shape)")
     p.add_argument("--budgets", default="192,128,64,32", help="comma-separated token budgets")
     p.add_argument("--repeats", type=int, default=5, help="measured repeats after one warm-up (default 5)")
@@ -67,9 +80,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     try:
-        config = BenchConfig(preset=args.preset, budgets=tuple(int(k) for k in args.budgets.split(",")),
-                             repeats=args.repeats, new_tokens=args.new_tokens, work=args.work, out=args.out,
-                             torch_baselines=not args.no_torch)  # fmt: skip
+        config = BenchConfig(
+            preset=args.preset,
+            budgets=tuple(int(k) for k in args.budgets.split(",")),
+            repeats=args.repeats,
+            new_tokens=args.new_tokens,
+            work=args.work,
+            out=args.out,
+            torch_baselines=not args.no_torch,
+        )
         with console.status("benchmark") as status:
             run_bench(config, lambda name: status.update(name))
     except ValueError as e:
@@ -85,6 +104,7 @@ def run_build(args: argparse.Namespace) -> int:
     from coreMatching.errors import CoreMatchingError
     from export.build import STAGES, BuildError, build
     from export.config import ExportConfig
+    from export.manifest import PromptFormatError
     from export.summary import print_summary
     from export.validate import ValidationError
     from models import ModelLoadError
@@ -95,10 +115,16 @@ def run_build(args: argparse.Namespace) -> int:
         if not args.dense:
             corematching = config_from_args(args).with_(neuron_chunks=args.neuron_chunks)
         config = ExportConfig(
-            out=args.out, model_dir=args.model, corematching=corematching, fp16=args.fp16, opset=args.opset,
-            force=args.force, validate=not args.no_validate, max_prompt_tokens=args.max_prompt_tokens,
+            out=args.out,
+            model_dir=args.model,
+            corematching=corematching,
+            fp16=args.fp16,
+            opset=args.opset,
+            force=args.force,
+            validate=not args.no_validate,
+            max_prompt_tokens=args.max_prompt_tokens,
             max_sequence=args.max_sequence,
-        )  # fmt: skip
+        )
         with console.status("building") as status:
 
             def on_stage(name: str) -> None:
@@ -110,7 +136,7 @@ def run_build(args: argparse.Namespace) -> int:
     except ValidationError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         return 1
-    except (CoreMatchingError, ModelLoadError, BuildError) as e:
+    except (CoreMatchingError, ModelLoadError, BuildError, PromptFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(result)
@@ -118,14 +144,15 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from export.manifest import ManifestError, read_manifest, verify_files
+    import buildformat
+    from buildformat import ManifestError
     from export.summary import print_validation
     from models import ModelLoadError, default_model_dir, load_llava
 
     try:
-        manifest = read_manifest(args.build)
-        verify_files(args.build, manifest)
-        source = manifest["model"]["source"]
+        manifest = buildformat.read(args.build)
+        buildformat.verify(args.build, manifest)
+        source = manifest.model.source
         model_dir = args.model or (default_model_dir() if source == "embedded default" else Path(source))
         model, processor = load_llava(model_dir)
         from export.validate import validate_build
@@ -154,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"build": run_build, "validate": run_validate, "engine": run_engine, "plan": run_plan,
-                "bench": run_bench}  # fmt: skip
+    handlers = {
+        "build": run_build,
+        "validate": run_validate,
+        "engine": run_engine,
+        "plan": run_plan,
+        "bench": run_bench,
+    }
     return handlers[args.command](args)
 
 

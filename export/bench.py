@@ -10,16 +10,14 @@ prompt (a shipped example image, a 40-token question):
 - `transformers` eager dense generation, and the `coreMatching` PyTorch
   reference at each budget: vision, prefill, one decode step, end to end.
 
-It reports speedups against the dense ONNX build and against `transformers`,
-the analytic FLOPs ratios, the efficiency (measured speedup / analytic ratio;
-for a decode step the analytic ratio is that of the bytes it reads, since a
-step is memory bound), and checks the targets of issue 6. Results go to
-`<out>/bench.json`, `<out>/bench.md` and two plots.
+On a CUDA GPU it adds PyTorch prefill and decode-step medians at `gpu_preset`
+geometry. This module only measures; `export.bench_report` turns the
+measurements into speedups, FLOPs ratios, efficiencies and the targets of issue
+6, and writes `<out>/bench.json`, `<out>/bench.md` and two plots.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -28,12 +26,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import buildformat
+from buildformat import Manifest
+from buildformat.geometry import Geometry
 from coreMatching.config import CoreMatchingConfig
-from coreMatching.flops import DecoderGeometry, decode_bytes, decode_flops, prefill_flops
+from coreMatching.flops import decode_bytes, decode_flops, prefill_flops
+from export.bench_report import build_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +120,13 @@ def _build(config: BenchConfig, checkpoint: Path, preset: Any, budget: int | Non
     from export.config import ExportConfig
 
     out = config.work / name
-    manifest = out / "manifest.json"
-    if manifest.exists():
-        made = json.loads(manifest.read_text())
-        cm = made["corematching"]
-        same = (budget is None and cm["dense"]) or (budget is not None and cm.get("token_budget") == budget)
-        if same and "weights" in made:
+    try:
+        made = buildformat.read(out)
+    except buildformat.ManifestError:
+        made = None  # not built yet, or from an older format: build it
+    if made is not None and made.weights is not None:
+        cm = made.corematching
+        if (budget is None and cm is None) or (budget is not None and cm is not None and cm.token_budget == budget):
             return out
     corematching = None if budget is None else CoreMatchingConfig(token_budget=budget)
     sequence = min(2048, preset.max_position_embeddings)
@@ -147,32 +150,22 @@ def _ort(build: Path, name: str, config: BenchConfig) -> Measurement:
     from runtime import Pipeline
 
     pipeline = Pipeline.load(build, provider="cpu")
-    backend = pipeline.backend
     samples: dict[str, list[float]] = {"vision": [], "prefill": [], "decode_step": [], "end_to_end": [], "overhead": []}
     for repeat in range(config.repeats + 1):  # the first run warms up
         start = time.perf_counter()
-        steps: list[float] = []
-        runs: list[float] = []
-        stream = pipeline.stream(IMAGE, QUESTION, config.new_tokens, stop_at_eos=False)
-        for _ in stream:
-            if pipeline.last.timings["decode"] and len(steps) < len(pipeline.last.timings["decode"]):
-                steps.append(pipeline.last.timings["decode"][-1])
-                runs.append(backend.last_run_seconds)
+        answer = pipeline.answer(IMAGE, QUESTION, config.new_tokens, stop_at_eos=False)
         total = time.perf_counter() - start
         if repeat == 0:
             continue
-        timings = pipeline.last.timings
+        timings = answer.timings
+        steps, runs = timings["decode"], timings["decode_graph"]
         samples["vision"].append(timings["vision"])
         samples["prefill"].append(timings["prefill"])
         samples["decode_step"].append(_median(timings["decode"]))
         samples["end_to_end"].append(total)
         samples["overhead"].append(_median([(s - r) / s for s, r in zip(steps, runs, strict=True)]))
     manifest = pipeline.manifest
-    kept = (
-        manifest["model"]["num_image_tokens"]
-        if manifest["corematching"]["dense"]
-        else manifest["corematching"]["token_budget"]
-    )
+    kept = manifest.model.num_image_tokens if manifest.corematching is None else manifest.corematching.token_budget
     return Measurement(
         name=name,
         engine="onnxruntime",
@@ -184,7 +177,7 @@ def _ort(build: Path, name: str, config: BenchConfig) -> Measurement:
         python_overhead=_median(samples["overhead"]),
         peak_memory_bytes=_peak_memory(build, config.new_tokens),
         weight_bytes=_weight_bytes(build, manifest),
-        kv_cache_bytes=_kv_bytes(manifest, pipeline.last),
+        kv_cache_bytes=_kv_bytes(manifest, answer),
         samples={k: v for k, v in samples.items()},
     )
 
@@ -205,21 +198,20 @@ def _peak_memory(build: Path, new_tokens: int) -> int:
     return int(done.stdout.split()[-1]) * 1024  # kB
 
 
-def _weight_bytes(build: Path, manifest: dict[str, Any]) -> int:
+def _weight_bytes(build: Path, manifest: Manifest) -> int:
     """The build's weight bytes: weights.bin (each weight once) and the graphs' own small constants."""
-    names = [name for name in manifest["files"] if name.endswith((".onnx", ".onnx.data", ".bin"))]
+    names = [name for name in manifest.files if name.endswith((".onnx", ".onnx.data", ".bin"))]
     return sum((build / name).stat().st_size for name in names)
 
 
-def _kv_bytes(manifest: dict[str, Any], answer: Any) -> int:
-    model, cm = manifest["model"], manifest["corematching"]
-    per_token = 2 * model["num_kv_heads"] * model["head_dim"] * (2 if manifest["precision"] == "float16" else 4)
+def _kv_bytes(manifest: Manifest, answer: Any) -> int:
+    geometry, cm = Geometry.from_manifest(manifest), manifest.corematching
+    itemsize = 2 if manifest.precision == "float16" else 4
     total_len = answer.prompt_tokens + len(answer.token_ids)
-    if cm["dense"]:
-        return model["num_layers"] * total_len * per_token
-    kept = total_len - model["num_image_tokens"] + cm["token_budget"]
-    full = cm["prune_layer"] + 1
-    return (full * total_len + (model["num_layers"] - full) * kept) * per_token
+    if cm is None:
+        return geometry.cache_bytes(total_len, itemsize)
+    merged = 1 if cm.token_merge == "summary" else 0  # the summary token is cached too
+    return geometry.cache_bytes(total_len, itemsize, cm.prune_layer, kept=cm.token_budget, merged=merged)
 
 
 def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> list[Measurement]:
@@ -272,7 +264,7 @@ def _torch(checkpoint: Path, config: BenchConfig, budgets: list[int | None]) -> 
     m = repeat(hf)
     results.append(Measurement("transformers eager dense", "transformers", n_img, **m))
     for budget in budgets:
-        cm = CoreMatchingConfig.dense(n_img) if budget is None else CoreMatchingConfig(token_budget=budget)
+        cm = CoreMatchingConfig.keep_all(n_img) if budget is None else CoreMatchingConfig(token_budget=budget)
         reference = CoreMatchingLlava(model, cm)
 
         def ref(reference: CoreMatchingLlava = reference) -> dict[str, float]:
@@ -402,7 +394,7 @@ def run_bench(config: BenchConfig, stage: Callable[[str], None] = lambda s: None
     stage("checkpoint")
     checkpoint, preset = _checkpoint(config)
     hf = preset.hf_config()
-    geometry = DecoderGeometry.from_text_config(hf.text_config)
+    geometry = Geometry.from_hf_config(hf)
     n_img = preset.num_image_tokens
     measurements: list[Measurement] = []
     builds: dict[str, Path] = {}
@@ -417,7 +409,7 @@ def run_bench(config: BenchConfig, stage: Callable[[str], None] = lambda s: None
         stage("measure transformers and the reference")
         measurements += _torch(checkpoint, config, [None, *config.budgets])
 
-    manifest = json.loads((builds["dense"] / "manifest.json").read_text())
+    manifest = buildformat.read(builds["dense"])
     from runtime.text import PromptTokenizer
 
     prompt_tokens = int(PromptTokenizer.from_build(builds["dense"], manifest).encode(QUESTION).shape[1])
@@ -432,7 +424,7 @@ def run_bench(config: BenchConfig, stage: Callable[[str], None] = lambda s: None
         m.prefill_flops = prefill_flops(geometry, prompt_tokens, budgets)
         m.decode_flops = decode_flops(geometry, prompt_tokens, budgets)
         m.decode_bytes = decode_bytes(geometry, prompt_tokens, budgets)
-    report = _report(config, preset, prompt_tokens, measurements)
+    report = build_report(config, n_img, prompt_tokens, measurements, machine())
     report["gpu"] = {"skipped": "no CUDA GPU on this machine"}
     if config.torch_baselines and _cuda_available():
         stage(f"measure PyTorch on the GPU at {config.gpu_preset} geometry")
@@ -440,213 +432,3 @@ def run_bench(config: BenchConfig, stage: Callable[[str], None] = lambda s: None
     stage("write")
     write_report(report, config.out)
     return report
-
-
-def _report(config: BenchConfig, preset: Any, prompt_tokens: int, measurements: list[Measurement]) -> dict[str, Any]:
-    by_name = {m.name: m for m in measurements}
-    dense = by_name["onnxruntime dense"]
-    hf = by_name.get("transformers eager dense")
-    rows = []
-    for m in measurements:
-        rows.append(
-            asdict(m)
-            | {
-                "prefill_speedup": dense.prefill / m.prefill,
-                "decode_speedup": dense.decode_step / m.decode_step,
-                "end_to_end_speedup": dense.end_to_end / m.end_to_end,
-                "end_to_end_vs_transformers": None if hf is None else hf.end_to_end / m.end_to_end,
-                "prefill_flops_ratio": dense.prefill_flops / m.prefill_flops,
-                "decode_flops_ratio": dense.decode_flops / m.decode_flops,
-                "decode_bytes_ratio": dense.decode_bytes / m.decode_bytes,
-                "prefill_efficiency": (dense.prefill / m.prefill) / (dense.prefill_flops / m.prefill_flops),
-                "decode_efficiency": (dense.decode_step / m.decode_step) / (dense.decode_bytes / m.decode_bytes),
-            }
-        )
-    target = (
-        next(r for r in rows if r["name"] == f"onnxruntime k{config.target_budget}")
-        if any(r["name"] == f"onnxruntime k{config.target_budget}" for r in rows)
-        else None
-    )
-    targets = []
-    if target is not None:
-        targets = [
-            _target(
-                "prefill speedup >= 0.9 x analytic FLOPs ratio",
-                target["prefill_speedup"],
-                0.9 * target["prefill_flops_ratio"],
-            ),
-            _target(
-                "decode-step speedup >= 0.85 x ratio of bytes read per step",
-                target["decode_speedup"],
-                0.85 * target["decode_bytes_ratio"],
-            ),
-            _target("end to end >= 3x the dense ONNX build", target["end_to_end_speedup"], 3.0),
-            _target("Python overhead < 5% of a decode step", 0.05, target["python_overhead"], "share"),
-            _target(
-                "peak memory <= 1.3 x the build's weight bytes",
-                1.3 * target["weight_bytes"],
-                target["peak_memory_bytes"],
-                "bytes",
-            ),
-        ]
-        if target["end_to_end_vs_transformers"] is not None:
-            targets.insert(
-                3, _target("end to end >= 5x transformers eager dense", target["end_to_end_vs_transformers"], 5.0)
-            )
-    budgets = ",".join(map(str, config.budgets))
-    preset_name = config.preset if isinstance(config.preset, str) else config.preset.name
-    return {
-        "command": f"python -m export bench --preset {preset_name} --budgets {budgets} --repeats {config.repeats} "
-        f"--new-tokens {config.new_tokens}",
-        "machine": machine(),
-        "preset": preset_name,
-        "prompt_tokens": prompt_tokens,
-        "num_image_tokens": preset.num_image_tokens,
-        "new_tokens": config.new_tokens,
-        "repeats": config.repeats,
-        "target_budget": config.target_budget,
-        "rows": rows,
-        "targets": targets,
-    }
-
-
-def _target(what: str, value: float, bound: float, kind: str = "ratio") -> dict[str, Any]:
-    """met when value >= bound (for "share" and "bytes" the arguments are (limit, measured))."""
-    if kind == "ratio":
-        return {"target": what, "measured": value, "required": bound, "met": value >= bound}
-    limit, measured = value, bound
-    return {"target": what, "measured": measured, "required": limit, "met": measured <= limit}
-
-
-def write_report(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(report))
-    plot(report, out)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    lines = [
-        "# Benchmarks: CoreMatching builds against dense",
-        "",
-        f"Produced by `{report['command']}` on {m['cpu']} ({m['cores']} cores, "
-        f"{m['memory_bytes'] / 2**30:.0f} GiB), {m['system']}, onnxruntime {m['versions']['onnxruntime']}, "
-        f"torch {m['versions']['torch']}.",
-        f"Model: preset `{report['preset']}`, random weights; prompt {report['prompt_tokens']} tokens "
-        f"({report['num_image_tokens']} image); "
-        f"{report['new_tokens']} new tokens; medians of {report['repeats']} repeats after a warm-up. "
-        "Speedups are against the dense ONNX build measured in the same run.",
-        "",
-        "| configuration | kept image tokens | vision ms | prefill ms | decode step ms | end to end ms "
-        "| prefill speedup (FLOPs ratio, efficiency) | decode speedup (bytes ratio, efficiency) "
-        "| end-to-end speedup | vs transformers | Python overhead | peak memory MB | KV cache MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-
-        def opt(value: Any, fmt: str) -> str:
-            return "-" if value is None else format(value, fmt)
-
-        lines.append(
-            f"| {r['name']} | {r['kept_tokens']} | {_ms(r['vision'])} | {_ms(r['prefill'])} | {_ms(r['decode_step'])} "
-            f"| {_ms(r['end_to_end'])} | {r['prefill_speedup']:.2f}x ({r['prefill_flops_ratio']:.2f}x, "
-            f"{r['prefill_efficiency']:.2f}) | {r['decode_speedup']:.2f}x ({r['decode_bytes_ratio']:.2f}x, "
-            f"{r['decode_efficiency']:.2f}) | {r['end_to_end_speedup']:.2f}x "
-            f"| {opt(r['end_to_end_vs_transformers'], '.2f')} "
-            f"| {opt(r['python_overhead'] and 100 * r['python_overhead'], '.1f')}{'%' if r['python_overhead'] else ''} "
-            f"| {opt(r['peak_memory_bytes'] and r['peak_memory_bytes'] / 2**20, '.0f')} "
-            f"| {opt(r['kv_cache_bytes'] and r['kv_cache_bytes'] / 2**20, '.1f')} |"
-        )
-    if report["targets"]:
-        lines += [
-            "",
-            f"## Targets (ONNX Runtime CPU, k = {report['target_budget']}, prune layer 2)",
-            "",
-            "| target | measured | required | met |",
-            "|---|---:|---:|---|",
-        ]
-        for t in report["targets"]:
-            fmt = (
-                (lambda v: f"{v / 2**20:.0f} MB")
-                if "memory" in t["target"]
-                else ((lambda v: f"{100 * v:.1f}%") if "overhead" in t["target"] else (lambda v: f"{v:.2f}x"))
-            )
-            lines.append(
-                f"| {t['target']} | {fmt(t['measured'])} | {fmt(t['required'])} | {'yes' if t['met'] else '**no**'} |"
-            )
-    gpu = report.get("gpu") or {}
-    if gpu.get("rows"):
-        lines += [
-            "",
-            f"## PyTorch on {gpu['device']} ({gpu['preset']} geometry, random {gpu['dtype']} weights, "
-            f"{gpu['prompt_tokens']}-token prompt)",
-            "",
-            "| configuration | prefill ms | decode step ms |",
-            "|---|---:|---:|",
-        ]
-        lines += [f"| {r['name']} | {_ms(r['prefill'])} | {_ms(r['decode_step'])} |" for r in gpu["rows"]]
-    elif gpu.get("skipped"):
-        lines += ["", f"PyTorch on a GPU at llava-1.5-7b geometry: not measured ({gpu['skipped']})."]
-    lines += [
-        "",
-        "Plots: `latency.png` (latency against kept image tokens), `stages.png` (stage breakdown). "
-        "Why targets are missed, with profiles: `analysis.md`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def plot(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for engine, style in (("onnxruntime", "o-"), ("coreMatching", "s--")):
-        points = sorted((r["kept_tokens"], r) for r in rows if r["engine"] == engine)
-        if not points:
-            continue
-        axes[0].plot([k for k, _ in points], [r["prefill"] * 1e3 for _, r in points], style, label=f"{engine}")
-        axes[1].plot([k for k, _ in points], [r["end_to_end"] * 1e3 for _, r in points], style, label=f"{engine}")
-    for r in rows:
-        if r["engine"] == "transformers":
-            axes[0].axhline(r["prefill"] * 1e3, color="gray", linestyle=":", label="transformers eager dense")
-            axes[1].axhline(r["end_to_end"] * 1e3, color="gray", linestyle=":", label="transformers eager dense")
-    for ax, title in zip(axes, ("prefill", f"end to end ({report['new_tokens']} new tokens)"), strict=True):
-        ax.set_xlabel("kept image tokens (576 = dense)")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(title)
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{report['preset']}: latency against kept image tokens")
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    names = [r["name"] for r in rows]
-    vision = [r["vision"] * 1e3 for r in rows]
-    prefill = [r["prefill"] * 1e3 for r in rows]
-    decode = [r["decode_step"] * 1e3 * (report["new_tokens"] - 1) for r in rows]
-    ax.barh(names, vision, label="vision")
-    ax.barh(names, prefill, left=vision, label="prefill")
-    ax.barh(
-        names,
-        decode,
-        left=[a + b for a, b in zip(vision, prefill, strict=True)],
-        label=f"{report['new_tokens'] - 1} decode steps",
-    )
-    ax.set_xlabel("ms (medians)")
-    ax.invert_yaxis()
-    ax.legend()
-    ax.set_title(f"{report['preset']}: where the time goes")
-    fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=110)
-    plt.close(fig)

@@ -12,13 +12,11 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+import buildformat
+from buildformat import Manifest
+from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
-from coreMatching.flops import FlopsComparison, compare, decode_flops, prefill_flops
 from export.config import ExportConfig
-from export.manifest import FORMAT_VERSION, record_files, write_manifest
+from export.manifest import GRAPHS, make_manifest
 from export.modules import Decoder
 from export.passes import (
     check_tensorrt,
@@ -41,15 +41,13 @@ from export.passes import (
     insert_token_scores,
 )
 from export.passes.membership import TOPK_LIMIT
-from export.trace import Geometry, save_model, trace_decode, trace_embed, trace_prefill, trace_vision
+from export.trace import save_model, trace_decode, trace_embed, trace_prefill, trace_vision
 from export.validate import ValidationError, ValidationReport, validate_build
-from export.weights import WEIGHTS, share_weights
+from export.weights import share_weights
 from models import default_model_dir, load_llava
-from models.answer import build_prompt
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("vision", "embed", "prefill", "decode")
 STAGES = ("load", "trace vision", "trace embed", "trace prefill", "trace decode", "graph passes", "validate", "write")
 # Copied from the checkpoint when present: what the torch-free runtime needs to tokenize and preprocess.
 TOKENIZER_FILES = (
@@ -62,8 +60,6 @@ TOKENIZER_FILES = (
     "processor_config.json",
     "generation_config.json",
 )
-# The text of a typical question, for the FLOPs figures of the summary.
-QUESTION_TOKENS = 40
 
 
 class BuildError(RuntimeError):
@@ -73,7 +69,7 @@ class BuildError(RuntimeError):
 @dataclass
 class BuildResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     validation: ValidationReport | None
     seconds: float
 
@@ -88,7 +84,7 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
     stage("load")
     model_dir = (config.model_dir or default_model_dir()).expanduser().resolve()
     model, processor = load_llava(model_dir)
-    geometry = Geometry.of(model)
+    geometry = Geometry.from_hf_config(model.config)
     budgets = _budgets(config, geometry)
     _check_limits(config, model, geometry)
 
@@ -117,25 +113,25 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets, seed)
         weights = share_weights(tmp, [f"{name}.onnx" for name in GRAPHS])
         _copy_tokenizer(model_dir, processor, tmp)
-        manifest = _manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
-        manifest["weights"] = weights
-        record_files(tmp, manifest, sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER))
-        write_manifest(tmp, manifest)
+        manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER)
+        manifest = buildformat.with_files(tmp, manifest.with_(weights=weights), files)
+        buildformat.write(tmp, manifest)
 
         report = None
         if config.validate:
             stage("validate")
             report = validate_build(tmp, manifest, model, processor)
-            manifest["validation"] = report.to_dict()
+            manifest = manifest.with_(validation=report.to_dict())
             if not report.passed:
                 path = out.parent / f"{out.name}.validation-failed.json"
                 path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
                 failed = "; ".join(f"{c.name}: {', '.join(c.problems)}" for c in report.cases if c.problems)
                 raise ValidationError(f"validation failed ({failed}); report: {path}", report)
         else:
-            manifest["validation"] = {"passed": None, "skipped": "--no-validate"}
-        manifest["build_seconds"] = round(time.perf_counter() - started, 1)
-        write_manifest(tmp, manifest)
+            manifest = manifest.with_(validation={"passed": None, "skipped": "--no-validate"})
+        manifest = manifest.with_(build_seconds=round(time.perf_counter() - started, 1))
+        buildformat.write(tmp, manifest)
 
         stage("write")
         (tmp / OWNER).unlink()
@@ -193,9 +189,9 @@ def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None, seed: i
     """The CoreMatching passes over the traced prefill; returns what would stop a TensorRT build."""
     graph = gs.import_onnx(onnx.load(path))
     if budgets is not None:
-        b, width = budgets, geometry.intermediate_size
+        b = budgets
         for layer in b.neuron_sparse_layers:
-            insert_core_neuron_selection(graph, layer, b.tokens_per_neuron_set, b.core_neurons, width, b.neuron_chunks)
+            insert_core_neuron_selection(graph, layer, b)
         scores = insert_token_scores(graph, b, seed)
         insert_core_token_selection(graph, b, scores)
         if b.token_merge != "none":
@@ -231,160 +227,6 @@ def _copy_tokenizer(model_dir: Path, processor: Any, out: Path) -> None:
         (out / "chat_template.jinja").write_text(template)
     if not (out / "preprocessor_config.json").exists():
         processor.image_processor.to_json_file(out / "preprocessor_config.json")
-
-
-def _io(path: Path) -> dict[str, list[dict[str, Any]]]:
-    model = onnx.load(path, load_external_data=False)
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        ]
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def _dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, dict[str, int]]:
-    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits).
-
-    S: prompt length. T: ids the embed graph takes at once. B / B_kept: the decode step's cache
-    buffers of the full / pruned layers, which hold up to max_sequence - 1 tokens before the last one.
-    """
-    n_img = geometry.num_image_tokens
-    prompt = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS, "max": config.max_prompt_tokens}
-    cache = {"min": n_img + 1, "opt": n_img + QUESTION_TOKENS + 32, "max": config.max_sequence - 1}
-    tokens = {"min": 1, "opt": 1, "max": config.max_prompt_tokens}  # embed: prompts and single tokens
-    dims = {"S": prompt, "T": tokens, "B": cache}
-    if budgets is not None:
-        lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
-        lo, hi = lo + budgets.merged_tokens, hi + budgets.merged_tokens  # a summary token is cached too
-        dims["B_kept"] = {"min": 1 + lo, "opt": cache["opt"] - n_img + hi, "max": cache["max"] - n_img + hi}
-    return dims
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("corematching-edge", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon",
-                    "onnxscript"):  # fmt: skip
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def flops_summary(geometry: Geometry, budgets: Budgets | None) -> FlopsComparison | None:
-    """Analytic FLOPs dense vs CoreMatching for a typical prompt (static budgets only)."""
-    if budgets is None or budgets.token_budget == "auto":
-        return None
-    return compare(geometry.decoder(), geometry.num_image_tokens + QUESTION_TOKENS, [budgets])[0]
-
-
-def _prompt_format(processor: Any) -> tuple[str, str]:
-    """(prompt with a `{question}` marker, image token) from the checkpoint's chat template."""
-    prompt = build_prompt(processor, "{question}")
-    image_token = getattr(processor, "image_token", "<image>")
-    if prompt.count("{question}") != 1 or prompt.count(image_token) != 1:
-        raise BuildError(f"the chat template renders {prompt!r}: expected one question and one {image_token}")
-    return prompt, image_token
-
-
-def _manifest(
-    config: ExportConfig,
-    model: Any,
-    processor: Any,
-    model_dir: Path,
-    geometry: Geometry,
-    budgets: Budgets | None,
-    build: Path,
-    trt_problems: list[str],
-) -> dict[str, Any]:
-    text, vision = model.config.text_config, model.config.vision_config
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None) or text.eos_token_id
-    flops = flops_summary(geometry, budgets)
-    decoder = geometry.decoder()
-    prompt_format, image_token = _prompt_format(processor)
-    prompt = geometry.num_image_tokens + QUESTION_TOKENS
-    return {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {
-            "source": "embedded default" if model_dir == default_model_dir().resolve() else str(model_dir),
-            "text_model_type": text.model_type,
-            "hidden_size": geometry.hidden_size,
-            "intermediate_size": geometry.intermediate_size,
-            "num_layers": geometry.num_layers,
-            "num_heads": geometry.num_heads,
-            "num_kv_heads": geometry.num_kv_heads,
-            "head_dim": geometry.head_dim,
-            "vocab_size": geometry.vocab_size,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "num_image_tokens": geometry.num_image_tokens,
-            "image_token_id": model.config.image_token_id,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": eos,
-            "pad_token_id": text.pad_token_id,
-        },
-        "precision": "float16" if config.fp16 else "float32",
-        "opset": config.opset,
-        "corematching": _corematching_section(budgets, config),
-        "dims": _dims(config, geometry, budgets),
-        "graphs": {
-            name: {
-                "file": f"{name}.onnx",
-                "external_data": WEIGHTS,  # every graph's weights, stored once (export/weights.py)
-                **_io(build / f"{name}.onnx"),
-            }
-            for name in GRAPHS
-        },
-        "tensorrt": {"compatible": not trt_problems, "reason": "; ".join(trt_problems)},
-        "tokenizer": {
-            "tokenizer": "tokenizer.json",
-            "chat_template": "chat_template.jinja",
-            "preprocessor": "preprocessor_config.json",
-            # The chat template rendered around a marker, so the runtime needs no Jinja: replace
-            # `{question}`, then repeat the image token num_image_tokens times, then tokenize.
-            "prompt": prompt_format,
-            "image_token": image_token,
-        },
-        "flops": {
-            "prompt_tokens": prompt,
-            "prefill_dense": prefill_flops(decoder, prompt, None),
-            "prefill_corematching": flops.prefill_corematching if flops else None,
-            "decode_dense": decode_flops(decoder, prompt, None),
-            "decode_corematching": flops.decode_corematching if flops else None,
-        },
-        "versions": _versions(),
-    }
-
-
-def _corematching_section(budgets: Budgets | None, config: ExportConfig) -> dict[str, Any]:
-    if budgets is None:
-        return {"dense": True}
-    cm = config.corematching
-    assert cm is not None
-    return {
-        "dense": False,
-        "token_budget": budgets.token_budget,
-        "token_ratio": cm.token_ratio,
-        "neuron_ratio": cm.neuron_ratio,
-        "prune_layer": budgets.prune_layer,
-        "neuron_layers": list(budgets.neuron_layers),
-        "tokens_per_neuron_set": budgets.tokens_per_neuron_set,
-        "core_neurons": budgets.core_neurons,
-        "neuron_chunks": budgets.neuron_chunks,
-        "auto_range": list(budgets.auto_range),
-        "token_selector": budgets.token_selector,
-        "token_merge": budgets.token_merge,
-        "seed": cm.seed,
-    }
 
 
 OWNER = ".owner"  # the pid of the build that writes a .partial directory

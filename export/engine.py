@@ -12,8 +12,6 @@ float16 export.
 
 from __future__ import annotations
 
-import copy
-import ctypes
 import importlib
 import logging
 import os
@@ -27,14 +25,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from export.manifest import (
-    ManifestError,
-    graph_files,
-    read_manifest,
-    record_files,
-    verify_files,
-    write_manifest,
-)
+import buildformat
+from buildformat import Engines, Manifest, ManifestError
+from runtime.gpu import DeviceInfo, detect_gpu
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +48,6 @@ class TensorRTMissingError(EngineError):
 
 class UnsupportedTensorRTError(EngineError):
     """TensorRT is importable but too old, or it does not support this GPU."""
-
-
-class NoGpuError(EngineError):
-    """No CUDA GPU is visible: engines are built on the GPU that will run them."""
 
 
 class EngineBuildError(EngineError):
@@ -91,20 +80,6 @@ class EngineConfig:
             raise ValueError(f"unknown graph(s) {', '.join(map(repr, unknown))}: choose from {', '.join(GRAPHS)}")
         if len(set(graphs)) != len(graphs):
             raise ValueError(f"graph listed twice in {', '.join(graphs)}")
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    name: str
-    compute_capability: str  # "8.7"
-
-    @property
-    def sm(self) -> tuple[int, int]:
-        major, _, minor = self.compute_capability.partition(".")
-        return int(major), int(minor or 0)
-
-    def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "compute_capability": self.compute_capability}
 
 
 @dataclass(frozen=True)
@@ -166,109 +141,30 @@ def import_tensorrt() -> ModuleType:
         ) from e
 
 
-def _no_gpu(detail: str) -> NoGpuError:
-    return NoGpuError(
-        f"no CUDA GPU is visible ({detail}): TensorRT engines are built on the GPU that will run them; "
-        "check the NVIDIA driver and CUDA_VISIBLE_DEVICES, or run the build with ONNX Runtime instead"
-    )
-
-
-def _cuda_runtime() -> Any | None:
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6 and later) or the older `cuda.cudart`."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
-
-
-def _cuda_ok(err: Any) -> bool:
-    return getattr(err, "value", err) == 0  # cudaError_t enum or a plain int
-
-
-def _text(value: Any) -> str:
-    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).split("\x00")[0].strip()
-
-
-def _runtime_device(cudart: Any) -> DeviceInfo:
-    err, count = cudart.cudaGetDeviceCount()
-    if not _cuda_ok(err) or count < 1:
-        raise _no_gpu(f"cudaGetDeviceCount: {getattr(err, 'name', err)}, {count} device(s)")
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if not _cuda_ok(err):
-        raise _no_gpu(f"cudaGetDeviceProperties: {getattr(err, 'name', err)}")
-    return DeviceInfo(_text(prop.name), f"{prop.major}.{prop.minor}")
-
-
-def _driver_device() -> DeviceInfo:
-    """The driver API through ctypes: works without cuda-python (a bare JetPack Python has only TensorRT)."""
-    lib = None
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        raise _no_gpu("the NVIDIA driver library libcuda could not be loaded")
-    rc = lib.cuInit(0)
-    if rc != 0:
-        raise _no_gpu(f"cuInit returned CUDA error {rc}")
-    count, dev, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        raise _no_gpu(f"cuDeviceGetCount found {count.value} device(s)")
-    name = ctypes.create_string_buffer(256)
-    lib.cuDeviceGet(ctypes.byref(dev), 0)
-    lib.cuDeviceGetName(name, len(name), dev)
-    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # ..._MINOR
-    return DeviceInfo(_text(name.value), f"{major.value}.{minor.value}")
-
-
-def detect_gpu() -> DeviceInfo:
-    """The first visible CUDA GPU (the one TensorRT builds for), without torch; raises NoGpuError."""
-    cudart = _cuda_runtime()
-    if cudart is not None:
-        try:
-            return _runtime_device(cudart)
-        except NoGpuError:
-            raise
-        except Exception as e:  # cuda-python present but its libcudart is not: ask the driver
-            log.debug("cuda-python could not query the GPU (%s); trying the driver API", e)
-    return _driver_device()
-
-
-def profiles_from_manifest(manifest: Mapping[str, Any], graph: str) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of every input of `graph`, symbolic dims taken from `manifest["dims"]`."""
-    graphs = manifest.get("graphs", {})
-    if graph not in graphs:
-        raise ManifestError(f"the manifest has no {graph!r} graph (it has {', '.join(graphs) or 'none'})")
-    dims = manifest.get("dims", {})
+def profiles_from_manifest(manifest: Manifest, graph: str) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of every input of `graph`, symbolic dims taken from the manifest's `dims`."""
+    if graph not in manifest.graphs:
+        raise ManifestError(f"the manifest has no {graph!r} graph (it has {', '.join(manifest.graphs) or 'none'})")
     profiles: dict[str, tuple[Shape, Shape, Shape]] = {}
-    for spec in graphs[graph].get("inputs", []):
+    for spec in manifest.graphs[graph].inputs:
         shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
-        for d in spec["shape"]:
+        for d in spec.shape:
             if isinstance(d, str):
-                if d not in dims:
-                    raise ManifestError(f"input {spec['name']!r} of {graph} uses dim {d!r}, which manifest dims lack")
-                bounds = [dims[d].get(k) for k in ("min", "opt", "max")]
-                if not all(isinstance(b, int) and b >= 0 for b in bounds) or not bounds[0] <= bounds[1] <= bounds[2]:
-                    raise ManifestError(f"dim {d!r} needs integers 0 <= min <= opt <= max, not {dims[d]}")
+                if d not in manifest.dims:
+                    raise ManifestError(f"input {spec.name!r} of {graph} uses dim {d!r}, which manifest dims lack")
+                bounds = [manifest.dims[d].min, manifest.dims[d].opt, manifest.dims[d].max]
             elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
                 bounds = [d, d, d]
             else:
-                raise ManifestError(f"input {spec['name']!r} of {graph} has an invalid dimension {d!r}")
+                raise ManifestError(f"input {spec.name!r} of {graph} has an invalid dimension {d!r}")
             for shape, bound in zip(shapes, bounds, strict=True):
                 shape.append(bound)
-        profiles[spec["name"]] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
+        profiles[spec.name] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
     return profiles
 
 
-def _dynamic_inputs(manifest: Mapping[str, Any], graph: str) -> set[str]:
-    return {
-        s["name"] for s in manifest["graphs"][graph].get("inputs", []) if any(isinstance(d, str) for d in s["shape"])
-    }
+def _dynamic_inputs(manifest: Manifest, graph: str) -> set[str]:
+    return {s.name for s in manifest.graphs[graph].inputs if any(isinstance(d, str) for d in s.shape)}
 
 
 def engine_file(graph: str) -> str:
@@ -277,7 +173,7 @@ def engine_file(graph: str) -> str:
 
 def record_engines(
     build_dir: str | Path,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     engine_files: Mapping[str, str],
     *,
     device: DeviceInfo,
@@ -285,65 +181,64 @@ def record_engines(
     api: str,
     fp16: bool,
     workspace_mb: int,
-) -> dict[str, Any]:
+) -> Manifest:
     """Writes the manifest's `engines` section and the engines' sha256, atomically; returns the new manifest.
 
     `engine_files` maps graph -> engine path relative to the build. Engines of other graphs from an earlier run
     stay listed only if they were built for the same TensorRT, API, precision and GPU; otherwise they are
-    unlisted (a runtime must not mix them). The given manifest is not changed, and nothing is written when a
-    file cannot be hashed.
+    unlisted (a runtime must not mix them). Nothing is written when a file cannot be hashed.
     """
     build = Path(build_dir)
     missing = [f for f in engine_files.values() if not (build / f).is_file()]
     if missing:
         raise ManifestError(f"engine file(s) {', '.join(missing)} missing from {build}; manifest left unchanged")
-    new = copy.deepcopy(dict(manifest))
-    section: dict[str, Any] = {
-        "tensorrt_version": tensorrt_version,
-        "api": api,
-        "fp16": fp16,
-        "workspace_mb": workspace_mb,
-        "device": device.as_dict(),
-        "graphs": {g: {"file": f} for g, f in engine_files.items()},
-        "note": ENGINE_NOTE,
-    }
-    previous = new.get("engines") or {}
-    same_target = all(previous.get(k) == section[k] for k in ("tensorrt_version", "api", "fp16", "device"))
-    for graph, entry in (previous.get("graphs") or {}).items():
-        if graph in engine_files:
-            continue
-        if same_target and (build / entry["file"]).is_file():
-            section["graphs"][graph] = entry
-        else:
-            log.warning("%s was built for another TensorRT, GPU or precision: unlisted; rebuild it", entry["file"])
-            new.get("files", {}).pop(entry["file"], None)
-    section["graphs"] = {g: section["graphs"][g] for g in GRAPHS if g in section["graphs"]}
-    new["engines"] = section
-    record_files(build, new, list(engine_files.values()))
-    write_manifest(build, new)
+    graphs = dict(engine_files)
+    files = dict(manifest.files)
+    previous = manifest.engines
+    if previous is not None:
+        same_target = (previous.tensorrt_version, previous.api, previous.fp16, dict(previous.device)) == (
+            tensorrt_version,
+            api,
+            fp16,
+            device.as_dict(),
+        )
+        for graph, file in previous.graphs.items():
+            if graph in engine_files:
+                continue
+            if same_target and (build / file).is_file():
+                graphs[graph] = file
+            else:
+                log.warning("%s was built for another TensorRT, GPU or precision: unlisted; rebuild it", file)
+                files.pop(file, None)
+    section = Engines(
+        tensorrt_version=tensorrt_version,
+        api=api,
+        fp16=fp16,
+        workspace_mb=workspace_mb,
+        device=device.as_dict(),
+        graphs={g: graphs[g] for g in GRAPHS if g in graphs},
+        note=ENGINE_NOTE,
+    )
+    new = buildformat.with_files(build, manifest.with_(engines=section, files=files), list(engine_files.values()))
+    buildformat.write(build, new)
     return new
 
 
-def _check_build(config: EngineConfig) -> dict[str, Any]:
+def _check_build(config: EngineConfig) -> Manifest:
     """Everything that needs no TensorRT: the manifest, its files, and engines already there."""
-    manifest = read_manifest(config.build_dir)
-    trt_info = manifest.get("tensorrt")
-    if not isinstance(trt_info, dict) or "compatible" not in trt_info:
-        raise ManifestError(f"{config.build_dir}/manifest.json has no tensorrt section; rebuild the build directory")
-    if not trt_info["compatible"]:
+    manifest = buildformat.read(config.build_dir)
+    if not manifest.tensorrt_compatible:
         raise EngineError(
-            f"this build cannot run in TensorRT: {trt_info.get('reason') or 'no reason given'}; "
+            f"this build cannot run in TensorRT: {manifest.tensorrt_reason or 'no reason given'}; "
             "use ONNX Runtime, or export a TensorRT-compatible build"
         )
     names: list[str] = []
     for graph in config.graphs:
-        if graph not in manifest.get("graphs", {}):
-            raise ManifestError(
-                f"the manifest has no {graph!r} graph; choose from {', '.join(manifest.get('graphs', {}))}"
-            )
-        names += graph_files(manifest, graph)
+        if graph not in manifest.graphs:
+            raise ManifestError(f"the manifest has no {graph!r} graph; choose from {', '.join(manifest.graphs)}")
+        names += manifest.graphs[graph].files
         profiles_from_manifest(manifest, graph)  # a bad dims section fails here, before any TensorRT work
-    verify_files(config.build_dir, manifest, names)
+    buildformat.verify(config.build_dir, manifest, names)
     existing = [engine_file(g) for g in config.graphs if (config.build_dir / engine_file(g)).exists()]
     if existing and not config.force:
         raise EngineError(f"{', '.join(existing)} already exist(s) in {config.build_dir}: pass --force to rebuild")
@@ -413,7 +308,7 @@ def build_engines(config: EngineConfig) -> EngineReport:
             f"TensorRT {api.version} does not support {device.name} (SM {device.compute_capability}): "
             "install TensorRT 8.6, the last release for Pascal, or use ONNX Runtime's CUDA provider"
         )
-    precision = manifest.get("precision", "float32")
+    precision = manifest.precision
     use_fp16 = config.fp16
     if config.fp16 and api.fp16_flag is None:
         if precision != "float16":
@@ -453,7 +348,7 @@ def build_engines(config: EngineConfig) -> EngineReport:
                 ranges,
             )
             start = time.perf_counter()
-            onnx_path = build / manifest["graphs"][graph]["file"]
+            onnx_path = build / manifest.graphs[graph].file
             _build_one(
                 trt,
                 api,

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from buildformat import ManifestError
 from export.engine import GRAPHS, EngineBuildError, EngineConfig, EngineError, EngineReport, build_engines
-from export.manifest import ManifestError
+from runtime.gpu import NoGpuError
 
 
 def _graph_list(text: str) -> tuple[str, ...]:
@@ -93,7 +94,7 @@ def run_engine(args: argparse.Namespace) -> int:
         for line in e.errors:  # TensorRT's parser messages: what to fix in the graph
             print(f"  {' '.join(line.split())}", file=sys.stderr)
         return 1
-    except (ManifestError, EngineError, ValueError) as e:
+    except (ManifestError, EngineError, NoGpuError, ValueError) as e:
         _error(str(e))
         return 2
     except OSError as e:  # disk full, permissions: nothing was half-written, but say what failed

@@ -1,145 +1,193 @@
-"""The build's manifest.json: what a build holds and how to check it (torch-free).
+"""What export records about a build: the typed `buildformat.Manifest`, made from the model and the config.
 
-Format (version 2; version 1 builds have no token selector or merge and must be rebuilt)::
-
-    {
-      "format_version": 2,
-      "created": "2026-11-24T06:40:00Z",
-      "model": {"source", "text_model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "vocab_size", "image_size", "patch_size", "num_image_tokens",
-                "image_token_id", "bos_token_id", "eos_token_id", "pad_token_id"},
-      "precision": "float32" | "float16",
-      "opset": 18,
-      "corematching": {"dense", "token_budget", "token_ratio", "neuron_ratio", "prune_layer", "neuron_layers",
-                       "tokens_per_neuron_set", "core_neurons", "neuron_chunks", "auto_range",
-                       "token_selector", "token_merge", "seed"},
-      "dims": {"S": {"min", "opt", "max"}, ...},          # every symbolic dimension of the graphs
-      "graphs": {"vision" | "embed" | "prefill" | "decode": {
-          "file": "prefill.onnx", "external_data": "weights.bin",   # shared by all graphs
-          "inputs": [{"name", "dtype", "shape": [1, "S", 64]}], "outputs": [...]}},
-      "tensorrt": {"compatible": bool, "reason": str},
-      "files": {"prefill.onnx": "<sha256>", ...},         # every file of the build but the manifest
-      "tokenizer": {"tokenizer": "tokenizer.json", "chat_template": "chat_template.jinja",
-                    "preprocessor": "preprocessor_config.json"},
-      "weights": {"file": "weights.bin", "graphs": {"prefill.onnx": {name: [offset, dtype, shape]}}},
-      "validation": {...}, "versions": {...},
-      "engines": {...},                                   # added by `python -m export engine`
-      "integrity": "<sha256>"                             # of this JSON without the field itself
-    }
-
-Shapes hold ints for static dimensions and the names of `dims` for dynamic ones.
+The format itself (fields, reading, writing, checking) lives in `buildformat`, which the torch-free
+runtime reads; this module only fills it in from the traced model (docs/build-format.md).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
+import platform
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
+import onnx
+
+from buildformat import (
+    CoreMatchingInfo,
+    Dim,
+    Flops,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorSpec,
+    TokenizerInfo,
+)
+from buildformat.geometry import Geometry
+from coreMatching.config import Budgets
+from coreMatching.flops import FlopsComparison, compare, decode_flops, prefill_flops
+from export.config import ExportConfig
+from export.weights import WEIGHTS
+from models import default_model_dir
+from models.answer import build_prompt
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+# The text of a typical question, for the FLOPs figures of the summary.
+QUESTION_TOKENS = 40
 
 
-class ManifestError(ValueError):
-    """A build directory is missing, incomplete, tampered with or of an unknown format."""
+class PromptFormatError(ValueError):
+    """The checkpoint's chat template does not render one question and one image token."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def make_manifest(
+    config: ExportConfig,
+    model: Any,
+    processor: Any,
+    model_dir: Path,
+    geometry: Geometry,
+    budgets: Budgets | None,
+    build: Path,
+    trt_problems: list[str],
+) -> Manifest:
+    """The manifest of a build whose graphs are in `build` (files, weights and validation are added later)."""
+    text = model.config.text_config
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) or text.eos_token_id
+    flops = flops_summary(geometry, budgets)
+    prompt_format, image_token = prompt_template(processor)
+    prompt = geometry.num_image_tokens + QUESTION_TOKENS
+    return Manifest(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=ModelInfo(
+            source="embedded default" if model_dir == default_model_dir().resolve() else str(model_dir),
+            text_model_type=text.model_type,
+            hidden_size=geometry.hidden_size,
+            intermediate_size=geometry.intermediate_size,
+            num_layers=geometry.num_layers,
+            num_heads=geometry.num_heads,
+            num_kv_heads=geometry.num_kv_heads,
+            head_dim=geometry.head_dim,
+            vocab_size=geometry.vocab_size,
+            image_size=geometry.image_size,
+            patch_size=geometry.patch_size,
+            num_image_tokens=geometry.num_image_tokens,
+            image_token_id=model.config.image_token_id,
+            bos_token_id=text.bos_token_id,
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=text.pad_token_id,
+        ),
+        precision="float16" if config.fp16 else "float32",
+        opset=config.opset,
+        corematching=corematching_info(budgets, config),
+        dims=dims(config, geometry, budgets),
+        graphs={name: graph_info(build, name) for name in GRAPHS},
+        tensorrt_compatible=not trt_problems,
+        tensorrt_reason="; ".join(trt_problems),
+        tokenizer=TokenizerInfo(
+            tokenizer="tokenizer.json",
+            chat_template="chat_template.jinja",
+            preprocessor="preprocessor_config.json",
+            prompt=prompt_format,
+            image_token=image_token,
+        ),
+        flops=Flops(
+            prompt_tokens=prompt,
+            prefill_dense=prefill_flops(geometry, prompt, None),
+            decode_dense=decode_flops(geometry, prompt, None),
+            prefill_corematching=flops.prefill_corematching if flops else None,
+            decode_corematching=flops.decode_corematching if flops else None,
+        ),
+        versions=versions(),
+    )
 
 
-def read_manifest(build_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a build, with its format version checked (files are not hashed here)."""
-    build = Path(build_dir)
-    path = build / MANIFEST
-    if not build.is_dir():
-        raise ManifestError(f"build directory {build} does not exist; run `python -m export build --out {build}`")
-    if not path.is_file():
-        raise ManifestError(f"{build} has no {MANIFEST}, so it is not a finished build; rebuild it")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON ({e}); rebuild the build directory") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int):
-        raise ManifestError(f"{path} has no format_version; rebuild the build directory")
-    if version > FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} is format version {version}, newer than this tool's {FORMAT_VERSION}; update the project"
+def corematching_info(budgets: Budgets | None, config: ExportConfig) -> CoreMatchingInfo | None:
+    if budgets is None:
+        return None
+    cm = config.corematching
+    assert cm is not None
+    return CoreMatchingInfo(
+        token_budget=budgets.token_budget,
+        token_ratio=cm.token_ratio,
+        neuron_ratio=cm.neuron_ratio,
+        prune_layer=budgets.prune_layer,
+        neuron_layers=tuple(budgets.neuron_layers),
+        tokens_per_neuron_set=budgets.tokens_per_neuron_set,
+        core_neurons=budgets.core_neurons,
+        neuron_chunks=budgets.neuron_chunks,
+        auto_range=tuple(budgets.auto_range),
+        token_selector=budgets.token_selector,
+        token_merge=budgets.token_merge,
+        seed=cm.seed,
+    )
+
+
+def graph_info(build: Path, name: str) -> GraphInfo:
+    """The inputs and outputs of one traced graph, as its ONNX file declares them."""
+    model = onnx.load(build / f"{name}.onnx", load_external_data=False)
+
+    def describe(values: Any) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(
+                name=v.name,
+                dtype=onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                shape=tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim),
+            )
+            for v in values
         )
-    if version < FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} is format version {version}, older than {FORMAT_VERSION} (builds now record their token "
-            f"selector and merge); rebuild it with `python -m export build --out {build} --force`"
-        )
-    return manifest
+
+    return GraphInfo(
+        file=f"{name}.onnx",
+        external_data=WEIGHTS,  # every graph's weights, stored once (export/weights.py)
+        inputs=describe(model.graph.input),
+        outputs=describe(model.graph.output),
+    )
 
 
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest's content without its `integrity` field (canonical JSON)."""
-    body = {key: value for key, value in manifest.items() if key != "integrity"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, Dim]:
+    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits).
 
-
-def verify_files(build_dir: str | Path, manifest: dict[str, Any], only: list[str] | None = None) -> None:
-    """Checks the manifest's own digest and the sha256 of every file it lists (or of `only` those).
-
-    Raises ManifestError naming the first file that was changed.
+    S: prompt length. T: ids the embed graph takes at once. B / B_kept: the decode step's cache
+    buffers of the full / pruned layers, which hold up to max_sequence - 1 tokens before the last one.
     """
-    build = Path(build_dir)
-    if manifest.get("integrity") != manifest_digest(manifest):
-        raise ManifestError(f"{build / MANIFEST} was edited after the build (its integrity digest differs); rebuild it")
-    files: dict[str, str] = manifest.get("files", {})
-    for name in only if only is not None else sorted(files):
-        if name not in files:
-            raise ManifestError(f"{build / MANIFEST} does not list {name}; rebuild the build directory")
-        path = build / name
-        if not path.is_file():
-            raise ManifestError(f"{path} is missing from the build; rebuild it")
-        if sha256_file(path) != files[name]:
-            raise ManifestError(f"{path} does not match its sha256 in {MANIFEST}: the file was changed; rebuild it")
+    n_img = geometry.num_image_tokens
+    cache = Dim(n_img + 1, n_img + QUESTION_TOKENS + 32, config.max_sequence - 1)
+    out = {
+        "S": Dim(n_img + 1, n_img + QUESTION_TOKENS, config.max_prompt_tokens),
+        "T": Dim(1, 1, config.max_prompt_tokens),  # embed: prompts and single tokens
+        "B": cache,
+    }
+    if budgets is not None:
+        lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
+        lo, hi = lo + budgets.merged_tokens, hi + budgets.merged_tokens  # a summary token is cached too
+        out["B_kept"] = Dim(1 + lo, cache.opt - n_img + hi, cache.max - n_img + hi)
+    return out
 
 
-def record_files(build_dir: str | Path, manifest: dict[str, Any], names: list[str]) -> None:
-    """Stores the sha256 of each of `names` (paths relative to the build) in the manifest."""
-    build = Path(build_dir)
-    files = manifest.setdefault("files", {})
-    for name in names:
-        if not (build / name).is_file():
-            raise ManifestError(f"{build / name} is missing; it cannot be recorded in {MANIFEST}")
-        files[name] = sha256_file(build / name)
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    packages = ("corematching-edge", "torch", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "onnxscript")
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
-def write_manifest(build_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Writes manifest.json atomically (a temporary file renamed over the old one), with its digest."""
-    build = Path(build_dir)
-    manifest["integrity"] = manifest_digest(manifest)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=build)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # a power cut on a Jetson's eMMC must not leave an empty manifest
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a build is shared like any other file
-        os.replace(tmp, build / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def flops_summary(geometry: Geometry, budgets: Budgets | None) -> FlopsComparison | None:
+    """Analytic FLOPs dense vs CoreMatching for a typical prompt (static budgets only)."""
+    if budgets is None or budgets.token_budget == "auto":
+        return None
+    return compare(geometry, geometry.num_image_tokens + QUESTION_TOKENS, [budgets])[0]
 
 
-def graph_files(manifest: dict[str, Any], graph: str) -> list[str]:
-    """The files of one graph: the .onnx and, for large models, its external data."""
-    if graph not in manifest.get("graphs", {}):
-        raise ManifestError(f"the build has no {graph!r} graph; rebuild it with `python -m export build`")
-    entry = manifest["graphs"][graph]
-    return [entry["file"]] + ([entry["external_data"]] if entry.get("external_data") else [])
+def prompt_template(processor: Any) -> tuple[str, str]:
+    """(prompt with a `{question}` marker, image token) from the checkpoint's chat template."""
+    prompt = build_prompt(processor, "{question}")
+    image_token = getattr(processor, "image_token", "<image>")
+    if prompt.count("{question}") != 1 or prompt.count(image_token) != 1:
+        raise PromptFormatError(f"the chat template renders {prompt!r}: expected one question and one {image_token}")
+    return prompt, image_token

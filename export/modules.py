@@ -99,7 +99,6 @@ class Attention(nn.Module):
         logits = (q[:, :, -1:] @ k_rep.transpose(-1, -2)) * self.scale  # [1, H, 1, T]: the last query sees all
         return out, k, v, logits.softmax(dim=-1)[0, :, 0]
 
-
     def decode(
         self,
         x: Tensor,
@@ -260,6 +259,19 @@ class Prefill(nn.Module):
         return (logits, *kv, *acts, *attention)
 
 
+FFN_WEIGHTS = ("gate_t", "up_t", "down_t")
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """{prefix}.{i}.key/value of every layer: present (prefill out), past (decode in), new (decode out)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def ffn_names(layers: list[int]) -> list[str]:
+    """The compacted FFN weights of the neuron-sparse layers (prefill outputs, decode inputs)."""
+    return [f"ffn.{i}.{w}" for i in layers for w in FFN_WEIGHTS]
+
+
 class Decode(nn.Module):
     """One token against preallocated cache buffers.
 
@@ -278,12 +290,24 @@ class Decode(nn.Module):
         self.sparse = [] if budgets is None else budgets.neuron_sparse_layers
         self.merge = budgets is not None and budgets.token_merge != "none"
 
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's inputs, in the order `forward` takes them: declared here once (the trace builds an
+        example per name, the manifest lists them from the graph)."""
+        names = ["inputs_embeds", "position_ids"]
+        if self.prune_layer is not None:
+            names.append("past_kept_length")
+        if self.merge:
+            names += ["image_start", "kept_bias"]
+        return names + kv_names("past", len(self.decoder.layers)) + ffn_names(self.sparse)
+
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         num_layers = len(self.decoder.layers)
-        kept_length, rest = (rest[0], rest[1:]) if self.prune_layer is not None else (position_ids, rest)
-        image_start, kept_bias, rest = (rest[0], rest[1], rest[2:]) if self.merge else (None, None, rest)
-        past, ffn = rest[: 2 * num_layers], rest[2 * num_layers :]
-        compact = {layer: ffn[3 * i : 3 * i + 3] for i, layer in enumerate(self.sparse)}
+        named = dict(zip(self.input_names[2:], rest, strict=True))
+        kept_length = named.get("past_kept_length", position_ids)
+        image_start, kept_bias = named.get("image_start"), named.get("kept_bias")
+        past = [named[name] for name in kv_names("past", num_layers)]
+        compact = {layer: tuple(named[f"ffn.{layer}.{w}"] for w in FFN_WEIGHTS) for layer in self.sparse}
         h = inputs_embeds
         cos, sin = self.decoder.rope(position_ids, h.dtype)
         bias = None
@@ -294,8 +318,9 @@ class Decode(nn.Module):
         for index, layer in enumerate(self.decoder.layers):
             pruned = self.prune_layer is not None and index > self.prune_layer
             valid = kept_length if pruned else position_ids
-            attn_out, k, v = layer.attn.decode(layer.input_norm(h), cos, sin, past[2 * index], past[2 * index + 1],
-                                               valid, bias if pruned else None)  # fmt: skip
+            attn_out, k, v = layer.attn.decode(
+                layer.input_norm(h), cos, sin, past[2 * index], past[2 * index + 1], valid, bias if pruned else None
+            )
             new += [k, v]
             h = h + attn_out
             x = layer.post_norm(h)

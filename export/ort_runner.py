@@ -1,9 +1,9 @@
-"""Runs a build's graphs in ONNX Runtime, greedy, for validation and tests (numpy only, no torch).
+"""Greedy generation through the runtime's own ONNX Runtime backend, for validation and tests.
 
-The decode loop here is the plain numpy one; the runtime's pipeline binds the
-same buffers to the sessions without copies. Both follow the graph contract
-of docs/architecture.md: vision -> embed -> splice the image features at `image_start` ->
-prefill -> compacted FFN weights and KV cache -> decode steps.
+Validation runs the path that ships: `runtime.OrtBackend` on the CPU provider (its prefill, its
+cache buffers, its decode steps; docs/architecture.md), with the pipeline's flow of vision ->
+embed -> splice the image features at `image_start` -> prefill -> decode steps, and no stop at
+the end of sequence (validation compares a fixed number of tokens).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from export.manifest import graph_files
+from buildformat import Manifest
+from runtime.backend import Backend
+from runtime.ort_backend import OrtBackend
 
 
 @dataclass
@@ -27,83 +28,33 @@ class OrtGeneration:
     core_neurons: dict[int, list[int]] = field(default_factory=dict)
 
 
+def greedy(backend: Backend, image_token_id: int, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int):
+    """`steps` greedy tokens of one prompt (input_ids [1, S] with the image tokens in place)."""
+    features = backend.vision(pixel_values)  # [1, n_img, d]
+    embeds = backend.embed(input_ids.astype(np.int64))  # [1, S, d]
+    image_start = int(np.flatnonzero(input_ids[0] == image_token_id)[0])
+    embeds[0, image_start : image_start + features.shape[1]] = features[0]
+    result = backend.prefill(embeds, image_start, input_ids.shape[1] + steps)
+    logits = [result.logits]
+    tokens = [int(np.argmax(logits[-1]))]  # first maximum, as torch.argmax
+    for _ in range(steps - 1):
+        logits.append(backend.decode(tokens[-1]))
+        tokens.append(int(np.argmax(logits[-1])))
+    return OrtGeneration(
+        tokens=tokens,
+        logits=np.stack(logits).astype(np.float32),
+        image_features=features[0],
+        kept_image_tokens=result.kept_image_tokens,
+        core_neurons=result.core_neurons,
+    )
+
+
 class OrtBuild:
-    """The four sessions of a build."""
+    """A build on the runtime's ONNX Runtime backend, CPU provider."""
 
-    def __init__(
-        self,
-        build_dir: str | Path,
-        manifest: dict[str, Any],
-        providers: tuple[str, ...] = ("CPUExecutionProvider",),
-        level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    ) -> None:
+    def __init__(self, build_dir: str | Path, manifest: Manifest, level: Any = None) -> None:
         self.manifest = manifest
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.log_severity_level = 3
-        build = Path(build_dir)
-        self.sessions = {
-            name: ort.InferenceSession(str(build / graph_files(manifest, name)[0]), options, providers=list(providers))
-            for name in ("vision", "embed", "prefill", "decode")
-        }
-        self.decode_inputs = [i.name for i in self.sessions["decode"].get_inputs()]
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.sessions[graph]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds), strict=True))
+        self.backend = OrtBackend(build_dir, manifest, provider="cpu", optimization_level=level)
 
     def greedy(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int) -> OrtGeneration:
-        """`steps` greedy tokens (no stop at end of sequence: validation compares a fixed count)."""
-        model = self.manifest["model"]
-        dtype = np.float16 if self.manifest["precision"] == "float16" else np.float32
-        features = self.run("vision", {"pixel_values": pixel_values.astype(dtype)})["image_features"][0]
-        embeds = self.run("embed", {"input_ids": input_ids.astype(np.int64)})["inputs_embeds"]
-        image_start = int(np.flatnonzero(input_ids[0] == model["image_token_id"])[0])
-        embeds[0, image_start : image_start + features.shape[0]] = features  # [1, S, d]
-
-        feeds = {"inputs_embeds": embeds}
-        if "image_start" in [i.name for i in self.sessions["prefill"].get_inputs()]:
-            feeds["image_start"] = np.array([image_start], dtype=np.int64)
-        out = self.run("prefill", feeds)
-        # The cache: one zero-padded buffer per layer, sized once for the whole answer; each decode
-        # step reads the buffers and writes only its own token's entries.
-        buffers, lengths = {}, {}
-        for name, value in out.items():
-            if name.startswith("present."):
-                key = f"past.{name[len('present.'):]}"
-                buffers[key] = np.zeros((*value.shape[:2], value.shape[2] + steps, value.shape[3]), value.dtype)
-                buffers[key][:, :, : value.shape[2]] = value
-                lengths[key] = value.shape[2]
-        # Request-long decode inputs: the compacted FFN weights (gathered once) and a merge's key bias.
-        compact = {name: v for name, v in out.items() if name.startswith("ffn.") or name == "kept_bias"}
-        compact["image_start"] = np.array([image_start], dtype=np.int64)
-        logits = [out["logits"][0]]
-        tokens = [int(np.argmax(logits[-1]))]  # first maximum, as torch.argmax
-        position = input_ids.shape[1]
-        kept_length = min(lengths.values())
-        for _ in range(steps - 1):
-            step_embeds = self.run("embed", {"input_ids": np.array([[tokens[-1]]], dtype=np.int64)})["inputs_embeds"]
-            feeds = {"inputs_embeds": step_embeds, "position_ids": np.array([position], dtype=np.int64),
-                     "past_kept_length": np.array([kept_length], dtype=np.int64), **buffers, **compact}  # fmt: skip
-            step = self.run("decode", {name: feeds[name] for name in self.decode_inputs})
-            for name, value in step.items():
-                if name.startswith("new."):
-                    key = f"past.{name[len('new.'):]}"
-                    buffers[key][:, :, lengths[key]] = value[:, :, 0]
-                    lengths[key] += 1
-            logits.append(step["logits"][0])
-            tokens.append(int(np.argmax(logits[-1])))
-            position += 1
-            kept_length += 1
-        core = {
-            int(name.split(".")[1]): value.tolist() for name, value in out.items() if name.startswith("core_neurons.")
-        }
-        kept = out.get("kept_image_tokens")
-        return OrtGeneration(
-            tokens=tokens,
-            logits=np.stack(logits).astype(np.float32),
-            image_features=features,
-            kept_image_tokens=None if kept is None else kept.tolist(),
-            core_neurons=core,
-        )
+        return greedy(self.backend, self.manifest.model.image_token_id, input_ids, pixel_values, steps)

@@ -32,15 +32,19 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--model", required=True, metavar="PRESET|DIR",
+        "--model",
+        required=True,
+        metavar="PRESET|DIR",
         help=f"a model preset ({', '.join(PRESETS)}) or a llava-hf directory (only its config.json is read)",
-    )  # fmt: skip
+    )
     parser.add_argument("--device", required=True, metavar="NAME", help=f"one of: {', '.join(DEVICES)}")
     parser.add_argument(
-        "--precision", default=None, metavar="|".join(PRECISIONS),
+        "--precision",
+        default=None,
+        metavar="|".join(PRECISIONS),
         help="bytes per weight (int8 is planning-only: no int8 graphs are exported yet); "
         "default: the device's recommended precision (fp32 on a Titan Xp, fp16 on Orin)",
-    )  # fmt: skip
+    )
     parser.add_argument("--token-budget", default="64", metavar="K", help="image tokens kept, k (default 64)")
     parser.add_argument(
         "--max-sequence", default="2048", metavar="N", help="prompt + longest answer, in tokens (default 2048)"

@@ -44,33 +44,36 @@ def print_validation(report: Any, console: Console | None = None) -> None:
 def print_summary(result: Any, console: Console | None = None) -> None:
     console = console or Console()
     manifest = result.manifest
-    graphs = Table(title=f"build {result.out} ({manifest['precision']}, opset {manifest['opset']})")
+    graphs = Table(title=f"build {result.out} ({manifest.precision}, opset {manifest.opset})")
     for column in ("graph", "file", "size", "inputs", "outputs"):
         graphs.add_column(column)
-    for name, graph in manifest["graphs"].items():
-        graphs.add_row(name, graph["file"], _size(result.out / graph["file"]), str(len(graph["inputs"])),
-                       str(len(graph["outputs"])))  # fmt: skip
+    for name, graph in manifest.graphs.items():
+        graphs.add_row(
+            name, graph.file, _size(result.out / graph.file), str(len(graph.inputs)), str(len(graph.outputs))
+        )
     console.print(graphs)
 
-    cm = manifest["corematching"]
-    model = manifest["model"]
+    cm, model = manifest.corematching, manifest.model
     budgets = Table(title="budgets", show_header=False)
-    if cm["dense"]:
+    if cm is None:
         budgets.add_row("mode", "dense (every image token, every neuron)")
     else:
-        budgets.add_row("kept image tokens k", f"{cm['token_budget']} of {model['num_image_tokens']}")
-        budgets.add_row("prune layer", str(cm["prune_layer"]))
-        budgets.add_row("k_tok / N core neurons", f"{cm['tokens_per_neuron_set']} / {cm['core_neurons']} of "
-                        f"{model['intermediate_size']} (chunks: {cm['neuron_chunks']})")  # fmt: skip
-        budgets.add_row("neuron-sparse layers", f"{cm['neuron_layers'][0]}..{cm['neuron_layers'][1] - 1}")
-    trt = manifest["tensorrt"]
-    budgets.add_row("TensorRT", "compatible" if trt["compatible"] else f"not compatible: {trt['reason']}")
-    flops = manifest["flops"]
-    if flops["prefill_corematching"]:
+        budgets.add_row("kept image tokens k", f"{cm.token_budget} of {model.num_image_tokens}")
+        budgets.add_row("token selector / merge", f"{cm.token_selector} / {cm.token_merge}")
+        budgets.add_row("prune layer", str(cm.prune_layer))
         budgets.add_row(
-            f"FLOPs ({flops['prompt_tokens']}-token prompt)",
-            f"prefill {flops['prefill_dense'] / flops['prefill_corematching']:.2f}x fewer, "
-            f"decode step {flops['decode_dense'] / flops['decode_corematching']:.2f}x fewer than dense",
+            "k_tok / N core neurons",
+            f"{cm.tokens_per_neuron_set} / {cm.core_neurons} of {model.intermediate_size} (chunks: {cm.neuron_chunks})",
+        )
+        budgets.add_row("neuron-sparse layers", f"{cm.neuron_layers[0]}..{cm.neuron_layers[1] - 1}")
+    trt = "compatible" if manifest.tensorrt_compatible else f"not compatible: {manifest.tensorrt_reason}"
+    budgets.add_row("TensorRT", trt)
+    flops = manifest.flops
+    if flops is not None and flops.prefill_corematching and flops.decode_corematching:
+        budgets.add_row(
+            f"FLOPs ({flops.prompt_tokens}-token prompt)",
+            f"prefill {flops.prefill_dense / flops.prefill_corematching:.2f}x fewer, "
+            f"decode step {flops.decode_dense / flops.decode_corematching:.2f}x fewer than dense",
         )
     console.print(budgets)
     if result.validation is not None:

@@ -11,57 +11,18 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
+from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
-from coreMatching.flops import DecoderGeometry
-from export.modules import Decode, Decoder, Embed, Prefill, Vision
+from export.modules import Decode, Decoder, Embed, Prefill, Vision, kv_names
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The static sizes of a LLaVA model that the graphs are shaped by."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    image_size: int
-    num_image_tokens: int
-
-    @classmethod
-    def of(cls, llava: Any) -> Geometry:
-        from models import num_image_tokens
-
-        text, vision = llava.config.text_config, llava.config.vision_config
-        return cls(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads or text.num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vocab_size=text.vocab_size,
-            image_size=vision.image_size,
-            num_image_tokens=num_image_tokens(llava.config),
-        )
-
-    def decoder(self) -> DecoderGeometry:
-        """The decoder's geometry for the analytic FLOPs."""
-        return DecoderGeometry(self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads,
-                               self.num_kv_heads, self.head_dim, self.vocab_size)  # fmt: skip
-
-
 
 
 def _export(
@@ -106,8 +67,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, path)
     else:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=1024)  # fmt: skip
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"{path.name}.data",
+            size_threshold=1024,
+        )
 
 
 def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: torch.dtype) -> None:
@@ -120,14 +87,6 @@ def trace_embed(llava: Any, path: Path, opset: int) -> None:
     # Its own dim: it embeds whole prompts and single generated tokens (a TensorRT profile from 1).
     dims = ({1: torch.export.Dim("T", min=1, max=1 << 20)},)
     _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
-
-
-def kv_names(prefix: str, num_layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def ffn_names(layers: list[int]) -> list[str]:
-    return [f"ffn.{i}.{w}" for i in layers for w in ("gate_t", "up_t", "down_t")]
 
 
 def trace_prefill(
@@ -160,42 +119,57 @@ def trace_prefill(
     _export(module, (embeds, *seams), path, ["inputs_embeds", *module.seam_inputs], outputs, dims, opset)
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """One input of a traced graph: an example tensor, and its symbolic axes (axis -> the manifest's dim)."""
+
+    example: torch.Tensor
+    axes: dict[int, str] = field(default_factory=dict)
+
+
+def decode_inputs(
+    module: Decode, geometry: Geometry, budgets: Budgets | None, dtype: torch.dtype
+) -> dict[str, GraphInput]:
+    """An example of every input of the decode graph, by name (`Decode.input_names` gives the order)."""
+    n_img, d, kv_heads, hd = geometry.num_image_tokens, geometry.hidden_size, geometry.num_kv_heads, geometry.head_dim
+    kept = (
+        n_img
+        if budgets is None
+        else (budgets.auto_range[0] if budgets.token_budget == "auto" else budgets.token_budget)
+    )
+    position = n_img + 9
+    buffer, buffer_kept = position + 5, position - n_img + kept + 3  # distinct example sizes
+    n = geometry.intermediate_size if budgets is None else budgets.core_neurons
+    records = {
+        "inputs_embeds": GraphInput(torch.zeros(1, 1, d, dtype=dtype)),
+        "position_ids": GraphInput(torch.tensor([position], dtype=torch.int64)),
+        "past_kept_length": GraphInput(torch.tensor([position - n_img + kept], dtype=torch.int64)),
+        # A merge's key bias of the pruned layers' image slots, which start at image_start.
+        "image_start": GraphInput(torch.tensor([3], dtype=torch.int64)),
+        "kept_bias": GraphInput(torch.zeros(budgets.image_slots if module.merge and budgets is not None else 1)),
+    }
+    for layer in range(geometry.num_layers):
+        pruned = budgets is not None and layer > budgets.prune_layer
+        length, dim = (buffer_kept, "B_kept") if pruned else (buffer, "B")
+        for kind in ("key", "value"):
+            records[f"past.{layer}.{kind}"] = GraphInput(torch.zeros(1, kv_heads, length, hd, dtype=dtype), {2: dim})
+    shapes = {"gate_t": (d, n), "up_t": (d, n), "down_t": (n, d)}
+    for layer in [] if budgets is None else budgets.neuron_sparse_layers:
+        for weight, shape in shapes.items():
+            records[f"ffn.{layer}.{weight}"] = GraphInput(torch.zeros(*shape, dtype=dtype))
+    return records
+
+
 def trace_decode(
     decoder: Decoder, geometry: Geometry, budgets: Budgets | None, path: Path, opset: int, dtype: torch.dtype
 ) -> None:
     """The decode step against preallocated buffers (`export.modules.Decode`)."""
-    n_img = geometry.num_image_tokens
-    kept = n_img if budgets is None else (budgets.auto_range[0] if budgets.token_budget == "auto" else
-                                          budgets.token_budget)  # fmt: skip
-    position = n_img + 9
-    buffer, buffer_kept = position + 5, position - n_img + kept + 3  # distinct example sizes
-    b = torch.export.Dim("B", min=1, max=1 << 16)
-    b_kept = torch.export.Dim("B_kept", min=1, max=1 << 16)
-    past, dims = [], []
-    for layer in range(geometry.num_layers):
-        pruned = budgets is not None and layer > budgets.prune_layer
-        length, dim = (buffer_kept, b_kept) if pruned else (buffer, b)
-        past += [torch.zeros(1, geometry.num_kv_heads, length, geometry.head_dim, dtype=dtype) for _ in range(2)]
-        dims += [{2: dim}, {2: dim}]
-    sparse = [] if budgets is None else budgets.neuron_sparse_layers
-    n, d = (geometry.intermediate_size if budgets is None else budgets.core_neurons), geometry.hidden_size
-    ffn = []
-    for _ in sparse:
-        ffn += [torch.zeros(d, n, dtype=dtype), torch.zeros(d, n, dtype=dtype), torch.zeros(n, d, dtype=dtype)]
-        dims += [{}, {}, {}]
-    lengths = [torch.tensor([position], dtype=torch.int64)]
-    inputs = ["inputs_embeds", "position_ids"]
-    if budgets is not None:
-        lengths.append(torch.tensor([position - n_img + kept], dtype=torch.int64))
-        inputs.append("past_kept_length")
-        dims.insert(0, {})
-    if budgets is not None and budgets.token_merge != "none":
-        # The pruned layers' key bias: kept_bias [k'] at the image slots, which start at image_start.
-        lengths += [torch.tensor([3], dtype=torch.int64), torch.zeros(budgets.image_slots)]
-        inputs += ["image_start", "kept_bias"]
-        dims[1:1] = [{}, {}]
-    inputs += [*kv_names("past", geometry.num_layers), *ffn_names(sparse)]
+    module = Decode(decoder, budgets)
+    examples = decode_inputs(module, geometry, budgets, dtype)
+    records = [examples[name] for name in module.input_names]
+    dims = {name: torch.export.Dim(name, min=1, max=1 << 16) for name in ("B", "B_kept")}
+    axes = [{axis: dims[dim] for axis, dim in r.axes.items()} for r in records]
     outputs = ["logits", *kv_names("new", geometry.num_layers)]
-    embeds = torch.zeros(1, 1, d, dtype=dtype)
-    args = (embeds, *lengths, *past, *ffn)
-    _export(Decode(decoder, budgets), args, path, inputs, outputs, ({}, {}, tuple(dims)), opset)
+    args = tuple(r.example for r in records)
+    # The module takes (inputs_embeds, position_ids, *rest): the rest's shapes go as one nested tuple.
+    _export(module, args, path, module.input_names, outputs, (axes[0], axes[1], tuple(axes[2:])), opset)

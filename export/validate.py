@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from buildformat import Manifest
 from coreMatching import CoreMatchingConfig, CoreMatchingLlava
 from export.ort_runner import OrtBuild
 from models.answer import build_prompt
@@ -53,7 +54,6 @@ _WORDS = (
     "big",
     "small",
 )
-
 
 
 @dataclass(frozen=True)
@@ -142,22 +142,23 @@ class ValidationReport:
         }
 
 
-def corematching_from_manifest(manifest: dict[str, Any]) -> CoreMatchingConfig | None:
-    cm = manifest["corematching"]
-    if cm["dense"]:
+def corematching_from_manifest(manifest: Manifest) -> CoreMatchingConfig | None:
+    """The reference's configuration for a build's budgets (None: dense)."""
+    cm = manifest.corematching
+    if cm is None:
         return None
     return CoreMatchingConfig(
-        token_budget=cm["token_budget"],
-        token_ratio=cm["token_ratio"],
-        neuron_ratio=cm["neuron_ratio"],
-        prune_layer=cm["prune_layer"],
-        neuron_layers=tuple(cm["neuron_layers"]),
-        neuron_chunks=cm["neuron_chunks"],
-        auto_min_tokens=cm["auto_range"][0],
-        auto_max_tokens=cm["auto_range"][1],
-        token_selector=cm["token_selector"],
-        token_merge=cm["token_merge"],
-        seed=cm["seed"],
+        token_budget=cm.token_budget,  # type: ignore[arg-type]
+        token_ratio=cm.token_ratio,
+        neuron_ratio=cm.neuron_ratio,
+        prune_layer=cm.prune_layer,
+        neuron_layers=cm.neuron_layers,  # type: ignore[arg-type]
+        neuron_chunks=cm.neuron_chunks,
+        auto_min_tokens=cm.auto_range[0],
+        auto_max_tokens=cm.auto_range[1],
+        token_selector=cm.token_selector,
+        token_merge=cm.token_merge,
+        seed=cm.seed,
     )
 
 
@@ -178,9 +179,17 @@ def _reference(model: Any, config: CoreMatchingConfig | None, ids: torch.Tensor,
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0].float().numpy()
         if config is None:
-            out = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=steps, min_new_tokens=steps,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
-                                 return_dict_in_generate=True)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                pixel_values=pixels,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             tokens = out.sequences[0, ids.shape[1] :].tolist()
             return tokens, torch.stack(out.logits)[:, 0].float().numpy(), features, None, None, None
     result = CoreMatchingLlava(model, config).generate(ids, pixels, max_new_tokens=steps, stop_at_eos=False)
@@ -190,7 +199,7 @@ def _reference(model: Any, config: CoreMatchingConfig | None, ids: torch.Tensor,
 
 def validate_build(
     build_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     model: Any,
     processor: Any,
     steps: int = 32,
@@ -198,11 +207,11 @@ def validate_build(
 ) -> ValidationReport:
     """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares."""
     config = corematching_from_manifest(manifest)
-    precision = manifest["precision"]
+    precision = manifest.precision
     criteria = CRITERIA[precision]
     runner = OrtBuild(build_dir, manifest, level=level)
     cases = []
-    for name, image, question in validation_cases(manifest["model"]["image_size"]):
+    for name, image, question in validation_cases(manifest.model.image_size):
         inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
         ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
         reference = _reference(model, config, ids, pixels, steps)
@@ -247,8 +256,10 @@ def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criter
     kept_overlap = core_overlap = None
     if ref_kept is not None:
         kept_overlap = selection_overlap(got.kept_image_tokens, ref_kept, ref_scores, criteria.score_band)
-        core_overlap = min((selection_overlap(got.core_neurons.get(layer, []), neurons)
-                            for layer, neurons in ref_core.items()), default=1.0)  # fmt: skip
+        core_overlap = min(
+            (selection_overlap(got.core_neurons.get(layer, []), neurons) for layer, neurons in ref_core.items()),
+            default=1.0,
+        )
     case = CaseReport(
         name=name,
         question=question,

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from buildformat import WeightEntry, WeightsIndex
 
 WEIGHTS = "weights.bin"
 ALIGN = 64
@@ -27,18 +28,16 @@ ALIGN = 64
 MIN_BYTES = 1024
 
 
-def share_weights(build: Path, graphs: list[str]) -> dict[str, Any]:
-    """Moves the initializers of `graphs` (file names in `build`) into one weights.bin; returns the index.
-
-    Index: {"file": "weights.bin", "graphs": {file: {initializer: [offset, dtype, shape]}}}.
-    """
+def share_weights(build: Path, graphs: list[str]) -> WeightsIndex:
+    """Moves the initializers of `graphs` (file names in `build`) into one weights.bin; returns the index
+    (graph file -> initializer -> offset, dtype, shape) that the manifest records."""
     stored: dict[tuple[str, str], int] = {}  # (name, sha256) -> offset
-    index: dict[str, dict[str, list[Any]]] = {}
+    index: dict[str, dict[str, WeightEntry]] = {}
     with (build / WEIGHTS).open("wb") as blob:
         for graph in graphs:
             path = build / graph
             model = onnx.load(path, load_external_data=True)
-            entries: dict[str, list[Any]] = {}
+            entries: dict[str, WeightEntry] = {}
             for tensor in model.graph.initializer:
                 array = numpy_helper.to_array(tensor)
                 if array.nbytes < MIN_BYTES:
@@ -51,13 +50,13 @@ def share_weights(build: Path, graphs: list[str]) -> dict[str, Any]:
                     blob.write(data)
                 offset = stored[key]
                 _point_at(tensor, offset, len(data))
-                entries[tensor.name] = [offset, array.dtype.name, list(array.shape)]
+                entries[tensor.name] = WeightEntry(offset, array.dtype.name, tuple(array.shape))
             onnx.save_model(model, path)
             stale = build / f"{graph}.data"
             if stale.exists():
                 stale.unlink()
             index[graph] = entries
-    return {"file": WEIGHTS, "graphs": index}
+    return WeightsIndex(file=WEIGHTS, graphs=index)
 
 
 def _point_at(tensor: onnx.TensorProto, offset: int, length: int) -> None:

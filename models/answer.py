@@ -85,4 +85,3 @@ def answer(
         prompt_tokens=int(inputs["input_ids"].shape[1]),
         timings=timings,
     )
-

@@ -70,11 +70,20 @@ class ModelPreset:
 
     def __post_init__(self) -> None:
         positive = (
-            "image_size", "patch_size", "vision_hidden_size", "vision_intermediate_size",
-            "vision_num_layers", "vision_num_heads", "hidden_size", "intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "image_size",
+            "patch_size",
+            "vision_hidden_size",
+            "vision_intermediate_size",
+            "vision_num_layers",
+            "vision_num_heads",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
             "max_position_embeddings",
-        )  # fmt: skip
+        )
         for field in positive:
             value = getattr(self, field)
             # bool is an int subclass; a True width is a typo, not a size.
@@ -206,31 +215,53 @@ class ModelPreset:
 def _clip_l14_336(**kw: object) -> dict[str, object]:
     """CLIP ViT-L/14 at 336 px, as used by LLaVA-1.5 (576 image tokens)."""
     return dict(
-        image_size=336, patch_size=14, vision_hidden_size=1024, vision_intermediate_size=4096,
-        vision_num_layers=24, vision_num_heads=16, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", **kw,
-    )  # fmt: skip
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=1024,
+        vision_intermediate_size=4096,
+        vision_num_layers=24,
+        vision_num_heads=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **kw,
+    )
 
 
 def _tiny_vision(**kw: object) -> dict[str, object]:
     """A 56 px, patch-14 tower: 16 patches, runs in milliseconds on a CPU."""
     base: dict[str, object] = dict(
-        image_size=56, patch_size=14, vision_hidden_size=32, vision_intermediate_size=64,
-        vision_num_layers=2, vision_num_heads=2, vision_feature_layer=-2,
+        image_size=56,
+        patch_size=14,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-    )  # fmt: skip
+    )
     base.update(kw)
     return base
 
 
 _TINY_TEXT: dict[str, object] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=4, vocab_size=256, image_token_id=255,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
-)  # fmt: skip
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    vocab_size=256,
+    image_token_id=255,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    max_position_embeddings=512,
+)
 
 _VICUNA_IDS: dict[str, object] = dict(
-    vocab_size=32064, image_token_id=32000, bos_token_id=1, eos_token_id=2, pad_token_id=32001,
-)  # fmt: skip
+    vocab_size=32064,
+    image_token_id=32000,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=32001,
+)
 
 _PRESET_LIST: tuple[ModelPreset, ...] = (
     ModelPreset(
@@ -263,15 +294,25 @@ _PRESET_LIST: tuple[ModelPreset, ...] = (
         # and its dense/CoreMatching FLOPs ratios are within 3% (prefill) and 8% (decode) of 7B's
         # (scripts/flops.py --model llava-7b-shape). The vocabulary is the project tokenizer's.
         name="llava-7b-shape",
-        image_size=336, patch_size=14, vision_hidden_size=256, vision_intermediate_size=1024,
-        vision_num_layers=4, vision_num_heads=4, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=256,
+        vision_intermediate_size=1024,
+        vision_num_layers=4,
+        vision_num_heads=4,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
         text_model_type="llama",
         hidden_size=768,
         intermediate_size=2064,
         num_hidden_layers=32,
         num_attention_heads=12,
         num_key_value_heads=12,
-        vocab_size=1024, image_token_id=1023, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=1024,
+        image_token_id=1023,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
         description="llava-1.5-7b geometry scaled to d=768 (231M parameters): benchmarks on a CPU",
     ),
     ModelPreset(

@@ -20,10 +20,12 @@ Backends: `OrtBackend` (ONNX Runtime: TensorRT, CUDA or CPU provider) and `TrtBa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from buildformat import Manifest
 
 
 class BackendError(RuntimeError):
@@ -34,34 +36,20 @@ class BackendError(RuntimeError):
 class PrefillResult:
     logits: np.ndarray  # [V] float32, the last prompt token's
     kept_image_tokens: list[int] | None  # indices into the image's tokens; None for dense builds
+    core_neurons: dict[int, list[int]] = field(default_factory=dict)  # layer -> the prompt's core neurons
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """The geometry of the cache buffers, from the manifest."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    prune_layer: int | None  # layers after it hold only the kept tokens; None for dense builds
-    dtype: Any  # numpy dtype of the cache (float32 or float16)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> CacheLayout:
-        model, cm = manifest["model"], manifest["corematching"]
-        return cls(
-            num_layers=model["num_layers"],
-            num_kv_heads=model["num_kv_heads"],
-            head_dim=model["head_dim"],
-            prune_layer=None if cm["dense"] else cm["prune_layer"],
-            dtype=np.float16 if manifest["precision"] == "float16" else np.float32,
-        )
+def activation_dtype(manifest: Manifest) -> Any:
+    """The numpy dtype of the graphs' activations and cache (float32 or float16)."""
+    return np.float16 if manifest.precision == "float16" else np.float32
 
 
 class Backend(ABC):
     """One loaded build; `name` says what runs it (e.g. "onnxruntime/CPUExecutionProvider")."""
 
     name: str
+    # Seconds the last decode step's graph ran, without the Python around it (None: not measured).
+    last_run_seconds: float | None = None
 
     @abstractmethod
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 # Run as a script from a checkout: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.manifest import ManifestError
+from buildformat import ManifestError
 from runtime import (
     BackendError,
     GenerationError,
@@ -70,13 +70,9 @@ def ask(pipeline: Pipeline, args: argparse.Namespace, image_path: Path, question
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     answer = pipeline.answer(image_path, question, args.max_new_tokens, sampling, on_text=stream)
     if args.core_tokens:
-        model = pipeline.manifest["model"]
+        model = pipeline.manifest.model
         picture = core_token_picture(
-            load_image(image_path),
-            answer.kept_image_tokens,
-            model["image_size"],
-            model["patch_size"],
-            model["num_image_tokens"],
+            load_image(image_path), answer.kept_image_tokens, model.image_size, model.patch_size, model.num_image_tokens
         )
         picture.save(args.core_tokens)
     if args.json:

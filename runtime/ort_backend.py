@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from export.manifest import graph_files
-from runtime.backend import Backend, BackendError, CacheLayout, PrefillResult
+from buildformat import Manifest
+from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
+from runtime.decode_state import DecodeState, is_cache, is_request_input, past_name
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def choose_providers(requested: str, available: list[str], build_dir: Path, fp16
     return providers, warnings
 
 
-class _SharedWeights:
+class SharedWeights:
     """The build's weights.bin, memory-mapped once and given to every session as views.
 
     The prefill and decode graphs share most weights; loaded separately they would be held twice
@@ -100,25 +101,28 @@ class _SharedWeights:
     and pre-packing is off, so the process holds each weight once (the pages are the file's).
     """
 
-    def __init__(self, build_dir: Path, manifest: dict[str, Any], ort: Any) -> None:
+    def __init__(self, build_dir: Path, manifest: Manifest, ort: Any, level: Any = None) -> None:
         self.ort = ort
-        self.index = manifest.get("weights")
+        self.level = level
+        self.index = manifest.weights
         self.values: list[Any] = []  # the OrtValues must outlive the sessions
         self.mapped = None
         if self.index:
-            self.mapped = np.memmap(build_dir / self.index["file"], dtype=np.uint8, mode="r")
+            self.mapped = np.memmap(build_dir / self.index.file, dtype=np.uint8, mode="r")
 
     def options(self, graph: str) -> Any:
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
+        if self.level is not None:
+            options.graph_optimization_level = self.level
         # No CPU arena: it keeps every peak allocation for the life of the session (measured: 120 MB
         # more at the same speed on the llava-7b-shape benchmark).
         options.enable_cpu_mem_arena = False
         if self.mapped is None:
             return options
         options.add_session_config_entry("session.disable_prepacking", "1")
-        for name, (offset, dtype, shape) in self.index["graphs"][f"{graph}.onnx"].items():
-            view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=self.mapped, offset=offset)
+        for name, entry in self.index.graphs[f"{graph}.onnx"].items():
+            view = np.ndarray(entry.shape, dtype=np.dtype(entry.dtype), buffer=self.mapped, offset=entry.offset)
             value = self.ort.OrtValue.ortvalue_from_numpy(view)
             self.values.append(value)
             options.add_initializer(name, value)
@@ -126,20 +130,23 @@ class _SharedWeights:
 
 
 class OrtBackend(Backend):
-    def __init__(self, build_dir: str | Path, manifest: dict[str, Any], provider: str = "auto") -> None:
+    def __init__(
+        self, build_dir: str | Path, manifest: Manifest, provider: str = "auto", optimization_level: Any = None
+    ) -> None:
+        """`optimization_level`: an onnxruntime.GraphOptimizationLevel (default: ONNX Runtime's, all)."""
         ort = _import_ort()
         self.build_dir = Path(build_dir)
         self.manifest = manifest
-        self.layout = CacheLayout.from_manifest(manifest)
+        self.dtype = activation_dtype(manifest)
         providers, warnings = choose_providers(
-            provider, ort.get_available_providers(), self.build_dir, manifest["precision"] == "float16"
+            provider, ort.get_available_providers(), self.build_dir, manifest.precision == "float16"
         )
         for warning in warnings:
             log.warning(warning)
-        self._weights = _SharedWeights(self.build_dir, manifest, ort)
+        self._weights = SharedWeights(self.build_dir, manifest, ort, optimization_level)
         self.sessions = {
             name: ort.InferenceSession(
-                str(self.build_dir / graph_files(manifest, name)[0]), self._weights.options(name), providers=providers
+                str(self.build_dir / manifest.graph(name).file), self._weights.options(name), providers=providers
             )
             for name in ("vision", "embed", "prefill", "decode")
         }
@@ -166,10 +173,7 @@ class OrtBackend(Backend):
         self._buffers: dict[str, np.ndarray] = {}  # host cache buffers (CPU provider)
         self._new: dict[str, np.ndarray] = {}  # host step outputs (CPU provider)
         self._device: dict[str, Any] = {}  # device buffers by tensor name (GPU providers)
-        self._lengths: dict[str, int] = {}  # cached tokens per layer buffer
-        self._capacity: dict[str, int] = {}  # tokens each buffer holds
-        self._position = 0
-        self._kept_length = 0
+        self._state: DecodeState | None = None
 
     # -- stateless graphs -------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class OrtBackend(Backend):
         return dict(zip(names, session.run(names, feeds), strict=True))
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run("vision", {"pixel_values": pixel_values.astype(self.layout.dtype)})["image_features"]
+        return self._run("vision", {"pixel_values": pixel_values.astype(self.dtype)})["image_features"]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self._run("embed", {"input_ids": input_ids.astype(np.int64)})["inputs_embeds"]
@@ -195,24 +199,28 @@ class OrtBackend(Backend):
             feeds["image_start"] = np.array([image_start], dtype=np.int64)
         out = self._run("prefill", feeds)
         prompt = inputs_embeds.shape[1]
-        answer = capacity - prompt
+        state = DecodeState.start(
+            {n: v.shape[2] for n, v in out.items() if is_cache(n)}, prompt, capacity - prompt, image_start
+        )
         binding = self.sessions["decode"].io_binding()
         for name, value in out.items():
-            if name.startswith("present."):
-                suffix = name[len("present.") :]
-                self._bind_cache(binding, f"past.{suffix}", f"new.{suffix}", value, value.shape[2] + answer)
-            elif name.startswith("ffn.") or name == "kept_bias":
+            if is_cache(name):
+                past = past_name(name)
+                self._bind_cache(binding, past, value, state.capacity[past])
+            elif is_request_input(name):
                 self._bind_input(binding, name, np.ascontiguousarray(value))  # once per request
         if "image_start" in self._decode_inputs:  # a merge's key bias sits at the image slots
             self._bind_input(binding, "image_start", np.array([image_start], dtype=np.int64))
-        self._logits = np.empty((1, self.manifest["model"]["vocab_size"]), self.layout.dtype)
+        self._logits = np.empty((1, self.manifest.model.vocab_size), self.dtype)
         binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
         self._binding = binding
-        self._position = prompt
-        self._kept_length = min(self._lengths.values())
+        self._state = state
         kept = out.get("kept_image_tokens")
+        core = {int(n.split(".")[1]): v.tolist() for n, v in out.items() if n.startswith("core_neurons.")}
         return PrefillResult(
-            logits=out["logits"][0].astype(np.float32), kept_image_tokens=None if kept is None else kept.tolist()
+            logits=out["logits"][0].astype(np.float32),
+            kept_image_tokens=None if kept is None else kept.tolist(),
+            core_neurons=core,
         )
 
     def _bind_input(self, binding: Any, name: str, value: np.ndarray) -> None:
@@ -224,13 +232,13 @@ class OrtBackend(Backend):
         self._device[name] = device
         binding.bind_input(name, self._device_type, 0, value.dtype, list(value.shape), device.ptr)
 
-    def _bind_cache(self, binding: Any, key: str, new_name: str, present: np.ndarray, capacity: int) -> None:
+    def _bind_cache(self, binding: Any, key: str, present: np.ndarray, capacity: int) -> None:
         """One layer's cache buffer of `capacity` tokens holding the prompt's `present` [1, n_kv, L, hd],
         zero padded (padding is masked in the graph; zeros keep 0 * padding finite), and the step
         output that receives the new token's entries."""
         shape = (*present.shape[:2], capacity, present.shape[3])
         new_shape = (*present.shape[:2], 1, present.shape[3])
-        self._lengths[key], self._capacity[key] = present.shape[2], capacity
+        new_name = "new." + key[len("past.") :]
         if self._cuda is None:
             buffer = np.zeros(shape, present.dtype)
             buffer[:, :, : present.shape[2]] = present
@@ -255,29 +263,25 @@ class OrtBackend(Backend):
         for buffer in self._device.values():
             buffer.free()
         self._device, self._buffers, self._new = {}, {}, {}
-        self._lengths, self._capacity = {}, {}
+        self._state = None
 
     def decode(self, token_id: int) -> np.ndarray:
-        if self._binding is None:
+        if self._binding is None or self._state is None:
             raise BackendError("decode before prefill: run a prompt first")
-        binding = self._binding
+        binding, state = self._binding, self._state
+        state.check_room()
         binding.bind_cpu_input("inputs_embeds", self.embed(np.array([[token_id]], dtype=np.int64)))
-        binding.bind_cpu_input("position_ids", np.array([self._position], dtype=np.int64))
-        if "past_kept_length" in self._decode_inputs:
-            binding.bind_cpu_input("past_kept_length", np.array([self._kept_length], dtype=np.int64))
-        if any(self._lengths[key] >= self._capacity[key] for key in self._lengths):
-            raise BackendError("the answer outgrew the cache sized at prefill; raise the capacity")
+        for name, value in state.step_inputs(self._decode_inputs).items():
+            binding.bind_cpu_input(name, value)
         start = time.perf_counter()
         self.sessions["decode"].run_with_iobinding(binding)
         self.last_run_seconds = time.perf_counter() - start  # the graph alone: the rest is Python overhead
-        for key, index in self._lengths.items():
+        for past, new, index in state.writes():
             if self._cuda is None:
-                self._buffers[key][:, :, index] = self._new[key][:, :, 0]  # the token's own entries only
+                self._buffers[past][:, :, index] = self._new[past][:, :, 0]  # the token's own entries only
             else:
-                self._cuda.write_token(self._device[key], self._device["new" + key[len("past") :]], index)
-            self._lengths[key] = index + 1
+                self._cuda.write_token(self._device[past], self._device[new], index)
         if self._cuda is not None:
             self._cuda.check(self._cuda.load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
-        self._position += 1
-        self._kept_length += 1
+        state.advance()
         return self._logits[0].astype(np.float32)

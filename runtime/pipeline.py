@@ -4,20 +4,22 @@
     answer = pipeline.answer("photo.jpg", "What is on the table?", max_new_tokens=64)
     answer.text, answer.token_ids, answer.kept_image_tokens, answer.timings
 
-`stream(...)` yields the answer's text as it is generated; `answer(..., on_text=print)`
-does the same through a callback.
+`stream(...)` yields (token id, new text) as the answer is generated and returns the finished
+`Answer` (the generator's return value); `answer(..., on_text=print)` streams through a callback
+and returns the `Answer`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import ManifestError, read_manifest, verify_files
+import buildformat
+from buildformat import Manifest, ManifestError
 from runtime.backend import Backend, BackendError
 from runtime.preprocess import ImageProcessor, load_image
 from runtime.sampling import Sampler, Sampling
@@ -40,7 +42,8 @@ class Answer:
     num_image_tokens: int
     prompt_tokens: int
     backend: str
-    timings: dict[str, Any] = field(default_factory=dict)  # seconds: preprocess, vision, prefill, decode (list)
+    # seconds: preprocess, vision, prefill, decode (a list, per step), decode_graph (the graph's share of each step)
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,26 +58,26 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, build_dir: Path, manifest: dict[str, Any], backend: Backend) -> None:
+    def __init__(self, build_dir: Path, manifest: Manifest, backend: Backend) -> None:
         self.build_dir = build_dir
         self.manifest = manifest
         self.backend = backend
         self.images = ImageProcessor.from_build(build_dir)
         self.tokenizer = PromptTokenizer.from_build(build_dir, manifest)
-        self.num_image_tokens: int = manifest["model"]["num_image_tokens"]
+        self.num_image_tokens = manifest.model.num_image_tokens
         # The longest prompt + answer the cache buffers (and TensorRT profiles) admit.
-        dims = manifest["dims"]
-        self.max_sequence: int = dims["B"]["max"] + 1
+        self.max_sequence = manifest.max_sequence
 
     @classmethod
     def load(cls, build_dir: str | Path, provider: str = "auto", backend: str = "auto") -> Pipeline:
         """Checks the manifest (format version, sha256 of every file) before loading anything."""
         build = Path(build_dir)
-        manifest = read_manifest(build)
-        verify_files(build, manifest)
+        manifest = buildformat.read(build)
+        buildformat.verify(build, manifest)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-        if backend == "tensorrt" or (backend == "auto" and provider in ("auto", "tensorrt") and "engines" in manifest):
+        engines = manifest.engines is not None
+        if backend == "tensorrt" or (backend == "auto" and provider in ("auto", "tensorrt") and engines):
             try:
                 from runtime.trt_backend import TrtBackend
 
@@ -96,8 +99,8 @@ class Pipeline:
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
         stop_at_eos: bool = True,
-    ) -> Iterator[tuple[int, str]]:
-        """Yields (token id, new text) as tokens come; `self.last` holds the finished Answer."""
+    ) -> Generator[tuple[int, str], None, Answer]:
+        """Yields (token id, new text) as tokens come; returns the finished Answer."""
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         timings: dict[str, Any] = {}
@@ -128,12 +131,10 @@ class Pipeline:
         eos = self.tokenizer.eos_token_ids if stop_at_eos else set()
         text = self.tokenizer.stream()
         tokens: list[int] = []
-        decode: list[float] = []
+        decode: list[float] = []  # seconds per decode step, as the caller waits for it
+        graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
         timings["decode"] = decode
         logits = result.logits
-        self.last = Answer(
-            "", tokens, result.kept_image_tokens, self.num_image_tokens, prompt, self.backend.name, timings
-        )
         while True:
             token = sampler(logits)
             tokens.append(token)
@@ -147,10 +148,17 @@ class Pipeline:
             start = time.perf_counter()
             logits = self.backend.decode(token)
             decode.append(time.perf_counter() - start)
+            if self.backend.last_run_seconds is not None:
+                graph.append(self.backend.last_run_seconds)
         tail = text.flush()
         if tail:
             yield tokens[-1], tail
-        self.last.text = self.tokenizer.decode(tokens).strip()
+        if graph:
+            timings["decode_graph"] = graph
+        text_out = self.tokenizer.decode(tokens).strip()
+        return Answer(
+            text_out, tokens, result.kept_image_tokens, self.num_image_tokens, prompt, self.backend.name, timings
+        )
 
     def answer(
         self,
@@ -161,10 +169,14 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         stop_at_eos: bool = True,
     ) -> Answer:
-        for _token, piece in self.stream(image, question, max_new_tokens, sampling, stop_at_eos):
+        tokens = self.stream(image, question, max_new_tokens, sampling, stop_at_eos)
+        while True:
+            try:
+                _token, piece = next(tokens)
+            except StopIteration as done:
+                return done.value
             if on_text is not None:
                 on_text(piece)
-        return self.last
 
 
 __all__ = ["Answer", "BackendError", "GenerationError", "ManifestError", "Pipeline", "PromptError"]

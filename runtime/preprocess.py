@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from buildformat import Manifest
+
 # Pillow's default limit (a warning above it, an error above twice it); any image over it is refused.
 MAX_IMAGE_PIXELS = 89_478_485
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -241,9 +243,9 @@ class ImageProcessor:
         return processor
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, manifest: dict[str, Any] | None = None) -> ImageProcessor:
+    def from_build(cls, build_dir: str | Path, manifest: Manifest | None = None) -> ImageProcessor:
         """The processor of a build directory; with its manifest, the output size is checked against the model."""
-        name = (manifest or {}).get("tokenizer", {}).get("preprocessor", PREPROCESSOR_FILE)
+        name = manifest.tokenizer.preprocessor if manifest is not None else PREPROCESSOR_FILE
         path = Path(build_dir) / name
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -252,7 +254,7 @@ class ImageProcessor:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); rebuild the build directory") from None
         processor = cls.from_config(config)
-        image_size = (manifest or {}).get("model", {}).get("image_size")
+        image_size = manifest.model.image_size if manifest is not None else None
         if image_size is not None and processor.output_size() not in (None, (image_size, image_size)):
             raise ValueError(
                 f"{path} makes {processor.output_size()} images but the model takes {image_size}x{image_size}; "

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from buildformat import Manifest
 
 QUESTION_MARKER = "{question}"
 REPLACEMENT_CHAR = "\ufffd"
@@ -55,19 +56,17 @@ class PromptTokenizer:
         self._after = after.replace(image_token, expanded)
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, manifest: dict[str, Any]) -> PromptTokenizer:
-        section, model = manifest.get("tokenizer", {}), manifest.get("model", {})
-        path = Path(build_dir) / section.get("tokenizer", "tokenizer.json")
+    def from_build(cls, build_dir: str | Path, manifest: Manifest) -> PromptTokenizer:
+        section, model = manifest.tokenizer, manifest.model
+        path = Path(build_dir) / section.tokenizer
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the build is incomplete, rebuild it")
-        try:
-            prompt, image_token = section["prompt"], section["image_token"]
-            image_token_id, num_image_tokens = int(model["image_token_id"]), int(model["num_image_tokens"])
-            max_prompt_tokens = int(manifest["dims"]["S"]["max"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"the build's manifest has no {e} entry for the prompt; rebuild it") from None
-        eos = model.get("eos_token_id")
-        eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+        prompt, image_token = section.prompt, section.image_token
+        if prompt is None or image_token is None or "S" not in manifest.dims:
+            raise ValueError("the build's manifest has no prompt format or no prompt length; rebuild it")
+        image_token_id, num_image_tokens = model.image_token_id, model.num_image_tokens
+        max_prompt_tokens = manifest.dims["S"].max
+        eos_ids = sorted(model.eos_token_ids)
         tokenizer = Tokenizer.from_file(str(path))
         if tokenizer.token_to_id(image_token) != image_token_id:
             raise ValueError(

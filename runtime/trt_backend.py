@@ -24,60 +24,59 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backend import Backend, BackendError, CacheLayout, PrefillResult
+from buildformat import Manifest, ManifestError
+from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
 from runtime.cuda_memory import DeviceBuffer, Stream, write_prefix, write_token
+from runtime.decode_state import PAST, PRESENT, STEP_INPUTS, DecodeState, is_request_input
 
 log = logging.getLogger(__name__)
 
 GRAPHS = ("vision", "embed", "prefill", "decode")
-STEP_INPUTS = ("position_ids", "past_kept_length")
 
 
 # -- what needs no TensorRT: the manifest, the API choice, the cache sizes -------------------------------
 
 
-def engine_files(manifest: dict[str, Any], build_dir: Path) -> dict[str, Path]:
+def engine_files(manifest: Manifest, build_dir: Path) -> dict[str, Path]:
     """The engine of every graph; refuses a build whose engines were not built (or are gone)."""
     first = f"run `python -m export engine {build_dir}` on this machine first"
-    graphs = (manifest.get("engines") or {}).get("graphs") or {}
+    graphs = manifest.engines.graphs if manifest.engines is not None else {}
     if not graphs:
         raise BackendError(f"{build_dir} has no TensorRT engines: {first}")
     missing = [g for g in GRAPHS if g not in graphs]
     if missing:
         raise BackendError(f"{build_dir} has no TensorRT engine for {', '.join(missing)}: {first}")
-    files = {g: build_dir / graphs[g]["file"] for g in GRAPHS}
+    files = {g: build_dir / graphs[g] for g in GRAPHS}
     absent = [str(p) for p in files.values() if not p.is_file()]
     if absent:
         raise BackendError(f"engine file(s) {', '.join(absent)} are missing: {first}")
     return files
 
 
-def check_target(manifest: dict[str, Any], tensorrt_version: str, gpu_name: str, build_dir: Path) -> None:
+def check_target(manifest: Manifest, tensorrt_version: str, gpu_name: str, build_dir: Path) -> None:
     """Refuses engines built by another TensorRT version or on another GPU model."""
-    engines = manifest["engines"]
+    engines = manifest.engines
+    assert engines is not None, "engine_files() runs first"
     rebuild = (
         "an engine only runs on the GPU and TensorRT version that built it; "
         f"rebuild them here with `python -m export engine {build_dir} --force`"
     )
-    built_with = str(engines.get("tensorrt_version"))
+    built_with = engines.tensorrt_version
     if built_with != tensorrt_version:
         raise BackendError(
             f"the engines were built with TensorRT {built_with}, this machine has {tensorrt_version}: {rebuild}"
         )
-    built_on = str((engines.get("device") or {}).get("name"))
+    built_on = engines.device_name
     if built_on != gpu_name:
         raise BackendError(f"the engines were built on {built_on}, this machine has {gpu_name}: {rebuild}")
 
 
-def dim_range(manifest: dict[str, Any], graph: str, tensor: str, axis: int) -> tuple[int, int]:
+def dim_range(manifest: Manifest, graph: str, tensor: str, axis: int) -> tuple[int, int]:
     """(min, max) of one input axis: the engine's optimization profile, from the manifest's dims."""
-    spec = next((s for s in manifest["graphs"][graph]["inputs"] if s["name"] == tensor), None)
-    if spec is None:
-        raise BackendError(f"the manifest lists no input {tensor!r} of {graph}; rebuild the build directory")
-    dim = spec["shape"][axis]
-    if isinstance(dim, int):
-        return dim, dim
-    return int(manifest["dims"][dim]["min"]), int(manifest["dims"][dim]["max"])
+    try:
+        return manifest.dim_range(graph, tensor, axis)
+    except ManifestError as e:
+        raise BackendError(str(e)) from e
 
 
 def cache_size(name: str, prompt_length: int, answer: int, low: int, high: int) -> int:
@@ -255,7 +254,7 @@ def import_tensorrt() -> Any:
 
 def current_gpu() -> str:
     """The name of the GPU TensorRT runs on, as `python -m export engine` recorded it."""
-    from export.engine import NoGpuError, detect_gpu  # torch-free; imports cuda-python only when called
+    from runtime.gpu import NoGpuError, detect_gpu  # imports cuda-python only when called
 
     try:
         return detect_gpu().name
@@ -270,13 +269,11 @@ def current_gpu() -> str:
 class _Request:
     """The device state of one request, freed when the next one starts."""
 
+    state: DecodeState
     cache: dict[str, DeviceBuffer] = field(default_factory=dict)  # past.{i}.key/value
-    lengths: dict[str, int] = field(default_factory=dict)  # valid positions of each buffer
     # Request-long decode inputs: the compacted weights and a merge's kept_bias (from prefill), image_start.
     ffn: dict[str, DeviceBuffer] = field(default_factory=dict)
     outputs: dict[str, DeviceBuffer] = field(default_factory=dict)  # the decode's logits and new.{i}.*
-    position: int = 0  # cached tokens of the full layers
-    kept_length: int = 0  # cached tokens of the layers after the prune layer
 
     def free(self) -> None:
         for group in (self.cache, self.ffn, self.outputs):
@@ -286,7 +283,7 @@ class _Request:
 
 
 class TrtBackend(Backend):
-    def __init__(self, build_dir: str | Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, build_dir: str | Path, manifest: Manifest) -> None:
         self.build_dir = Path(build_dir)
         self.manifest = manifest
         files = engine_files(manifest, self.build_dir)
@@ -296,7 +293,7 @@ class TrtBackend(Backend):
         log.info("TensorRT %s: the %s API", trt.__version__, io_class.api)
         self.name = f"tensorrt/{trt.__version__}"
         self.api = io_class.api  # "bindings" (8.6) | "named-tensors" (10.x)
-        self.layout = CacheLayout.from_manifest(manifest)
+        self.dtype = activation_dtype(manifest)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)  # must outlive its engines (TensorRT 8.x)
@@ -331,7 +328,7 @@ class TrtBackend(Backend):
         self._embed_min = max(1, low)
         if self._embed_min > 1:
             log.info("the embed engine's profile starts at %d ids: each decode step embeds that many", low)
-        pad = self.manifest["model"].get("pad_token_id") or 0
+        pad = self.manifest.model.pad_token_id or 0
         self._step_ids = DeviceBuffer.from_numpy(np.full((1, self._embed_min), pad, io.dtype("input_ids")), self.stream)
         if io.is_dynamic("input_ids"):
             io.set_input_shape("input_ids", self._step_ids.shape)
@@ -411,7 +408,7 @@ class TrtBackend(Backend):
         if length > self._embed_max:
             raise BackendError(f"a prompt of {length} tokens is longer than the engines admit ({self._embed_max})")
         if length < self._embed_min:  # below the profile: pad, embed, cut
-            pad = self.manifest["model"].get("pad_token_id") or 0
+            pad = self.manifest.model.pad_token_id or 0
             ids = np.concatenate([ids, np.full((1, self._embed_min - length), pad, ids.dtype)], axis=1)
         self._embed_bound_for_steps = False  # the prompt takes the embed context's shape and addresses
         return self._run_to_host("embed", {"input_ids": ids})["inputs_embeds"][:, :length]
@@ -441,27 +438,33 @@ class TrtBackend(Backend):
     ) -> _Request:
         """Cache buffers filled from the prefill, compacted weights taken over, the decode context bound once."""
         decode = self._io["decode"]
-        request = _Request(position=prompt)
+        missing = [name for name in self._limits if PRESENT + name[len(PAST) :] not in outputs]
+        if missing:
+            raise BackendError(f"the prefill engine gives no cache for {missing[0]}; rebuild the engines")
+        state = DecodeState.start(
+            {PRESENT + name[len(PAST) :]: outputs[PRESENT + name[len(PAST) :]].shape[2] for name in self._limits},
+            prompt,
+            answer,
+            image_start,
+            size=lambda name, length, more: cache_size(name, length, more, *self._limits[name]),
+        )
+        request = _Request(state)
         try:
-            for name in [n for n in outputs if n.startswith("ffn.") or n == "kept_bias"]:
+            for name in [n for n in outputs if is_request_input(n)]:
                 request.ffn[name] = outputs.pop(name)  # stays on the device for the whole answer
             if "image_start" in decode.inputs:
                 request.ffn["image_start"] = DeviceBuffer.from_numpy(
                     np.array([image_start], decode.dtype("image_start")), self.stream
                 )
-            for name, (low, high) in self._limits.items():
-                present = outputs.get("present." + name[len("past.") :])
-                if present is None:
-                    raise BackendError(f"the prefill engine gives no cache for {name}; rebuild the engines")
-                num_kv, length, head_dim = present.shape[1], present.shape[2], present.shape[3]
-                size = cache_size(name, length, answer, low, high)
+            for name in self._limits:
+                present = outputs[PRESENT + name[len(PAST) :]]
+                num_kv, head_dim = present.shape[1], present.shape[3]
                 if decode.dtype(name) != present.dtype:
                     raise BackendError(f"prefill and decode disagree on the type of {name}; rebuild the engines")
-                buffer = request.cache[name] = DeviceBuffer((1, num_kv, size, head_dim), present.dtype)
+                shape = (1, num_kv, state.capacity[name], head_dim)
+                buffer = request.cache[name] = DeviceBuffer(shape, present.dtype)
                 buffer.zero(self.stream)  # the padding is masked in the graph; zeros keep 0 * padding finite
                 write_prefix(buffer, present, self.stream)
-                request.lengths[name] = length
-            request.kept_length = min(request.lengths.values())
             bound = {**request.cache, **request.ffn, **self._scalars, "inputs_embeds": self._step_embeds}
             unbound = [n for n in decode.inputs if n not in bound]
             if unbound:
@@ -481,26 +484,19 @@ class TrtBackend(Backend):
         request = self._request
         if request is None:
             raise BackendError("decode before prefill: run a prompt first")
-        for name, buffer in request.cache.items():
-            if request.lengths[name] >= buffer.shape[2]:
-                raise BackendError(
-                    f"the answer outgrew the cache: {name} holds {buffer.shape[2]} positions (sized at prefill, "
-                    "within the decode engine's profile); ask for fewer new tokens"
-                )
+        state = request.state
+        state.check_room()
         # Only the first id changes; the padding after it (if any) stays from construction.
         self._step_ids.copy_from_numpy(np.array([token_id]), self.stream)
         self._bind_embed_for_steps()
         self._io["embed"].execute(self.stream.handle)
-        values = {"position_ids": request.position, "past_kept_length": request.kept_length}
-        for name, buffer in self._scalars.items():
-            buffer.copy_from_numpy(np.array([values[name]]), self.stream)
+        for name, value in state.step_inputs(self._scalars.keys()).items():
+            self._scalars[name].copy_from_numpy(value, self.stream)
         self._io["decode"].execute(self.stream.handle)
-        for name, buffer in request.cache.items():
-            write_token(buffer, request.outputs["new." + name[len("past.") :]], request.lengths[name], self.stream)
-            request.lengths[name] += 1
+        for past, new, index in state.writes():
+            write_token(request.cache[past], request.outputs[new], index, self.stream)
         logits = request.outputs["logits"].to_numpy(self.stream)  # waits for the step
-        request.position += 1
-        request.kept_length += 1
+        state.advance()
         return logits[0].astype(np.float32)
 
     # -- lifetime ------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ def rank(summaries: list[dict], budgets: tuple[int, ...], tie: float) -> tuple[l
         setting = s["setting"]
         if setting["method"] == "dense" or setting["backend"] != "reference" or setting["budget"] not in budgets:
             continue
-        row = rows.setdefault(setting["method"] + "/" + setting["merge"], {
-            "selector": setting["method"], "merge": setting["merge"], "accuracy": {}})  # fmt: skip
+        row = rows.setdefault(
+            setting["method"] + "/" + setting["merge"],
+            {"selector": setting["method"], "merge": setting["merge"], "accuracy": {}},
+        )
         row["accuracy"][setting["budget"]] = s["accuracy"]
     complete = [r for r in rows.values() if set(r["accuracy"]) == set(budgets)]
     for r in complete:

@@ -42,15 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-layer", type=int, default=defaults.prune_layer)
     parser.add_argument("--neuron-ratio", type=float, default=defaults.neuron_ratio)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--onnx", default=default_onnx_settings(),
-                        help="settings to build as ONNX and answer with the runtime: dense or SELECTOR[+MERGE]@K, "
-                        "comma-separated ('none' to skip; default: every selector at 64)")  # fmt: skip
+    parser.add_argument(
+        "--onnx",
+        default=default_onnx_settings(),
+        help="settings to build as ONNX and answer with the runtime: dense or SELECTOR[+MERGE]@K, "
+        "comma-separated ('none' to skip; default: every selector at 64)",
+    )
     parser.add_argument("--onnx-count", type=int, default=None, help="questions for the ONNX runs (default: all)")
     parser.add_argument("--grid", type=int, default=5, help="rows of the core-token picture")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes for the reference answers, each with a copy of the model (default 1)")
-    parser.add_argument("--fidelity-count", type=int, default=100,
-                        help="questions for the teacher-forced decode fidelity (0 to skip; default 100)")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes for the reference answers, each with a copy of the model (default 1)",
+    )
+    parser.add_argument(
+        "--fidelity-count",
+        type=int,
+        default=100,
+        help="questions for the teacher-forced decode fidelity (0 to skip; default 100)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
     args = parser.parse_args(argv)
@@ -63,14 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvalConfig(
             budgets=tuple(_budget(b) for b in args.budgets.split(",")),  # type: ignore[arg-type]
-            methods=tuple(args.methods.split(",")), merges=tuple(args.merges.split(",")),
-            prune_layer=args.prune_layer, neuron_ratio=args.neuron_ratio,
+            methods=tuple(args.methods.split(",")),
+            merges=tuple(args.merges.split(",")),
+            prune_layer=args.prune_layer,
+            neuron_ratio=args.neuron_ratio,
             max_new_tokens=args.max_new_tokens,
-        )  # fmt: skip
+        )
         onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
-        job = EvalJob(model_dir=args.model, data=args.data, split=args.split, count=args.count, config=config,
-                      onnx=onnx, onnx_count=args.onnx_count, grid=args.grid,
-                      fidelity_count=args.fidelity_count, workers=args.workers)  # fmt: skip
+        job = EvalJob(
+            model_dir=args.model,
+            data=args.data,
+            split=args.split,
+            count=args.count,
+            config=config,
+            onnx=onnx,
+            onnx_count=args.onnx_count,
+            grid=args.grid,
+            fidelity_count=args.fidelity_count,
+            workers=args.workers,
+        )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Analytic FLOPs of dense and CoreMatching inference for a model preset, as a markdown report.
 
-    python scripts/flops.py --model llava-1.5-7b --question-tokens 40 --out docs/flops.md
+python scripts/flops.py --model llava-1.5-7b --question-tokens 40 --out docs/flops.md
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from buildformat.geometry import Geometry
 from coreMatching import ConfigError, CoreMatchingConfig
-from coreMatching.flops import DecoderGeometry, VisionGeometry, compare, kept_length, selection_flops
+from coreMatching.flops import VisionGeometry, compare, selection_flops
 from coreMatching.selectors import MERGES, SELECTORS
 from models.presets import PresetError, from_name
 
@@ -18,7 +19,7 @@ from models.presets import PresetError, from_name
 def render(model: str, question_tokens: int, budgets: list[int], config: CoreMatchingConfig) -> str:
     preset = from_name(model)
     hf = preset.hf_config()
-    geometry = DecoderGeometry.from_text_config(hf.text_config)
+    geometry = Geometry.from_hf_config(hf)
     n_img = preset.num_image_tokens
     prompt = n_img + question_tokens
     resolved = [
@@ -80,10 +81,9 @@ def render(model: str, question_tokens: int, budgets: list[int], config: CoreMat
     return "\n".join(lines)
 
 
-def selector_costs(geometry: DecoderGeometry, prompt: int, config: CoreMatchingConfig, n_img: int, k: int) -> list[str]:
+def selector_costs(geometry: Geometry, prompt: int, config: CoreMatchingConfig, n_img: int, k: int) -> list[str]:
     """What each selector and merge adds at budget k: FLOPs at the prune layer and the fp16 KV cache of the prompt."""
-    kv_token = 2 * geometry.num_kv_heads * geometry.head_dim * 2  # key and value, fp16, one layer
-    dense_kv = geometry.num_layers * prompt * kv_token
+    dense_kv = geometry.cache_bytes(prompt, itemsize=2)  # fp16
     lines = [
         f"## The token selector and the merge at k = {k}",
         "",
@@ -100,8 +100,7 @@ def selector_costs(geometry: DecoderGeometry, prompt: int, config: CoreMatchingC
             )
             extra = selection_flops(geometry, prompt, b)
             prefill = compare(geometry, prompt, [b])[0].prefill_corematching
-            later = geometry.num_layers - b.prune_layer - 1
-            kv = ((b.prune_layer + 1) * prompt + later * kept_length(prompt, b)) * kv_token
+            kv = geometry.cache_bytes(prompt, 2, b.prune_layer, kept=k, merged=b.merged_tokens)
             lines.append(f"| {name} | {merge} | {extra / 1e9:.2f} | {100 * extra / prefill:.2f}% | {kv / 2**20:.1f} |")
     return [*lines, ""]
 

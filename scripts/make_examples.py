@@ -38,8 +38,10 @@ SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[st
     "shapes_three_triangles.png": (
         12,
         [
-            ("triangle", "green", 70, 80, 28), ("triangle", "green", 250, 90, 28),
-            ("triangle", "green", 160, 200, 28), ("star", "purple", 260, 270, 30),
+            ("triangle", "green", 70, 80, 28),
+            ("triangle", "green", 250, 90, 28),
+            ("triangle", "green", 160, 200, 28),
+            ("star", "purple", 260, 270, 30),
         ],
         [
             ("How many triangles are there?", "three"),
@@ -50,8 +52,10 @@ SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[st
     "shapes_mixed.png": (
         13,
         [
-            ("triangle", "purple", 90, 80, 30), ("square", "white", 250, 80, 30),
-            ("star", "blue", 250, 250, 32), ("square", "red", 170, 170, 26),
+            ("triangle", "purple", 90, 80, 30),
+            ("square", "white", 250, 80, 30),
+            ("star", "blue", 250, 250, 32),
+            ("square", "red", 170, 170, 26),
         ],
         [
             ("What colour is the triangle?", "purple"),

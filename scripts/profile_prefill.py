@@ -20,19 +20,22 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.manifest import read_manifest
-from runtime.ort_backend import _SharedWeights
+import buildformat
+from runtime.ort_backend import SharedWeights
 
 
 def profile(build: Path, tokens: int, runs: int) -> dict[str, float]:
-    manifest = read_manifest(build)
-    weights = _SharedWeights(build, manifest, ort)
+    manifest = buildformat.read(build)
+    weights = SharedWeights(build, manifest, ort)
     options = weights.options("prefill")
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prefill")
     session = ort.InferenceSession(str(build / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
-    feeds = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, tokens, manifest["model"]["hidden_size"]),
-                                                                          dtype=np.float32)}  # fmt: skip
+    feeds = {
+        "inputs_embeds": np.random.default_rng(0).standard_normal(
+            (1, tokens, manifest.model.hidden_size), dtype=np.float32
+        )
+    }
     if "image_start" in [i.name for i in session.get_inputs()]:
         feeds["image_start"] = np.array([5], dtype=np.int64)
     for _ in range(runs):

@@ -50,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 
     decode = result.timings["decode"]
     if args.json:
-        print(json.dumps({
-            "answer": result.text,
-            "token_ids": result.token_ids,
-            "kept_image_tokens": result.kept_image_tokens,
-            "timings": result.timings,
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "answer": result.text,
+                    "token_ids": result.token_ids,
+                    "kept_image_tokens": result.kept_image_tokens,
+                    "timings": result.timings,
+                }
+            )
+        )
         return 0
     print()
     rate = f", decode {1 / statistics.median(decode):.1f} tokens/s" if decode else ""

@@ -108,9 +108,13 @@ def _earlier_commands(init_from: Path | None) -> list[str]:
 
 
 def write_card(
-    out: Path, command: str, config: TrainConfig, history: list[dict[str, float]], model: object,
+    out: Path,
+    command: str,
+    config: TrainConfig,
+    history: list[dict[str, float]],
+    model: object,
     init_from: Path | None = None,
-) -> None:  # fmt: skip
+) -> None:
     from models.presets import from_name
 
     p = from_name(config.preset)
@@ -120,28 +124,54 @@ def write_card(
     start = f"From random weights (seed {config.seed})" if init_from is None else "Continued from the model above"
     (out / "README.md").write_text(
         MODEL_CARD.format(
-            preset=p.name, vl=p.vision_num_layers, vh=p.vision_hidden_size, vi=p.vision_intermediate_size,
-            vheads=p.vision_num_heads, vfl=p.vision_feature_layer, h=p.hidden_size, layers=p.num_hidden_layers,
-            ffn=p.intermediate_size, heads=p.num_attention_heads, kv=p.num_key_value_heads,
-            params=sum(t.numel() for t in model.parameters()), size=size, vocab=p.vocab_size,  # type: ignore[attr-defined]
-            image_id=p.image_token_id, commands=commands, start=start, steps=config.steps,
-            batch=config.batch_images, precision="bf16 autocast" if config.bf16 else "fp32",
+            preset=p.name,
+            vl=p.vision_num_layers,
+            vh=p.vision_hidden_size,
+            vi=p.vision_intermediate_size,
+            vheads=p.vision_num_heads,
+            vfl=p.vision_feature_layer,
+            h=p.hidden_size,
+            layers=p.num_hidden_layers,
+            ffn=p.intermediate_size,
+            heads=p.num_attention_heads,
+            kv=p.num_key_value_heads,
+            params=sum(t.numel() for t in model.parameters()),
+            size=size,
+            vocab=p.vocab_size,  # type: ignore[attr-defined]
+            image_id=p.image_token_id,
+            commands=commands,
+            start=start,
+            steps=config.steps,
+            batch=config.batch_images,
+            precision="bf16 autocast" if config.bf16 else "fp32",
             crowding=(
                 f" ({config.crowded:.0%} of them crowded: three or four objects of two kinds, so that counts of"
-                " three and four are common)" if config.crowded else ""
+                " three and four are common)"
+                if config.crowded
+                else ""
             ),
-            turns=config.turns, max_rms=config.max_rms, aux=config.aux_weight, glayer=config.grounding_layer,
-            gweight=config.grounding_weight, pweight=config.position_weight,
+            turns=config.turns,
+            max_rms=config.max_rms,
+            aux=config.aux_weight,
+            glayer=config.grounding_layer,
+            gweight=config.grounding_weight,
+            pweight=config.position_weight,
             pairing=(
                 "for a position question, head 0 the first named object and head 1 the second"
-                if config.pair_grounding else "both objects of a position question on head 0"
+                if config.pair_grounding
+                else "both objects of a position question on head 0"
             ),
-            lr=config.lr, warmup=config.warmup_steps, min_lr=config.min_lr_ratio,
-            wd=config.weight_decay, minutes=final["seconds"] / 60, loss=final["loss"],
-            val_n=config.eval_examples, val=final.get("val_accuracy", float("nan")),
+            lr=config.lr,
+            warmup=config.warmup_steps,
+            min_lr=config.min_lr_ratio,
+            wd=config.weight_decay,
+            minutes=final["seconds"] / 60,
+            loss=final["loss"],
+            val_n=config.eval_examples,
+            val=final.get("val_accuracy", float("nan")),
         ),
         encoding="utf-8",
-    )  # fmt: skip
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,25 +188,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--init-from", type=Path, default=None, help="continue from this llava-hf model directory")
     parser.add_argument(
-        "--first-example", type=int, default=defaults.first_example,
+        "--first-example",
+        type=int,
+        default=defaults.first_example,
         help="index of the first training image (to continue past the images a run has seen)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--position-weight", type=float, default=defaults.position_weight,
+        "--position-weight",
+        type=float,
+        default=defaults.position_weight,
         help="weight of the linear row/column read-out on the projector's image tokens (0: off)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--no-pair-grounding", dest="pair_grounding", action="store_false",
+        "--no-pair-grounding",
+        dest="pair_grounding",
+        action="store_false",
         help="ground both objects of a position question on one head (the recipe before position training)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--crowded", type=float, default=defaults.crowded,
+        "--crowded",
+        type=float,
+        default=defaults.crowded,
         help="share of training images with three or four objects of two kinds (counts of three and four are common)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--bf16", action="store_true",
+        "--bf16",
+        action="store_true",
         help="matmuls and attention in bfloat16 under CPU autocast (faster on CPUs with AVX512-BF16)",
-    )  # fmt: skip
+    )
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -190,12 +229,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = TrainConfig(
-            preset=args.preset, steps=args.steps, batch_images=args.batch_images, lr=args.lr, seed=args.seed,
-            eval_every=args.eval_every, threads=args.threads, warmup_steps=args.warmup_steps,
-            first_example=args.first_example, position_weight=args.position_weight,
-            pair_grounding=args.pair_grounding, eval_examples=args.eval_examples, bf16=args.bf16,
-            turns=args.turns, crowded=args.crowded,
-        )  # fmt: skip
+            preset=args.preset,
+            steps=args.steps,
+            batch_images=args.batch_images,
+            lr=args.lr,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            threads=args.threads,
+            warmup_steps=args.warmup_steps,
+            first_example=args.first_example,
+            position_weight=args.position_weight,
+            pair_grounding=args.pair_grounding,
+            eval_examples=args.eval_examples,
+            bf16=args.bf16,
+            turns=args.turns,
+            crowded=args.crowded,
+        )
     except (TrainConfigError, PresetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -215,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("step %d: snapshot in %s", step, args.checkpoint_dir)
 
     columns = (
-        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )  # fmt: skip
+        TextColumn("[bold]train"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         task = progress.add_task("train", total=config.steps, loss=float("nan"), val="-")
         ema: list[float] = []
@@ -229,15 +282,23 @@ def main(argv: list[str] | None = None) -> int:
             if not progress.console.is_terminal and info.step % 50 == 0:  # a log file gets a line now and then
                 log.info(
                     "step %d/%d: loss %.4f, patch loss %.3f, position loss %.3f, grounding loss %.3f (%.0f s)",
-                    info.step, info.steps, ema[-1], info.aux_loss, info.position_loss, info.grounding_loss,
+                    info.step,
+                    info.steps,
+                    ema[-1],
+                    info.aux_loss,
+                    info.position_loss,
+                    info.grounding_loss,
                     info.seconds,
-                )  # fmt: skip
+                )
 
         try:
             model, history = train(
-                config, on_step=on_step, checkpoint=snapshot if args.checkpoint_dir else None,
-                checkpoint_every=args.checkpoint_every, init_from=args.init_from,
-            )  # fmt: skip
+                config,
+                on_step=on_step,
+                checkpoint=snapshot if args.checkpoint_dir else None,
+                checkpoint_every=args.checkpoint_every,
+                init_from=args.init_from,
+            )
         except TrainConfigError as e:  # a bad --init-from: raised before the first step
             progress.stop()
             print(f"error: {e}", file=sys.stderr)

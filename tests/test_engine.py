@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_manifests import manifest_json, write_manifest
 
+from buildformat import MANIFEST, Manifest, ManifestError, read, sha256_file, verify, with_files, write
+from buildformat.manifest import Dim
 from export import engine
 from export.engine import (
     GRAPHS,
-    DeviceInfo,
     EngineBuildError,
     EngineConfig,
     EngineError,
-    NoGpuError,
     UnsupportedTensorRTError,
     build_engines,
     profiles_from_manifest,
@@ -33,16 +34,8 @@ from export.engine import (
     trt_api,
 )
 from export.engine_cli import add_engine_parser, run_engine
-from export.manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    ManifestError,
-    read_manifest,
-    record_files,
-    sha256_file,
-    verify_files,
-    write_manifest,
-)
+from runtime import gpu
+from runtime.gpu import DeviceInfo, NoGpuError
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIN = DeviceInfo("Orin", "8.7")
@@ -67,6 +60,7 @@ DIMS = {
 
 
 def manifest_dict(**changes: Any) -> dict[str, Any]:
+    """The manifest's JSON."""
     graphs = {
         g: {
             "file": f"{g}.onnx",
@@ -76,17 +70,7 @@ def manifest_dict(**changes: Any) -> dict[str, Any]:
         }
         for g in GRAPHS
     }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "precision": "float32",
-        "opset": 18,
-        "dims": json.loads(json.dumps(DIMS)),
-        "graphs": graphs,
-        "tensorrt": {"compatible": True, "reason": ""},
-        "files": {},
-    }
-    manifest.update(changes)
-    return manifest
+    return manifest_json(**({"dims": DIMS, "graphs": graphs} | changes))
 
 
 def make_build(tmp_path: Path, **changes: Any) -> Path:
@@ -99,8 +83,7 @@ def make_build(tmp_path: Path, **changes: Any) -> Path:
         (build / entry["file"]).write_text(json.dumps({"inputs": shapes}))
     (build / "decode.onnx.data").write_bytes(b"\0" * 64)
     (build / "tokenizer.json").write_text("{}")
-    record_files(build, manifest, [*(f"{g}.onnx" for g in GRAPHS), "decode.onnx.data", "tokenizer.json"])
-    write_manifest(build, manifest)
+    write_manifest(build, manifest, [*(f"{g}.onnx" for g in GRAPHS), "decode.onnx.data", "tokenizer.json"])
     return build
 
 
@@ -256,7 +239,7 @@ def test_engine_config_defaults_and_validation(tmp_path: Path) -> None:
 
 
 def test_profiles_from_manifest() -> None:
-    manifest = manifest_dict()
+    manifest = Manifest.from_json(manifest_dict())
     assert profiles_from_manifest(manifest, "prefill") == {
         "inputs_embeds": ((1, 1, 64), (1, 40, 64), (1, 128, 64)),
         "image_start": ((1,), (1,), (1,)),
@@ -269,15 +252,15 @@ def test_profiles_from_manifest() -> None:
 
 
 def test_profiles_reject_unknown_or_bad_dims() -> None:
-    manifest = manifest_dict()
-    manifest["graphs"]["prefill"]["inputs"][0]["shape"] = [1, "T", 64]
+    data = manifest_dict()
+    data["graphs"]["prefill"]["inputs"][0]["shape"] = [1, "T", 64]
     with pytest.raises(ManifestError, match="'T'"):
-        profiles_from_manifest(manifest, "prefill")
-    manifest = manifest_dict()
-    manifest["dims"]["S"] = {"min": 64, "opt": 8, "max": 128}
+        profiles_from_manifest(Manifest.from_json(data), "prefill")
     with pytest.raises(ManifestError, match="min <= opt <= max"):
-        profiles_from_manifest(manifest, "embed")
-    manifest["graphs"]["embed"]["inputs"][0]["shape"] = [1, -1]
+        Dim(64, 8, 128)  # a manifest with such a range does not parse
+    data = manifest_dict()
+    data["graphs"]["embed"]["inputs"][0]["shape"] = [1, -1]
+    manifest = Manifest.from_json(data)
     with pytest.raises(ManifestError, match="invalid dimension -1"):
         profiles_from_manifest(manifest, "embed")
     with pytest.raises(ManifestError, match="no 'audio' graph"):
@@ -334,7 +317,7 @@ def test_cli_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt())
 
     def no_gpu() -> DeviceInfo:
-        raise engine._no_gpu("cudaGetDeviceCount: cudaErrorNoDevice, 0 device(s)")
+        raise gpu.no_gpu_error("cudaGetDeviceCount: cudaErrorNoDevice, 0 device(s)")
 
     monkeypatch.setattr(engine, "detect_gpu", no_gpu)
     assert cli(str(build)) == 2
@@ -353,22 +336,22 @@ def test_detect_gpu_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None
             cudaGetDeviceProperties=lambda i: (ok, prop),
         )
 
-    monkeypatch.setattr(engine, "_cuda_runtime", lambda: runtime(1))
-    assert engine.detect_gpu() == DeviceInfo("NVIDIA TITAN Xp", "6.1")
-    assert engine.detect_gpu().sm == (6, 1)
-    monkeypatch.setattr(engine, "_cuda_runtime", lambda: runtime(0))
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(1))
+    assert gpu.detect_gpu() == DeviceInfo("NVIDIA TITAN Xp", "6.1")
+    assert gpu.detect_gpu().sm == (6, 1)
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(0))
     with pytest.raises(NoGpuError, match="NoDevice"):
-        engine.detect_gpu()
+        gpu.detect_gpu()
 
 
 def test_detect_gpu_without_cuda_python_or_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_library(name: str) -> None:
         raise OSError(f"{name}: cannot open shared object file")
 
-    monkeypatch.setattr(engine, "_cuda_runtime", lambda: None)
-    monkeypatch.setattr(engine.ctypes, "CDLL", no_library)
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: None)
+    monkeypatch.setattr(gpu.ctypes, "CDLL", no_library)
     with pytest.raises(NoGpuError, match="libcuda"):
-        engine.detect_gpu()
+        gpu.detect_gpu()
 
 
 def test_tensorrt_10_refuses_pascal(tmp_path: Path, with_trt, capsys) -> None:
@@ -427,7 +410,7 @@ def fake_engines(build: Path, *graphs: str) -> dict[str, str]:
     return {g: f"engines/{g}.plan" for g in graphs}
 
 
-def record(build: Path, manifest: dict[str, Any], files: dict[str, str], **changes: Any) -> dict[str, Any]:
+def record(build: Path, manifest: Manifest, files: dict[str, str], **changes: Any) -> Manifest:
     info: dict[str, Any] = dict(device=ORIN, tensorrt_version="10.3.0", api="named-tensors", fp16=True)
     info.update(changes)
     return record_engines(build, manifest, files, workspace_mb=2048, **info)
@@ -435,13 +418,12 @@ def record(build: Path, manifest: dict[str, Any], files: dict[str, str], **chang
 
 def test_record_engines_writes_section_and_hashes(tmp_path: Path) -> None:
     build = make_build(tmp_path)
-    manifest = read_manifest(build)
-    original = json.loads(json.dumps(manifest))
+    manifest = read(build)
     new = record(build, manifest, fake_engines(build, "prefill", "decode"))
-    assert manifest == original  # the caller's dict is untouched
-    on_disk = read_manifest(build)
+    assert manifest.engines is None  # the caller's manifest is untouched (frozen)
+    on_disk = read(build)
     assert on_disk == new
-    assert on_disk["engines"] == {
+    assert on_disk.to_json()["engines"] == {
         "tensorrt_version": "10.3.0",
         "api": "named-tensors",
         "fp16": True,
@@ -450,8 +432,8 @@ def test_record_engines_writes_section_and_hashes(tmp_path: Path) -> None:
         "graphs": {"prefill": {"file": "engines/prefill.plan"}, "decode": {"file": "engines/decode.plan"}},
         "note": "an engine runs only on the GPU model and TensorRT version that built it",
     }
-    assert on_disk["files"]["engines/decode.plan"] == sha256_file(build / "engines/decode.plan")
-    verify_files(build, on_disk)  # every listed file, old and new, checks out
+    assert on_disk.files["engines/decode.plan"] == sha256_file(build / "engines/decode.plan")
+    verify(build, on_disk)  # every listed file, old and new, checks out
     assert [p.name for p in build.iterdir() if p.name.startswith(".")] == []  # no temporary manifest left
 
 
@@ -459,20 +441,20 @@ def test_record_engines_writes_nothing_on_failure(tmp_path: Path) -> None:
     build = make_build(tmp_path)
     before = (build / MANIFEST).read_bytes()
     with pytest.raises(ManifestError, match=r"engines/decode\.plan missing"):
-        record(build, read_manifest(build), {"decode": "engines/decode.plan"})
+        record(build, read(build), {"decode": "engines/decode.plan"})
     assert (build / MANIFEST).read_bytes() == before
 
 
 def test_record_engines_keeps_only_engines_of_the_same_target(tmp_path: Path) -> None:
     build = make_build(tmp_path)
-    record(build, read_manifest(build), fake_engines(build, "vision", "prefill"))
+    record(build, read(build), fake_engines(build, "vision", "prefill"))
     # Same TensorRT, GPU and precision: rebuilding decode keeps vision and prefill listed.
-    kept = record(build, read_manifest(build), fake_engines(build, "decode"))
-    assert list(kept["engines"]["graphs"]) == ["vision", "prefill", "decode"]
+    kept = record(build, read(build), fake_engines(build, "decode"))
+    assert list(kept.engines.graphs) == ["vision", "prefill", "decode"]
     # Another TensorRT version: the older engines are unlisted, hashes included.
-    other = record(build, read_manifest(build), fake_engines(build, "embed"), tensorrt_version="10.4.0")
-    assert list(other["engines"]["graphs"]) == ["embed"]
-    assert "engines/vision.plan" not in other["files"] and "engines/embed.plan" in other["files"]
+    other = record(build, read(build), fake_engines(build, "embed"), tensorrt_version="10.4.0")
+    assert list(other.engines.graphs) == ["embed"]
+    assert "engines/vision.plan" not in other.files and "engines/embed.plan" in other.files
 
 
 # --- whole builds through a fake TensorRT --------------------------------------------------------------------
@@ -495,9 +477,9 @@ def test_build_engines_with_fake_tensorrt(tmp_path: Path, with_trt, version: str
         "past_key_0": ((1, 2, 1, 16), (1, 2, 40, 16), (1, 2, 128, 16)),
         "past_key_3": ((1, 2, 0, 16), (1, 2, 8, 16), (1, 2, 72, 16)),
     }
-    manifest = read_manifest(build)
-    assert manifest["engines"]["api"] == api and manifest["engines"]["fp16"] is True
-    verify_files(build, manifest)
+    manifest = read(build)
+    assert manifest.engines.api == api and manifest.engines.fp16 is True
+    verify(build, manifest)
     assert sorted(p.name for p in build.iterdir() if p.name.startswith(".")) == []
 
 
@@ -515,7 +497,7 @@ def test_cli_summary_and_force(tmp_path: Path, with_trt, capsys) -> None:
     assert "engines/prefill.plan" in line and "--force" in line
     assert snapshot(build) == before
     assert cli(str(build), "--graphs", "prefill,decode", "--force") == 0  # replaces prefill beside embed
-    assert list(read_manifest(build)["engines"]["graphs"]) == ["embed", "prefill", "decode"]
+    assert list(read(build).engines.graphs) == ["embed", "prefill", "decode"]
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path, with_trt, capsys) -> None:
@@ -537,9 +519,7 @@ def test_graph_and_manifest_must_agree_on_dynamic_inputs(tmp_path: Path, with_tr
     build = make_build(tmp_path)
     with_trt()
     (build / "embed.onnx").write_text(json.dumps({"inputs": {"input_ids": [1, -1], "attention_mask": [1, -1]}}))
-    manifest = read_manifest(build)
-    record_files(build, manifest, ["embed.onnx"])
-    write_manifest(build, manifest)
+    write(build, with_files(build, read(build), ["embed.onnx"]))
     with pytest.raises(EngineBuildError, match=r"not in the manifest: \['attention_mask'\]"):
         build_engines(EngineConfig(build, graphs=("embed",)))
 
@@ -586,21 +566,19 @@ def test_real_engine_build(tmp_path: Path) -> None:
     if not source:
         pytest.skip("set COREMATCHING_TEST_BUILD to a build directory (python -m export build) to build engines")
     build = Path(shutil.copytree(source, tmp_path / "build", ignore=shutil.ignore_patterns("engines")))
-    manifest = read_manifest(build)
-    manifest.pop("engines", None)
-    for name in [n for n in manifest["files"] if n.startswith("engines/")]:
-        del manifest["files"][name]
-    write_manifest(build, manifest)
+    manifest = read(build)
+    files = {n: h for n, h in manifest.files.items() if not n.startswith("engines/")}
+    write(build, manifest.with_(engines=None, files=files))
     report = build_engines(EngineConfig(build, workspace_mb=1024))
-    manifest = read_manifest(build)
-    verify_files(build, manifest)
-    assert manifest["engines"]["device"] == device.as_dict()
-    assert manifest["engines"]["tensorrt_version"] == trt.__version__
+    manifest = read(build)
+    verify(build, manifest)
+    assert dict(manifest.engines.device) == device.as_dict()
+    assert manifest.engines.tensorrt_version == trt.__version__
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     for graph, path in report.engines.items():
         engine_ = runtime.deserialize_cuda_engine(path.read_bytes())
         assert engine_ is not None, graph
-        inputs = [i["name"] for i in manifest["graphs"][graph]["inputs"]]
+        inputs = [i.name for i in manifest.graphs[graph].inputs]
         if report.api == "named-tensors":
             names = [engine_.get_tensor_name(i) for i in range(engine_.num_io_tensors)]
         else:

@@ -14,14 +14,16 @@ import onnxruntime as ort
 import pytest
 from conftest import BACKBONES, CM
 
+from buildformat import read
 from coreMatching import ConfigError, CoreMatchingConfig
 from export.__main__ import main
 from export.build import BuildError, build
 from export.config import ExportConfig
-from export.manifest import read_manifest
 from export.ort_runner import OrtBuild
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.mark.parametrize("mode", ["dense", "cm"])
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_builds_pass_validation(built, name, mode):
@@ -33,11 +35,18 @@ def test_builds_pass_validation(built, name, mode):
         assert case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
         if mode == "cm":
             assert case.kept_equal and case.core_equal and case.kept_image_tokens == 5
-    manifest = read_manifest(result.out)
-    assert manifest["validation"]["passed"] is True
-    assert manifest["tensorrt"]["compatible"], manifest["tensorrt"]["reason"]
-    assert set(manifest["files"]) >= {"vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx", "tokenizer.json",
-                                      "chat_template.jinja", "preprocessor_config.json"}  # fmt: skip
+    manifest = read(result.out)
+    assert manifest.validation["passed"] is True
+    assert manifest.tensorrt_compatible, manifest.tensorrt_reason
+    assert set(manifest.files) >= {
+        "vision.onnx",
+        "embed.onnx",
+        "prefill.onnx",
+        "decode.onnx",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+    }
 
 
 def test_prefill_holds_core_token_topk_and_gather(built):
@@ -62,21 +71,32 @@ def test_prefill_holds_core_token_topk_and_gather(built):
 
 
 # Every selector and every merge, each in one build (a build takes seconds on a tiny checkpoint).
-SELECTOR_BUILDS = [("prompt-frequency", "nearest"), ("query-overlap", "none"), ("fastv", "summary"),
-                   ("random", "none"), ("max-min", "nearest"), ("core-coverage", "summary")]  # fmt: skip
+SELECTOR_BUILDS = [
+    ("prompt-frequency", "nearest"),
+    ("query-overlap", "none"),
+    ("fastv", "summary"),
+    ("random", "none"),
+    ("max-min", "nearest"),
+    ("core-coverage", "summary"),
+]
 
 
 @pytest.mark.parametrize(("selector", "merge"), SELECTOR_BUILDS)
 def test_every_selector_builds_and_validates(checkpoint, tmp_path, selector, merge):
-    config = ExportConfig(out=tmp_path / "b", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128,
-                          corematching=CM.with_(token_selector=selector, token_merge=merge))  # fmt: skip
+    config = ExportConfig(
+        out=tmp_path / "b",
+        model_dir=checkpoint("llama"),
+        max_prompt_tokens=64,
+        max_sequence=128,
+        corematching=CM.with_(token_selector=selector, token_merge=merge),
+    )
     result = build(config)
     assert result.validation.passed, result.validation.to_dict()
     for case in result.validation.cases:
         assert case.kept_equal and case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
-    section = result.manifest["corematching"]
-    assert (section["token_selector"], section["token_merge"]) == (selector, merge)
-    assert result.manifest["tensorrt"]["compatible"], result.manifest["tensorrt"]["reason"]
+    section = result.manifest.corematching
+    assert (section.token_selector, section.token_merge) == (selector, merge)
+    assert result.manifest.tensorrt_compatible, result.manifest.tensorrt_reason
 
 
 def test_auto_budget_with_a_merge_is_refused(checkpoint, tmp_path):
@@ -96,9 +116,9 @@ def test_every_graph_passes_the_full_checker(built):
 def test_decode_ffn_matmuls_read_compacted_weights(built):
     result = built("llama", "cm")
     manifest = result.manifest
-    n, d = manifest["corematching"]["core_neurons"], manifest["model"]["hidden_size"]
-    sparse = range(*manifest["corematching"]["neuron_layers"])
-    assert n < manifest["model"]["intermediate_size"]
+    n, d = manifest.corematching.core_neurons, manifest.model.hidden_size
+    sparse = range(*manifest.corematching.neuron_layers)
+    assert n < manifest.model.intermediate_size
     graph = onnx.load(result.out / "decode.onnx").graph
     shapes = {i.name: [x.dim_value for x in i.type.tensor_type.shape.dim] for i in graph.input}
     matmul_inputs = {name for node in graph.node if node.op_type == "MatMul" for name in node.input}
@@ -115,8 +135,12 @@ def test_every_ort_optimization_level_gives_the_same_outputs(built):
     result = built("llama-gqa", "cm")
     ids = np.array([[1, 50, 60] + [1023] * 16 + [70, 80, 90, 100]])
     pixels = np.random.default_rng(0).standard_normal((1, 3, 56, 56)).astype(np.float32)
-    levels = [ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL]  # fmt: skip
+    levels = [
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ]
     runs = [OrtBuild(result.out, result.manifest, level=level).greedy(ids, pixels, 8) for level in levels]
     for other in runs[1:]:
         assert other.tokens == runs[0].tokens
@@ -126,22 +150,29 @@ def test_every_ort_optimization_level_gives_the_same_outputs(built):
 
 
 def test_auto_budget_build_is_ort_only(checkpoint, tmp_path):
-    auto = CoreMatchingConfig(token_budget="auto", prune_layer=1, auto_min_tokens=2, token_selector="query-overlap",
-                              token_merge="none")  # fmt: skip
-    config = ExportConfig(out=tmp_path / "auto", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128,
-                          corematching=auto)  # fmt: skip
+    auto = CoreMatchingConfig(
+        token_budget="auto", prune_layer=1, auto_min_tokens=2, token_selector="query-overlap", token_merge="none"
+    )
+    config = ExportConfig(
+        out=tmp_path / "auto", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128, corematching=auto
+    )
     result = build(config)
     assert result.validation.passed, result.validation.to_dict()
-    assert not result.manifest["tensorrt"]["compatible"]
-    assert "auto" in result.manifest["tensorrt"]["reason"]
+    assert not result.manifest.tensorrt_compatible
+    assert "auto" in result.manifest.tensorrt_reason
 
 
 def test_chunked_neuron_selection_build(checkpoint, tmp_path):
-    config = ExportConfig(out=tmp_path / "chunks", model_dir=checkpoint("llama-gqa"), max_prompt_tokens=64,
-                          max_sequence=128, corematching=CM.with_(neuron_chunks=2))  # fmt: skip
+    config = ExportConfig(
+        out=tmp_path / "chunks",
+        model_dir=checkpoint("llama-gqa"),
+        max_prompt_tokens=64,
+        max_sequence=128,
+        corematching=CM.with_(neuron_chunks=2),
+    )
     result = build(config)
     assert result.validation.passed, result.validation.to_dict()
-    assert result.manifest["corematching"]["neuron_chunks"] == 2
+    assert result.manifest.corematching.neuron_chunks == 2
     graph = onnx.load(result.out / "prefill.onnx").graph
     assert sum(n.op_type == "TopK" and n.name.startswith("cm.l2.neuron_topk") for n in graph.node) == 2
 
@@ -153,8 +184,11 @@ def test_exception_half_way_leaves_no_directory(checkpoint, tmp_path, monkeypatc
     monkeypatch.setattr("export.build.trace_decode", broken)
     out = tmp_path / "b"
     with pytest.raises(RuntimeError, match="simulated"):
-        build(ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64,
-                           max_sequence=128))  # fmt: skip
+        build(
+            ExportConfig(
+                out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64, max_sequence=128
+            )
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -164,9 +198,24 @@ def test_a_killed_build_leaves_a_partial_that_the_next_build_removes(checkpoint,
     import time
 
     out = tmp_path / "b"
-    argv = [sys.executable, "-m", "export", "build", "--model", str(checkpoint("llama")), "--out", str(out),
-            "--token-budget", "5", "--prune-layer", "1", "--max-prompt-tokens", "64",
-            "--max-sequence", "128"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "export",
+        "build",
+        "--model",
+        str(checkpoint("llama")),
+        "--out",
+        str(out),
+        "--token-budget",
+        "5",
+        "--prune-layer",
+        "1",
+        "--max-prompt-tokens",
+        "64",
+        "--max-sequence",
+        "128",
+    ]
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".b.*.partial/vision.onnx")) and time.monotonic() < deadline:
@@ -179,8 +228,9 @@ def test_a_killed_build_leaves_a_partial_that_the_next_build_removes(checkpoint,
     alive = tmp_path / ".b.alive.partial"
     alive.mkdir()
     (alive / ".owner").write_text(str(os.getpid()))
-    result = build(ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64,
-                                max_sequence=128))  # fmt: skip
+    result = build(
+        ExportConfig(out=out, model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64, max_sequence=128)
+    )
     assert result.validation.passed and out.is_dir() and not (out / ".owner").exists()
     assert sorted(p.name for p in tmp_path.glob(".b.*")) == [".b.alive.partial"]
 
@@ -190,8 +240,23 @@ def test_failed_validation_exits_1_writes_report_and_no_build(checkpoint, tmp_pa
 
     monkeypatch.setitem(CRITERIA, "float32", Criteria(absolute=0.0, relative=0.0, min_overlap=1.0, near_ties=False))
     out = tmp_path / "b"
-    code = main(["build", "--model", str(checkpoint("llama")), "--out", str(out), "--token-budget", "5",
-                 "--prune-layer", "1", "--max-prompt-tokens", "64", "--max-sequence", "128"])  # fmt: skip
+    code = main(
+        [
+            "build",
+            "--model",
+            str(checkpoint("llama")),
+            "--out",
+            str(out),
+            "--token-budget",
+            "5",
+            "--prune-layer",
+            "1",
+            "--max-prompt-tokens",
+            "64",
+            "--max-sequence",
+            "128",
+        ]
+    )
     assert code == 1
     assert not out.exists() and not list(tmp_path.glob(".b.*"))
     report = json.loads((tmp_path / "b.validation-failed.json").read_text())
@@ -203,8 +268,20 @@ def test_existing_out_is_refused_without_force(checkpoint, tmp_path, capsys):
     out = tmp_path / "b"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    args = ["build", "--model", str(checkpoint("llama")), "--out", str(out), "--no-validate", "--token-budget", "5",
-            "--max-prompt-tokens", "64", "--max-sequence", "128"]  # fmt: skip
+    args = [
+        "build",
+        "--model",
+        str(checkpoint("llama")),
+        "--out",
+        str(out),
+        "--no-validate",
+        "--token-budget",
+        "5",
+        "--max-prompt-tokens",
+        "64",
+        "--max-sequence",
+        "128",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already exists; pass --force" in err[0]
@@ -235,14 +312,22 @@ def test_validate_command_passes_and_catches_tampering(built, tmp_path, capsys):
 
 def test_sliding_window_shorter_than_the_sequence_is_refused(checkpoint, tmp_path):
     with pytest.raises(BuildError, match="sliding window of 12 tokens"):
-        build(ExportConfig(out=tmp_path / "w", model_dir=checkpoint("mistral-gqa", sliding_window=12),
-                           corematching=CM, max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+        build(
+            ExportConfig(
+                out=tmp_path / "w",
+                model_dir=checkpoint("mistral-gqa", sliding_window=12),
+                corematching=CM,
+                max_prompt_tokens=64,
+                max_sequence=128,
+            )
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize(
@@ -282,8 +367,16 @@ def test_engine_command_imports_no_torch_and_explains_a_missing_tensorrt(built):
 
 
 def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
-    result = build(ExportConfig(out=tmp_path / "fp16", model_dir=checkpoint("llama-gqa"), corematching=CM, fp16=True,
-                                max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+    result = build(
+        ExportConfig(
+            out=tmp_path / "fp16",
+            model_dir=checkpoint("llama-gqa"),
+            corematching=CM,
+            fp16=True,
+            max_prompt_tokens=64,
+            max_sequence=128,
+        )
+    )
     report = result.validation
     assert report.passed, report.to_dict()
     assert report.precision == "float16" and report.criteria.relative > 0
@@ -294,20 +387,23 @@ def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
 def test_weights_are_stored_once_for_all_graphs(checkpoint, tmp_path, monkeypatch):
     # Even graphs the tracer had to split into <graph>.onnx.data (over 2 GB) end in the one weights.bin.
     monkeypatch.setattr("export.trace.EXTERNAL_DATA_THRESHOLD", 1000)
-    result = build(ExportConfig(out=tmp_path / "ext", model_dir=checkpoint("llama"), corematching=CM,
-                                max_prompt_tokens=64, max_sequence=128))  # fmt: skip
+    result = build(
+        ExportConfig(
+            out=tmp_path / "ext", model_dir=checkpoint("llama"), corematching=CM, max_prompt_tokens=64, max_sequence=128
+        )
+    )
     assert result.validation.passed
-    assert not list(result.out.glob("*.onnx.data")) and "weights.bin" in result.manifest["files"]
-    index = result.manifest["weights"]["graphs"]
+    assert not list(result.out.glob("*.onnx.data")) and "weights.bin" in result.manifest.files
+    index = result.manifest.weights.graphs
     blob = (result.out / "weights.bin").read_bytes()
-    stored = sum(np.prod(shape) * np.dtype(dtype).itemsize for entries in index.values()
-                 for _, dtype, shape in {v[0]: v for v in entries.values()}.values())  # fmt: skip
+    unique = {entry.offset: entry for entries in index.values() for entry in entries.values()}
+    stored = sum(np.prod(e.shape) * np.dtype(e.dtype).itemsize for e in unique.values())
     assert len(blob) < 1.05 * stored  # decode's weights are prefill's: not stored twice
     shared = set(index["prefill.onnx"]) & set(index["decode.onnx"])
     assert "decoder.layers.0.attn.q_t" in shared
     assert index["prefill.onnx"]["decoder.layers.0.attn.q_t"] == index["decode.onnx"]["decoder.layers.0.attn.q_t"]
     for name in ("vision", "embed", "prefill", "decode"):
-        assert result.manifest["graphs"][name]["external_data"] == "weights.bin"
+        assert result.manifest.graphs[name].external_data == "weights.bin"
         assert (result.out / f"{name}.onnx").stat().st_size < 1_000_000  # the graph and its small constants
 
 
@@ -331,8 +427,9 @@ def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
     ref_logits[2, 3] = 9.9999  # step 2: tokens 1 and 3 nearly tie in the reference
     got_logits = ref_logits.copy()
     got_logits[2, 3] = 10.0001
-    got = OrtGeneration(tokens=[1, 1, 3, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32),
-                        kept_image_tokens=None)  # fmt: skip
+    got = OrtGeneration(
+        tokens=[1, 1, 3, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32), kept_image_tokens=None
+    )
     ref = ([1, 1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), None, None, None)
     assert _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
     assert not _compare("c", "q", 10, 4, CRITERIA["float32"], got, ref).passed
@@ -354,8 +451,13 @@ def test_fp16_tolerance_doubles_only_where_selections_differ():
     ref = ([1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), [0, 1], {3: list(range(20))}, scores)
 
     def case(core: list[int], criteria: str):
-        got = OrtGeneration(tokens=[1, 1, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32),
-                            kept_image_tokens=[0, 1], core_neurons={3: core})  # fmt: skip
+        got = OrtGeneration(
+            tokens=[1, 1, 1],
+            logits=got_logits,
+            image_features=np.zeros((2, 2), np.float32),
+            kept_image_tokens=[0, 1],
+            core_neurons={3: core},
+        )
         return _compare("c", "q", 10, 3, CRITERIA[criteria], got, ref)
 
     same = case(list(range(20)), "float16")

@@ -60,12 +60,13 @@ def test_real_llava_geometry() -> None:
         assert (p.vision_hidden_size, p.vision_intermediate_size, p.vision_num_layers) == (1024, 4096, 24)
         assert (p.vision_feature_layer, p.vision_feature_select_strategy) == (-2, "default")
         assert (p.vocab_size, p.image_token_id, p.text_model_type) == (32064, 32000, "llama")
-    assert (p7.hidden_size, p7.intermediate_size, p7.num_hidden_layers, p7.num_key_value_heads) == (
-        4096, 11008, 32, 32
-    )  # fmt: skip
+    assert (p7.hidden_size, p7.intermediate_size, p7.num_hidden_layers, p7.num_key_value_heads) == (4096, 11008, 32, 32)
     assert (p13.hidden_size, p13.intermediate_size, p13.num_hidden_layers, p13.num_attention_heads) == (
-        5120, 13824, 40, 40
-    )  # fmt: skip
+        5120,
+        13824,
+        40,
+        40,
+    )
     cfg = p7.hf_config()  # a config only: never instantiated
     assert cfg.image_token_id == 32000 and cfg.text_config.vocab_size == 32064
     assert cfg.vision_config.image_size == 336 and cfg.image_seq_length == 576
@@ -144,8 +145,14 @@ def test_mistral_window_is_applied() -> None:
     windowed = build_random_model(preset)
     unwindowed = build_random_model(preset.replace(sliding_window=4096))
     with torch.no_grad():
-        diff = (windowed(input_ids=ids, pixel_values=pixels).logits
-                - unwindowed(input_ids=ids, pixel_values=pixels).logits).abs().amax(-1)[0]  # fmt: skip
+        diff = (
+            (
+                windowed(input_ids=ids, pixel_values=pixels).logits
+                - unwindowed(input_ids=ids, pixel_values=pixels).logits
+            )
+            .abs()
+            .amax(-1)[0]
+        )
     window = preset.sliding_window
     assert diff[:window].max() == 0  # positions that see fewer than `window` tokens are unaffected
     assert diff[window:].min() > 0
@@ -184,7 +191,10 @@ def test_default_model_loads(default_loaded) -> None:
     assert cfg.text_config.vocab_size == preset.vocab_size == len(processor.tokenizer)
     text, vision = cfg.text_config, cfg.vision_config
     assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (
-        preset.hidden_size, preset.intermediate_size, preset.num_hidden_layers)  # fmt: skip
+        preset.hidden_size,
+        preset.intermediate_size,
+        preset.num_hidden_layers,
+    )
     heads = (text.num_attention_heads, text.num_key_value_heads)
     assert heads == (preset.num_attention_heads, preset.num_key_value_heads)
     assert (vision.hidden_size, vision.num_hidden_layers) == (preset.vision_hidden_size, preset.vision_num_layers)
@@ -270,8 +280,9 @@ def test_sharded_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
     prompt = "USER: <image>\nHow many triangles are there? ASSISTANT:"
-    inputs = processor(images=Image.open(REPO / "examples" / "shapes_three_triangles.png"), text=prompt,
-                       return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=Image.open(REPO / "examples" / "shapes_three_triangles.png"), text=prompt, return_tensors="pt"
+    )
     assert inputs["pixel_values"].shape == (1, 3, 56, 56)
     assert int((inputs["input_ids"] == preset.image_token_id).sum()) == preset.num_image_tokens
     with torch.no_grad():

@@ -47,7 +47,19 @@ def act_graph(width: int, layer: int) -> gs.Graph:
 @pytest.mark.parametrize("chunks", [1, 2, 3])
 def test_core_neuron_pass_matches_reference(chunks):
     width, k_tok, n = 40, 6, 14
-    graph = insert_core_neuron_selection(act_graph(width, 3), 3, k_tok, n, width, chunks)
+    budgets = Budgets(
+        num_layers=4,
+        intermediate_size=width,
+        num_image_tokens=8,
+        token_budget=4,
+        auto_range=(1, 8),
+        tokens_per_neuron_set=k_tok,
+        core_neurons=n,
+        prune_layer=0,
+        neuron_layers=(1, 4),
+        neuron_chunks=chunks,
+    )
+    graph = insert_core_neuron_selection(act_graph(width, 3), 3, budgets)
     assert [o.name for o in graph.outputs] == ["core_neurons.3"]
     for seed in range(5):
         a = activations(23, width, seed)
@@ -77,9 +89,19 @@ def token_graph(width: int, layer: int, attention: bool = False, heads: int = 2)
 
 
 def budgets_for(selector: str, budget, merge: str = "none", n_img: int = 12, width: int = 32, layer: int = 1):
-    return Budgets(num_layers=4, intermediate_size=width, num_image_tokens=n_img, token_budget=budget,
-                   auto_range=(2, 9), tokens_per_neuron_set=5, core_neurons=12, prune_layer=layer,
-                   neuron_layers=(2, 4), token_selector=selector, token_merge=merge)  # fmt: skip
+    return Budgets(
+        num_layers=4,
+        intermediate_size=width,
+        num_image_tokens=n_img,
+        token_budget=budget,
+        auto_range=(2, 9),
+        tokens_per_neuron_set=5,
+        core_neurons=12,
+        prune_layer=layer,
+        neuron_layers=(2, 4),
+        token_selector=selector,
+        token_merge=merge,
+    )
 
 
 def selection_case(seed: int, before: int, after: int, n_img: int, width: int):
@@ -144,8 +166,9 @@ def merge_graph(width: int, layer: int) -> gs.Graph:
         gs.Node("Identity", inputs=[positions], outputs=[pos_out]),
         gs.Node("Identity", inputs=[bias], outputs=[bias_out]),
     ]
-    return gs.Graph(nodes=nodes, inputs=[act_in, h, weights, positions, bias], outputs=[h_next, pos_out, bias_out, act],
-                    opset=18)  # fmt: skip
+    return gs.Graph(
+        nodes=nodes, inputs=[act_in, h, weights, positions, bias], outputs=[h_next, pos_out, bias_out, act], opset=18
+    )
 
 
 @pytest.mark.parametrize("merge", ["summary", "nearest"])
@@ -176,8 +199,10 @@ def test_merge_pass_matches_the_reference_merge(merge, budget):
 def test_ffn_gather_pass_gathers_columns_and_rows():
     d, width, n = 6, 20, 7
     rng = np.random.default_rng(0)
-    weights = {name: rng.standard_normal(shape).astype(np.float32)
-               for name, shape in (("gate_t", (d, width)), ("up_t", (d, width)), ("down_t", (width, d)))}  # fmt: skip
+    weights = {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in (("gate_t", (d, width)), ("up_t", (d, width)), ("down_t", (width, d)))
+    }
     consts = {name: gs.Constant(f"blk.{name}", value) for name, value in weights.items()}
     x = gs.Variable("x", np.float32, [1, d])
     core = gs.Variable("core_neurons.0", np.int64, [n])
@@ -205,8 +230,10 @@ def test_tensorrt_check_flags_nonzero_and_large_topk():
     k = gs.Constant("k", np.array([4000], np.int64))
     graph = gs.Graph(
         nodes=[gs.Node("NonZero", inputs=[x], outputs=[nz]), gs.Node("TopK", inputs=[x, k], outputs=[vals, idx])],
-        inputs=[x], outputs=[nz, vals], opset=18,
-    )  # fmt: skip
+        inputs=[x],
+        outputs=[nz, vals],
+        opset=18,
+    )
     problems = check_tensorrt(graph)
     assert len(problems) == 2 and "NonZero" in problems[0] and "4000" in problems[1]
     assert check_tensorrt(act_graph(8, 0)) == []

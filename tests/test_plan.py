@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from export.devices import DEVICES, UnknownDeviceError, device
-from export.plan import PlanConfig, PlanError, load_geometry, plan
+from export.plan import PlanConfig, PlanError, plan
 from export.plan_cli import add_plan_parser, run_plan
+from export.plan_model import load_geometry
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # llava-1.5-7b: CLIP ViT-L/14 at 336 px + a 2-layer projector + Vicuna-7B (vocabulary 32064).
 L, D_MODEL, D_FFN, HEADS, HEAD_DIM, VOCAB, N_IMG = 32, 4096, 11008, 32, 128, 32064, 576
 VISION = (
-    1024 + 3 * 14 * 14 * 1024 + 577 * 1024  # class embedding, patch conv, positions
+    1024
+    + 3 * 14 * 14 * 1024
+    + 577 * 1024  # class embedding, patch conv, positions
     + 2 * 2 * 1024  # pre and post layer norms
     + 24 * (4 * (1024 * 1024 + 1024) + 2 * 2 * 1024 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024))
-)  # fmt: skip
+)
 PROJECTOR = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
 LAYER = 4 * D_MODEL * D_MODEL + 3 * D_MODEL * D_FFN + 2 * D_MODEL  # q k v o, gate up down, two norms
 PARAMS_7B = VISION + PROJECTOR + VOCAB * D_MODEL + L * LAYER + D_MODEL + VOCAB * D_MODEL
@@ -59,8 +62,12 @@ def test_devices_table() -> None:
     assert (titan.compute_capability, titan.memory_gb, titan.shared_memory) == ("6.1", 12, False)
     assert titan.recommended_precision == "fp32" and titan.fp16_speed == 1 / 64 and "8.6" in titan.tensorrt
     assert titan.bandwidth_gbps == 547.7
-    for name, memory, bandwidth in [("orin-nano-8gb", 8, 68.0), ("orin-nx-16gb", 16, 102.4),
-                                    ("agx-orin-32gb", 32, 204.8), ("agx-orin-64gb", 64, 204.8)]:  # fmt: skip
+    for name, memory, bandwidth in [
+        ("orin-nano-8gb", 8, 68.0),
+        ("orin-nx-16gb", 16, 102.4),
+        ("agx-orin-32gb", 32, 204.8),
+        ("agx-orin-64gb", 64, 204.8),
+    ]:
         board = device(name)
         assert (board.compute_capability, board.memory_gb, board.bandwidth_gbps) == ("8.7", memory, bandwidth)
         assert board.shared_memory and board.recommended_precision == "fp16"
@@ -155,15 +162,30 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "agx-orin-32gb", "--json")
     assert (rc, err) == (0, "")
     data = json.loads(out)
-    assert {"model", "device", "precision", "tokens", "budgets", "memory", "static_neuron_saving", "recommended",
-            "notes"} <= set(data)  # fmt: skip
+    assert {
+        "model",
+        "device",
+        "precision",
+        "tokens",
+        "budgets",
+        "memory",
+        "static_neuron_saving",
+        "recommended",
+        "notes",
+    } <= set(data)
     assert data["precision"] == "fp16" and data["model"]["parameters"]["total"] == PARAMS_7B
-    assert data["budgets"] == {"token_budget": 64, "tokens_per_neuron_set": 1101, "core_neurons": N_CORE,
-                               "prune_layer": 2, "neuron_layers": [6, 27]}  # fmt: skip
+    assert data["budgets"] == {
+        "token_budget": 64,
+        "tokens_per_neuron_set": 1101,
+        "core_neurons": N_CORE,
+        "prune_layer": 2,
+        "neuron_layers": [6, 27],
+    }
     assert set(data["memory"]) == {"dense", "corematching", "corematching_static"}
     for entry in data["memory"].values():
-        assert entry["total"] == sum(entry[key] for key in ("weights", "kv_cache", "compacted_ffn", "activations",
-                                                             "runtime_overhead"))  # fmt: skip
+        assert entry["total"] == sum(
+            entry[key] for key in ("weights", "kv_cache", "compacted_ffn", "activations", "runtime_overhead")
+        )
         assert isinstance(entry["fits"], bool) and isinstance(entry["decode_ms_first"], float)
     assert data["memory"]["dense"]["fits"] is True
     assert data["recommended"]["precision"] == "fp16" and "10.3" in data["recommended"]["tensorrt"]
@@ -172,23 +194,56 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
 def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "titan-xp", "--precision", "fp16")
     assert (rc, err) == (0, "")
-    for text in ("weights", "KV cache", "compacted FFN", "peak activations", "runtime overhead", "total", "fits",
-                 "dense", "CoreMatching", "short", "recommended", "Titan Xp", "fp32"):  # fmt: skip
+    for text in (
+        "weights",
+        "KV cache",
+        "compacted FFN",
+        "peak activations",
+        "runtime overhead",
+        "total",
+        "fits",
+        "dense",
+        "CoreMatching",
+        "short",
+        "recommended",
+        "Titan Xp",
+        "fp32",
+    ):
         assert text in out, text
 
 
 def _hub_config(**text: object) -> dict[str, object]:
     """llava-hf/llava-1.5-7b-hf's config.json: the text model leaves Llama's defaults out."""
     return {
-        "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 32000, "model_type": "llava",
-        "pad_token_id": 32001, "projector_hidden_act": "gelu", "tie_word_embeddings": False,
-        "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
-                        "model_type": "llama", "rms_norm_eps": 1e-05, "vocab_size": 32064, **text},
-        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                          "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-                          "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
-    }  # fmt: skip
+        "architectures": ["LlavaForConditionalGeneration"],
+        "image_token_index": 32000,
+        "model_type": "llava",
+        "pad_token_id": 32001,
+        "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        "text_config": {
+            "architectures": ["LlamaForCausalLM"],
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "rms_norm_eps": 1e-05,
+            "vocab_size": 32064,
+            **text,
+        },
+        "vision_config": {
+            "hidden_size": 1024,
+            "image_size": 336,
+            "intermediate_size": 4096,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "vocab_size": 32000,
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": 32064,
+    }
 
 
 def test_llava_hf_directory_is_planned_from_config_json_alone(tmp_path: Path) -> None:

@@ -64,9 +64,7 @@ REFERENCE = "python scripts/reference_answer.py"
 def _run(command: str, *extra: str) -> subprocess.CompletedProcess:
     argv = command.split()
     assert argv[0] == "python"
-    return subprocess.run(
-        [sys.executable, *argv[1:], *extra], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, *argv[1:], *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_reference_answer_on_the_default_model():

@@ -30,7 +30,7 @@ def test_dense_config_equals_transformers(tiny):
     """k = n_img and beta = 1 equals the dense model, logits within 1e-4, 32 equal greedy tokens."""
     _, model = tiny
     ids, pixels = make_inputs(model)
-    reference = CoreMatchingLlava(model, CoreMatchingConfig.dense(num_image_tokens(model)))
+    reference = CoreMatchingLlava(model, CoreMatchingConfig.keep_all(num_image_tokens(model)))
     result = reference.generate(ids, pixels, max_new_tokens=32, stop_at_eos=False)
     tokens, logits = hf_greedy(model, ids, pixels, 32)
     assert result.tokens == tokens
@@ -91,8 +91,9 @@ def test_selection_matches_independent_recomputation_from_hooks(name):
     model = tiny_model(name)
     ids, pixels = make_inputs(model, seed=3)
     n_img, seq, d_ffn = num_image_tokens(model), ids.shape[1], model.config.text_config.intermediate_size
-    config = CoreMatchingConfig(token_budget=6, prune_layer=1, neuron_layers=(1, 4), token_selector="prompt-frequency",
-                                token_merge="none")  # fmt: skip
+    config = CoreMatchingConfig(
+        token_budget=6, prune_layer=1, neuron_layers=(1, 4), token_selector="prompt-frequency", token_merge="none"
+    )
     budgets = config.resolve(num_layers=4, intermediate_size=d_ffn, num_image_tokens=n_img)
     k_tok, n_core = budgets.tokens_per_neuron_set, budgets.core_neurons
 
@@ -200,8 +201,9 @@ def test_fastv_scores_are_the_attention_received():
 def test_auto_budget_is_clamped_and_recorded():
     model = tiny_model("tiny-llama")
     ids, pixels = make_inputs(model)
-    config = CoreMatchingConfig(token_budget="auto", auto_min_tokens=3, auto_max_tokens=9,
-                                token_selector="query-overlap", token_merge="none")  # fmt: skip
+    config = CoreMatchingConfig(
+        token_budget="auto", auto_min_tokens=3, auto_max_tokens=9, token_selector="query-overlap", token_merge="none"
+    )
     state = CoreMatchingLlava(model, config).prefill(ids, pixels)
     assert 3 <= state.kept_image_tokens.numel() <= 9
     with pytest.raises(ConfigError, match="scoring selector"):

@@ -14,8 +14,8 @@ import torch
 from conftest import CM
 from PIL import Image
 
+from buildformat import ManifestError
 from coreMatching import CoreMatchingLlava
-from export.manifest import ManifestError
 from models import load_llava
 from models.answer import build_prompt
 from runtime import GenerationError, Pipeline, PromptError, Sampling
@@ -28,12 +28,14 @@ DEMO = REPO / "runtime" / "demo.py"
 
 def reference_tokens(model_dir: Path, mode: str, image: Path, question: str, steps: int):
     model, processor = load_llava(model_dir)
-    inputs = processor(images=Image.open(image).convert("RGB"), text=build_prompt(processor, question),
-                       return_tensors="pt")  # fmt: skip
+    inputs = processor(
+        images=Image.open(image).convert("RGB"), text=build_prompt(processor, question), return_tensors="pt"
+    )
     if mode == "dense":
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)  # fmt: skip
+            out = model.generate(
+                **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
         return out[0, inputs["input_ids"].shape[1] :].tolist(), None
     reference = CoreMatchingLlava(model, CM)
     result = reference.generate(inputs["input_ids"], inputs["pixel_values"], steps, stop_at_eos=False)
@@ -54,9 +56,17 @@ def test_runtime_tokens_equal_the_reference(built, checkpoint, name, mode):
 
 def test_stream_pieces_make_the_answer(built):
     pipeline = Pipeline.load(built("llama-gqa", "cm").out, provider="cpu")
-    pieces = [piece for _, piece in pipeline.stream(EXAMPLE, "What is it?", max_new_tokens=20, stop_at_eos=False)]
-    assert "".join(pieces).strip() == pipeline.last.text
-    assert len(pipeline.last.token_ids) == 20
+    stream = pipeline.stream(EXAMPLE, "What is it?", max_new_tokens=20, stop_at_eos=False)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream)[1])
+        except StopIteration as done:
+            answer = done.value  # the generator returns the finished answer
+            break
+    assert "".join(pieces).strip() == answer.text
+    assert len(answer.token_ids) == 20 and len(answer.timings["decode_graph"]) == 19
+    assert pipeline.answer(EXAMPLE, "What is it?", max_new_tokens=20, stop_at_eos=False).token_ids == answer.token_ids
 
 
 def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch):
@@ -80,12 +90,12 @@ def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch)
     monkeypatch.setattr(session, "io_binding", counting_binding)
     pipeline.answer(EXAMPLE, "What colour is the circle?", max_new_tokens=6, stop_at_eos=False)
     pointers = {key: buffer.ctypes.data for key, buffer in backend._buffers.items()}
-    lengths = dict(backend._lengths)
+    lengths = dict(backend._state.lengths)
     backend.decode(5)
     assert {key: buffer.ctypes.data for key, buffer in backend._buffers.items()} == pointers  # written in place
-    assert all(backend._lengths[key] == lengths[key] + 1 for key in lengths)
+    assert all(backend._state.lengths[key] == lengths[key] + 1 for key in lengths)
     ffn = [name for name in bound if name.startswith("ffn.")]
-    assert len(ffn) == len(set(ffn)) == 3 * len(range(*pipeline.manifest["corematching"]["neuron_layers"]))
+    assert len(ffn) == len(set(ffn)) == 3 * len(range(*pipeline.manifest.corematching.neuron_layers))
     assert bound.count("past.0.key") == 1  # the cache buffers are bound once per request, not per step
 
 
@@ -181,13 +191,19 @@ def bad_images(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("missing", "does not exist"), ("empty", "empty"), ("text", "not"), ("truncated", "truncated"),
-     ("bomb", "pixels")],
-)  # fmt: skip
+    [
+        ("missing", "does not exist"),
+        ("empty", "empty"),
+        ("text", "not"),
+        ("truncated", "truncated"),
+        ("bomb", "pixels"),
+    ],
+)
 def test_demo_bad_images(built, tmp_path, kind, message):
     image = bad_images(tmp_path)[kind]
-    done = demo("--build", str(built("llama", "cm").out), "--image", str(image), "--question", "What?", "--provider",
-                "cpu")  # fmt: skip
+    done = demo(
+        "--build", str(built("llama", "cm").out), "--image", str(image), "--question", "What?", "--provider", "cpu"
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0].lower(), done.stderr
@@ -226,8 +242,16 @@ def test_demo_refuses_a_missing_or_tampered_build(built, tmp_path):
 
 
 def test_demo_auto_provider_falls_back_with_a_warning(built):
-    done = demo("--build", str(built("llama", "cm").out), "--image", str(EXAMPLE), "--question", "What?",
-                "--max-new-tokens", "4")  # fmt: skip
+    done = demo(
+        "--build",
+        str(built("llama", "cm").out),
+        "--image",
+        str(EXAMPLE),
+        "--question",
+        "What?",
+        "--max-new-tokens",
+        "4",
+    )
     assert done.returncode == 0, done.stderr
     assert "warning: no GPU execution provider" in done.stderr
     assert "kept 5 of 16 image tokens" in done.stdout and "tokens/s" in done.stdout
@@ -235,8 +259,19 @@ def test_demo_auto_provider_falls_back_with_a_warning(built):
 
 def test_demo_core_tokens_picture_and_force(built, tmp_path):
     picture = tmp_path / "core.png"
-    args = ["--build", str(built("llama", "cm").out), "--image", str(EXAMPLE), "--question", "What?",
-            "--max-new-tokens", "2", "--core-tokens", str(picture), "--json"]  # fmt: skip
+    args = [
+        "--build",
+        str(built("llama", "cm").out),
+        "--image",
+        str(EXAMPLE),
+        "--question",
+        "What?",
+        "--max-new-tokens",
+        "2",
+        "--core-tokens",
+        str(picture),
+        "--json",
+    ]
     assert demo(*args).returncode == 0
     image = np.asarray(Image.open(picture))
     assert image.shape == (56, 56, 3)
@@ -247,10 +282,21 @@ def test_demo_core_tokens_picture_and_force(built, tmp_path):
 
 def test_demo_interactive_loop_until_empty_line(built):
     done = subprocess.run(
-        [sys.executable, str(DEMO), "--build", str(built("llama", "cm").out), "--max-new-tokens", "3", "--provider",
-         "cpu"],
-        input=f"{EXAMPLE}\nWhat colour?\n{EXAMPLE}\nAnd the shape?\n\n", capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(DEMO),
+            "--build",
+            str(built("llama", "cm").out),
+            "--max-new-tokens",
+            "3",
+            "--provider",
+            "cpu",
+        ],
+        input=f"{EXAMPLE}\nWhat colour?\n{EXAMPLE}\nAnd the shape?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("kept 5 of 16 image tokens") == 2
 
@@ -273,8 +319,8 @@ def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
     original = cuda_memory.memcpy2d
     monkeypatch.setattr(cuda_memory, "memcpy2d", lambda *a, **k: copies.append(a[2]) or original(*a, **k))
     assert pipeline.answer(EXAMPLE, "What?", 10, stop_at_eos=False).token_ids == expected
-    layers = pipeline.manifest["model"]["num_layers"]
+    layers = pipeline.manifest.model.num_layers
     # One 2-D copy per cache tensor for the prompt, then one per tensor and decode step; no host cache.
     assert len(copies) == (1 + 9) * 2 * layers
-    assert all(plan.height == pipeline.manifest["model"]["num_kv_heads"] for plan in copies)
+    assert all(plan.height == pipeline.manifest.model.num_kv_heads for plan in copies)
     assert pipeline.backend._buffers == {} and len(fake.blocks) > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import struct
 import subprocess
@@ -15,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_manifests import MODEL, TOKENIZER, manifest_json, write_manifest
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
 
 import runtime.preprocess
+from buildformat import Manifest
 from models import default_model_dir, load_llava
 from models.answer import build_prompt
 from runtime.preprocess import ImageError, ImageProcessor, load_image
@@ -44,41 +45,39 @@ def processor() -> Any:
 
 
 @pytest.fixture(scope="module")
-def build(processor: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def build(processor: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
     """A build directory with only what preprocessing and tokenization read (no graphs)."""
     out = tmp_path_factory.mktemp("build")
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy2(default_model_dir() / name, out / name)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
     crop = processor.image_processor.crop_size
-    manifest = {
-        "model": {
-            "num_image_tokens": (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size),
-            "image_size": crop["height"],
-            "image_token_id": processor.image_token_id,
-            "bos_token_id": processor.tokenizer.bos_token_id,
-            "eos_token_id": processor.tokenizer.eos_token_id,
-            "pad_token_id": processor.tokenizer.pad_token_id,
-        },
-        "dims": {"S": {"min": 577, "opt": 616, "max": MAX_PROMPT_TOKENS}},
-        "tokenizer": {
-            "tokenizer": "tokenizer.json",
-            "preprocessor": "preprocessor_config.json",
-            "prompt": processor.apply_chat_template(conversation, add_generation_prompt=True),
-            "image_token": processor.image_token,
-        },
+    grid = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    model = MODEL | {
+        "num_image_tokens": grid,
+        "image_size": crop["height"],
+        "patch_size": processor.patch_size,
+        "image_token_id": processor.image_token_id,
+        "bos_token_id": processor.tokenizer.bos_token_id,
+        "eos_token_id": processor.tokenizer.eos_token_id,
+        "pad_token_id": processor.tokenizer.pad_token_id,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    tokenizer = TOKENIZER | {
+        "prompt": processor.apply_chat_template(conversation, add_generation_prompt=True),
+        "image_token": processor.image_token,
+    }
+    dims = {"S": {"min": 577, "opt": 616, "max": MAX_PROMPT_TOKENS}}
+    manifest = write_manifest(out, manifest_json(model=model, dims=dims, tokenizer=tokenizer))
     return out, manifest
 
 
 @pytest.fixture(scope="module")
-def image_processor(build: tuple[Path, dict[str, Any]]) -> ImageProcessor:
+def image_processor(build: tuple[Path, Manifest]) -> ImageProcessor:
     return ImageProcessor.from_build(*build)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(build: tuple[Path, dict[str, Any]]) -> PromptTokenizer:
+def tokenizer(build: tuple[Path, Manifest]) -> PromptTokenizer:
     return PromptTokenizer.from_build(*build)
 
 

@@ -80,8 +80,9 @@ def test_neuron_range_scales_with_depth(depth, expected):
 def test_budgets_of_llava_7b():
     budgets = CoreMatchingConfig().resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576)
     assert budgets.tokens_per_neuron_set == 1101 and budgets.core_neurons == 4404
-    assert not budgets.is_dense
-    assert CoreMatchingConfig.dense(576).resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576).is_dense
+    assert (budgets.token_budget, budgets.core_neurons) != (576, 11008)
+    every = CoreMatchingConfig.keep_all(576).resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576)
+    assert (every.token_budget, every.core_neurons) == (576, 11008)
 
 
 def test_chunked_core_neurons_keep_each_chunks_share():

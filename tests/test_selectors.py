@@ -38,8 +38,17 @@ def test_config_refuses_unknown_names_and_auto_for_greedy_rules():
 def _budgets(d: int, n_img: int, k: int, k_tok: int = 2):
     from coreMatching import Budgets
 
-    return Budgets(num_layers=2, intermediate_size=d, num_image_tokens=n_img, token_budget=k, auto_range=(1, n_img),
-                   tokens_per_neuron_set=k_tok, core_neurons=2, prune_layer=0, neuron_layers=(1, 2))  # fmt: skip
+    return Budgets(
+        num_layers=2,
+        intermediate_size=d,
+        num_image_tokens=n_img,
+        token_budget=k,
+        auto_range=(1, n_img),
+        tokens_per_neuron_set=k_tok,
+        core_neurons=2,
+        prune_layer=0,
+        neuron_layers=(1, 2),
+    )
 
 
 def test_picks_as_scores_rank_the_picks_first():
@@ -51,14 +60,16 @@ def test_picks_as_scores_rank_the_picks_first():
 def test_core_coverage_covers_before_it_repeats():
     # Tokens 0-2 share neurons {0, 1} (the "background"), token 3 has {2, 3}, token 4 {4, 5}; the last
     # prompt token's core neurons are {4, 5}: the query's object first, then what is not covered yet.
-    a = torch.tensor([
-        [5.0, 4, 0, 0, 0, 0],
-        [5.0, 4, 0, 0, 0, 0],
-        [5.0, 4, 0, 0, 0, 0],
-        [0.0, 0, 5, 4, 0, 0],
-        [0.0, 0, 0, 0, 5, 4],
-        [0.0, 0, 0, 0, 5, 4],  # the query token (text, after the image)
-    ])  # fmt: skip
+    a = torch.tensor(
+        [
+            [5.0, 4, 0, 0, 0, 0],
+            [5.0, 4, 0, 0, 0, 0],
+            [5.0, 4, 0, 0, 0, 0],
+            [0.0, 0, 5, 4, 0, 0],
+            [0.0, 0, 0, 0, 5, 4],
+            [0.0, 0, 0, 0, 5, 4],  # the query token (text, after the image)
+        ]
+    )
     view = PruneLayerView(a, (0, 5), _budgets(6, 5, 3))
     scores = core_coverage(view, 3)
     assert stable_topk(scores, 3).tolist() == [4, 0, 3]  # query object, then 0 (lower index of the tie), then 3
@@ -97,8 +108,10 @@ def test_nearest_merge_folds_each_pruned_token_into_its_closest_kept_one():
 
 
 def test_no_merge_when_every_token_is_kept():
-    assert CoreMatchingConfig(token_budget=5).resolve(num_layers=4, intermediate_size=8,
-                                                      num_image_tokens=5).token_merge == "none"  # fmt: skip
+    assert (
+        CoreMatchingConfig(token_budget=5).resolve(num_layers=4, intermediate_size=8, num_image_tokens=5).token_merge
+        == "none"
+    )
 
 
 class _Attn(torch.nn.Module):
@@ -128,6 +141,7 @@ def test_a_key_bias_of_log_m_weighs_as_m_copies():
     torch.testing.assert_close(biased[0, -1], plain[0, -1])
     # Decode keeps the bias with the cached keys.
     assert isinstance(cache, LayerKV) and cache.bias is not None and cache.bias[1] == pytest.approx(math.log(3))
-    _, cache2, _ = attention(attn, x[:, :1], (torch.ones(1, 1, d), torch.zeros(1, 1, d)), torch.tensor([3]), cache,
-                                None)  # fmt: skip
+    _, cache2, _ = attention(
+        attn, x[:, :1], (torch.ones(1, 1, d), torch.zeros(1, 1, d)), torch.tensor([3]), cache, None
+    )
     assert cache2.bias.tolist() == pytest.approx([0, math.log(3), 0, 0])

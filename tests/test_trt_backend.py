@@ -8,6 +8,7 @@ running its ONNX graph in ONNX Runtime on the bound addresses. One test (marked 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import math
 import shutil
@@ -20,7 +21,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fake_manifests import manifest_json
 
+import buildformat
+from buildformat import Engines, Manifest
 from export.engine import profiles_from_manifest
 from export.ort_runner import OrtBuild
 from runtime import cuda_memory, trt_backend
@@ -125,8 +129,9 @@ class FakeCudart:
         ctypes.memmove(dst, src, nbytes)
         return (CudaError.cudaSuccess,)
 
-    def cudaMemcpy2DAsync(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
-                          stream: Any) -> tuple[Any]:  # fmt: skip
+    def cudaMemcpy2DAsync(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int, stream: Any
+    ) -> tuple[Any]:
         assert kind == 3
         if width > dpitch or width > spitch:
             return (CudaError.cudaErrorInvalidValue,)
@@ -208,16 +213,22 @@ def test_unsupported_tensorrt_versions_are_refused(version: str) -> None:
         select_api(types.SimpleNamespace(__version__=version))
 
 
-def _engine_manifest(build: Path, version: str = "8.6.1", gpu: str = GPU_NAME) -> dict[str, Any]:
+def _engine_manifest(build: Path, version: str = "8.6.1", gpu: str = GPU_NAME) -> Engines:
     (build / "engines").mkdir(parents=True, exist_ok=True)
     for graph in trt_backend.GRAPHS:
         (build / "engines" / f"{graph}.plan").write_bytes(graph.encode())
-    return {
-        "tensorrt_version": version,
-        "api": "bindings" if version.startswith("8") else "named-tensors",
-        "device": {"name": gpu, "compute_capability": "8.7"},
-        "graphs": {g: {"file": f"engines/{g}.plan"} for g in trt_backend.GRAPHS},
-    }
+    return Engines(
+        tensorrt_version=version,
+        api="bindings" if version.startswith("8") else "named-tensors",
+        fp16=False,
+        workspace_mb=1024,
+        device={"name": gpu, "compute_capability": "8.7"},
+        graphs={g: f"engines/{g}.plan" for g in trt_backend.GRAPHS},
+    )
+
+
+def _with_engines(engines: Engines | None) -> Manifest:
+    return Manifest.from_json(manifest_json()).with_(engines=engines)
 
 
 def _no_tensorrt() -> Any:
@@ -227,28 +238,30 @@ def _no_tensorrt() -> Any:
 def test_build_without_engines_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trt_backend, "import_tensorrt", _no_tensorrt)
     with pytest.raises(BackendError) as error:
-        TrtBackend(tmp_path, {"format_version": 1})
+        TrtBackend(tmp_path, _with_engines(None))
     assert str(error.value) == (
         f"{tmp_path} has no TensorRT engines: run `python -m export engine {tmp_path}` on this machine first"
     )
-    manifest = {"engines": _engine_manifest(tmp_path)}
-    del manifest["engines"]["graphs"]["decode"]
+    engines = _engine_manifest(tmp_path)
+    partial = dataclasses.replace(engines, graphs={g: f for g, f in engines.graphs.items() if g != "decode"})
     with pytest.raises(BackendError, match="no TensorRT engine for decode: run `python -m export engine"):
-        TrtBackend(tmp_path, manifest)
+        TrtBackend(tmp_path, _with_engines(partial))
 
 
 @pytest.mark.parametrize(
     ("built_with", "built_on", "expected"),
-    [("8.6.1", GPU_NAME, "built with TensorRT 8.6.1, this machine has 10.3.0"),
-     ("10.3.0", "Orin", f"built on Orin, this machine has {GPU_NAME}")],
-)  # fmt: skip
+    [
+        ("8.6.1", GPU_NAME, "built with TensorRT 8.6.1, this machine has 10.3.0"),
+        ("10.3.0", "Orin", f"built on Orin, this machine has {GPU_NAME}"),
+    ],
+)
 def test_engines_of_another_tensorrt_or_gpu_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_with: str, built_on: str, expected: str
 ) -> None:
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: GPU_NAME)
     with pytest.raises(BackendError) as error:
-        TrtBackend(tmp_path, {"engines": _engine_manifest(tmp_path, built_with, built_on)})
+        TrtBackend(tmp_path, _with_engines(_engine_manifest(tmp_path, built_with, built_on)))
     message = str(error.value)
     assert expected in message and "\n" not in message
     assert "an engine only runs on the GPU and TensorRT version that built it" in message
@@ -277,15 +290,16 @@ def test_import_loads_no_torch_tensorrt_or_cuda() -> None:
 class FakeEngine:
     """One graph of the build in ONNX Runtime; TensorRT 8.6's int64 I/O comes as int32, like its parser's."""
 
-    def __init__(self, build: Path, manifest: dict[str, Any], graph: str, cudart: FakeCudart, int32: bool) -> None:
+    def __init__(self, build: Path, manifest: Manifest, graph: str, cudart: FakeCudart, int32: bool) -> None:
         self.graph, self.cudart, self.int32 = graph, cudart, int32
-        self.session = ort.InferenceSession(str(build / manifest["graphs"][graph]["file"]))
+        self.session = ort.InferenceSession(str(build / manifest.graphs[graph].file))
         self.profiles = profiles_from_manifest(manifest, graph)
         io = [(t, True) for t in self.session.get_inputs()] + [(t, False) for t in self.session.get_outputs()]
         self.names = [t.name for t, _ in io]
         self.inputs = {t.name for t, is_input in io if is_input}
-        self.ort_dtypes = {t.name: np.float16 if "float16" in t.type else np.int64 if "int64" in t.type
-                           else np.float32 for t, _ in io}  # fmt: skip
+        self.ort_dtypes = {
+            t.name: np.float16 if "float16" in t.type else np.int64 if "int64" in t.type else np.float32 for t, _ in io
+        }
         self.shapes = {t.name: tuple(d if isinstance(d, int) else -1 for d in t.shape) for t, _ in io}
 
     def dtype(self, name: str) -> Any:
@@ -400,7 +414,7 @@ class FakeContext10(FakeContext):
         return self.run(self.addresses)
 
 
-def fake_tensorrt(version: str, build: Path, manifest: dict[str, Any], cudart: FakeCudart) -> Any:
+def fake_tensorrt(version: str, build: Path, manifest: Manifest, cudart: FakeCudart) -> Any:
     int32 = version.startswith("8.")
     engine_class = FakeEngine86 if int32 else FakeEngine10
 
@@ -418,16 +432,16 @@ def fake_tensorrt(version: str, build: Path, manifest: dict[str, Any], cudart: F
     )
 
 
-def prompt(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+def prompt(manifest: Manifest) -> tuple[np.ndarray, np.ndarray, int]:
     """input_ids [1, S] `<s> text <image>*n text`, pixel_values, image_start."""
-    model = manifest["model"]
-    n_img, size = model["num_image_tokens"], model["image_size"]
-    ids = [model["bos_token_id"], 11, 12, 13] + [model["image_token_id"]] * n_img + list(range(20, 27))
+    model = manifest.model
+    n_img, size = model.num_image_tokens, model.image_size
+    ids = [model.bos_token_id, 11, 12, 13] + [model.image_token_id] * n_img + list(range(20, 27))
     pixels = np.random.default_rng(3).standard_normal((1, 3, size, size)).astype(np.float32)
     return np.array([ids], dtype=np.int64), pixels, 4
 
 
-def greedy(backend: TrtBackend, manifest: dict[str, Any], steps: int) -> tuple[list[int], list[np.ndarray], Any]:
+def greedy(backend: TrtBackend, manifest: Manifest, steps: int) -> tuple[list[int], list[np.ndarray], Any]:
     """The pipeline's flow, greedy."""
     ids, pixels, start = prompt(manifest)
     features = backend.vision(pixels)
@@ -443,7 +457,7 @@ def greedy(backend: TrtBackend, manifest: dict[str, Any], steps: int) -> tuple[l
 
 
 @pytest.fixture(scope="module")
-def cm_build(built: Any) -> tuple[Path, dict[str, Any]]:
+def cm_build(built: Any) -> tuple[Path, Manifest]:
     """A tiny CoreMatching build (conftest's, shared with the export tests)."""
     result = built("llama-gqa", "cm")
     return Path(result.out), result.manifest
@@ -452,12 +466,15 @@ def cm_build(built: Any) -> tuple[Path, dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
 def test_request_on_fake_engines_matches_onnxruntime(
-    cm_build: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart,
+    cm_build: tuple[Path, Manifest],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cudart: FakeCudart,
     version: str,
-) -> None:  # fmt: skip
+) -> None:
     source, manifest = cm_build
     build = Path(shutil.copytree(source, tmp_path / "build"))
-    manifest = {**manifest, "engines": _engine_manifest(build, version)}
+    manifest = manifest.with_(engines=_engine_manifest(build, version))
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_tensorrt(version, build, manifest, cudart))
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: GPU_NAME)
     ids, pixels, _ = prompt(manifest)
@@ -475,7 +492,7 @@ def test_request_on_fake_engines_matches_onnxruntime(
         assert tokens == reference.tokens
         np.testing.assert_allclose(np.stack(logits), reference.logits, atol=1e-4)
         assert kept == reference.kept_image_tokens
-        layers = manifest["model"]["num_layers"]
+        layers = manifest.model.num_layers
         assert cudart.copies_2d - before == 2 * layers * STEPS  # the prefix once, then one write per step
     decode_binds = binds.count("decode")
     assert decode_binds == 2 * len(backend._io["decode"].inputs + backend._io["decode"].outputs)  # per request
@@ -487,7 +504,7 @@ def test_request_on_fake_engines_matches_onnxruntime(
     backend.decode(1)
     with pytest.raises(BackendError, match="outgrew the cache"):
         backend.decode(1)
-    limit = manifest["dims"]["B"]["max"] + 1
+    limit = manifest.max_sequence
     with pytest.raises(BackendError, match="cache positions"):
         backend.prefill(embeds, 4, limit + 1)
     backend.prefill(embeds, 4, limit)  # the build's longest sequence fits
@@ -501,7 +518,7 @@ def test_request_on_fake_engines_matches_onnxruntime(
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from export import engine
-    from export.manifest import read_manifest
+    from runtime import gpu
 
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     try:
@@ -509,13 +526,13 @@ def test_tensorrt_engines_match_onnxruntime(request: pytest.FixtureRequest, tmp_
     except BackendError as e:
         pytest.skip(str(e))
     try:
-        engine.detect_gpu()
-    except engine.NoGpuError as e:
+        gpu.detect_gpu()
+    except gpu.NoGpuError as e:
         pytest.skip(str(e))
     source, _ = request.getfixturevalue("cm_build")  # after the skips: the build takes seconds
     build = Path(shutil.copytree(source, tmp_path / "build"))
     engine.build_engines(engine.EngineConfig(build, workspace_mb=1024))
-    manifest = read_manifest(build)
+    manifest = buildformat.read(build)
     ids, pixels, _ = prompt(manifest)
     reference = OrtBuild(build, manifest).greedy(ids, pixels, STEPS)
     with TrtBackend(build, manifest) as backend:

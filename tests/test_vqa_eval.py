@@ -30,9 +30,22 @@ def default_loaded():
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    argv = ["--count", str(SLICE), "--budgets", "576,64,auto", "--onnx", "core-coverage+nearest@64",
-            "--onnx-count", "3",
-            "--grid", "2", "--fidelity-count", "2", "--out-dir", str(out)]  # fmt: skip
+    argv = [
+        "--count",
+        str(SLICE),
+        "--budgets",
+        "576,64,auto",
+        "--onnx",
+        "core-coverage+nearest@64",
+        "--onnx-count",
+        "3",
+        "--grid",
+        "2",
+        "--fidelity-count",
+        "2",
+        "--out-dir",
+        str(out),
+    ]
     assert evaluate_script.main(argv) == 0
     return out
 
@@ -50,8 +63,9 @@ def test_decode_fidelity_is_exact_with_every_neuron(default_loaded) -> None:
     from vqa.fidelity import FidelityConfig, decode_fidelity
 
     model, processor = default_loaded
-    full, sparse = decode_fidelity(model, processor, list(shapes_items("validation", 2)),
-                                   FidelityConfig(betas=(1.0, 0.05), steps=6))  # fmt: skip
+    full, sparse = decode_fidelity(
+        model, processor, list(shapes_items("validation", 2)), FidelityConfig(betas=(1.0, 0.05), steps=6)
+    )
     assert (full.top1, full.questions, full.steps) == (1.0, 2, 6) and full.kl < 1e-9
     assert sparse.kl > 1e-3  # 5% of the neurons: the decode steps do move
 
@@ -64,7 +78,7 @@ def test_accuracy_agrees_with_a_direct_count(evaluated: Path, default_loaded) ->
     summaries = {s["setting"]["label"]: s for s in json.loads((evaluated / "results.json").read_text())["summaries"]}
     items = list(shapes_items("test", SLICE))
     configs = {
-        "dense": CoreMatchingConfig.dense(576),
+        "dense": CoreMatchingConfig.keep_all(576),
         "core-coverage+nearest@64": CoreMatchingConfig(token_budget=64),
         "fastv@64": CoreMatchingConfig(token_budget=64, token_selector="fastv", token_merge="none"),
         "random+nearest@64": CoreMatchingConfig(token_budget=64, token_selector="random"),
@@ -134,7 +148,7 @@ def test_shipped_model_answers_the_shipped_examples(default_loaded) -> None:
     model, processor = default_loaded
     for q in json.loads((REPO / "examples" / "questions.json").read_text()):
         image = load_image(REPO / "examples" / q["image"])
-        got = answer(model, processor, image, q["question"], CoreMatchingConfig.dense(576), max_new_tokens=4).text
+        got = answer(model, processor, image, q["question"], CoreMatchingConfig.keep_all(576), max_new_tokens=4).text
         assert is_correct(got, (q["answer"],)), (q, got)
 
 
@@ -145,8 +159,12 @@ def test_shipped_examples_are_scenes_the_dataset_could_draw() -> None:
 
     for name, (_, placed, _) in make_examples.SCENES.items():
         assert len(make_examples.placed_shapes(name, placed)) == len(placed)
-    four = [("circle", "red", 60, 60, 30), ("circle", "red", 200, 60, 30), ("star", "blue", 60, 200, 30),
-            ("star", "blue", 200, 200, 30)]  # fmt: skip
+    four = [
+        ("circle", "red", 60, 60, 30),
+        ("circle", "red", 200, 60, 30),
+        ("star", "blue", 60, 200, 30),
+        ("star", "blue", 200, 200, 30),
+    ]
     with pytest.raises(ValueError, match="x: 5 objects"):
         make_examples.placed_shapes("x", [*four, ("square", "white", 280, 280, 30)])
     with pytest.raises(ValueError, match="overlaps"):
@@ -196,12 +214,19 @@ def test_choose_default_applies_the_written_rule(tmp_path: Path, capsys: pytest.
     import choose_default  # scripts/choose_default.py
 
     def summary(method: str, merge: str, budget: int, accuracy: float) -> dict:
-        return {"setting": {"method": method, "merge": merge, "budget": budget, "backend": "reference"},
-                "accuracy": accuracy}  # fmt: skip
+        return {
+            "setting": {"method": method, "merge": merge, "budget": budget, "backend": "reference"},
+            "accuracy": accuracy,
+        }
 
     rows = [summary("dense", "none", 576, 0.97)]
-    means = {("max-min", "summary"): 0.900, ("max-min", "nearest"): 0.898, ("core-coverage", "summary"): 0.893,
-             ("core-coverage", "nearest"): 0.892, ("fastv", "none"): 0.5}  # fmt: skip
+    means = {
+        ("max-min", "summary"): 0.900,
+        ("max-min", "nearest"): 0.898,
+        ("core-coverage", "summary"): 0.893,
+        ("core-coverage", "nearest"): 0.892,
+        ("fastv", "none"): 0.5,
+    }
     for (method, merge), acc in means.items():
         rows += [summary(method, merge, k, acc) for k in (192, 128, 64, 32)]
     path = tmp_path / "results.json"

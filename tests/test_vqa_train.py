@@ -11,15 +11,12 @@ import torch
 
 from models.presets import ModelPreset, build_random_model, from_name
 from vqa import shapes
+from vqa.objective import IGNORE, GroundingLoss, PatchHeads, activation_penalty
 from vqa.train import (
-    IGNORE,
     Encoder,
-    GroundingLoss,
     Objective,
-    PatchHeads,
     TrainConfig,
     TrainConfigError,
-    activation_penalty,
     init_for_width,
     train,
     training_batch,
@@ -96,9 +93,11 @@ def test_packed_turns_compute_what_single_prompts_compute(tiny: tuple[ModelPrese
     pixels = torch.randn(1, 3, preset.image_size, preset.image_size)
     with torch.no_grad():
         packed = model(
-            input_ids=torch.tensor([row.ids]), position_ids=torch.tensor([row.positions]),
-            attention_mask=turn_mask(torch.tensor([row.segments])), pixel_values=pixels,
-        ).logits[0]  # fmt: skip
+            input_ids=torch.tensor([row.ids]),
+            position_ids=torch.tensor([row.positions]),
+            attention_mask=turn_mask(torch.tensor([row.segments])),
+            pixel_values=pixels,
+        ).logits[0]
         for q, at in zip(questions, row.queries, strict=True):
             alone = model(input_ids=torch.tensor([enc.prompt(q.text)]), pixel_values=pixels).logits[0, -1]
             torch.testing.assert_close(packed[at], alone, atol=1e-5, rtol=1e-5)
@@ -129,9 +128,12 @@ def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None
     try:
         with torch.no_grad():
             out = model(
-                input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0), attention_mask=mask,
-                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_attentions=True,
-            )  # fmt: skip
+                input_ids=ids,
+                position_ids=enc.pad_batch([r.positions for r in rows], 0),
+                attention_mask=mask,
+                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size),
+                output_attentions=True,
+            )
             both = grounding.loss(queries, relevant, rows[0].image_start)
             nothing = torch.zeros_like(relevant[0])
             alone = [
@@ -147,8 +149,10 @@ def test_grounding_loss_is_the_attention_mass_on_the_objects(tiny: Tiny) -> None
         probs = out.attentions[1][:, head]  # [B, S, S]
         terms = [
             -torch.log(probs[b, queries[b, t], start : start + n][relevant[head, b, t]].sum())
-            for b in range(2) for t in range(queries.shape[1]) if queries[b, t] >= 0 and relevant[head, b, t].any()
-        ]  # fmt: skip
+            for b in range(2)
+            for t in range(queries.shape[1])
+            if queries[b, t] >= 0 and relevant[head, b, t].any()
+        ]
         assert len(terms) == (2 * 3 - 1 if head == 0 else 2)
         expected.append(torch.stack(terms).mean())
     for got, want in zip(alone, expected, strict=True):
@@ -280,10 +284,12 @@ def test_readout_loss_reads_the_answer_one_layer_after_the_grounded_head(tiny: T
     try:
         with torch.no_grad():
             out = model(
-                input_ids=ids, position_ids=enc.pad_batch([r.positions for r in rows], 0),
+                input_ids=ids,
+                position_ids=enc.pad_batch([r.positions for r in rows], 0),
                 attention_mask=turn_mask(enc.pad_batch([r.segments for r in rows], -1)),
-                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size), output_hidden_states=True,
-            )  # fmt: skip
+                pixel_values=torch.randn(2, 3, preset.image_size, preset.image_size),
+                output_hidden_states=True,
+            )
             loss = grounding.readout_loss(queries, labels)
     finally:
         grounding.remove()

@@ -124,8 +124,15 @@ def write_jsonl(items: list[shapes.Example], folder: Path) -> Path:
     for ex in items:
         name = f"{ex.image_id}.png"
         ex.image().save(folder / name)
-        rows.append({"id": ex.image_id, "image": name, "question": ex.question.text, "answers": list(ex.answers),
-                     "type": ex.question.type})  # fmt: skip
+        rows.append(
+            {
+                "id": ex.image_id,
+                "image": name,
+                "question": ex.question.text,
+                "answers": list(ex.answers),
+                "type": ex.question.type,
+            }
+        )
     out = folder / "questions.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return out

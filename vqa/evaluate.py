@@ -96,11 +96,15 @@ class EvalConfig:
     def corematching(self, setting: Setting, num_image_tokens: int) -> CoreMatchingConfig:
         """The reference configuration of a setting."""
         if setting.method == "dense":
-            return CoreMatchingConfig.dense(num_image_tokens, prune_layer=self.prune_layer)
+            return CoreMatchingConfig.keep_all(num_image_tokens, prune_layer=self.prune_layer)
         return CoreMatchingConfig(
-            token_budget=setting.budget, neuron_ratio=self.neuron_ratio, prune_layer=self.prune_layer,
-            token_selector=setting.method, token_merge=setting.merge, seed=self.seed,
-        )  # fmt: skip
+            token_budget=setting.budget,
+            neuron_ratio=self.neuron_ratio,
+            prune_layer=self.prune_layer,
+            token_selector=setting.method,
+            token_merge=setting.merge,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -209,17 +213,26 @@ class ReferenceEvaluator:
                     tokens.append(token)
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             records[setting.label] = Record(
-                setting=setting.label, item=item.id, type=item.type, prediction=text,
-                correct=is_correct(text, item.answers), kept=self.num_image_tokens if kept is None else len(kept),
-                recall=_recall(kept, relevant, self.num_image_tokens), rank=rank, kept_tokens=kept,
-            )  # fmt: skip
+                setting=setting.label,
+                item=item.id,
+                type=item.type,
+                prediction=text,
+                correct=is_correct(text, item.answers),
+                kept=self.num_image_tokens if kept is None else len(kept),
+                recall=_recall(kept, relevant, self.num_image_tokens),
+                rank=rank,
+                kept_tokens=kept,
+            )
         return list(records.values())
 
 
 def evaluate_reference(
-    model: Any, processor: Any, items: Iterable[Item], config: EvalConfig,
+    model: Any,
+    processor: Any,
+    items: Iterable[Item],
+    config: EvalConfig,
     on_item: Callable[[int], None] | None = None,
-) -> tuple[list[Setting], list[Record]]:  # fmt: skip
+) -> tuple[list[Setting], list[Record]]:
     """Every item under every setting of `config` with the reference; on_item(done) reports progress."""
     evaluator = ReferenceEvaluator(model, processor, config)
     records: list[Record] = []
@@ -231,15 +244,19 @@ def evaluate_reference(
 
 
 def evaluate_build(
-    build_dir: Path, setting: Setting, items: Iterable[Item], max_new_tokens: int,
-    on_item: Callable[[int], None] | None = None, provider: str = "cpu",
-) -> list[Record]:  # fmt: skip
+    build_dir: Path,
+    setting: Setting,
+    items: Iterable[Item],
+    max_new_tokens: int,
+    on_item: Callable[[int], None] | None = None,
+    provider: str = "cpu",
+) -> list[Record]:
     """Every item answered by an ONNX build through the runtime (what a deployment answers)."""
     from runtime import Pipeline
     from runtime.preprocess import load_image
 
     pipeline = Pipeline.load(build_dir, provider=provider)
-    n_img = int(pipeline.manifest["model"]["num_image_tokens"])
+    n_img = pipeline.manifest.model.num_image_tokens
     records = []
     for done, item in enumerate(items, 1):
         answer = pipeline.answer(load_image(item.load_image()), item.question, max_new_tokens=max_new_tokens)
@@ -247,11 +264,16 @@ def evaluate_build(
         relevant = item.relevant_patches() if item.relevant_patches is not None else None
         records.append(
             Record(
-                setting=setting.label, item=item.id, type=item.type, prediction=answer.text,
-                correct=is_correct(answer.text, item.answers), kept=n_img if kept is None else len(kept),
-                recall=_recall(kept, relevant, n_img), kept_tokens=kept,
+                setting=setting.label,
+                item=item.id,
+                type=item.type,
+                prediction=answer.text,
+                correct=is_correct(answer.text, item.answers),
+                kept=n_img if kept is None else len(kept),
+                recall=_recall(kept, relevant, n_img),
+                kept_tokens=kept,
             )
-        )  # fmt: skip
+        )
         if on_item is not None:
             on_item(done)
     return records

@@ -44,9 +44,12 @@ class Fidelity:
 
 
 def decode_fidelity(
-    model: Any, processor: Any, items: Iterable[Item], config: FidelityConfig,
+    model: Any,
+    processor: Any,
+    items: Iterable[Item],
+    config: FidelityConfig,
     on_item: Callable[[int], None] | None = None,
-) -> list[Fidelity]:  # fmt: skip
+) -> list[Fidelity]:
     import torch
 
     from coreMatching import CoreMatchingConfig, CoreMatchingLlava
@@ -54,7 +57,7 @@ def decode_fidelity(
     from models.loading import num_image_tokens
 
     n_img = num_image_tokens(model.config)
-    dense = CoreMatchingLlava(model, CoreMatchingConfig.dense(n_img, prune_layer=config.prune_layer))
+    dense = CoreMatchingLlava(model, CoreMatchingConfig.keep_all(n_img, prune_layer=config.prune_layer))
     sparse = {
         beta: CoreMatchingLlava(
             model, CoreMatchingConfig(token_budget=n_img, neuron_ratio=beta, prune_layer=config.prune_layer)
@@ -86,5 +89,7 @@ def decode_fidelity(
         questions += 1
         if on_item is not None:
             on_item(done)
-    return [Fidelity(beta, questions, config.steps, agree[beta] / max(count, 1), kl[beta] / max(count, 1))
-            for beta in config.betas]  # fmt: skip
+    return [
+        Fidelity(beta, questions, config.steps, agree[beta] / max(count, 1), kl[beta] / max(count, 1))
+        for beta in config.betas
+    ]

@@ -32,8 +32,10 @@ def parse_setting(text: str) -> Setting:
         return Setting("dense", 0, backend="onnx")
     name, _, budget = text.partition("@")
     method, _, merge = name.partition("+")
-    usage = f"use 'dense' or 'SELECTOR[+MERGE]@K' (SELECTOR one of {', '.join(SELECTORS)}; MERGE one of " \
-        f"{', '.join(m for m in MERGES if m != 'none')}; K an integer or 'auto')"  # fmt: skip
+    usage = (
+        f"use 'dense' or 'SELECTOR[+MERGE]@K' (SELECTOR one of {', '.join(SELECTORS)}; MERGE one of "
+        f"{', '.join(m for m in MERGES if m != 'none')}; K an integer or 'auto')"
+    )
     if method not in SELECTORS or not budget or (merge and merge not in MERGES):
         raise ConfigError(f"ONNX setting {text!r}: {usage}")
     merge = merge or "none"
@@ -114,21 +116,29 @@ def run_job(job: EvalJob, progress: Progress | None = None) -> tuple[EvalResult,
         from vqa.fidelity import FidelityConfig, decode_fidelity
 
         probe = items[: job.fidelity_count]
-        fidelity = decode_fidelity(model, processor, probe, FidelityConfig(prune_layer=job.config.prune_layer),
-                                   report("decode fidelity", len(probe)))  # fmt: skip
+        fidelity = decode_fidelity(
+            model,
+            processor,
+            probe,
+            FidelityConfig(prune_layer=job.config.prune_layer),
+            report("decode fidelity", len(probe)),
+        )
     name = "embedded default (models/default)" if job.model_dir is None else str(job.model_dir)
     vision = model.config.vision_config
     geometry = (vision.image_size, vision.patch_size, n_img)
-    result = EvalResult(name, job.describe_data(), job.config, settings, records, geometry=geometry,
-                        fidelity=fidelity)  # fmt: skip
+    result = EvalResult(name, job.describe_data(), job.config, settings, records, geometry=geometry, fidelity=fidelity)
     result.summaries = summarise(settings, records)
     return result, items
 
 
 def _run_onnx(
-    model_dir: Path, setting: Setting, items: list[Item], config: EvalConfig, n_img: int,
+    model_dir: Path,
+    setting: Setting,
+    items: list[Item],
+    config: EvalConfig,
+    n_img: int,
     on_item: Callable[[int], None],
-) -> list:  # fmt: skip
+) -> list:
     """Builds (and validates) the graphs of one setting in a temporary folder and answers every item."""
     from export.build import build
     from export.config import ExportConfig

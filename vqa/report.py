@@ -36,8 +36,14 @@ def _find(summaries: list[Summary], name: str, budget: object, backend: str = "r
             return s
     if budget == _full_budget(summaries) and name != "dense":
         # Every selector keeps every token there: one model, listed once under the first selector.
-        return next((s for s in summaries if s.setting.method != "dense" and s.setting.budget == budget
-                     and s.setting.backend == backend), None)  # fmt: skip
+        return next(
+            (
+                s
+                for s in summaries
+                if s.setting.method != "dense" and s.setting.budget == budget and s.setting.backend == backend
+            ),
+            None,
+        )
     return None
 
 
@@ -64,12 +70,17 @@ def targets(summaries: list[Summary]) -> list[tuple[str, str, bool | None]]:
     default = _find(summaries, DEFAULT_NAME, TARGET_BUDGET)
     out: list[tuple[str, str, bool | None]] = []
     if dense:
-        out.append((f"dense accuracy >= {100 * TARGET_DENSE:.0f}%", f"{_pct(dense.accuracy)}%",
-                    dense.accuracy >= TARGET_DENSE))  # fmt: skip
+        out.append(
+            (f"dense accuracy >= {100 * TARGET_DENSE:.0f}%", f"{_pct(dense.accuracy)}%", dense.accuracy >= TARGET_DENSE)
+        )
     if dense and default and default.relative is not None:
-        out.append((f"default ({DEFAULT_NAME})@{TARGET_BUDGET} keeps >= {100 * TARGET_RELATIVE:.0f}% of dense",
-                    f"{_pct(default.relative)}% ({_pct(default.accuracy)}% vs {_pct(dense.accuracy)}%)",
-                    default.relative >= TARGET_RELATIVE))  # fmt: skip
+        out.append(
+            (
+                f"default ({DEFAULT_NAME})@{TARGET_BUDGET} keeps >= {100 * TARGET_RELATIVE:.0f}% of dense",
+                f"{_pct(default.relative)}% ({_pct(default.accuracy)}% vs {_pct(dense.accuracy)}%)",
+                default.relative >= TARGET_RELATIVE,
+            )
+        )
     for baseline in BASELINES:
         for other_name in (baseline, f"{baseline}+{DEFAULT_MERGE}"):
             pairs = [(k, _find(summaries, DEFAULT_NAME, k), _find(summaries, other_name, k)) for k in COMPARED_BUDGETS]
@@ -77,8 +88,13 @@ def targets(summaries: list[Summary]) -> list[tuple[str, str, bool | None]]:
             if not pairs:
                 continue
             margins = ", ".join(f"{k}: {100 * (a.accuracy - b.accuracy):+.1f}" for k, a, b in pairs)
-            out.append((f"{DEFAULT_NAME} beats {other_name} at every budget {'/'.join(str(k) for k, _, _ in pairs)}",
-                        f"margins (points) {margins}", all(a.accuracy > b.accuracy for _, a, b in pairs)))  # fmt: skip
+            out.append(
+                (
+                    f"{DEFAULT_NAME} beats {other_name} at every budget {'/'.join(str(k) for k, _, _ in pairs)}",
+                    f"margins (points) {margins}",
+                    all(a.accuracy > b.accuracy for _, a, b in pairs),
+                )
+            )
     return out
 
 
@@ -104,7 +120,8 @@ def markdown(result: EvalResult, command: str) -> str:
         "every row is one model. `auto`: the elbow of the sorted scores, with the mean kept count in "
         f"parentheses. The default is `{DEFAULT_NAME}`. Relative accuracy (to dense) in the second table. "
         f"Dense: **{_pct(dense.accuracy)}%**."
-        if dense else "",
+        if dense
+        else "",
         "",
         "## Accuracy (%)",
         "",
@@ -126,50 +143,80 @@ def markdown(result: EvalResult, command: str) -> str:
         return _pct(x.accuracy) + (f" ({x.mean_kept:.0f})" if x.setting.budget == "auto" else "")
 
     lines += [row(m, acc) for m in methods]
-    lines += ["", "## Relative to dense (%)", "", "| method | " + " | ".join(str(b) for b in budgets) + " |",
-              "|---|" + "---:|" * len(budgets)]  # fmt: skip
+    lines += [
+        "",
+        "## Relative to dense (%)",
+        "",
+        "| method | " + " | ".join(str(b) for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
     lines += [row(m, lambda x: _pct(x.relative)) for m in methods if m != "dense"]
 
     types = sorted({t for x in s for t in x.per_type})
-    lines += ["", "## Per question type (%)", "", "| setting | " + " | ".join(types) + " | all |",
-              "|---|" + "---:|" * (len(types) + 1)]  # fmt: skip
+    lines += [
+        "",
+        "## Per question type (%)",
+        "",
+        "| setting | " + " | ".join(types) + " | all |",
+        "|---|" + "---:|" * (len(types) + 1),
+    ]
     for x in s:
         cells = [_pct(x.per_type.get(t)) for t in types]
         lines.append(f"| {x.setting.label} | " + " | ".join(cells) + f" | {_pct(x.accuracy)} |")
 
     if any(x.mean_recall is not None for x in s if x.setting.method != "dense"):
-        lines += ["", "## Where the kept tokens land", "",
-                  "Share of the patches covered by the objects the answer depends on that the selector kept "
-                  "(mean over questions that name an object; a patch counts when 10% of it is covered).", "",
-                  "| method | " + " | ".join(str(b) for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]  # fmt: skip
+        lines += [
+            "",
+            "## Where the kept tokens land",
+            "",
+            "Share of the patches covered by the objects the answer depends on that the selector kept "
+            "(mean over questions that name an object; a patch counts when 10% of it is covered).",
+            "",
+            "| method | " + " | ".join(str(b) for b in budgets) + " |",
+            "|---|" + "---:|" * len(budgets),
+        ]
         # A merge does not change which tokens are kept: one row per selector.
         selectors = [m for m in methods if m != "dense" and "+" not in m] or [m for m in methods if m != "dense"]
         lines += [row(m, lambda x: _pct(x.mean_recall)) for m in selectors]
-        lines += ["", "Mean percentile of those patches in each selector's ranking of the image tokens (100: ranked "
-                  "first, 50: chance; a ranking selector's order does not depend on the budget; a greedy one's is the "
-                  "order of its k picks, the tokens it did not pick tied last):", "",
-                  "| method | " + " | ".join(str(b) for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]  # fmt: skip
+        lines += [
+            "",
+            "Mean percentile of those patches in each selector's ranking of the image tokens (100: ranked "
+            "first, 50: chance; a ranking selector's order does not depend on the budget; a greedy one's is the "
+            "order of its k picks, the tokens it did not pick tied last):",
+            "",
+            "| method | " + " | ".join(str(b) for b in budgets) + " |",
+            "|---|" + "---:|" * len(budgets),
+        ]
         lines += [row(m, lambda x: _pct(x.mean_rank)) for m in selectors]
 
     onnx = [x for x in s if x.setting.backend != "reference"]
     if onnx:
-        lines += ["", "## Deployed graphs (ONNX builds answered by the runtime, ONNX Runtime CPU)", "",
-                  "| build | accuracy | relative to dense | same answer as the reference | mean kept |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "## Deployed graphs (ONNX builds answered by the runtime, ONNX Runtime CPU)",
+            "",
+            "| build | accuracy | relative to dense | same answer as the reference | mean kept |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for x in onnx:
-            lines.append(f"| {x.setting.label} | {_pct(x.accuracy)} | {_pct(x.relative)} | {_pct(x.agreement)} | "
-                         f"{x.mean_kept:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {x.setting.label} | {_pct(x.accuracy)} | {_pct(x.relative)} | {_pct(x.agreement)} | "
+                f"{x.mean_kept:.1f} |"
+            )
 
     if result.fidelity:
         f0 = result.fidelity[0]
-        lines += ["", "## Decode fidelity (neuron-sparse decoding, teacher-forced)", "",
-                  f"{f0.questions} questions; the dense model writes {f0.steps + 1} greedy tokens, every setting "
-                  f"is fed them and its {f0.steps} decode steps are compared with dense (every image token kept, so "
-                  "only the decode steps' core neurons differ).", "",
-                  "| beta | top-1 agreement with dense (%) | mean KL(dense ‖ sparse) per step (nats) |",
-                  "|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "## Decode fidelity (neuron-sparse decoding, teacher-forced)",
+            "",
+            f"{f0.questions} questions; the dense model writes {f0.steps + 1} greedy tokens, every setting "
+            f"is fed them and its {f0.steps} decode steps are compared with dense (every image token kept, so "
+            "only the decode steps' core neurons differ).",
+            "",
+            "| beta | top-1 agreement with dense (%) | mean KL(dense ‖ sparse) per step (nats) |",
+            "|---:|---:|---:|",
+        ]
         lines += [f"| {f.beta} | {_pct(f.top1)} | {f.kl:.4f} |" for f in result.fidelity]
 
     checks = targets(s)
@@ -209,22 +256,47 @@ def plot_accuracy(result: EvalResult, path: Path) -> None:
     dense = _find(result.summaries, "dense", None)
     if dense:
         ax.axhline(100 * dense.accuracy, color="0.3", ls="--", lw=1, label=f"dense ({_pct(dense.accuracy)}%)")
-    markers = {"core-coverage": "o", "fastv": "s", "random": "^", "max-min": "v", "query-overlap": "P",
-               "prompt-frequency": "X"}  # fmt: skip
+    markers = {
+        "core-coverage": "o",
+        "fastv": "s",
+        "random": "^",
+        "max-min": "v",
+        "query-overlap": "P",
+        "prompt-frequency": "X",
+    }
     full = _full_budget(result.summaries)
     for i, method in enumerate(_names(result)):
         fixed = sorted(
-            (x for x in result.summaries if x.setting.name == method and x.setting.backend == "reference"
-             and x.setting.budget not in ("auto", full)), key=lambda x: x.mean_kept)  # fmt: skip
+            (
+                x
+                for x in result.summaries
+                if x.setting.name == method
+                and x.setting.backend == "reference"
+                and x.setting.budget not in ("auto", full)
+            ),
+            key=lambda x: x.mean_kept,
+        )
         dashed = "--" if "+" not in method else "-"
         if fixed:
-            ax.plot([x.mean_kept for x in fixed], [100 * x.accuracy for x in fixed],
-                    marker=markers.get(method.split("+")[0], "o"), ls=dashed, color=f"C{i % 10}",
-                    label=method)  # fmt: skip
+            ax.plot(
+                [x.mean_kept for x in fixed],
+                [100 * x.accuracy for x in fixed],
+                marker=markers.get(method.split("+")[0], "o"),
+                ls=dashed,
+                color=f"C{i % 10}",
+                label=method,
+            )
         auto = _find(result.summaries, method, "auto")
         if auto:
-            ax.plot(auto.mean_kept, 100 * auto.accuracy, marker="*", ms=14, color=f"C{i % 10}", ls="none",
-                    label=f"{method} auto (mean {auto.mean_kept:.0f})")  # fmt: skip
+            ax.plot(
+                auto.mean_kept,
+                100 * auto.accuracy,
+                marker="*",
+                ms=14,
+                color=f"C{i % 10}",
+                ls="none",
+                label=f"{method} auto (mean {auto.mean_kept:.0f})",
+            )
         for x in result.summaries:
             if x.setting.name == method and x.setting.backend == "onnx":
                 ax.plot(x.mean_kept, 100 * x.accuracy, marker="D", mfc="none", ms=9, color=f"C{i % 10}", ls="none")
@@ -244,9 +316,14 @@ def plot_accuracy(result: EvalResult, path: Path) -> None:
 
 
 def plot_core_tokens(
-    result: EvalResult, items: list[Item], path: Path, budget: int = TARGET_BUDGET,
-    image_size: int = 336, patch_size: int = 14, num_image_tokens: int = 576,
-) -> None:  # fmt: skip
+    result: EvalResult,
+    items: list[Item],
+    path: Path,
+    budget: int = TARGET_BUDGET,
+    image_size: int = 336,
+    patch_size: int = 14,
+    num_image_tokens: int = 576,
+) -> None:
     """A grid: each row one question; the image, then the patches each selector kept at `budget`."""
     import matplotlib
 

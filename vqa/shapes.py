@@ -308,9 +308,11 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> Question | None:
         named = [i for i, p in enumerate(pairs) if pairs.count(p) == 1]
         axis = "x" if rng.random() < 0.5 else "y"
         options = [
-            (a, b) for a in named for b in named
+            (a, b)
+            for a in named
+            for b in named
             if a != b and abs(getattr(shapes[a], axis) - getattr(shapes[b], axis)) >= POSITION_MARGIN
-        ]  # fmt: skip
+        ]
         if not options:
             return None
         a, b = options[int(rng.integers(len(options)))]

@@ -12,56 +12,8 @@ the processor builds at inference ("USER: <image>\n{question} ASSISTANT:"): each
 exactly what inference computes, and no answer leaks into another turn. The loss is on the
 answers and their `</s>`.
 
-What made a from-scratch model of this size learn to read the image within the hour (the first
-runs sat at the answer priors for 1500 of 2800 steps and ended below 50%):
-
-- Width-scaled initialisation (`init_for_width`) of the decoder, projector and LM head.
-- An auxiliary per-patch loss on the vision tower (`PatchHeads`), as CLIP pretraining gives LLaVA
-  features that already tell objects apart: colour and shape of the object covering each patch
-  and whether it holds an object's centre.
-- A grounding loss on the decoder (`GroundingLoss`): one head of one layer after the prune layer
-  learns to attend to the answer's objects at the token that predicts the answer, and the answer
-  is read out one layer later.
-- A cap on activation scale (`activation_penalty`).
-
-Measured on the way (2800-step runs, validation first-token accuracy on 200 questions):
-- 0.02 init, per-patch loss, multi-turn rows without the turn mask: 47.5% at the end.
-- plus packed turns and the grounding loss: answer priors at step 500 (one answer per question
-  type), though the grounded head put 55% of its attention on the right object and a linear probe
-  read the object's colour from those patches 84% of the time.
-- plus the activation cap: priors at step 450.
-- plus the width-scaled init: 50% at step 500, 56% at 1500, 69% at 2250, 83% at 2800; accuracy
-  rose fastest as the cosine schedule brought the learning rate down.
-
-That model answered relative position at chance (46% of 100 validation questions). A linear probe
-on its image tokens read a patch's column and row no better than their mean (mean absolute error 6
-patches of 24): the tower had dropped where a patch is, since no loss needed it. Two changes:
-
-- the position read-out (`PatchHeads.position_loss`, on the projector's output);
-- paired grounding: head 0 on the first object of a position question, head 1 on the second.
-
-Added by fine-tuning that model for 500 steps they did not help (position 50%; the read-out's error
-stayed near the targets' variance). From random weights (3400 steps, 58 min) the read-out's error
-fell to 0.005 and position reached 78.5% of 200 validation questions, while colour, shape and
-presence ended lower than before (80-88%, against 97-98%). A second stage (650 steps at a tenth of
-the learning rate) brought validation to 86.2% on 1000 questions, position 88% (68 min in all).
-
-The shipped model changes two things, measured on the same 200 validation questions:
-
-- bf16 autocast (`TrainConfig.bf16`): steps 1.15x faster on this AVX512-BF16 CPU (0.85 s, not 0.97). The second stage
-  rerun in bf16 from the same first-stage model tracked the fp32 run's loss within 1% and ended at
-  the same 89.5%. (A moving average of the weights, decay 0.995, ended that stage at 87.0%: the
-  cosine schedule already ends at a low rate, so the average only lags. Not kept.)
-- 18 questions per image instead of 12 (the extra ones are mostly presence and position).
-
-With both, 3000 + 800 steps took 54 min, and validation reached 91.0% after the first stage and
-94.5% after the second (the 12-question recipe: 82.5% and 89.5%, in 68 min). A second stage of 1250
-steps instead (62 min in all) reached 96.0% on the 200, and 95.0% dense on 1000 validation
-questions against 93.4% after 800 steps. Counting was the weak type (85%): a count of three was
-right 8 times in 14, of four never, since few scenes hold three or four objects of a kind. The same
-1250 steps with half of the images crowded (`TrainConfig.crowded`: three or four objects of two
-kinds) reached 95.9% on the 1000, count 88% (three 11/14, four 3/4), and no other type lower
-(presence and shape half a point to a point higher): that is the shipped model.
+What each part of the recipe is for, and what was measured on the way to it:
+`docs/training/log.md`.
 
 The auxiliary heads are dropped after training; the saved model is a stock
 `LlavaForConditionalGeneration`.
@@ -86,10 +38,9 @@ from models.default_model import IMAGE_TOKEN, build_processor, build_tokenizer
 from models.presets import ModelPreset, build_random_model, from_name
 from runtime.preprocess import ImageProcessor
 from vqa import shapes
+from vqa.objective import IGNORE, GroundingLoss, PatchHeads, VisionFeatures, activation_penalty
 
 log = logging.getLogger(__name__)
-
-IGNORE = -100  # label of tokens without loss
 
 
 def init_for_width(model: Any, seed: int) -> None:
@@ -334,147 +285,6 @@ def turn_mask(segments: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-def _halves(each: torch.Tensor, on_objects: torch.Tensor) -> torch.Tensor:
-    """Mean of per-patch losses where object patches and the rest weigh half each: objects cover a few
-    percent of the patches. Either group alone, if the other is empty."""
-    if on_objects.any() and (~on_objects).any():
-        return (each[on_objects].mean() + each[~on_objects].mean()) / 2
-    return each.mean()
-
-
-class PatchHeads(torch.nn.Module):
-    """Per-patch colour / shape / centre classifiers on the vision tower's features, and a linear
-    read-out of each image token's row and column from the projector's output (training only)."""
-
-    def __init__(self, width: int, hidden: int) -> None:
-        super().__init__()
-        sizes = (1 + len(shapes.COLOURS), 1 + len(shapes.SHAPES), 2)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in sizes)
-        self.where = torch.nn.Linear(hidden, 2)  # (row, column), scaled to [-1, 1]
-
-    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # features: [B, P, w] patch tokens (CLS dropped); targets: [3, B, P]
-        losses = []
-        for head, target in zip(self.heads, targets, strict=True):
-            each = torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target.flatten(), reduction="none")
-            losses.append(_halves(each, target.flatten() > 0))
-        return torch.stack(losses).mean()
-
-    def position_loss(self, tokens: torch.Tensor, on_objects: torch.Tensor) -> torch.Tensor:
-        """Squared error of a linear read-out of each image token's row and column (row-major, as CLIP
-        orders patches), object patches and the rest weighing half each.
-
-        A linear read-out, on the tokens the decoder receives: "left of" is then the sign of a
-        difference the decoder can take linearly, from the two objects' tokens its heads read.
-        tokens: [B, P, d] projected image tokens; on_objects: [B, P] bool
-        """
-        p = tokens.shape[1]
-        rows, cols = torch.div(torch.arange(p), shapes.GRID, rounding_mode="floor"), torch.arange(p) % shapes.GRID
-        half = (shapes.GRID - 1) / 2
-        target = (torch.stack([rows, cols], dim=-1).float() - half) / half  # [P, 2] in [-1, 1]
-        each = (self.where(tokens) - target).pow(2).mean(-1)  # [B, P]
-        return _halves(each, on_objects)
-
-
-class _VisionFeatures:
-    """Keeps, from forward hooks, the vision tower's output of the layer the projector reads and the
-    projector's output. Hooks, not the model output's fields: transformers renames and reshapes
-    those between minor releases (5.24 made the projected features a per-image list)."""
-
-    def __init__(self, model: Any) -> None:
-        self.layer = model.config.vision_feature_layer
-        self.value: torch.Tensor | None = None  # [B, P, w]
-        self.projected: torch.Tensor | None = None  # [B, P, d]
-        self.handles = [
-            model.model.vision_tower.register_forward_hook(self._keep),
-            model.model.multi_modal_projector.register_forward_hook(self._keep_projected),
-        ]
-
-    def _keep(self, _module: Any, _inputs: Any, output: Any) -> None:
-        self.value = output.hidden_states[self.layer][:, 1:]  # [B, P, w]: CLS dropped, as "default" selects
-
-    def _keep_projected(self, _module: Any, _inputs: Any, output: torch.Tensor) -> None:
-        self.projected = output
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-class GroundingLoss:
-    """The grounding loss: a head of one decoder layer (head 0; head 1 too for a position question's
-    second object), at each token that predicts an answer, should put its attention on the patches of
-    the objects the answer depends on.
-
-    The attention is recomputed for those few query rows from the layer's inputs (a forward pre-hook),
-    so the model keeps its fast attention kernel. Why: the answer loss alone teaches a decoder to find
-    a few object patches among 576 only slowly (the first runs plateaued at the answer priors for
-    1500 steps); real LLaVA checkpoints learn that grounding from far more data.
-    """
-
-    def __init__(self, model: Any, layer: int) -> None:
-        decoder = model.model.language_model
-        self.attn = decoder.layers[layer].self_attn
-        self.inputs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self.handles = [self.attn.register_forward_pre_hook(self._keep, with_kwargs=True)]
-        # The read-out: the hidden state one layer later, through the model's own final norm and LM head.
-        readout = min(layer + 1, len(decoder.layers) - 1)
-        self.norm, self.head = decoder.norm, model.lm_head
-        self.after: torch.Tensor | None = None
-        self.handles.append(decoder.layers[readout].register_forward_hook(self._keep_output))
-
-    def _keep_output(self, _module: Any, _inputs: Any, output: Any) -> None:
-        self.after = output[0] if isinstance(output, tuple) else output  # [B, S, d]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def readout_loss(self, queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each answer's first token, read at the query tokens one layer after the
-        grounded head (a logit lens): the grounded head gets a direct reason to carry what it reads.
-
-        queries: [B, T] (-1: no turn); labels: [B, S]
-        """
-        assert self.after is not None, "the model ran before the loss"
-        rows, turns = (queries >= 0).nonzero(as_tuple=True)
-        at = queries[rows, turns]  # [Q]
-        logits = self.head(self.norm(self.after[rows, at]))  # [Q, V]
-        return torch.nn.functional.cross_entropy(logits, labels[rows, at + 1])
-
-    def _keep(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self.inputs = (hidden, kwargs["position_embeddings"], kwargs["attention_mask"])
-
-    def loss(self, queries: torch.Tensor, relevant: torch.Tensor, image_start: int) -> torch.Tensor:
-        """Sum over heads h of the mean -log attention mass that head h, at each query token, puts on
-        relevant[h]'s patches (a head with no relevant patches for a turn is not grounded there).
-
-        queries: [B, T] token indices (-1: no turn); relevant: [H, B, T, P] bool, for heads 0 .. H-1
-        """
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        assert self.inputs is not None, "the model ran before the loss"
-        hidden, (cos, sin), mask = self.inputs  # hidden: [B, S, d]; cos, sin: [B, S, hd]; mask: [B, 1, S, S]
-        hd = self.attn.head_dim
-        keys = self.attn.k_proj(hidden).unflatten(-1, (-1, hd))  # [B, S, kv heads, hd], once for every head
-        keys = keys * cos[:, :, None] + rotate_half(keys) * sin[:, :, None]
-        total = hidden.new_zeros(())
-        for head, wanted in enumerate(relevant):
-            rows, turns = ((queries >= 0) & wanted.any(-1)).nonzero(as_tuple=True)  # [Q] each
-            if len(rows) == 0:
-                continue
-            at = queries[rows, turns]  # [Q]
-            q = self.attn.q_proj(hidden[rows, at])[:, head * hd : (head + 1) * hd]  # [Q, hd]
-            q = q * cos[rows, at] + rotate_half(q) * sin[rows, at]
-            k = keys[rows, :, head // self.attn.num_key_value_groups]  # [Q, S, hd]: the KV head it reads (GQA)
-            logits = (k @ q[:, :, None])[..., 0] * self.attn.scaling + mask[rows, 0, at]  # [Q, S]
-            image = torch.log_softmax(logits, dim=-1)[:, image_start : image_start + wanted.shape[-1]]  # [Q, P]
-            on_objects = torch.logsumexp(image.masked_fill(~wanted[rows, turns], float("-inf")), dim=-1)  # [Q]
-            total = total - on_objects.mean()
-        return total
-
-
 class Objective:
     """Every loss of a training step, and the hooks they read the model through.
 
@@ -495,7 +305,7 @@ class Objective:
                 last = preset.num_hidden_layers - 1
                 raise TrainConfigError(f"grounding_layer {config.grounding_layer} is past the last layer ({last})")
             self.grounding = GroundingLoss(model, config.grounding_layer)
-        self.vision = _VisionFeatures(model)
+        self.vision = VisionFeatures(model)
         self.image_id = model.config.image_token_id
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -527,9 +337,13 @@ class Objective:
         total = out.loss + self.config.aux_weight * patch + self.config.position_weight * position
         total = total + self.config.grounding_weight * ground + scale
         return {
-            "answer": out.loss, "patch": patch, "position": position, "grounding": ground, "scale": scale,
+            "answer": out.loss,
+            "patch": patch,
+            "position": position,
+            "grounding": ground,
+            "scale": scale,
             "total": total,
-        }  # fmt: skip
+        }
 
     def remove(self) -> None:
         self.vision.remove()
@@ -570,12 +384,6 @@ class StepInfo:
     position_loss: float = 0.0  # the row / column read-out's squared error
     grounding_loss: float = 0.0  # -log of the grounded heads' attention on their objects, plus the read-out
     val_accuracy: float | None = None
-
-
-def activation_penalty(streams: list[torch.Tensor], max_rms: float) -> torch.Tensor:
-    """Sum over the streams of the mean excess of each token's RMS over `max_rms`. streams: [..., d] each"""
-    excess = [torch.relu((h.pow(2).mean(-1) + 1e-6).sqrt() - max_rms).mean() for h in streams]  # eps: finite grad at 0
-    return torch.stack(excess).sum()
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -631,9 +439,15 @@ def train(
 
         done = step + 1
         info = StepInfo(
-            done, config.steps, float(losses["answer"].detach()), lr, time.perf_counter() - start,
-            float(losses["patch"].detach()), float(losses["position"].detach()), float(losses["grounding"].detach()),
-        )  # fmt: skip
+            done,
+            config.steps,
+            float(losses["answer"].detach()),
+            lr,
+            time.perf_counter() - start,
+            float(losses["patch"].detach()),
+            float(losses["position"].detach()),
+            float(losses["grounding"].detach()),
+        )
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             info.val_accuracy = first_token_accuracy(model, encoder, validation)
             log.info("step %d: loss %.4f, validation first-token accuracy %.3f", done, info.loss, info.val_accuracy)

@@ -29,11 +29,25 @@ def membership(graph: gs.Graph, act: gs.Variable, layer: int, tokens_per_set: in
     ops = Ops(graph, f"cm.l{layer}")
     dtype = act.dtype or np.float32
     # 1. The k_tok-th largest activation of every token (TopK keeps the top values sorted).
-    values, _ = ops("TopK", [act, ops.const("k_tok", [tokens_per_set], np.int64)], "token_topk",
-                    attrs={"axis": -1, "largest": 1, "sorted": 1}, outputs=2)  # fmt: skip
+    values, _ = ops(
+        "TopK",
+        [act, ops.const("k_tok", [tokens_per_set], np.int64)],
+        "token_topk",
+        attrs={"axis": -1, "largest": 1, "sorted": 1},
+        outputs=2,
+    )
     values.dtype = dtype
-    threshold = ops("Slice", [values, ops.const("last", [-1], np.int64), ops.const("end", [tokens_per_set], np.int64),
-                              ops.const("axis", [1], np.int64)], "threshold", dtype=dtype)  # fmt: skip  # [T, 1]
+    threshold = ops(
+        "Slice",
+        [
+            values,
+            ops.const("last", [-1], np.int64),
+            ops.const("end", [tokens_per_set], np.int64),
+            ops.const("axis", [1], np.int64),
+        ],
+        "threshold",
+        dtype=dtype,
+    )  # [T, 1]
     # 2. At or above the threshold, and positive.
     at_least = ops("GreaterOrEqual", [act, threshold], "at_least", dtype=np.bool_)
     positive = ops("Greater", [act, ops.const("zero", 0.0, dtype)], "positive", dtype=np.bool_)
@@ -56,25 +70,38 @@ def core_neurons(
         return existing
     ops = Ops(graph, f"cm.l{layer}")
     # 1. f(n): for how many tokens each neuron is a core neuron.
-    counts = ops("ReduceSum", [member, ops.const("axis0", [0], np.int64)], "counts", dtype=np.float32,
-                 attrs={"keepdims": 0})  # fmt: skip  # [D]
+    counts = ops(
+        "ReduceSum", [member, ops.const("axis0", [0], np.int64)], "counts", dtype=np.float32, attrs={"keepdims": 0}
+    )  # [D]
     picked = []
     parts = zip(chunk_bounds(width, chunks), chunk_sizes(num_core, chunks), strict=True)
     for chunk, ((start, stop), share) in enumerate(parts):
         part = counts
         if chunks > 1:
-            part = ops("Slice", [counts, ops.const("s", [start], np.int64), ops.const("e", [stop], np.int64)],
-                       f"counts_chunk{chunk}", dtype=np.float32)  # fmt: skip
+            part = ops(
+                "Slice",
+                [counts, ops.const("s", [start], np.int64), ops.const("e", [stop], np.int64)],
+                f"counts_chunk{chunk}",
+                dtype=np.float32,
+            )
         # 2. The top counts; ONNX TopK breaks ties by the lower index, as the reference does.
-        _, top = ops("TopK", [part, ops.const("n", [share], np.int64)], f"neuron_topk{chunk}",
-                     attrs={"axis": -1, "largest": 1, "sorted": 1}, outputs=2)  # fmt: skip
+        _, top = ops(
+            "TopK",
+            [part, ops.const("n", [share], np.int64)],
+            f"neuron_topk{chunk}",
+            attrs={"axis": -1, "largest": 1, "sorted": 1},
+            outputs=2,
+        )
         top.dtype = np.int64
         # 3. Ascending order: a second TopK, smallest first (indices are exact in float32 below 2^24).
-        as_float = ops(
-            "Cast", [top], f"neuron_f{chunk}", dtype=np.float32, attrs={"to": int(onnx.TensorProto.FLOAT)}
+        as_float = ops("Cast", [top], f"neuron_f{chunk}", dtype=np.float32, attrs={"to": int(onnx.TensorProto.FLOAT)})
+        ordered, _ = ops(
+            "TopK",
+            [as_float, ops.const("n", [share], np.int64)],
+            f"neuron_sort{chunk}",
+            attrs={"axis": -1, "largest": 0, "sorted": 1},
+            outputs=2,
         )
-        ordered, _ = ops("TopK", [as_float, ops.const("n", [share], np.int64)], f"neuron_sort{chunk}",
-                         attrs={"axis": -1, "largest": 0, "sorted": 1}, outputs=2)  # fmt: skip
         ordered.dtype = np.float32
         index = ops("Cast", [ordered], f"neuron_i{chunk}", dtype=np.int64, attrs={"to": int(onnx.TensorProto.INT64)})
         if start:

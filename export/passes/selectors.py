@@ -93,8 +93,9 @@ def prompt_frequency(layer: PruneLayer) -> gs.Variable:
     b, ops = layer.budgets, layer.ops
     member = layer.member()  # [S, D]
     core = core_neurons(layer.graph, member, b.prune_layer, b.core_neurons, b.intermediate_size, b.neuron_chunks)
-    on_core = ops("Gather", [layer.image(member, "img_member"), core], "member_core", dtype=np.float32,
-                  attrs={"axis": 1})  # fmt: skip  # [n_img, N]
+    on_core = ops(
+        "Gather", [layer.image(member, "img_member"), core], "member_core", dtype=np.float32, attrs={"axis": 1}
+    )  # [n_img, N]
     axis = ops.const("axis1", [1], np.int64)
     return ops("ReduceSum", [on_core, axis], "score", dtype=np.float32, attrs={"keepdims": 0})  # [n_img]
 
@@ -115,8 +116,9 @@ def fastv(layer: PruneLayer) -> gs.Variable:
     ops = layer.ops
     name = f"attn_last.{layer.budgets.prune_layer}"
     probs = find_tensor(layer.graph, name)  # [H, S]
-    mean = ops("ReduceMean", [probs, ops.const("axis0", [0], np.int64)], "head_mean", dtype=np.float32,
-               attrs={"keepdims": 0})  # fmt: skip  # [S]
+    mean = ops(
+        "ReduceMean", [probs, ops.const("axis0", [0], np.int64)], "head_mean", dtype=np.float32, attrs={"keepdims": 0}
+    )  # [S]
     drop_output(layer.graph, name)
     return ops("Gather", [mean, layer.image_rows], "score", dtype=np.float32, attrs={"axis": 0})  # [n_img]
 
@@ -131,8 +133,13 @@ def random(layer: PruneLayer) -> gs.Variable:
 def _pick(ops: Ops, gain: gs.Variable, taken: gs.Variable, step: int) -> gs.Variable:
     """The first maximum of `gain` among the tokens not taken yet. -> scalar int64"""
     masked = ops("Where", [taken, ops.const("minus_one", -1.0, np.float32), gain], f"masked{step}", dtype=np.float32)
-    _, index = ops("TopK", [masked, ops.const("k1", [1], np.int64)], f"pick{step}",
-                   attrs={"axis": 0, "largest": 1, "sorted": 1}, outputs=2)  # fmt: skip  # ties: the lower index
+    _, index = ops(
+        "TopK",
+        [masked, ops.const("k1", [1], np.int64)],
+        f"pick{step}",
+        attrs={"axis": 0, "largest": 1, "sorted": 1},
+        outputs=2,
+    )  # ties: the lower index
     index.dtype = np.int64
     return ops("Squeeze", [index, ops.const("ax0", [0], np.int64)], f"picked{step}", dtype=np.int64)
 
@@ -141,8 +148,9 @@ def _record(ops: Ops, picked: gs.Variable, taken: gs.Variable, scores: gs.Variab
     """Marks the pick taken and scores it k - step. -> (taken [n] bool, scores [n] float)"""
     hit = ops("Equal", [ops.const("range", np.arange(n), np.int64), picked], f"hit{step}", dtype=np.bool_)
     taken = ops("Or", [taken, hit], f"taken{step}", dtype=np.bool_)
-    scores = ops("Where", [hit, ops.const("rank", float(k - step), np.float32), scores], f"scores{step}",
-                 dtype=np.float32)  # fmt: skip
+    scores = ops(
+        "Where", [hit, ops.const("rank", float(k - step), np.float32), scores], f"scores{step}", dtype=np.float32
+    )
     return taken, scores
 
 
@@ -155,9 +163,15 @@ def core_coverage(layer: PruneLayer) -> gs.Variable:
     member = layer.member()  # [S, D] 0/1
     image = layer.image(member, "img_member")  # [n_img, D]
     query = layer.last(member, "query_member")  # [D]
-    weight = ops("Add", [ops.const("base", 1.0, np.float32),
-                         ops("Mul", [query, ops.const("qw", COVERAGE_QUERY_WEIGHT, np.float32)], "query_weight",
-                             dtype=np.float32)], "weight0", dtype=np.float32)  # fmt: skip  # [D]
+    weight = ops(
+        "Add",
+        [
+            ops.const("base", 1.0, np.float32),
+            ops("Mul", [query, ops.const("qw", COVERAGE_QUERY_WEIGHT, np.float32)], "query_weight", dtype=np.float32),
+        ],
+        "weight0",
+        dtype=np.float32,
+    )  # [D]
     halvings = ops.const("halvings0", np.zeros(width), np.float32)
     taken = ops.const("taken0", np.zeros(n, dtype=bool), np.bool_)
     scores = ops.const("scores0", np.zeros(n), np.float32)
@@ -169,14 +183,26 @@ def core_coverage(layer: PruneLayer) -> gs.Variable:
             break
         row = ops("Gather", [image, picked], f"row{step}", dtype=np.float32, attrs={"axis": 0})  # [D]
         covered = ops("Greater", [row, ops.const("zero_f", 0.0, np.float32)], f"covered{step}", dtype=np.bool_)
-        room = ops("Less", [halvings, ops.const("floor", float(COVERAGE_FLOOR_HALVINGS), np.float32)],
-                   f"room{step}", dtype=np.bool_)  # fmt: skip
+        room = ops(
+            "Less",
+            [halvings, ops.const("floor", float(COVERAGE_FLOOR_HALVINGS), np.float32)],
+            f"room{step}",
+            dtype=np.bool_,
+        )
         halve = ops("And", [covered, room], f"halve{step}", dtype=np.bool_)
-        factor = ops("Where", [halve, ops.const("half", 0.5, np.float32), ops.const("whole", 1.0, np.float32)],
-                     f"factor{step}", dtype=np.float32)  # fmt: skip
+        factor = ops(
+            "Where",
+            [halve, ops.const("half", 0.5, np.float32), ops.const("whole", 1.0, np.float32)],
+            f"factor{step}",
+            dtype=np.float32,
+        )
         weight = ops("Mul", [weight, factor], f"weight{step + 1}", dtype=np.float32)
-        halvings = ops("Add", [halvings, ops("Cast", [halve], f"halved{step}", dtype=np.float32, attrs={"to": 1})],
-                       f"halvings{step + 1}", dtype=np.float32)  # fmt: skip
+        halvings = ops(
+            "Add",
+            [halvings, ops("Cast", [halve], f"halved{step}", dtype=np.float32, attrs={"to": 1})],
+            f"halvings{step + 1}",
+            dtype=np.float32,
+        )
     return scores
 
 
@@ -187,18 +213,36 @@ def max_min(layer: PruneLayer) -> gs.Variable:
     assert b.token_budget != "auto", "greedy selectors take a static budget"
     k, n = int(b.token_budget), b.num_image_tokens
     x = layer.image(layer.act, "img_act")  # [n_img, D]
-    square = ops("ReduceSum", [ops("Mul", [x, x], "sq", dtype=np.float32), ops.const("ax1", [1], np.int64)],
-                 "sq_sum", dtype=np.float32, attrs={"keepdims": 1})  # fmt: skip  # [n_img, 1]
-    norm = ops("Max", [ops("Sqrt", [square], "norm_raw", dtype=np.float32), ops.const("eps", 1e-12, np.float32)],
-               "norm", dtype=np.float32)  # fmt: skip
+    square = ops(
+        "ReduceSum",
+        [ops("Mul", [x, x], "sq", dtype=np.float32), ops.const("ax1", [1], np.int64)],
+        "sq_sum",
+        dtype=np.float32,
+        attrs={"keepdims": 1},
+    )  # [n_img, 1]
+    norm = ops(
+        "Max",
+        [ops("Sqrt", [square], "norm_raw", dtype=np.float32), ops.const("eps", 1e-12, np.float32)],
+        "norm",
+        dtype=np.float32,
+    )
     unit = ops("Div", [x, norm], "unit", dtype=np.float32)
-    cos = ops("MatMul", [unit, ops("Transpose", [unit], "unit_t", dtype=np.float32, attrs={"perm": [1, 0]})],
-              "cos", dtype=np.float32)  # fmt: skip  # [n_img, n_img]
+    cos = ops(
+        "MatMul",
+        [unit, ops("Transpose", [unit], "unit_t", dtype=np.float32, attrs={"perm": [1, 0]})],
+        "cos",
+        dtype=np.float32,
+    )  # [n_img, n_img]
     dist = ops("Sub", [ops.const("one_f", 1.0, np.float32), cos], "dist", dtype=np.float32)
-    off = ops("Where", [ops.const("eye", np.eye(n, dtype=bool), np.bool_), ops.const("inf", np.inf, np.float32), dist],
-              "off_diag", dtype=np.float32)  # fmt: skip
-    nearest = ops("ReduceMin", [off, ops.const("ax1b", [1], np.int64)], "nearest", dtype=np.float32,
-                  attrs={"keepdims": 0})  # fmt: skip  # [n_img]
+    off = ops(
+        "Where",
+        [ops.const("eye", np.eye(n, dtype=bool), np.bool_), ops.const("inf", np.inf, np.float32), dist],
+        "off_diag",
+        dtype=np.float32,
+    )
+    nearest = ops(
+        "ReduceMin", [off, ops.const("ax1b", [1], np.int64)], "nearest", dtype=np.float32, attrs={"keepdims": 0}
+    )  # [n_img]
     taken = ops.const("taken0", np.zeros(n, dtype=bool), np.bool_)
     scores = ops.const("scores0", np.zeros(n), np.float32)
     closest = None
