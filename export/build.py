@@ -25,12 +25,12 @@ import onnx_graphsurgeon as gs
 import torch
 
 import buildformat
-from buildformat import Manifest
+from buildformat import GRAPHS, Manifest
 from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
 from export.config import ExportConfig
-from export.manifest import GRAPHS, make_manifest
+from export.manifest import make_manifest
 from export.modules import Decoder
 from export.passes import (
     check_tensorrt,

@@ -26,12 +26,11 @@ from types import ModuleType
 from typing import Any
 
 import buildformat
-from buildformat import Engines, Manifest, ManifestError
+from buildformat import GRAPHS, Engines, Manifest, ManifestError
 from runtime.gpu import DeviceInfo, detect_gpu
 
 log = logging.getLogger(__name__)
 
-GRAPHS: tuple[str, ...] = ("vision", "embed", "prefill", "decode")
 ENGINE_DIR = "engines"
 ENGINE_NOTE = "an engine runs only on the GPU model and TensorRT version that built it"
 

@@ -15,6 +15,7 @@ from typing import Any
 import onnx
 
 from buildformat import (
+    GRAPHS,
     CoreMatchingInfo,
     Dim,
     Flops,
@@ -32,7 +33,6 @@ from export.weights import WEIGHTS
 from models import default_model_dir
 from models.answer import build_prompt
 
-GRAPHS = ("vision", "embed", "prefill", "decode")
 # The text of a typical question, for the FLOPs figures of the summary.
 QUESTION_TOKENS = 40
 

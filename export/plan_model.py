@@ -7,7 +7,7 @@ a laptop or on the Jetson itself.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +82,15 @@ class ModelGeometry(Geometry):
     @classmethod
     def from_preset(cls, preset: ModelPreset) -> ModelGeometry:
         return cls(
+            **asdict(Geometry.from_preset(preset)),
             name=preset.name,
             source="preset",
-            image_size=preset.image_size,
-            patch_size=preset.patch_size,
-            num_channels=3,
             vision_hidden_size=preset.vision_hidden_size,
             vision_intermediate_size=preset.vision_intermediate_size,
             vision_num_layers=preset.vision_num_layers,
             vision_num_heads=preset.vision_num_heads,
-            num_image_tokens=preset.num_image_tokens,
             projector_input_size=preset.vision_hidden_size,
-            projector_bias=True,
             text_model_type=preset.text_model_type,
-            hidden_size=preset.hidden_size,
-            intermediate_size=preset.intermediate_size,
-            num_layers=preset.num_hidden_layers,
-            num_heads=preset.num_attention_heads,
-            num_kv_heads=preset.num_key_value_heads,
-            head_dim=preset.text_head_dim,
-            vocab_size=preset.vocab_size,
             max_position_embeddings=preset.max_position_embeddings,
         )
 

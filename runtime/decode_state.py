@@ -27,6 +27,11 @@ def past_name(present: str) -> str:
     return PAST + present[len(PRESENT) :]
 
 
+def present_name(past: str) -> str:
+    """past.3.key -> present.3.key: the prefill output that fills a decode input."""
+    return PRESENT + past[len(PAST) :]
+
+
 def new_name(past: str) -> str:
     """past.3.key -> new.3.key: the decode output that holds the step's entries for that buffer."""
     return NEW + past[len(PAST) :]

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from buildformat import Manifest
+from buildformat import GRAPHS, Manifest
 from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
-from runtime.decode_state import DecodeState, is_cache, is_request_input, past_name
+from runtime.decode_state import DecodeState, is_cache, is_request_input, new_name, past_name
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class OrtBackend(Backend):
             name: ort.InferenceSession(
                 str(self.build_dir / manifest.graph(name).file), self._weights.options(name), providers=providers
             )
-            for name in ("vision", "embed", "prefill", "decode")
+            for name in GRAPHS
         }
         used = self.sessions["decode"].get_providers()[0]
         self.name = f"onnxruntime/{used}"
@@ -238,14 +238,14 @@ class OrtBackend(Backend):
         output that receives the new token's entries."""
         shape = (*present.shape[:2], capacity, present.shape[3])
         new_shape = (*present.shape[:2], 1, present.shape[3])
-        new_name = "new." + key[len("past.") :]
+        new = new_name(key)
         if self._cuda is None:
             buffer = np.zeros(shape, present.dtype)
             buffer[:, :, : present.shape[2]] = present
             self._buffers[key] = buffer
             binding.bind_cpu_input(key, buffer)  # read in place: no copy per step
             self._new[key] = np.empty(new_shape, present.dtype)
-            binding.bind_ortvalue_output(new_name, self._ort.OrtValue.ortvalue_from_numpy(self._new[key]))
+            binding.bind_ortvalue_output(new, self._ort.OrtValue.ortvalue_from_numpy(self._new[key]))
             return
         # Device: no host copy of the cache is kept (on a Jetson host and device memory are the same).
         buffer = self._cuda.DeviceBuffer(shape, present.dtype)
@@ -254,10 +254,10 @@ class OrtBackend(Backend):
         self._cuda.write_prefix(buffer, staged)
         self._cuda.check(self._cuda.load_cudart().cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         staged.free()
-        new = self._cuda.DeviceBuffer(new_shape, present.dtype)
-        self._device[key], self._device[new_name] = buffer, new
+        step = self._cuda.DeviceBuffer(new_shape, present.dtype)
+        self._device[key], self._device[new] = buffer, step
         binding.bind_input(key, self._device_type, 0, present.dtype, list(shape), buffer.ptr)
-        binding.bind_output(new_name, self._device_type, 0, present.dtype, list(new_shape), new.ptr)
+        binding.bind_output(new, self._device_type, 0, present.dtype, list(new_shape), step.ptr)
 
     def _release(self) -> None:
         for buffer in self._device.values():

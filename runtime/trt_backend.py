@@ -24,14 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from buildformat import Manifest, ManifestError
+from buildformat import GRAPHS, Manifest, ManifestError
 from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
 from runtime.cuda_memory import DeviceBuffer, Stream, write_prefix, write_token
-from runtime.decode_state import PAST, PRESENT, STEP_INPUTS, DecodeState, is_request_input
+from runtime.decode_state import STEP_INPUTS, DecodeState, is_request_input, present_name
 
 log = logging.getLogger(__name__)
-
-GRAPHS = ("vision", "embed", "prefill", "decode")
 
 
 # -- what needs no TensorRT: the manifest, the API choice, the cache sizes -------------------------------
@@ -438,11 +436,11 @@ class TrtBackend(Backend):
     ) -> _Request:
         """Cache buffers filled from the prefill, compacted weights taken over, the decode context bound once."""
         decode = self._io["decode"]
-        missing = [name for name in self._limits if PRESENT + name[len(PAST) :] not in outputs]
+        missing = [name for name in self._limits if present_name(name) not in outputs]
         if missing:
             raise BackendError(f"the prefill engine gives no cache for {missing[0]}; rebuild the engines")
         state = DecodeState.start(
-            {PRESENT + name[len(PAST) :]: outputs[PRESENT + name[len(PAST) :]].shape[2] for name in self._limits},
+            {present_name(name): outputs[present_name(name)].shape[2] for name in self._limits},
             prompt,
             answer,
             image_start,
@@ -457,7 +455,7 @@ class TrtBackend(Backend):
                     np.array([image_start], decode.dtype("image_start")), self.stream
                 )
             for name in self._limits:
-                present = outputs[PRESENT + name[len(PAST) :]]
+                present = outputs[present_name(name)]
                 num_kv, head_dim = present.shape[1], present.shape[3]
                 if decode.dtype(name) != present.dtype:
                     raise BackendError(f"prefill and decode disagree on the type of {name}; rebuild the engines")

@@ -49,6 +49,10 @@ def test_builds_pass_validation(built, name, mode):
     }
 
 
+# The flags of a small CoreMatching build of the tiny checkpoints.
+SMALL_BUILD = ["--token-budget", "5", "--prune-layer", "1", "--max-prompt-tokens", "64", "--max-sequence", "128"]
+
+
 def test_prefill_holds_core_token_topk_and_gather(built):
     result = built("llama-gqa", "cm")
     graph = onnx.load(result.out / "prefill.onnx").graph
@@ -207,14 +211,7 @@ def test_a_killed_build_leaves_a_partial_that_the_next_build_removes(checkpoint,
         str(checkpoint("llama")),
         "--out",
         str(out),
-        "--token-budget",
-        "5",
-        "--prune-layer",
-        "1",
-        "--max-prompt-tokens",
-        "64",
-        "--max-sequence",
-        "128",
+        *SMALL_BUILD,
     ]
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -247,14 +244,7 @@ def test_failed_validation_exits_1_writes_report_and_no_build(checkpoint, tmp_pa
             str(checkpoint("llama")),
             "--out",
             str(out),
-            "--token-budget",
-            "5",
-            "--prune-layer",
-            "1",
-            "--max-prompt-tokens",
-            "64",
-            "--max-sequence",
-            "128",
+            *SMALL_BUILD,
         ]
     )
     assert code == 1
