@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: weight-only quantization (int8/int4 weights, the `quantization` record)
 MANIFEST = "manifest.json"
 GRAPHS = ("vision", "embed", "prefill", "decode")
 PRECISIONS = ("float32", "float16")
+QUANTIZED = ("int8", "int4")
 
 
 class ManifestError(ValueError):
@@ -273,6 +274,41 @@ class WeightsIndex:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """Weight-only quantization of a build (docs/quantization.md); absent: float weights at `precision`.
+
+    weights: "int8" (symmetric, per output channel) or "int4" (symmetric, blocks of `block_size` along
+    the reduction axis; the neuron-sparse layers' down projection along the output axis).
+    method: "rtn", round to nearest (calibration-free).
+    quantized / kept_float: how many 2-D MatMul weights are stored quantized, and left in floats.
+    """
+
+    weights: str
+    block_size: int | None
+    method: str = "rtn"
+    quantized: int = 0
+    kept_float: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weights not in QUANTIZED:
+            raise _fail("quantization.weights", f"is {self.weights!r}, not one of {', '.join(QUANTIZED)}")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Quantization:
+        where = "quantization"
+        return cls(
+            weights=_take(data, "weights", str, where),
+            block_size=_take(data, "block_size", int, where, optional=True),
+            method=_take(data, "method", str, where),
+            quantized=_take(data, "quantized", int, where),
+            kept_float=_take(data, "kept_float", int, where),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
 class Engines:
     """TensorRT engines built on one machine (`python -m export engine`): graph -> engine file."""
 
@@ -344,6 +380,7 @@ class Manifest:
     tensorrt_reason: str = ""
     flops: Flops | None = None
     weights: WeightsIndex | None = None
+    quantization: Quantization | None = None  # None: float weights at `precision`
     validation: Mapping[str, Any] | None = None  # the build's validation report (export/validate.py)
     engines: Engines | None = None
     files: Mapping[str, str] = field(default_factory=dict)  # file of the build -> sha256
@@ -408,6 +445,7 @@ class Manifest:
             tensorrt_reason=str(trt.get("reason", "")),
             flops=Flops(**flops) if isinstance(flops, dict) else None,
             weights=WeightsIndex.from_json(data["weights"]) if data.get("weights") else None,
+            quantization=Quantization.from_json(data["quantization"]) if data.get("quantization") else None,
             validation=data.get("validation"),
             engines=Engines.from_json(data["engines"]) if data.get("engines") else None,
             files=dict(data.get("files") or {}),
@@ -435,6 +473,8 @@ class Manifest:
             out["flops"] = {f.name: getattr(self.flops, f.name) for f in fields(self.flops)}
         if self.weights is not None:
             out["weights"] = self.weights.to_json()
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_json()
         if self.validation is not None:
             out["validation"] = dict(self.validation)
         if self.engines is not None:

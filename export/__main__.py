@@ -29,7 +29,15 @@ def _build_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("builds/default"), help="build directory (default builds/default)")
     add_config_arguments(p)
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (GPU builds)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument(
+        "--weights",
+        choices=("fp32", "fp16", "int8", "int4"),
+        default=None,
+        help="weight precision (default: the activations', fp32 or fp16 with --fp16); int8: per output "
+        "channel, int4: blocks along the reduction axis (weight-only, round to nearest, docs/quantization.md)",
+    )
+    p.add_argument("--block-size", type=int, default=32, help="int4's block size: 16, 32, 64 or 128 (default 32)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 21 for int4 weights)")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image included (default 1024)")
     p.add_argument("--max-sequence", type=int, default=2048, help="longest prompt + answer (default 2048)")
     p.add_argument(
@@ -119,6 +127,8 @@ def run_build(args: argparse.Namespace) -> int:
             model_dir=args.model,
             corematching=corematching,
             fp16=args.fp16,
+            weights=args.weights,
+            block_size=args.block_size,
             opset=args.opset,
             force=args.force,
             validate=not args.no_validate,

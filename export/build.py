@@ -25,10 +25,11 @@ import onnx_graphsurgeon as gs
 import torch
 
 import buildformat
-from buildformat import GRAPHS, Manifest
+from buildformat import GRAPHS, Manifest, Quantization
 from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
+from coreMatching.quant_scheme import WeightQuant
 from export.config import ExportConfig
 from export.manifest import make_manifest
 from export.modules import Decoder
@@ -41,8 +42,11 @@ from export.passes import (
     insert_token_scores,
 )
 from export.passes.membership import TOPK_LIMIT
+from export.passes.quantize import quantize_weights
+from export.quantize import gathered_weights, quantize_graphs
 from export.trace import save_model, trace_decode, trace_embed, trace_prefill, trace_vision
 from export.validate import ValidationError, ValidationReport, validate_build
+from export.validate_quant import validate_quantized_build
 from export.weights import share_weights
 from models import default_model_dir, load_llava
 
@@ -110,18 +114,27 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
 
         stage("graph passes")
         seed = config.corematching.seed if config.corematching is not None else 0
-        trt_problems = _run_passes(tmp / "prefill.onnx", geometry, budgets, seed)
+        quant = config.quant
+        trt_problems, counts = _run_passes(tmp / "prefill.onnx", geometry, budgets, seed, quant)
+        quantization = None
+        if quant is not None:
+            vision = quantize_graphs(tmp, quant, budgets)
+            counts = {key: counts[key] + vision[key] for key in counts}
+            quantization = Quantization(quant.name, quant.block_size if quant.bits == 4 else None, **counts)
         weights = share_weights(tmp, [f"{name}.onnx" for name in GRAPHS])
         _copy_tokenizer(model_dir, processor, tmp)
         manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER)
-        manifest = buildformat.with_files(tmp, manifest.with_(weights=weights), files)
+        manifest = buildformat.with_files(tmp, manifest.with_(weights=weights, quantization=quantization), files)
         buildformat.write(tmp, manifest)
 
         report = None
         if config.validate:
             stage("validate")
-            report = validate_build(tmp, manifest, model, processor)
+            if quant is None:
+                report = validate_build(tmp, manifest, model, processor)
+            else:
+                report = validate_quantized_build(tmp, manifest, model, processor, quant)
             manifest = manifest.with_(validation=report.to_dict())
             if not report.passed:
                 path = out.parent / f"{out.name}.validation-failed.json"
@@ -185,8 +198,12 @@ def _check_limits(config: ExportConfig, model: Any, geometry: Geometry) -> None:
         )
 
 
-def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None, seed: int) -> list[str]:
-    """The CoreMatching passes over the traced prefill; returns what would stop a TensorRT build."""
+def _run_passes(
+    path: Path, geometry: Geometry, budgets: Budgets | None, seed: int, quant: WeightQuant | None
+) -> tuple[list[str], dict[str, int]]:
+    """The CoreMatching passes over the traced prefill (and the quantization, before the FFN gather, which
+    then gathers the stored integers and scales). -> what would stop a TensorRT build, the quantized and
+    float weight counts"""
     graph = gs.import_onnx(onnx.load(path))
     if budgets is not None:
         b = budgets
@@ -196,7 +213,11 @@ def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None, seed: i
         insert_core_token_selection(graph, b, scores)
         if b.token_merge != "none":
             insert_token_merge(graph, b)
-        for layer in b.neuron_sparse_layers:
+    counts = {"quantized": 0, "kept_float": 0}
+    if quant is not None:
+        counts = quantize_weights(graph, quant, gathered_weights(budgets))
+    if budgets is not None:
+        for layer in budgets.neuron_sparse_layers:
             insert_ffn_gather(graph, layer, f"decoder.layers.{layer}.mlp")
     problems = check_tensorrt(graph)
     if budgets is not None and budgets.token_budget == "auto":
@@ -205,7 +226,7 @@ def _run_passes(path: Path, geometry: Geometry, budgets: Budgets | None, seed: i
         problems.append(f"k_tok = {budgets.tokens_per_neuron_set} is above TopK's limit {TOPK_LIMIT}")
     model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=True)
     save_model(model, path)
-    return problems
+    return problems, counts
 
 
 def _copy_tokenizer(model_dir: Path, processor: Any, out: Path) -> None:

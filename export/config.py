@@ -7,9 +7,11 @@ from pathlib import Path
 
 from coreMatching.config import CoreMatchingConfig
 from coreMatching.errors import ConfigError
+from coreMatching.quant_scheme import WeightPrecision, WeightQuant
 
 # The dynamo exporter of torch 2.13 writes opset 18 and later.
 SUPPORTED_OPSETS = range(18, 24)
+INT4_OPSET = 21  # int4 and block_size in DequantizeLinear
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,9 @@ class ExportConfig:
     model_dir: a local llava-hf directory; None builds the embedded default model.
     out: the build directory (written to a temporary directory next to it, then renamed).
     corematching: the budgets; None builds the dense model (every token, every neuron).
-    fp16: weights and activations in float16 (validated with a looser tolerance, docs/architecture.md).
+    fp16: activations (and float weights) in float16 (validated with a looser tolerance, docs/architecture.md).
+    weights: "fp32"/"fp16" (the activations'), or "int8"/"int4" weight-only quantization of the 2-D
+        MatMul weights (docs/quantization.md); block_size: int4's block along the reduction axis.
     max_prompt_tokens / max_sequence: the longest prompt and prompt + answer the graphs are
         profiled for (TensorRT optimization profiles; the runtime refuses longer ones).
     tensorrt: keep the static-budget graphs within TensorRT's limits (chunked neuron selection
@@ -30,7 +34,9 @@ class ExportConfig:
     model_dir: Path | None = None
     corematching: CoreMatchingConfig | None = field(default_factory=CoreMatchingConfig)
     fp16: bool = False
-    opset: int = 18
+    weights: WeightPrecision | None = None  # None: the activations' float precision
+    block_size: int = 32
+    opset: int | None = None  # None: 18, or 21 for int4 weights (blocked DequantizeLinear)
     force: bool = False
     validate: bool = True
     max_prompt_tokens: int = 1024
@@ -38,6 +44,19 @@ class ExportConfig:
     tensorrt: bool = True
 
     def __post_init__(self) -> None:
+        activations = "fp16" if self.fp16 else "fp32"
+        if self.weights is None:
+            object.__setattr__(self, "weights", activations)
+        WeightQuant.from_name(self.weights, self.block_size)  # type: ignore[arg-type]  # checks both
+        if self.weights in ("fp32", "fp16") and self.weights != activations:
+            raise ConfigError(
+                f"--weights {self.weights} with {activations} activations: float weights follow the activations "
+                f"(add or drop --fp16), or quantize them with --weights int8 or int4"
+            )
+        if self.opset is None:
+            object.__setattr__(self, "opset", INT4_OPSET if self.weights == "int4" else 18)
+        if self.weights == "int4" and self.opset < INT4_OPSET:  # type: ignore[operator]
+            raise ConfigError(f"--weights int4 needs --opset {INT4_OPSET} or later (blocked DequantizeLinear)")
         if self.opset not in SUPPORTED_OPSETS:
             raise ConfigError(
                 f"--opset {self.opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
@@ -48,6 +67,11 @@ class ExportConfig:
             raise ConfigError(
                 f"max_sequence ({self.max_sequence}) must be larger than max_prompt_tokens ({self.max_prompt_tokens})"
             )
+
+    @property
+    def quant(self) -> WeightQuant | None:
+        """The quantization scheme, or None for float weights."""
+        return WeightQuant.from_name(self.weights, self.block_size)  # type: ignore[arg-type]
 
     @property
     def dense(self) -> bool:

@@ -52,9 +52,11 @@ def greedy(backend: Backend, image_token_id: int, input_ids: np.ndarray, pixel_v
 class OrtBuild:
     """A build on the runtime's ONNX Runtime backend, CPU provider."""
 
-    def __init__(self, build_dir: str | Path, manifest: Manifest, level: Any = None) -> None:
+    def __init__(self, build_dir: str | Path, manifest: Manifest, level: Any = None, accuracy_level: int = 1) -> None:
         self.manifest = manifest
-        self.backend = OrtBackend(build_dir, manifest, provider="cpu", optimization_level=level)
+        self.backend = OrtBackend(
+            build_dir, manifest, provider="cpu", optimization_level=level, accuracy_level=accuracy_level
+        )
 
     def greedy(self, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int) -> OrtGeneration:
         return greedy(self.backend, self.manifest.model.image_token_id, input_ids, pixel_values, steps)

@@ -44,7 +44,9 @@ def print_validation(report: Any, console: Console | None = None) -> None:
 def print_summary(result: Any, console: Console | None = None) -> None:
     console = console or Console()
     manifest = result.manifest
-    graphs = Table(title=f"build {result.out} ({manifest.precision}, opset {manifest.opset})")
+    q = manifest.quantization
+    weights = "" if q is None else f", {q.weights} weights" + (f" (blocks of {q.block_size})" if q.block_size else "")
+    graphs = Table(title=f"build {result.out} ({manifest.precision}{weights}, opset {manifest.opset})")
     for column in ("graph", "file", "size", "inputs", "outputs"):
         graphs.add_column(column)
     for name, graph in manifest.graphs.items():

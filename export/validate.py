@@ -126,6 +126,7 @@ class ValidationReport:
     criteria: Criteria
     optimization_level: str
     cases: list[CaseReport]
+    quantization: dict[str, Any] | None = None  # a quantized build's checks (export/validate_quant.py)
 
     @property
     def passed(self) -> bool:
@@ -139,7 +140,7 @@ class ValidationReport:
             "criteria": asdict(self.criteria),
             "optimization_level": self.optimization_level,
             "cases": [asdict(case) | {"passed": case.passed} for case in self.cases],
-        }
+        } | ({"quantization": self.quantization} if self.quantization is not None else {})
 
 
 def corematching_from_manifest(manifest: Manifest) -> CoreMatchingConfig | None:
@@ -204,12 +205,15 @@ def validate_build(
     processor: Any,
     steps: int = 32,
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    accuracy_level: int = 1,
+    criteria: Criteria | None = None,
 ) -> ValidationReport:
-    """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares."""
+    """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares.
+    accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the precision's."""
     config = corematching_from_manifest(manifest)
     precision = manifest.precision
-    criteria = CRITERIA[precision]
-    runner = OrtBuild(build_dir, manifest, level=level)
+    criteria = criteria or CRITERIA[precision]
+    runner = OrtBuild(build_dir, manifest, level=level, accuracy_level=accuracy_level)
     cases = []
     for name, image, question in validation_cases(manifest.model.image_size):
         inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")

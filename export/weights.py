@@ -39,10 +39,9 @@ def share_weights(build: Path, graphs: list[str]) -> WeightsIndex:
             model = onnx.load(path, load_external_data=True)
             entries: dict[str, WeightEntry] = {}
             for tensor in model.graph.initializer:
-                array = numpy_helper.to_array(tensor)
-                if array.nbytes < MIN_BYTES:
+                data, dtype = _stored_bytes(tensor)
+                if len(data) < MIN_BYTES:
                     continue
-                data = np.ascontiguousarray(array).tobytes()
                 key = (tensor.name, hashlib.sha256(data).hexdigest())
                 if key not in stored:
                     blob.write(b"\0" * (-blob.tell() % ALIGN))
@@ -50,13 +49,22 @@ def share_weights(build: Path, graphs: list[str]) -> WeightsIndex:
                     blob.write(data)
                 offset = stored[key]
                 _point_at(tensor, offset, len(data))
-                entries[tensor.name] = WeightEntry(offset, array.dtype.name, tuple(array.shape))
+                entries[tensor.name] = WeightEntry(offset, dtype, tuple(tensor.dims))
             onnx.save_model(model, path)
             stale = build / f"{graph}.data"
             if stale.exists():
                 stale.unlink()
             index[graph] = entries
     return WeightsIndex(file=WEIGHTS, graphs=index)
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> tuple[bytes, str]:
+    """The bytes ONNX external data holds for `tensor`, and its dtype name. int4 has no numpy type: its
+    packed bytes (two values per byte) are taken as they are and named "int4"."""
+    if tensor.data_type == onnx.TensorProto.INT4:
+        return tensor.raw_data, "int4"
+    array = numpy_helper.to_array(tensor)
+    return np.ascontiguousarray(array).tobytes(), array.dtype.name
 
 
 def _point_at(tensor: onnx.TensorProto, offset: int, length: int) -> None:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "default-small"
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
 IMAGE_TOKEN = "<image>"
+TRAINED_VOCAB = 1024  # the BPE vocabulary the training corpus gives (the default model's)
 
 # LLaVA-1.5's template (as in llava-hf/llava-1.5-7b-hf): one user turn with an image
 # and a question renders as "USER: <image>\n{question} ASSISTANT:". `<s>` is not in the
@@ -229,20 +230,25 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    # A vocabulary beyond what the corpus trains (a 7B-width preset's 32064) is the trained one with
+    # `<unused_i>` tokens appended after `<image>`: ids a random model may emit, never produced by text.
+    trained = min(vocab_size, TRAINED_VOCAB)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1,  # leave the last id for <image>, as LLaVA appends it after the text vocab
+        vocab_size=trained - 1,  # leave the last id for <image>, as LLaVA appends it after the text vocab
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(training_corpus(), trainer)
-    if tok.get_vocab_size() != vocab_size - 1:
+    if tok.get_vocab_size() != trained - 1:
         # The corpus ran out of merges: the preset's vocabulary would not match the tokenizer.
-        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {vocab_size - 1}")
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {trained - 1}")
     tok.add_special_tokens([IMAGE_TOKEN])
+    if vocab_size > trained:
+        tok.add_special_tokens([f"<unused_{i}>" for i in range(vocab_size - trained)])
     bos = SPECIAL_TOKENS[1]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]

@@ -277,6 +277,25 @@ _PRESET_LIST: tuple[ModelPreset, ...] = (
         description="llava-hf/llava-1.5-7b-hf geometry (Vicuna-7B); for FLOPs/memory planning",
     ),
     ModelPreset(
+        # llava-1.5-7b's widths, vocabulary size, vision tower and image geometry with 4 decoder layers
+        # (1.4B parameters): the 7B-width graphs (external data, chunked core-neuron TopK, int4 blocks)
+        # built and run on a CPU (scripts/bench_7b_width.py). The ids are the project tokenizer's.
+        name="llava-7b-width",
+        **_clip_l14_336(),
+        text_model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        image_token_id=1023,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        description="llava-1.5-7b widths, vocabulary and CLIP-L/336 tower, 4 decoder layers: 7B-width builds on a CPU",
+    ),
+    ModelPreset(
         name="llava-1.5-13b",
         **_clip_l14_336(),
         text_model_type="llama",

@@ -37,6 +37,11 @@ PROVIDERS = {
 }
 # What "auto" tries, best first.
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+INT4 = 22  # onnx.TensorProto.INT4 (the runtime does not import onnx)
+# MatMulNBits' accuracy levels (quantized builds): 1 multiplies in fp32 (the reference's arithmetic, what
+# validation checks, the default here); 4 (ONNX Runtime's own default) with activations quantized to
+# int8 per block, faster but measured to change greedy answers (docs/quantization.md).
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 TRT_CACHE = "trt_cache"
 
 
@@ -101,11 +106,22 @@ class SharedWeights:
     and pre-packing is off, so the process holds each weight once (the pages are the file's).
     """
 
-    def __init__(self, build_dir: Path, manifest: Manifest, ort: Any, level: Any = None) -> None:
+    def __init__(
+        self,
+        build_dir: Path,
+        manifest: Manifest,
+        ort: Any,
+        level: Any = None,
+        accuracy_level: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        self.device = device  # "cpu": views of the mapped file; "cuda": one device copy of each weight
         self.ort = ort
         self.level = level
         self.index = manifest.weights
-        self.values: list[Any] = []  # the OrtValues must outlive the sessions
+        self.quantized = manifest.quantization is not None
+        self.accuracy_level = accuracy_level
+        self.shared: dict[int, Any] = {}  # weights.bin offset -> its OrtValue (must outlive the sessions)
         self.mapped = None
         if self.index:
             self.mapped = np.memmap(build_dir / self.index.file, dtype=np.uint8, mode="r")
@@ -120,20 +136,50 @@ class SharedWeights:
         options.enable_cpu_mem_arena = False
         if self.mapped is None:
             return options
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.quantized:
+            # MatMulNBits (the fused form of a quantized weight's DequantizeLinear + MatMul) runs its fast
+            # kernels on pre-packed weights only: measured 130 ms vs 0.9 ms for a 4096 x 11008 int4 matmul.
+            # ONNX Runtime's Python API has no cross-session pre-packed container, so each session packs
+            # its own copy of what it reads (docs/quantization.md, memory).
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
+        else:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         for name, entry in self.index.graphs[f"{graph}.onnx"].items():
-            view = np.ndarray(entry.shape, dtype=np.dtype(entry.dtype), buffer=self.mapped, offset=entry.offset)
-            value = self.ort.OrtValue.ortvalue_from_numpy(view)
-            self.values.append(value)
-            options.add_initializer(name, value)
+            # One value per stored weight, given to every session that reads it (weights.bin holds each once).
+            if entry.offset not in self.shared:
+                self.shared[entry.offset] = self._value(entry)
+            options.add_initializer(name, self.shared[entry.offset])
         return options
+
+    def _value(self, entry: Any) -> Any:
+        if entry.dtype != "int4":
+            view = np.ndarray(entry.shape, dtype=np.dtype(entry.dtype), buffer=self.mapped, offset=entry.offset)
+            if self.device == "cuda":
+                return self.ort.OrtValue.ortvalue_from_numpy(view, "cuda", 0)  # copied to the device once
+            return self.ort.OrtValue.ortvalue_from_numpy(view)
+        # int4 on the CUDA provider: ONNX Runtime's Python API makes int4 values on the host only, so each
+        # session copies them to the device (docs/quantization.md).
+        # numpy has no int4: ONNX Runtime takes the logical shape from the array and reads the packed
+        # bytes (two values per byte) from its data pointer, so the array is a zero-stride view of the
+        # shape over the first packed byte (nothing is copied; the bytes stay the mapped file's).
+        first = np.ndarray((1,), dtype=np.uint8, buffer=self.mapped, offset=entry.offset)
+        view = np.lib.stride_tricks.as_strided(first, shape=entry.shape, strides=(0,) * len(entry.shape))
+        return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, INT4)
 
 
 class OrtBackend(Backend):
     def __init__(
-        self, build_dir: str | Path, manifest: Manifest, provider: str = "auto", optimization_level: Any = None
+        self,
+        build_dir: str | Path,
+        manifest: Manifest,
+        provider: str = "auto",
+        optimization_level: Any = None,
+        accuracy_level: int = 1,
     ) -> None:
-        """`optimization_level`: an onnxruntime.GraphOptimizationLevel (default: ONNX Runtime's, all)."""
+        """`optimization_level`: an onnxruntime.GraphOptimizationLevel (default: ONNX Runtime's, all);
+        `accuracy_level`: MatMulNBits' for quantized builds (`ACCURACY_LEVELS`)."""
+        if accuracy_level not in ACCURACY_LEVELS:
+            raise BackendError(f"accuracy level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         ort = _import_ort()
         self.build_dir = Path(build_dir)
         self.manifest = manifest
@@ -143,7 +189,12 @@ class OrtBackend(Backend):
         )
         for warning in warnings:
             log.warning(warning)
-        self._weights = SharedWeights(self.build_dir, manifest, ort, optimization_level)
+        # The CUDA provider reads each weight from one device copy that every session shares (ONNX Runtime
+        # uses an added initializer in place when it already lives on the device the session plans it on);
+        # TensorRT builds its engines from host copies, and the CPU shares the mapped file.
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        device = "cuda" if first == PROVIDERS["cuda"] else "cpu"
+        self._weights = SharedWeights(self.build_dir, manifest, ort, optimization_level, accuracy_level, device=device)
         self.sessions = {
             name: ort.InferenceSession(
                 str(self.build_dir / manifest.graph(name).file), self._weights.options(name), providers=providers

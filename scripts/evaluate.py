@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="questions for the teacher-forced decode fidelity (0 to skip; default 100)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=("fp32", "int8", "int4"),
+        default="fp32",
+        help="the reference on weights quantized as a build of that precision stores them (default fp32)",
+    )
+    parser.add_argument("--block-size", type=int, default=32, help="int4's block size (default 32)")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
     args = parser.parse_args(argv)
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             grid=args.grid,
             fidelity_count=args.fidelity_count,
             workers=args.workers,
+            weights=args.weights,
+            block_size=args.block_size,
         )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

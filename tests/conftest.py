@@ -112,3 +112,13 @@ def built(checkpoint, tmp_path_factory):
         return results[name, mode]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `heavy` (7B-width builds: minutes and ~20 GB) run only when asked for, with `-m heavy`."""
+    if "heavy" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="builds 7B-width graphs (minutes, ~20 GB of memory): run with `pytest -m heavy`")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

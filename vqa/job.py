@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from coreMatching.errors import ConfigError
 from vqa.data import Item, jsonl_items, shapes_items
@@ -67,6 +68,8 @@ class EvalJob:
     grid: int = 5  # rows of the core-token picture (shapes data only)
     fidelity_count: int = 100  # questions of the teacher-forced decode-fidelity figures (0: none)
     workers: int = 1  # processes answering the reference settings (each holds a copy of the model)
+    weights: str = "fp32"  # "int8"/"int4": the reference on quantized-then-dequantized weights
+    block_size: int = 32  # int4's block
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -87,12 +90,32 @@ class EvalJob:
         return f"`{self.data.name}`" if self.data is not None else f"shapes dataset, {self.split} split"
 
 
-def run_job(job: EvalJob, progress: Progress | None = None) -> tuple[EvalResult, list[Item]]:
+def load_model(job: EvalJob) -> tuple[Any, Any]:
+    """The job's model and processor, its weights fake-quantized as a build of `job.weights` stores them
+    (coreMatching.quant: the neuron-sparse layers' down projections blocked along their output axis)."""
+    from coreMatching.quant import down_projections, fake_quantize_
+    from coreMatching.quant_scheme import WeightQuant
     from models import default_model_dir, load_llava
+
+    model, processor = load_llava(job.model_dir or default_model_dir())
+    quant = WeightQuant.from_name(job.weights, job.block_size)
+    if quant is not None:
+        import torch
+
+        text = model.config.text_config
+        budgets = job.config.corematching(Setting("core-coverage", 64), 576).resolve(
+            num_layers=text.num_hidden_layers, intermediate_size=text.intermediate_size, num_image_tokens=576
+        )
+        fake_quantize_(model, quant, torch.float32, down_projections(frozenset(budgets.neuron_sparse_layers)))
+    return model, processor
+
+
+def run_job(job: EvalJob, progress: Progress | None = None) -> tuple[EvalResult, list[Item]]:
+    from models import default_model_dir
     from models.loading import num_image_tokens
 
     model_dir = job.model_dir or default_model_dir()
-    model, processor = load_llava(model_dir)
+    model, processor = load_model(job)
     items = job.items()
     n_img = num_image_tokens(model.config)
 

@@ -23,10 +23,10 @@ _WORKER: dict[str, Any] = {}
 def _start_worker(job: Any) -> None:
     import torch
 
-    from models import default_model_dir, load_llava
+    from vqa.job import load_model
 
     torch.set_num_threads(1)  # one process per core
-    model, processor = load_llava(job.model_dir or default_model_dir())
+    model, processor = load_model(job)
     _WORKER["evaluator"] = ReferenceEvaluator(model, processor, job.config)
     _WORKER["items"] = job.items()
 

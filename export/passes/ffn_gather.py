@@ -7,6 +7,11 @@ After:  it also outputs `ffn.{layer}.gate_t` [d, N], `ffn.{layer}.up_t` [d, N]
 and `ffn.{layer}.down_t` [N, d]: the pruned columns (rows of down), which the
 decode graph takes as inputs for the whole answer. The decode step then reads
 N of D neurons' weights and never gathers again.
+
+Quantized weights (`export.passes.quantize`, run before this pass) are gathered in their stored
+form, never dequantized whole: the outputs are `ffn.{layer}.{w}.q` (or `.packed`) and
+`ffn.{layer}.{w}.scale`, the core neurons' integers and their scales (a per-output-channel scale of
+down, whose columns are not gathered, passes through whole).
 """
 
 from __future__ import annotations
@@ -23,17 +28,39 @@ def insert_ffn_gather(graph: gs.Graph, layer: int, prefix: str) -> gs.Graph:
     ops = Ops(graph, f"cm.ffn{layer}")
     # 1. The layer's core neurons (from the core-neuron pass).
     core = find_tensor(graph, f"core_neurons.{layer}")
+    n = core.shape[0] if core.shape else "N"
     for weight, axis in WEIGHTS:
-        # 2. The weight initializer, as the trace named it.
+        # 2. The weight initializer as the trace named it, or the dequantization of its stored form.
         w = find_tensor(graph, f"{prefix}.{weight}")
-        if not isinstance(w, gs.Constant):
+        if isinstance(w, gs.Constant):
+            parts = [(w, axis, f"ffn.{layer}.{weight}")]
+        elif w.inputs and w.inputs[0].op == "DequantizeLinear":
+            parts = _stored_parts(graph, w, axis, f"ffn.{layer}.{weight}")
+        else:
             raise ValueError(f"{w.name} is not an initializer; the FFN-gather pass needs the weights in the graph")
-        # 3. Gather the core neurons' columns (or rows) into a graph output.
-        out = ops("Gather", [w, core], weight, dtype=w.dtype, attrs={"axis": axis})
-        out.name = f"ffn.{layer}.{weight}"
-        rows, cols = w.shape
-        out.shape = (
-            [rows, core.shape[0] if core.shape else "N"] if axis == 1 else [core.shape[0] if core.shape else "N", cols]
-        )
-        graph.outputs.append(out)
+        # 3. Gather the core neurons' columns (or rows) into graph outputs.
+        for tensor, gather_axis, name in parts:
+            part = name.removeprefix(f"ffn.{layer}.")  # gate_t, or gate_t.q and gate_t.scale
+            if gather_axis is None:  # a scale that the gather does not touch
+                out = ops("Identity", [tensor], part, dtype=tensor.dtype, shape=list(tensor.shape))
+            else:
+                shape = list(tensor.shape)
+                shape[gather_axis] = n
+                attrs = {"axis": gather_axis}
+                out = ops("Gather", [tensor, core], part, dtype=tensor.dtype, shape=shape, attrs=attrs)
+            out.name = name
+            graph.outputs.append(out)
     return graph.cleanup().toposort()
+
+
+def _stored_parts(graph: gs.Graph, w: gs.Variable, axis: int, out: str) -> list[tuple[gs.Tensor, int | None, str]]:
+    """(tensor, gather axis or None, output name) of a quantized weight's data and scale."""
+    dq = w.inputs[0]
+    scale = dq.inputs[1]
+    packed = graph.tensors().get(f"{w.name}.packed")
+    data, suffix = (packed, "packed") if packed is not None else (dq.inputs[0], "q")
+    if not isinstance(data, gs.Constant) or not isinstance(scale, gs.Constant):
+        raise ValueError(f"{w.name}: the stored weight and its scale must be initializers")
+    # A per-output-channel scale [N] follows the columns; blocked scales [K/B, N] / [K, N/B] follow the axis.
+    scale_axis = (0 if axis == 1 else None) if len(scale.shape) == 1 else axis
+    return [(data, axis, f"{out}.{suffix}"), (scale, scale_axis, f"{out}.scale")]

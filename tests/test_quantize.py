@@ -1,0 +1,301 @@
+"""Weight-only quantization: the arithmetic, the graph pass on small graphs, the FFN gather of stored weights,
+and quantized builds (validated against the fake-quant reference, answered by the runtime)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import CM
+
+from buildformat import Quantization, read
+from coreMatching import ConfigError
+from coreMatching.quant import down_projections, fake_quantize_, quantize
+from coreMatching.quant_scheme import Layout, WeightQuant
+from export.__main__ import main
+from export.config import ExportConfig
+from export.passes import insert_ffn_gather
+from export.passes.quantize import dequantize_input, quantize_weights, stored_form
+
+INT8, INT4 = WeightQuant(8), WeightQuant(4, block_size=32)
+
+
+def session(graph: gs.Graph, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, path=None) -> ort.InferenceSession:
+    model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if path is not None:
+        options.optimized_model_filepath = str(path)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [Layout(8, axis=1, block_size=None), Layout(4, axis=0, block_size=32), Layout(4, axis=1, block_size=32)],
+    ids=["int8", "int4-rows", "int4-cols"],
+)
+def test_round_to_nearest_is_within_half_a_step(layout):
+    w = torch.from_numpy(weight(64, 96))
+    q = quantize(w, layout, torch.float32)
+    qmax = 2 ** (layout.bits - 1) - 1
+    assert q.q.dtype == torch.int8 and int(q.q.abs().max()) == qmax  # every group's largest value hits qmax
+    step = q.dequantize() - w
+    bound = (q.scale[None, :] if layout.block_size is None else q.scale.repeat_interleave(32, layout.axis)) / 2
+    assert bool((step.abs() <= bound + 1e-7).all())
+    expected = {None: [96], 0: [2, 96], 1: [64, 3]}[layout.axis if layout.block_size else None]
+    assert list(q.scale.shape) == expected
+
+
+def test_an_all_zero_group_gets_scale_one_and_stays_zero():
+    w = torch.zeros(64, 4)
+    w[:32, 0] = 1.0
+    q = quantize(w, Layout(4, axis=0, block_size=32), torch.float32)
+    assert q.scale[1, 0] == 1.0 and q.scale[0, 1] == 1.0
+    assert torch.equal(q.dequantize(), w)
+
+
+def test_scheme_layouts_and_errors():
+    assert INT8.layout((100, 7)) == Layout(8, 1, None)
+    assert INT4.layout((64, 96)) == Layout(4, 0, 32)
+    assert INT4.layout((96, 64), rows_gathered=True) == Layout(4, 1, 32)
+    assert INT4.layout((48, 96)) is None  # K not a multiple of the block: stays in floats
+    assert INT4.layout((64, 96, 2)) is None
+    assert WeightQuant.from_name("fp16") is None and WeightQuant.from_name("int4", 64).block_size == 64
+    with pytest.raises(ConfigError, match="--weights must be one of"):
+        WeightQuant.from_name("int3")
+    with pytest.raises(ConfigError, match="--block-size"):
+        WeightQuant(4, block_size=48)
+
+
+def matmul_graph(w: np.ndarray, name: str = "blk.w") -> gs.Graph:
+    x = gs.Variable("x", np.float32, [3, w.shape[0]])
+    y = gs.Variable("y", np.float32, [3, w.shape[1]])
+    node = gs.Node("MatMul", inputs=[x, gs.Constant(name, w)], outputs=[y])
+    return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=21)
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4], ids=["int8", "int4"])
+def test_quantize_pass_matches_the_dequantized_weight_and_fuses(scheme, tmp_path):
+    w = weight(64, 96)
+    graph = matmul_graph(w)
+    counts = quantize_weights(graph, scheme, {})
+    assert counts == {"quantized": 1, "kept_float": 0}
+    assert [n.op for n in graph.nodes] == ["DequantizeLinear", "MatMul"]
+    reference = quantize(torch.from_numpy(w), scheme.layout(w.shape), torch.float32).dequantize().numpy()
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    exact = session(graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    np.testing.assert_allclose(exact, x @ reference, rtol=1e-5, atol=1e-5)
+    # ONNX Runtime fuses the weight-only DequantizeLinear + MatMul into its low-bit MatMulNBits kernel.
+    fused = session(graph, path=tmp_path / "opt.onnx").run(None, {"x": x})[0]
+    assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node] == ["MatMulNBits"]
+    np.testing.assert_allclose(fused, x @ reference, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_the_blocks_do_not_divide_stay_in_floats():
+    graph = matmul_graph(weight(48, 96))
+    assert quantize_weights(graph, INT4, {}) == {"quantized": 0, "kept_float": 1}
+    assert [n.op for n in graph.nodes] == ["MatMul"]
+
+
+def ffn_graph(weights: dict[str, np.ndarray], n: int) -> gs.Graph:
+    d = weights["gate_t"].shape[0]
+    consts = {name: gs.Constant(f"blk.{name}", value) for name, value in weights.items()}
+    x = gs.Variable("x", np.float32, [1, d])
+    core = gs.Variable("core_neurons.0", np.int64, [n])
+    g, u, a, y = (gs.Variable(name, np.float32) for name in ("g", "u", "a", "y"))
+    nodes = [
+        gs.Node("MatMul", inputs=[x, consts["gate_t"]], outputs=[g]),
+        gs.Node("MatMul", inputs=[x, consts["up_t"]], outputs=[u]),
+        gs.Node("Mul", inputs=[g, u], outputs=[a]),
+        gs.Node("MatMul", inputs=[a, consts["down_t"]], outputs=[y]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[x, core], outputs=[y], opset=21)
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4], ids=["int8", "int4"])
+def test_ffn_gather_takes_stored_rows_and_scales_that_decode_dequantizes(scheme):
+    """Prefill gathers the core neurons' integers and scales (never the dequantized matrix); a decode graph's
+    float input replaced by `dequantize_input` rebuilds exactly the gathered columns (rows of down)."""
+    d, width, n = 64, 96, 7
+    weights = {"gate_t": weight(d, width, 1), "up_t": weight(d, width, 2), "down_t": weight(width, d, 3)}
+    axes = {"gate_t": 1, "up_t": 1, "down_t": 0}
+    prefill = ffn_graph(weights, n)
+    quantize_weights(prefill, scheme, {f"blk.{w}": axis for w, axis in axes.items()})
+    prefill = insert_ffn_gather(prefill, 0, "blk")
+    dq_inputs = {t.name for node in prefill.nodes if node.op == "Gather" for t in node.inputs}
+    assert not any(name.endswith(".float") for name in dq_inputs)  # no float copy of the weights is gathered
+    idx = np.array([1, 4, 5, 9, 12, 17, 95])
+    x = np.random.default_rng(4).standard_normal((1, d)).astype(np.float32)
+    out = session(prefill).run(None, {"x": x, "core_neurons.0": idx})
+    names = [o.name for o in prefill.outputs]
+    gathered = dict(zip(names, out, strict=True))
+    suffix = "packed" if scheme.bits == 4 else "q"
+    assert gathered[f"ffn.0.gate_t.{suffix}"].dtype == (np.uint8 if scheme.bits == 4 else np.int8)
+
+    for w, axis in axes.items():
+        full = weights[w]
+        form = stored_form(scheme, full.shape, axis)
+        layout = form.layout
+        expected = quantize(torch.from_numpy(full), layout, torch.float32).dequantize().numpy()
+        expected = expected[:, idx] if axis == 1 else expected[idx]
+        compact = list(expected.shape)
+        old = gs.Variable(f"ffn.0.{w}", np.float32, compact)
+        y = gs.Variable("y", np.float32, compact)
+        decode = gs.Graph(nodes=[gs.Node("Identity", inputs=[old], outputs=[y])], inputs=[old], outputs=[y], opset=21)
+        dequantize_input(decode, old, form, compact)
+        feeds = {t.name: gathered[t.name] for t in decode.inputs}
+        np.testing.assert_array_equal(session(decode).run(None, feeds)[0], expected)
+
+
+def test_fake_quantize_gives_the_pass_weights():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"language_model": torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Linear(96, 64, bias=False)])})}
+    )
+    model.language_model.layers[0].down_proj = torch.nn.Linear(96, 64, bias=False)
+    w_t = model.language_model.layers[0].down_proj.weight.detach().t().clone()  # [96, 64]
+    summary = fake_quantize_(model, INT4, torch.float32, down_projections(frozenset({0})))
+    assert summary["quantized"] == 2
+    expected = quantize(w_t, Layout(4, axis=1, block_size=32), torch.float32).dequantize()
+    assert torch.equal(model.language_model.layers[0].down_proj.weight.t(), expected)
+    assert down_projections(frozenset({0}))("model.language_model.layers.0.mlp.down_proj")
+    assert not down_projections(frozenset({0}))("model.language_model.layers.1.mlp.down_proj")
+    assert not down_projections(frozenset({0}))("model.vision_tower.encoder.layers.0.mlp.fc2")
+
+
+def test_export_config_checks_precisions(tmp_path):
+    assert ExportConfig(out=tmp_path / "b", weights="int4").opset == 21
+    assert ExportConfig(out=tmp_path / "b", fp16=True).weights == "fp16"
+    with pytest.raises(ConfigError, match="float weights follow the activations"):
+        ExportConfig(out=tmp_path / "b", weights="fp16")
+    with pytest.raises(ConfigError, match="needs --opset 21"):
+        ExportConfig(out=tmp_path / "b", weights="int4", opset=18)
+
+
+def test_cli_rejects_a_bad_block_size_in_one_line(tmp_path, capsys):
+    assert main(["build", "--out", str(tmp_path / "b"), "--weights", "int4", "--block-size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "--block-size must be one of" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def quantized_builds(checkpoint, built, tmp_path_factory):
+    from export.build import build
+
+    results = {}
+    for weights in ("int8", "int4"):
+        out = tmp_path_factory.mktemp("qbuilds") / weights
+        config = ExportConfig(
+            out=out,
+            model_dir=checkpoint("llama"),
+            corematching=CM,
+            weights=weights,
+            max_prompt_tokens=64,
+            max_sequence=128,
+        )
+        results[weights] = build(config)
+    return results
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_builds_validate_against_the_fake_quant_reference(quantized_builds, built, weights):
+    result = quantized_builds[weights]
+    report = result.validation
+    assert report.passed, report.to_dict()
+    for case in report.cases:
+        assert case.equal_tokens == 32 and case.max_logit_diff <= 1e-4 and case.kept_equal and case.core_equal
+    distance = report.quantization["distance_to_float"]
+    assert {d["case"] for d in distance} == {"example", "random"} and all(d["max_logit_diff"] > 0 for d in distance)
+    manifest = read(result.out)
+    assert manifest.quantization == Quantization(
+        weights, 32 if weights == "int4" else None, "rtn", manifest.quantization.quantized, 0
+    )
+    assert manifest.quantization.quantized > 10
+    float_build = built("llama", "cm").out
+    assert (result.out / "weights.bin").stat().st_size < 0.6 * (float_build / "weights.bin").stat().st_size
+    decode_inputs = {spec.name: spec.dtype for spec in manifest.graph("decode").inputs}
+    suffix, dtype = ("packed", "uint8") if weights == "int4" else ("q", "int8")
+    assert decode_inputs[f"ffn.2.gate_t.{suffix}"] == dtype and "ffn.2.gate_t" not in decode_inputs
+
+
+def test_int4_build_is_flagged_for_tensorrt_and_answered_by_the_runtime(quantized_builds):
+    from runtime import Pipeline
+
+    manifest = read(quantized_builds["int4"].out)
+    assert not manifest.tensorrt_compatible and "BitShift" in manifest.tensorrt_reason
+    assert read(quantized_builds["int8"].out).tensorrt_compatible
+    weights = manifest.weights.graphs["prefill.onnx"]
+    assert any(entry.dtype == "int4" for entry in weights.values())  # shared int4 views, not copies
+    pipeline = Pipeline.load(quantized_builds["int4"].out, provider="cpu")
+    from PIL import Image
+
+    answer = pipeline.answer(Image.new("RGB", (64, 64), "red"), "What colour is it?", max_new_tokens=4)
+    assert len(answer.kept_image_tokens) == 5 and len(answer.token_ids) >= 1
+
+
+def test_cuda_sessions_share_one_device_copy_of_each_weight(built):
+    """On the CUDA provider each weight is uploaded once and the same device value is added to every session
+    (ONNX Runtime uses it in place); checked with a stand-in for onnxruntime, no GPU needed."""
+    from runtime.ort_backend import SharedWeights
+
+    calls = []
+
+    class Value:
+        @staticmethod
+        def ortvalue_from_numpy(array, *device):
+            calls.append(device)
+            return ("value", id(array), device)
+
+        ortvalue_from_numpy_with_onnx_type = ortvalue_from_numpy
+
+    class Options:
+        def __init__(self):
+            self.added = {}
+
+        def add_session_config_entry(self, key, value):
+            pass
+
+        def add_initializer(self, name, value):
+            self.added[name] = value
+
+    class FakeOrt:
+        OrtValue = Value
+        SessionOptions = Options
+
+    manifest = read(built("llama", "cm").out)
+    weights = SharedWeights(built("llama", "cm").out, manifest, FakeOrt, device="cuda")
+    prefill, decode = weights.options("prefill"), weights.options("decode")
+    assert calls and all(device == ("cuda", 0) for device in calls)
+    shared = set(prefill.added) & set(decode.added)
+    assert shared  # the decoder weights both graphs read
+    index = manifest.weights.graphs
+    for name in shared:
+        assert prefill.added[name] is decode.added[name]  # the same device value, not a second upload
+    offsets = {entry.offset for graph in ("prefill.onnx", "decode.onnx") for entry in index[graph].values()}
+    assert len(calls) == len(offsets)
+
+
+def test_manifest_quantization_round_trips_and_names_a_bad_field():
+    from fake_manifests import manifest_json
+
+    from buildformat import Manifest, ManifestError
+
+    record = {"weights": "int4", "block_size": 32, "method": "rtn", "quantized": 12, "kept_float": 1}
+    manifest = Manifest.from_json(manifest_json(quantization=record))
+    assert manifest.quantization == Quantization("int4", 32, "rtn", 12, 1)
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert Manifest.from_json(manifest_json()).quantization is None
+    with pytest.raises(ManifestError, match=r"quantization\.weights is 'int3'"):
+        Manifest.from_json(manifest_json(quantization={**record, "weights": "int3"}))
+    with pytest.raises(ManifestError, match=r"quantization\.quantized is missing"):
+        Manifest.from_json(manifest_json(quantization={k: v for k, v in record.items() if k != "quantized"}))
