@@ -19,6 +19,10 @@ Usable memory (an assumption, stated per device kind):
 Runtime overhead (an estimate, not measured here: no GPU on the development machine): the
 CUDA context, cuBLAS/cuDNN workspaces and the TensorRT or ONNX Runtime libraries and
 arenas. On a Jetson those libraries load into the same shared memory, hence more.
+
+Runtimes (`export.precisions.RUNTIMES`): the ones each device can run, the recommended one
+first. `HOST` is the CPU pseudo-device: ONNX Runtime on the CPU, no GPU and no memory limit
+the planner checks, for predicting what a build holds on the development machine.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from export.precisions import RUNTIMES
+
+# The old single-precision choice of the planner (`--precision`, deprecated): see `export.plan.PRECISION_ALIASES`.
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
 
@@ -33,6 +40,8 @@ DESKTOP_RESERVED_GB = 0.5  # driver reserve + a display on the same GPU
 JETSON_RESERVED_GB = 1.8  # carveouts + headless L4T, taken from the shared memory
 DESKTOP_RUNTIME_OVERHEAD_GB = 0.75  # CUDA context (~0.3) + cuBLAS/cuDNN workspaces + TensorRT/ORT (~0.45)
 JETSON_RUNTIME_OVERHEAD_GB = 1.0  # the same, with the libraries themselves in the shared memory
+# A Python process with numpy, ONNX Runtime and the tokenizer imported: 58 MiB resident (measured), rounded up.
+HOST_RUNTIME_OVERHEAD_GB = 0.1
 
 _ORIN_TENSORRT = "8.6 (JetPack 6.0), 10.3 (JetPack 6.1/6.2)"
 
@@ -48,16 +57,18 @@ class Device:
     fp16_speed: fp16 arithmetic throughput relative to fp32 (Pascal GP102 runs fp16 at 1/64
         of fp32; Ampere's tensor cores at least twice fp32). Below 1, build fp32.
     usable_gb: what one model process can use after the OS, the display and carveouts
-        (see the module docstring), before the runtime's own overhead.
+        (see the module docstring), before the runtime's own overhead; None: no limit is checked.
+    recommended_precision: the activations' precision to build (fp32 where fp16 arithmetic is slow).
+    runtimes: the runtimes of `export.precisions.RUNTIMES` that run on it, the recommended one first.
     """
 
     name: str
     title: str
     architecture: str
     compute_capability: str
-    memory_gb: float
+    memory_gb: float | None
     shared_memory: bool  # Jetson: the CPU and the GPU allocate from the same DRAM
-    usable_gb: float
+    usable_gb: float | None
     bandwidth_gbps: float  # DRAM bandwidth, GB/s; decode steps are bound by it
     fp16_speed: float
     int8: bool  # int8 kernels (dp4a on SM 6.1, tensor cores on SM 8.7)
@@ -65,11 +76,28 @@ class Device:
     recommended_precision: Precision
     recommended_tensorrt: str
     runtime_overhead_gb: float
+    runtimes: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if not self.runtimes or unknown:
+            raise ValueError(f"{self.name}: runtimes must be some of {', '.join(RUNTIMES)}, got {self.runtimes!r}")
+        slow = [r for r in self.runtimes if not RUNTIMES[r].runs_on(self.compute_capability)]
+        if slow:
+            raise ValueError(
+                f"{self.name}: {', '.join(slow)} do not run on compute capability {self.compute_capability}"
+            )
+        if (self.usable_gb is None) != (self.memory_gb is None):
+            raise ValueError(f"{self.name}: usable_gb and memory_gb are both set or both None")
+
     @property
-    def usable_bytes(self) -> int:
-        return int(self.usable_gb * 2**30)
+    def usable_bytes(self) -> int | None:
+        return None if self.usable_gb is None else int(self.usable_gb * 2**30)
+
+    @property
+    def recommended_runtime(self) -> str:
+        return self.runtimes[0]
 
     @property
     def runtime_overhead_bytes(self) -> int:
@@ -96,6 +124,8 @@ def _jetson(name: str, title: str, memory_gb: int, bandwidth_gbps: float, *notes
         recommended_precision="fp16",
         recommended_tensorrt="10.3 (JetPack 6.1/6.2); 8.6 on JetPack 6.0",
         runtime_overhead_gb=JETSON_RUNTIME_OVERHEAD_GB,
+        # JetPack 6.1/6.2 ship TensorRT 10.3, JetPack 6.0 TensorRT 8.6.
+        runtimes=("tensorrt-10", "tensorrt-8.6", "onnxruntime-cuda"),
         notes=(
             f"{memory_gb} GiB LPDDR5 shared by CPU and GPU: host-side copies count too (loading an ONNX file "
             "without memory-mapping holds the weights twice until the session is built)",
@@ -122,6 +152,7 @@ _DEVICE_LIST: tuple[Device, ...] = (
         recommended_precision="fp32",
         recommended_tensorrt="8.6 (or ONNX Runtime's CUDA provider)",
         runtime_overhead_gb=DESKTOP_RUNTIME_OVERHEAD_GB,
+        runtimes=("tensorrt-8.6", "onnxruntime-cuda"),
         notes=(
             "12 GiB GDDR5X; fp16 arithmetic runs at 1/64 of fp32 on GP102: build fp32 (fp16 only halves the "
             "bytes, the kernels are far slower)",
@@ -136,10 +167,31 @@ _DEVICE_LIST: tuple[Device, ...] = (
 
 DEVICES: dict[str, Device] = {d.name: d for d in _DEVICE_LIST}
 
+HOST = Device(
+    name="cpu",
+    title="the host CPU",
+    architecture="CPU",
+    compute_capability="0",
+    memory_gb=None,
+    shared_memory=True,
+    usable_gb=None,
+    bandwidth_gbps=20.0,  # a desktop's DRAM, for the decode-step lower bound only
+    fp16_speed=1.0,
+    int8=True,
+    tensorrt="none",
+    recommended_precision="fp32",
+    recommended_tensorrt="none (ONNX Runtime on the CPU)",
+    runtime_overhead_gb=HOST_RUNTIME_OVERHEAD_GB,
+    runtimes=("onnxruntime-cpu",),
+    notes=("the host CPU: no memory limit is checked; the figures predict what the process holds",),
+)
+
 
 def device(name: str) -> Device:
-    """The device called `name`; an `UnknownDeviceError` listing the known names otherwise."""
+    """The device called `name` (a deployment target, or "cpu": `HOST`); an `UnknownDeviceError` otherwise."""
+    if name == HOST.name:
+        return HOST
     try:
         return DEVICES[name]
     except (KeyError, TypeError):
-        raise UnknownDeviceError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)}") from None
+        raise UnknownDeviceError(f"unknown device {name!r}; known devices: {', '.join(DEVICES)}, {HOST.name}") from None

@@ -1,48 +1,84 @@
-"""Memory plan of a deployment, dense and CoreMatching, against one device (`python -m export plan`).
+"""Memory plan of a deployment, dense and CoreMatching, against one device and runtime (`python -m export plan`).
 
 Everything is computed from the model's geometry (a preset, or a llava-hf directory's
 config.json read as JSON): no weights are loaded and neither torch nor transformers is
 imported, so a 7B or 13B model is planned on a laptop or on the Jetson itself.
 
-What is counted, in bytes (docs/method.md, docs/architecture.md):
+What is counted, in bytes (docs/planning.md):
 
-- weights: vision tower (the whole CLIP tower of the checkpoint) + projector + embedding
-  + decoder layers + final norm + LM head, at the precision's bytes per parameter;
-- KV cache sized for the longest answer (`max_sequence` tokens): CoreMatching's layers
-  after the prune layer hold `max_sequence - n_img + k` tokens;
-- compacted FFN weights of one request (CoreMatching: gathered once after prefill and kept
-  for the whole answer);
-- peak activations: the largest of the vision tower's and the prefill's live tensors
-  (one layer's working set plus the prompt's KV outputs, which live until they are copied
-  into the cache buffers);
+- weights: every weight of every graph (`ModelGeometry.weight_groups`) at the build's storage scheme
+  (`export.precisions.matmul_bytes`: fp32, fp16, int8 per output channel, int4 in blocks of 32),
+  then as the runtime holds them (`export.precisions.RUNTIMES`): a precision that falls back is
+  planned at the precision it runs at, and a runtime that keeps one copy per session counts one per
+  graph that reads the weight;
+- KV cache sized for the longest answer (`max_sequence` tokens): CoreMatching's layers after the
+  prune layer hold `max_sequence - n_img + k` tokens;
+- compacted FFN weights of one request (per-request neurons: gathered once after prefill, in the
+  stored form, and kept for the whole answer);
+- peak activations: the largest of the vision graph's and the prefill's live tensors, and, where
+  the runtime holds more while it builds a session (ONNX Runtime's CPU packing), that instead;
 - a runtime overhead per device kind (`export.devices`).
 
-Exact: weights, KV cache, compacted weights. Estimates: activations (unfused attention
-assumed, so an upper side) and the runtime overhead. Decode-step times are lower bounds:
-the bytes a step must read divided by the DRAM bandwidth (decode is memory bound).
+Exact: the stored weights, the KV cache, the compacted weights. Measured factors: what ONNX Runtime's
+CPU provider holds per stored byte. Estimates: activations (unfused attention assumed, so an upper
+side) and the runtime overhead. Decode-step times are lower bounds: the bytes a step must read
+divided by the DRAM bandwidth (decode is memory bound).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from coreMatching.config import Budgets, CoreMatchingConfig
 from coreMatching.errors import ConfigError
+from coreMatching.quant_scheme import WeightQuant
 from export.devices import PRECISIONS, Device, Precision, UnknownDeviceError, device
-from export.plan_model import ModelGeometry, PlanError, load_geometry
+from export.plan_model import (
+    SHARINGS,
+    ModelGeometry,
+    Neurons,
+    PlanError,
+    Sharing,
+    held_weights,
+    load_geometry,
+    plan_notes,
+)
+from export.precisions import (
+    DEFAULT_BLOCK_SIZE,
+    FLOAT_BYTES,
+    ActivationPrecision,
+    Runtime,
+    UnknownRuntimeError,
+    WeightPrecision,
+    check_precisions,
+    matmul_bytes,
+    runtime,
+)
 
-WEIGHT_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
-# int8 quantizes the weights only: activations and the KV cache stay fp16 (weight-only int8,
-# what a decoder on Orin or a dp4a Pascal would run). Planning-only: no int8 graphs are exported yet.
-ACTIVATION_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 2}
+# The deprecated `--precision`: one name for the weights and the activations. int8 meant weight-only
+# int8 with fp16 activations and cache, what it planned before the builds could quantize.
+PRECISION_ALIASES: dict[str, tuple[WeightPrecision, ActivationPrecision]] = {
+    "fp32": ("fp32", "fp32"),
+    "fp16": ("fp16", "fp16"),
+    "int8": ("int8", "fp16"),
+}
 PROMPT_TEXT_TOKENS = 40  # the default prompt: the image plus a question and the chat template
+_GIB = 2**30
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """What to plan. precision None takes the device's recommended one; prompt_tokens None is n_img + 40."""
+    """What to plan. None takes the device's choice: its recommended activations (fp32 on a Titan Xp, fp16 on
+    Orin), float weights at that precision, its recommended runtime; prompt_tokens None is n_img + 40.
+
+    precision: deprecated, `PRECISION_ALIASES` (give weights/activations instead).
+    sharing: "runtime" (what the runtime holds today, `export.precisions`), "separate" (opt into prefill and
+        decode sessions or engines that each hold their weights) or "shared" (one copy of every shared weight,
+        a design not every runtime has: planned to see what it would give).
+    """
 
     model: str | Path
     device: str
@@ -50,46 +86,82 @@ class PlanConfig:
     token_budget: int = 64
     max_sequence: int = 2048  # prompt + the longest answer: what the KV cache is sized for
     prompt_tokens: int | None = None
+    weights: WeightPrecision | None = None
+    activations: ActivationPrecision | None = None
+    runtime: str | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    sharing: Sharing = "runtime"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)) or not str(self.model).strip():
             raise PlanError(f"model must be a preset name or a directory, got {self.model!r}")
-        try:
-            device(self.device)
-        except UnknownDeviceError as e:
-            raise PlanError(str(e)) from None
         if self.precision is not None and self.precision not in PRECISIONS:
             raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("token_budget", "max_sequence", "prompt_tokens"):
+        if self.precision is not None and (self.weights or self.activations):
+            raise PlanError("give --weights/--activations or the deprecated --precision, not both")
+        if self.sharing not in SHARINGS:
+            raise PlanError(f"--sharing must be one of {', '.join(SHARINGS)}, got {self.sharing!r}")
+        for name in ("token_budget", "max_sequence", "prompt_tokens", "block_size"):
             value = getattr(self, name)
             if value is None and name == "prompt_tokens":
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        self.resolved()  # names the device, the runtime or the precisions that are wrong
+
+    def resolved(self) -> tuple[Device, WeightPrecision, ActivationPrecision, Runtime]:
+        """The device, the weights' and activations' precisions and the runtime this config plans."""
+        try:
+            dev = device(self.device)
+        except UnknownDeviceError as e:
+            raise PlanError(str(e)) from None
+        if self.precision is not None:
+            weights, activations = PRECISION_ALIASES[self.precision]
+        else:
+            float_weights = self.weights if self.weights in FLOAT_BYTES else None
+            activations = self.activations or float_weights or dev.recommended_precision  # type: ignore[assignment]
+            weights = self.weights or activations  # type: ignore[assignment]
+        try:
+            check_precisions(weights, activations)
+            WeightQuant(bits=4, block_size=self.block_size)  # names the block sizes the build takes
+            rt = runtime(self.runtime or dev.recommended_runtime)
+        except (ConfigError, UnknownRuntimeError) as e:
+            raise PlanError(str(e)) from None
+        if rt.name not in dev.runtimes:
+            raise PlanError(f"runtime {rt.name} is not planned on {dev.name}; its runtimes: {', '.join(dev.runtimes)}")
+        return dev, weights, activations, rt
 
 
 @dataclass(frozen=True)
 class Estimate:
     """The memory (bytes) of one way to deploy, and what one decode step reads."""
 
-    weights: int
+    weights: int  # what the runtime holds (fallbacks, copies per session or engine, packing), with `sharing`
+    weights_stored: int  # the build's weights at its storage scheme (about its weights.bin)
+    weights_by_part: Mapping[str, int]  # `weights` by part of the model
     kv_cache: int
     compacted_ffn: int  # per request: CoreMatching's gathered FFN weights
-    activations: int  # peak of the vision tower or the prefill
+    activations: int  # peak of the vision graph or the prefill
+    load_transient: int  # held on top of the weights while the largest session is built
     runtime_overhead: int
-    total: int
-    headroom: int  # usable memory of the device - total (negative: does not fit)
-    fits: bool
-    # The decode graph's own copy of the decoder weights, where prefill and decode are separate
-    # sessions or TensorRT engines that do not share initializers (the runtime today); not in total.
+    total: int  # weights + KV cache + compacted + the larger of activations and load transient + overhead
+    headroom: int | None  # usable memory of the device - total (negative: does not fit); None: no limit
+    fits: bool | None
+    # What opting into separate sessions or engines adds (the decode graph's own copy of what it shares with
+    # prefill; 0 where the runtime already holds one per engine), and what one shared copy would save.
     unshared_decode_weights: int
+    shared_saving: int
     decode_bytes_first: int  # read by the first decode step (the prompt cached)
     decode_bytes_last: int  # read by the last one (max_sequence cached)
     decode_ms_first: float  # lower bounds: bytes / bandwidth
     decode_ms_last: float
+    runnable: bool = True  # False: the runtime cannot run this build (`reason`)
+    reason: str = ""
+    sharing: Sharing = "runtime"
 
     @property
     def total_unshared(self) -> int:
+        """The total with separate sessions or engines."""
         return self.total + self.unshared_decode_weights
 
 
@@ -98,17 +170,20 @@ class Plan:
     config: PlanConfig
     model: ModelGeometry
     device: Device
-    precision: Precision
-    weight_bytes: int  # per parameter
-    activation_bytes: int  # per activation and KV-cache value
+    runtime: Runtime
+    weights: WeightPrecision  # as built
+    activations: ActivationPrecision  # as built (the KV cache and the scales too)
+    planned_weights: WeightPrecision  # what the runtime runs them at (a fallback differs)
+    activation_bytes: int  # per activation and KV-cache value, as built
+    compute_bytes: int  # per activation as the runtime computes them
     parameters: dict[str, int]
     budgets: Budgets
     prompt_tokens: int  # S
     kept_prompt_tokens: int  # S - n_img + k
     dense: Estimate
-    corematching: Estimate
-    static: Estimate  # CoreMatching with a calibrated static neuron set baked into narrower FFN weights
-    static_saving: int  # (D - N) x 3 x d x sparse layers x weight bytes
+    corematching: Estimate  # per-request core neurons: the method
+    static: Estimate  # a calibrated static neuron set baked into narrower FFN weights
+    static_saving: int  # stored bytes the narrowed FFN saves
     notes: tuple[str, ...]
 
     @property
@@ -117,13 +192,19 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary; every memory figure in bytes."""
-        b = self.budgets
+        b, rt = self.budgets, self.runtime
         return {
             "model": {**asdict(self.model), "parameters": self.parameters},
             "device": {**asdict(self.device), "usable_bytes": self.device.usable_bytes},
-            "precision": self.precision,
-            "weight_bytes": self.weight_bytes,
+            "runtime": asdict(rt),  # every fact with its source
+            "weights": self.weights,
+            "activations": self.activations,
+            "planned_weights": self.planned_weights,
+            "precision": self.config.precision,
             "activation_bytes": self.activation_bytes,
+            "compute_bytes": self.compute_bytes,
+            "block_size": self.config.block_size,
+            "sharing": self.config.sharing,
             "tokens": {
                 "image_tokens": self.model.num_image_tokens,
                 "prompt_tokens": self.prompt_tokens,
@@ -132,45 +213,31 @@ class Plan:
                 "answer_tokens": self.config.max_sequence - self.prompt_tokens,
             },
             "budgets": {
-                "token_budget": b.token_budget,
-                "tokens_per_neuron_set": b.tokens_per_neuron_set,
-                "core_neurons": b.core_neurons,
+                **{key: getattr(b, key) for key in ("token_budget", "tokens_per_neuron_set", "core_neurons")},
                 "prune_layer": b.prune_layer,
                 "neuron_layers": list(b.neuron_layers),
             },
-            "memory": {name: {**asdict(e), "total_unshared": e.total_unshared} for name, e in self.estimates.items()},
+            "memory": {
+                name: {**asdict(e), "weights_by_part": dict(e.weights_by_part), "total_unshared": e.total_unshared}
+                for name, e in self.estimates.items()
+            },
             "static_neuron_saving": self.static_saving,
             "recommended": {
+                "activations": self.device.recommended_precision,
                 "precision": self.device.recommended_precision,
+                "runtime": self.device.recommended_runtime,
                 "tensorrt": self.device.recommended_tensorrt,
             },
             "notes": list(self.notes),
         }
 
 
-def _prefill_layer_bytes(g: ModelGeometry, tokens: int, value_bytes: int) -> int:
-    """Largest working set of one decoder layer over `tokens` (unfused attention: scores and probabilities)."""
-    t, d = tokens, g.hidden_size
-    attention = 2 * t * d + t * (g.num_heads + 2 * g.num_kv_heads) * g.head_dim + 2 * g.num_heads * t * t
-    attention += t * g.num_heads * g.head_dim
-    ffn = 2 * t * d + 3 * t * g.intermediate_size  # gate, up and their product [T, D]
-    return max(attention, ffn) * value_bytes
-
-
-def _vision_bytes(g: ModelGeometry, value_bytes: int) -> int:
-    t, vh = g.num_patches + 1, g.vision_hidden_size  # the tower always runs the CLS token
-    attention = 2 * t * vh + 3 * t * vh + 2 * g.vision_num_heads * t * t + t * vh
-    mlp = 2 * t * vh + 2 * t * g.vision_intermediate_size
-    pixels = g.num_channels * g.image_size**2
-    return (max(attention, mlp) + pixels + g.num_image_tokens * g.hidden_size) * value_bytes
-
-
 def plan(config: PlanConfig) -> Plan:
     """The memory plan of `config`; raises PlanError for what the model or the budgets cannot honour."""
     g = load_geometry(config.model)
-    dev = device(config.device)
-    precision: Precision = config.precision or dev.recommended_precision
-    wb, ab = WEIGHT_BYTES[precision], ACTIVATION_BYTES[precision]
+    dev, weights, act, rt = config.resolved()
+    ab = FLOAT_BYTES[act]
+    cb = FLOAT_BYTES[rt.fp16_activations_as if act == "fp16" else "fp32"]  # what the runtime computes in
     n_img = g.num_image_tokens
     try:
         budgets = CoreMatchingConfig(token_budget=config.token_budget).resolve(
@@ -178,19 +245,18 @@ def plan(config: PlanConfig) -> Plan:
         )
     except ConfigError as e:
         raise PlanError(str(e)) from None
-    k = config.token_budget
+    k, m = config.token_budget, config.max_sequence
     s = config.prompt_tokens if config.prompt_tokens is not None else n_img + PROMPT_TEXT_TOKENS
-    m = config.max_sequence
     if s < n_img:
         raise PlanError(f"prompt-tokens {s} is shorter than the {n_img} image tokens the prompt contains")
     if m <= s:
         raise PlanError(f"max-sequence {m} leaves no room for an answer after a {s}-token prompt")
     merged = budgets.merged_tokens  # a summary token is computed and cached too
     s_kept = g.kept_length(s, k, merged)
-    full_layers = budgets.prune_layer + 1  # layers 0..l_p keep every token
-    sparse = budgets.neuron_sparse_layers
-    d, big_d, n = g.hidden_size, g.intermediate_size, budgets.core_neurons
-    kv_token = g.kv_bytes_per_token(ab)  # K and V of one token in one layer
+    sparse = len(budgets.neuron_sparse_layers)
+    d, n = g.hidden_size, budgets.core_neurons
+    planned = rt.handling(weights).precision(weights, act)
+    block = config.block_size
 
     def kv(tokens: int, pruned: bool) -> int:
         """All layers' cache for `tokens`; `pruned`: the layers after the prune layer hold the kept ones."""
@@ -198,102 +264,241 @@ def plan(config: PlanConfig) -> Plan:
             return g.cache_bytes(tokens, ab)
         return g.cache_bytes(tokens, ab, budgets.prune_layer, kept=k, merged=merged)
 
-    params = g.parameters()
-    weights = params["total"] * wb
-    compacted = 3 * d * n * len(sparse) * wb
-    static_saving = 3 * d * (big_d - n) * len(sparse) * wb
-
-    # Prefill: one layer's working set plus the KV outputs of the layers run so far (all of them at the last layer).
-    selection = s * big_d + s * budgets.tokens_per_neuron_set * (ab + 8)  # membership mask, TopK values + int64 ids
-    dense_prefill = _prefill_layer_bytes(g, s, ab) + kv(s, False)
-    cm_prefill = max(
-        _prefill_layer_bytes(g, s, ab) + selection + full_layers * kv_token * s,
-        _prefill_layer_bytes(g, s_kept, ab) + kv(s, True),
+    # Per request: gate and up [d, N] columns, down [N, d] rows, in the stored form (int8: down's per-output-
+    # channel scales are the model's own, so not counted again).
+    compacted = sparse * (
+        2 * matmul_bytes(d, n, planned, act, block_size=block)
+        + matmul_bytes(n, d, planned, act, block_size=block, rows_gathered=True, shared_scales=planned == "int8")
     )
-    vision = _vision_bytes(g, ab)
-
-    # Decode reads the decoder weights (sparse layers at N for CoreMatching), the head, one embedding row, the cache.
-    # The *_graph figures are what the decode graph holds: a CoreMatching build takes the sparse layers' FFN as
-    # inputs (the compacted weights), a static build has them narrowed to N.
-    head = (d + g.vocab_size * d) * wb  # final norm + LM head
-
-    def decoder_bytes(sparse_width: int) -> int:
-        widths = (sparse_width if budgets.is_neuron_sparse(i) else big_d for i in range(g.num_layers))
-        return sum(g.layer_parameters(w) for w in widths) * wb + head
-
-    dense_graph, cm_graph, static_graph = decoder_bytes(big_d), decoder_bytes(0), decoder_bytes(n)
-    row = d * wb  # the embedding of the new token
-    overhead = dev.runtime_overhead_bytes
+    # Prefill: one layer's working set plus the KV outputs of the layers run so far (all of them at the last layer).
+    selection = s * g.intermediate_size + s * budgets.tokens_per_neuron_set * (cb + 8)  # mask, TopK values + ids
+    dense_prefill = g.prefill_layer_bytes(s, cb) + kv(s, False)
+    cm_prefill = max(
+        g.prefill_layer_bytes(s, cb) + selection + (budgets.prune_layer + 1) * g.kv_bytes_per_token(ab) * s,
+        g.prefill_layer_bytes(s_kept, cb) + kv(s, True),
+    )
+    vision, row = g.vision_bytes(cb), d * ab  # `row`: the embedding of the new token
+    overhead, usable = dev.runtime_overhead_bytes, dev.usable_bytes
     bandwidth = dev.bandwidth_gbps * 1e9
 
-    def estimate(
-        weights: int, kv_cache: int, compacted: int, activations: int, unshared: int, step: int, kv_first: int
-    ) -> Estimate:
-        total = weights + kv_cache + compacted + activations + overhead
+    def estimate(neurons: Neurons, prefill: int, kv_cache: int, kv_first: int) -> Estimate:
+        held = held_weights(g.weight_groups(neurons, sparse, n), rt, weights, act, block, cb, config.sharing)
+        per_request = compacted if neurons == "per-request" else 0
+        weights_held = held.resident
+        activations = max(vision, prefill + held.dequantized)
+        total = weights_held + kv_cache + per_request + max(activations, held.load) + overhead
+        step = held.decode_read + per_request + row
         first, last = step + kv_first, step + kv_cache
+        runnable = neurons != "per-request" or planned != "int4" or rt.per_request_int4
         return Estimate(
-            weights=weights,
+            weights=weights_held,
+            weights_stored=held.stored,
+            weights_by_part=held.by_part,
             kv_cache=kv_cache,
-            compacted_ffn=compacted,
+            compacted_ffn=per_request,
             activations=activations,
+            load_transient=held.load,
             runtime_overhead=overhead,
             total=total,
-            headroom=dev.usable_bytes - total,
-            fits=total <= dev.usable_bytes,
-            unshared_decode_weights=unshared,
+            headroom=None if usable is None else usable - total,
+            fits=None if usable is None else total <= usable,
+            unshared_decode_weights=held.separate - held.resident,
+            shared_saving=held.resident - held.shared,
             decode_bytes_first=first,
             decode_bytes_last=last,
             decode_ms_first=first / bandwidth * 1e3,
             decode_ms_last=last / bandwidth * 1e3,
+            runnable=runnable,
+            reason="" if runnable else f"{rt.name}: {rt.per_request_int4_reason}",
+            sharing=config.sharing,
         )
 
-    cm_activations = max(vision, cm_prefill)
-    dense = estimate(weights, kv(m, False), 0, max(vision, dense_prefill), dense_graph, dense_graph + row, kv(s, False))
-    corematching = estimate(weights, kv(m, True), compacted, cm_activations, cm_graph, static_graph + row, kv(s, True))
-    static = estimate(
-        weights - static_saving, kv(m, True), 0, cm_activations, static_graph, static_graph + row, kv(s, True)
-    )
+    dense = estimate("dense", dense_prefill, kv(m, False), kv(s, False))
+    corematching = estimate("per-request", cm_prefill, kv(m, True), kv(s, True))
+    static = estimate("static", cm_prefill, kv(m, True), kv(s, True))
     return Plan(
         config=config,
         model=g,
         device=dev,
-        precision=precision,
-        weight_bytes=wb,
+        runtime=rt,
+        weights=weights,
+        activations=act,
+        planned_weights=planned,
         activation_bytes=ab,
-        parameters=params,
+        compute_bytes=cb,
+        parameters=g.parameters(),
         budgets=budgets,
         prompt_tokens=s,
         kept_prompt_tokens=s_kept,
         dense=dense,
         corematching=corematching,
         static=static,
-        static_saving=static_saving,
-        notes=_notes(g, dev, budgets, precision, m),
+        static_saving=dense.weights_stored - static.weights_stored,
+        notes=plan_notes(g, dev, rt, budgets, weights, act, planned, m, corematching.runnable),
     )
 
 
-def _notes(g: ModelGeometry, dev: Device, budgets: Budgets, precision: Precision, max_sequence: int) -> tuple[str, ...]:
-    notes: list[str] = []
-    if precision == "int8":
-        notes.append(
-            "int8 is planning-only: the export does not produce int8 graphs yet (weights at 1 byte, "
-            "activations and KV cache at fp16)"
-        )
-    if precision == "fp16" and dev.fp16_speed < 1:
-        notes.append(
-            f"fp16 on {dev.title} halves the bytes, but its fp16 rate is 1/{round(1 / dev.fp16_speed)} of "
-            f"fp32, so compute, not bandwidth, bounds its steps; {dev.recommended_precision} is "
-            "recommended"
-        )
-    if precision == "int8" and not dev.int8:
-        notes.append(f"{dev.title} has no int8 kernels")
-    if max_sequence > g.max_position_embeddings:
-        notes.append(f"max-sequence {max_sequence} is beyond the model's {g.max_position_embeddings} trained positions")
-    if budgets.core_neurons > 3839:
-        notes.append("TensorRT: N is beyond TopK's K < 3840, so a TensorRT build selects core neurons per chunk")
-    notes.append(
-        "a static neuron set is calibrated offline and also narrows the prefill of the sparse layers "
-        "(check its accuracy); the per-request set is the method"
+def plan_build(
+    model: str | Path,
+    *,
+    weights: WeightPrecision,
+    activations: ActivationPrecision,
+    neurons: Neurons,
+    token_budget: int = 64,
+    max_sequence: int = 2048,
+    prompt_tokens: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device_name: str = "cpu",
+    runtime_name: str | None = None,
+) -> Estimate:
+    """The planner's figure for one built configuration: `model` a preset or a llava-hf directory, `neurons`
+    "dense", "per-request" (CoreMatching) or "static". On the default "cpu" device (ONNX Runtime on the CPU,
+    no memory limit, 0.1 GiB process overhead) its `total` predicts the process's peak resident memory."""
+    config = PlanConfig(
+        model,
+        device_name,
+        token_budget=token_budget,
+        max_sequence=max_sequence,
+        prompt_tokens=prompt_tokens,
+        weights=weights,
+        activations=activations,
+        runtime=runtime_name,
+        block_size=block_size,
     )
-    notes.extend(dev.notes)
-    return tuple(notes)
+    p = plan(config)
+    return {"dense": p.dense, "per-request": p.corematching, "static": p.static}[neurons]
+
+
+def plan_manifest(
+    manifest: Any,
+    model: str | Path | None = None,
+    max_sequence: int = 2048,
+    prompt_tokens: int | None = None,
+    device_name: str = "cpu",
+    runtime_name: str | None = None,
+) -> Estimate:
+    """`plan_build` for a build's `buildformat.Manifest`: its precision, quantization, dense or CoreMatching
+    and token budget; the geometry from `model` (a preset or a llava-hf directory) or the manifest's
+    model source. A static neuron set is not recorded in manifests yet, so CoreMatching is per-request."""
+    source = model if model is not None else manifest.model.source
+    activations: ActivationPrecision = "fp16" if manifest.precision == "float16" else "fp32"
+    quant = manifest.quantization
+    cm = manifest.corematching
+    if cm is not None and not isinstance(cm.token_budget, int):
+        raise PlanError("a build with --token-budget auto keeps a data-dependent count; plan it with a fixed k")
+    return plan_build(
+        source,
+        weights=quant.weights if quant is not None else activations,
+        activations=activations,
+        neurons="dense" if cm is None else "per-request",
+        token_budget=cm.token_budget if cm is not None else 64,
+        max_sequence=max_sequence,
+        prompt_tokens=prompt_tokens,
+        block_size=(quant.block_size or DEFAULT_BLOCK_SIZE) if quant is not None else DEFAULT_BLOCK_SIZE,
+        device_name=device_name,
+        runtime_name=runtime_name,
+    )
+
+
+MARGIN_BYTES = _GIB // 2  # headroom a recommendation keeps: allocator slack, a longer prompt, a driver update
+_CLASS = {"fp32": 0, "fp16": 0, "int8": 1, "int4": 2}  # weight precision, best first (float weights are one class)
+# What a build can have: float weights at the activations' precision, quantized ones with either.
+_COMBINATIONS: tuple[tuple[WeightPrecision, ActivationPrecision], ...] = (
+    ("fp32", "fp32"),
+    ("fp16", "fp16"),
+    ("int8", "fp32"),
+    ("int8", "fp16"),
+    ("int4", "fp32"),
+    ("int4", "fp16"),
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration a device could run: a runtime, the weights' and activations' precisions, the neurons."""
+
+    runtime: str
+    weights: WeightPrecision
+    activations: ActivationPrecision
+    neurons: Neurons
+    estimate: Estimate
+
+    @property
+    def label(self) -> str:
+        return f"{self.weights} weights, {self.activations} activations, {self.neurons} neurons on {self.runtime}"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The configuration `recommend` picks for one device, and every candidate it weighed.
+
+    status: "recommended" (headroom >= margin), "tight" (fits, with less), or "nothing fits" (choice is the
+    candidate closest to fitting).
+    """
+
+    device: Device
+    choice: Candidate | None
+    status: str
+    candidates: tuple[Candidate, ...]
+    sharing: Sharing = "runtime"
+
+
+def _rank(dev: Device, c: Candidate) -> tuple[int, int, int, int, int]:
+    """The order of preference (docs/planning.md): the method's per-request neurons before a static set, then
+    the highest weight precision, then the activations the device computes fast, then the device's runtime
+    order; more headroom breaks a tie."""
+    return (
+        c.neurons != "per-request",
+        _CLASS[c.weights],
+        c.activations != dev.recommended_precision,
+        dev.runtimes.index(c.runtime),
+        -(c.estimate.headroom or 0),
+    )
+
+
+def recommend(
+    model: str | Path,
+    device_name: str,
+    token_budget: int = 64,
+    max_sequence: int = 2048,
+    prompt_tokens: int | None = None,
+    margin: int = MARGIN_BYTES,
+    sharing: Sharing = "runtime",
+) -> Recommendation:
+    """Of the CoreMatching configurations of `device_name` (its runtimes x weights x activations x per-request
+    or static neurons) that it can run, the one `_rank` prefers among those with at least `margin` headroom.
+
+    A precision that falls back on a runtime is not a candidate there (it is the float configuration)."""
+    try:
+        dev = device(device_name)
+    except UnknownDeviceError as e:
+        raise PlanError(str(e)) from None
+    if dev.usable_bytes is None:
+        raise PlanError(f"{dev.name} has no memory limit to recommend against; pick a deployment target")
+    candidates: list[Candidate] = []
+    for rt in dev.runtimes:
+        for weights, act in _COMBINATIONS:
+            config = PlanConfig(
+                model,
+                dev.name,
+                token_budget=token_budget,
+                max_sequence=max_sequence,
+                prompt_tokens=prompt_tokens,
+                weights=weights,
+                activations=act,
+                runtime=rt,
+                sharing=sharing,
+            )
+            p = plan(config)
+            if p.planned_weights != weights:
+                continue
+            for neurons, e in (("per-request", p.corematching), ("static", p.static)):
+                if e.runnable:
+                    candidates.append(Candidate(rt, weights, act, neurons, e))  # type: ignore[arg-type]
+    for status, floor in (("recommended", margin), ("tight", 0)):
+        chosen = [c for c in candidates if (c.estimate.headroom or 0) >= floor]
+        if chosen:
+            best = min(chosen, key=lambda c: _rank(dev, c))
+            return Recommendation(dev, best, status, tuple(candidates), sharing)
+    closest = max(candidates, key=lambda c: c.estimate.headroom or 0, default=None)
+    return Recommendation(dev, closest, "nothing fits", tuple(candidates), sharing)

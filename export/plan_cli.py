@@ -1,8 +1,9 @@
-"""`python -m export plan`: the memory a deployment needs, dense and CoreMatching, and whether it fits a device.
+"""`python -m export plan`: the memory a deployment needs, dense and CoreMatching, whether it fits a device, and
+which configuration to deploy on each device.
 
 `add_plan_parser(subparsers)` registers the subcommand (and sets `func=run_plan` as its default);
 `run_plan(args)` prints a table, or one JSON object with `--json`, and returns 0; what the user must
-fix (an unknown preset or device, a missing directory, a bad precision or budget) is one `error:`
+fix (an unknown preset, device, runtime or precision, a missing directory, a bad budget) is one `error:`
 line on stderr and exit code 2. Imports neither torch nor transformers: it runs on a Jetson.
 """
 
@@ -11,13 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from typing import Any
 
-from export.devices import DEVICES, PRECISIONS
-from export.plan import Plan, PlanConfig, PlanError, plan
+from export.devices import DEVICES, HOST, PRECISIONS
+from export.plan import MARGIN_BYTES, Estimate, Plan, PlanConfig, PlanError, Recommendation, plan, recommend
+from export.plan_model import SHARINGS
+from export.precisions import ACTIVATION_PRECISIONS, RUNTIMES, WEIGHT_PRECISIONS
 from models.presets import PRESETS
 
 _GIB = 2**30
+_RULE = (
+    "of the configurations with >= {margin:g} GiB headroom, per-request neurons before a static set, then "
+    "the highest weight precision (float, int8, int4), then the device's fast activations, then its runtime order"
+)
 
 
 def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,10 +33,11 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
         "plan",
         help="the memory a model needs on a device, dense and CoreMatching, and whether it fits",
         description=(
-            "Plans the memory of a deployment from the model's geometry alone (no weights are loaded): weights, "
-            "KV cache for the longest answer, CoreMatching's compacted FFN weights, peak prefill activations and "
-            "the runtime's overhead, for the dense model, CoreMatching, and CoreMatching with a static neuron set; "
-            "then whether each fits the device, and a lower bound on the decode-step time (bytes / bandwidth)."
+            "Plans the memory of a deployment from the model's geometry alone (no weights are loaded): weights as "
+            "the runtime holds them, KV cache for the longest answer, CoreMatching's compacted FFN weights, peak "
+            "activations and the runtime's overhead, for the dense model, CoreMatching, and CoreMatching with a "
+            "static neuron set; then whether each fits the device, and a lower bound on the decode-step time. "
+            "--recommend (or --device all) prints the configuration to deploy on every device."
         ),
     )
     parser.add_argument(
@@ -37,13 +46,30 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PRESET|DIR",
         help=f"a model preset ({', '.join(PRESETS)}) or a llava-hf directory (only its config.json is read)",
     )
-    parser.add_argument("--device", required=True, metavar="NAME", help=f"one of: {', '.join(DEVICES)}")
+    parser.add_argument(
+        "--device", default=None, metavar="NAME", help=f"one of: {', '.join(DEVICES)}, {HOST.name} (the host), all"
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="|".join(WEIGHT_PRECISIONS),
+        help="the weights' precision (int8/int4: weight-only quantization); default: the activations'",
+    )
+    parser.add_argument(
+        "--activations",
+        default=None,
+        metavar="|".join(ACTIVATION_PRECISIONS),
+        help="activations, KV cache and scales; default: the device's (fp32 on a Titan Xp, fp16 on Orin)",
+    )
     parser.add_argument(
         "--precision",
         default=None,
         metavar="|".join(PRECISIONS),
-        help="bytes per weight (int8 is planning-only: no int8 graphs are exported yet); "
-        "default: the device's recommended precision (fp32 on a Titan Xp, fp16 on Orin)",
+        help="deprecated: fp32 = --weights fp32 --activations fp32, fp16 = fp16/fp16, int8 = int8 weights, fp16 "
+        "activations",
+    )
+    parser.add_argument(
+        "--runtime", default=None, metavar="NAME", help=f"one of: {', '.join(RUNTIMES)}; default: the device's"
     )
     parser.add_argument("--token-budget", default="64", metavar="K", help="image tokens kept, k (default 64)")
     parser.add_argument(
@@ -51,6 +77,17 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prompt-tokens", default=None, metavar="S", help="prompt length, image included (default: image + 40)"
+    )
+    parser.add_argument("--block-size", default="32", metavar="B", help="int4 block size (default 32)")
+    parser.add_argument(
+        "--sharing",
+        default="runtime",
+        metavar="|".join(SHARINGS),
+        help="weights shared by prefill and decode: as the runtime holds them (default), one copy per "
+        "session or engine (separate, an opt-in), or one copy (shared: a design not every runtime has)",
+    )
+    parser.add_argument(
+        "--recommend", action="store_true", help="the configuration to deploy on each device (or on --device)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object (every figure in bytes)")
     parser.set_defaults(func=run_plan)
@@ -68,6 +105,8 @@ def _integer(text: str | None, flag: str) -> int | None:
 
 def config_from_args(args: argparse.Namespace) -> PlanConfig:
     """The PlanConfig of parsed flags; PlanError for a value that is not an integer or out of range."""
+    if args.device is None:
+        raise PlanError("--device is required (or --recommend for every device)")
     return PlanConfig(
         model=args.model,
         device=args.device,
@@ -75,16 +114,40 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
         token_budget=_integer(args.token_budget, "--token-budget"),  # type: ignore[arg-type]
         max_sequence=_integer(args.max_sequence, "--max-sequence"),  # type: ignore[arg-type]
         prompt_tokens=_integer(args.prompt_tokens, "--prompt-tokens"),
+        weights=args.weights,
+        activations=args.activations,
+        runtime=args.runtime,
+        block_size=_integer(args.block_size, "--block-size"),  # type: ignore[arg-type]
+        sharing=args.sharing,
     )
 
 
 def run_plan(args: argparse.Namespace) -> int:
     try:
-        result = plan(config_from_args(args))
+        if args.recommend or args.device == "all":
+            names = list(DEVICES) if args.device in (None, "all") else [args.device]
+            budget = _integer(args.token_budget, "--token-budget")
+            sequence = _integer(args.max_sequence, "--max-sequence")
+            prompt = _integer(args.prompt_tokens, "--prompt-tokens")
+            results = [recommend(args.model, n, budget, sequence, prompt, sharing=args.sharing) for n in names]  # type: ignore[arg-type]
+        else:
+            result = plan(config_from_args(args))
     except PlanError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
-    if args.json:
+    if args.precision is not None:
+        print("note: --precision is deprecated; use --weights and --activations", file=sys.stderr)
+    if args.recommend or args.device == "all":
+        if args.json:
+            print(
+                json.dumps(
+                    {"rule": _RULE.format(margin=MARGIN_BYTES / _GIB), "devices": [_rec_dict(r) for r in results]},
+                    indent=2,
+                )
+            )
+        else:
+            print_recommendations(args.model, results)
+    elif args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_plan(result)
@@ -95,7 +158,11 @@ def _gib(n: int) -> str:
     return f"{n / _GIB:.2f}"
 
 
-def _fit(total: int, usable: int) -> str:
+def _fit(e: Estimate, total: int, usable: int | None, runtime: str) -> str:
+    if not e.runnable:
+        return f"[red]not on {runtime}[/red]"
+    if usable is None:
+        return "no limit checked"
     room = usable - total
     return f"[green]yes, {room / _GIB:.2f} free[/green]" if room >= 0 else f"[red]no, {-room / _GIB:.2f} short[/red]"
 
@@ -106,10 +173,11 @@ def print_plan(p: Plan, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    dev, cfg, b = p.device, p.config, p.budgets
+    dev, cfg, b, rt = p.device, p.config, p.budgets, p.runtime
     table = Table(
-        title=f"{p.model.name} on {dev.title}, {p.precision}: {p.prompt_tokens}-token prompt, cache for "
-        f"{cfg.max_sequence} tokens, k = {b.token_budget} of {p.model.num_image_tokens} image tokens (GiB)"
+        title=f"{p.model.name} on {dev.title} with {rt.title}: {p.weights} weights, {p.activations} activations; "
+        f"{p.prompt_tokens}-token prompt, cache for {cfg.max_sequence} tokens, k = {b.token_budget} of "
+        f"{p.model.num_image_tokens} image tokens (GiB)"
     )
     table.add_column("")
     for header in ("dense", "CoreMatching", "CoreMatching, static neurons"):
@@ -119,34 +187,82 @@ def print_plan(p: Plan, console: Any = None) -> None:
     def row(label: str, cell: Any) -> None:
         table.add_row(label, *(cell(e) for e in estimates))
 
-    row("weights", lambda e: _gib(e.weights))
+    held = "weights, as the runtime holds them" + ("" if cfg.sharing == "runtime" else f" ({cfg.sharing})")
+    row(held, lambda e: _gib(e.weights))
+    row(f"weights as built ({p.weights})", lambda e: _gib(e.weights_stored))
     row(f"KV cache ({cfg.max_sequence} tokens)", lambda e: _gib(e.kv_cache))
     row("compacted FFN per request", lambda e: _gib(e.compacted_ffn))
     row("peak activations (prefill)", lambda e: _gib(e.activations))
+    if any(e.load_transient for e in estimates):
+        row("held while a session is built", lambda e: _gib(e.load_transient))
     row("runtime overhead (estimate)", lambda e: _gib(e.runtime_overhead))
     row("[bold]total[/bold]", lambda e: f"[bold]{_gib(e.total)}[/bold]")
-    row(f"fits ({dev.usable_gb:g} of {dev.memory_gb:g} GiB usable)", lambda e: _fit(e.total, dev.usable_bytes))
-    row("+ decode graph's own weights", lambda e: f"+{_gib(e.unshared_decode_weights)}")
-    row("fits, weights not shared", lambda e: _fit(e.total_unshared, dev.usable_bytes))
+    usable = dev.usable_bytes
+    limit = "" if usable is None else f" ({dev.usable_gb:g} of {dev.memory_gb:g} GiB usable)"
+    row(f"fits{limit}", lambda e: _fit(e, e.total, usable, rt.name))
+    if any(e.unshared_decode_weights for e in estimates):
+        row("opt-in: separate engines add", lambda e: f"+{_gib(e.unshared_decode_weights)}")
+        row("fits with separate engines", lambda e: _fit(e, e.total_unshared, usable, rt.name))
+    if any(e.shared_saving for e in estimates):
+        row("one shared copy would save", lambda e: f"-{_gib(e.shared_saving)}")
+        row("fits with one shared copy", lambda e: _fit(e, e.total - e.shared_saving, usable, rt.name))
     row("decode step ≥ (ms, first-last)", lambda e: f"{e.decode_ms_first:.0f}-{e.decode_ms_last:.0f}")
     console.print(table)
     sparse = len(b.neuron_sparse_layers)
     console.print(
         f"static neuron set: the FFN of the {sparse} sparse layers (layers {b.neuron_layers[0]}.."
         f"{b.neuron_layers[1] - 1}) narrowed from D = {p.model.intermediate_size} to N = {b.core_neurons} saves "
-        f"{_gib(p.static_saving)} GiB; prune layer {b.prune_layer}, k_tok = {b.tokens_per_neuron_set}",
+        f"{_gib(p.static_saving)} GiB as built; prune layer {b.prune_layer}, k_tok = {b.tokens_per_neuron_set}; "
+        f"decode-step times are bytes read / {dev.bandwidth_gbps:g} GB/s, a lower bound",
         highlight=False,
     )
     console.print(
-        "weights not shared: prefill and decode as separate sessions or TensorRT engines each hold the decoder "
-        "weights (the runtime today); decode-step times are bytes read / "
-        f"{dev.bandwidth_gbps:g} GB/s, a lower bound",
-        highlight=False,
-    )
-    console.print(
-        f"recommended on {dev.title} (SM {dev.compute_capability}): {dev.recommended_precision}, TensorRT "
-        f"{dev.recommended_tensorrt}; TensorRT available: {dev.tensorrt}",
+        f"defaults on {dev.title} (SM {dev.compute_capability}): {dev.recommended_precision} activations, "
+        f"{dev.recommended_runtime}; TensorRT available: {dev.tensorrt}; --recommend picks the configuration to deploy",
         highlight=False,
     )
     for note in p.notes:
         console.print(f"- {note}", highlight=False)
+
+
+def print_recommendations(model: str, results: list[Recommendation], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    sharing = results[0].sharing if results else "runtime"
+    how = "" if sharing == "runtime" else f", weights planned {sharing}"
+    table = Table(title=f"{model}: the configuration to deploy on each device{how} (GiB)")
+    for header in ("device", "configuration", "total", "headroom", ""):
+        table.add_column(header, justify="right" if header in ("total", "headroom") else "left")
+    for r in results:
+        c = r.choice
+        if c is None:
+            table.add_row(r.device.name, "no candidate", "", "", r.status)
+            continue
+        label = c.label if r.status != "nothing fits" else f"closest: {c.label}"
+        table.add_row(r.device.name, label, _gib(c.estimate.total), _gib(c.estimate.headroom or 0), r.status)
+    console.print(table)
+    console.print("rule: " + _RULE.format(margin=MARGIN_BYTES / _GIB), highlight=False)
+
+
+def _rec_dict(r: Recommendation) -> dict[str, Any]:
+    def candidate(c: Any) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        e = {**asdict(c.estimate), "weights_by_part": dict(c.estimate.weights_by_part)}
+        return {
+            "runtime": c.runtime,
+            "weights": c.weights,
+            "activations": c.activations,
+            "neurons": c.neurons,
+            "estimate": e,
+        }
+
+    return {
+        "device": r.device.name,
+        "sharing": r.sharing,
+        "status": r.status,
+        "choice": candidate(r.choice),
+        "candidates": [candidate(c) for c in r.candidates],
+    }

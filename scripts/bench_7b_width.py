@@ -41,7 +41,7 @@ loaded = time.perf_counter() - start
 a = p.answer({image!r}, {question!r}, 8, stop_at_eos=False)
 hwm = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
 kept = None if a.kept_image_tokens is None else len(a.kept_image_tokens)
-print(json.dumps({{"load_s": loaded, "tokens": a.token_ids, "kept": kept,
+print(json.dumps({{"load_s": loaded, "tokens": a.token_ids, "kept": kept, "prompt_tokens": a.prompt_tokens,
        "prefill_s": a.timings["prefill"], "decode_step_s": sorted(a.timings["decode"])[len(a.timings["decode"]) // 2],
        "peak_bytes": int(hwm) * 1024}}))
 """
@@ -82,11 +82,14 @@ def answer(out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def predicted(manifest) -> dict:
-    """The planner's figures for the build's configuration, on the CPU (no device overheads)."""
-    from export.plan import plan_build
+def predicted(manifest, prompt_tokens: int) -> dict:
+    """The planner's figures (bytes) for the build's configuration and prompt, on the CPU pseudo-device."""
+    from dataclasses import asdict
 
-    return plan_build(manifest)
+    from export.plan import plan_manifest
+
+    estimate = plan_manifest(manifest, model=PRESET, max_sequence=manifest.max_sequence, prompt_tokens=prompt_tokens)
+    return asdict(estimate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         out, seconds = build(args.work, ckpt, name)
         manifest = buildformat.read(out)
         measured = answer(out)
-        plan = predicted(manifest)
+        plan = predicted(manifest, measured["prompt_tokens"])
         rows.append(
             {
                 "build": name,

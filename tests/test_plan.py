@@ -1,4 +1,4 @@
-"""`python -m export plan`: memory plans against hand computations (no model is instantiated)."""
+"""`python -m export plan`: memory plans against hand computations (no model is instantiated, no weights loaded)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,28 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from export.devices import DEVICES, UnknownDeviceError, device
-from export.plan import PlanConfig, PlanError, plan
+from export.devices import DEVICES, HOST, UnknownDeviceError, device
+from export.plan import (
+    MARGIN_BYTES,
+    Candidate,
+    Estimate,
+    PlanConfig,
+    PlanError,
+    _rank,
+    plan,
+    plan_build,
+    plan_manifest,
+    recommend,
+)
 from export.plan_cli import add_plan_parser, run_plan
 from export.plan_model import load_geometry
+from export.precisions import RUNTIMES, UnknownRuntimeError, matmul_bytes, runtime
 
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,12 +70,109 @@ def _kv(layers: int, tokens: int, kv_heads: int = HEADS, value_bytes: int = 2) -
     return layers * 2 * kv_heads * HEAD_DIM * tokens * value_bytes
 
 
+# -- the byte formulas of the storage scheme ---------------------------------------------------------------
+
+
+def test_matmul_bytes_by_hand() -> None:
+    # [K, N] = [64, 8]: 512 values.
+    assert matmul_bytes(64, 8, "fp32", "fp32") == 2048
+    assert matmul_bytes(64, 8, "fp16", "fp16") == 1024
+    assert matmul_bytes(64, 8, "int8", "fp16") == 512 + 8 * 2  # + N scales
+    assert matmul_bytes(64, 8, "int8", "fp32") == 512 + 8 * 4
+    assert matmul_bytes(64, 8, "int8", "fp16", shared_scales=True) == 512
+    assert matmul_bytes(64, 8, "int4", "fp16") == 256 + 2 * 8 * 2  # K/32 x N scales
+    assert matmul_bytes(8, 64, "int4", "fp32", rows_gathered=True) == 256 + 8 * 2 * 4  # blocks along N
+    assert matmul_bytes(64, 8, "int4", "fp16", block_size=64) == 256 + 1 * 8 * 2
+    # A side the blocks do not divide stays in floats at the activations' precision, as the pass keeps it.
+    assert matmul_bytes(48, 8, "int4", "fp16") == 48 * 8 * 2
+    assert matmul_bytes(48, 8, "int4", "fp16", rows_gathered=True) == 48 * 8 * 2
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    """CLIP 32-wide, 1 layer, 4 patches; Llama d = 64, D = 160, 4 layers, 4 heads; vocabulary 96."""
+    config = {
+        "model_type": "llava",
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 160,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "vocab_size": 96,
+            "max_position_embeddings": 512,
+        },
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_tiny_geometry_int4_bytes_by_hand(tmp_path: Path) -> None:
+    model = str(_tiny_config(tmp_path))
+    p = plan(PlanConfig(model, "orin-nano-8gb", weights="int4", activations="fp16", token_budget=2, max_sequence=64))
+    b = p.budgets
+    assert (b.core_neurons, b.neuron_layers, b.prune_layer) == (64, (1, 3), 2)  # N = 64, 2 sparse layers
+    # int4 [K, N]: K*N/2 bytes + (K/32)*N fp16 scales; floats at 2 bytes.
+    vision = 4 * (512 + 1 * 32 * 2) + (1024 + 1 * 64 * 2) + (1024 + 2 * 32 * 2)
+    vision += 2 * (32 + 3 * 14 * 14 * 32 + 5 * 32 + 4 * 32 + (4 * 32 + 64 + 32) + 4 * 32)  # embeddings, biases, norms
+    projector = (1024 + 1 * 64 * 2) + (2048 + 2 * 64 * 2) + 2 * 128
+    embedding = 2 * 96 * 64
+    attention = 4 * (2048 + 2 * 64 * 2)
+    ffn = 3 * (5120 + 5 * 64 * 2)  # gate, up [64, 160] and down [160, 64] (blocks along 160; or along 64: the same)
+    layer = attention + ffn + 2 * 128
+    head = 2 * 64 + (3072 + 2 * 96 * 2)
+    dense = vision + projector + embedding + 4 * layer + head
+    assert dense == 170176
+    assert p.dense.weights_stored == p.corematching.weights_stored == dense
+    static_ffn = 3 * (2048 + 2 * 64 * 2)  # gate, up [64, 64], down [64, 64]
+    assert p.static.weights_stored == dense - 2 * (ffn - static_ffn) == 149440
+    assert p.static_saving == 20736
+    # Per request, per sparse layer: 3*d*N/2 bytes + 3*(d/32)*N scales.
+    assert p.corematching.compacted_ffn == 2 * (3 * 64 * 64 // 2 + 3 * 2 * 64 * 2) == 13824
+    # KV: 256 bytes per token and layer; layers 0..2 hold 64 tokens, layer 3 holds 64 - 4 + 2.
+    assert p.dense.kv_cache == 4 * 64 * 256
+    assert p.corematching.kv_cache == 256 * (3 * 64 + 62)
+    # TensorRT 10 holds one copy per engine: vision, prefill and decode; prefill and decode share the decoder.
+    decode = embedding + 4 * layer + head
+    assert p.runtime.name == "tensorrt-10" and p.dense.weights == dense + decode
+    assert p.dense.shared_saving == decode and p.dense.unshared_decode_weights == 0
+    shared = plan(replace(p.config, sharing="shared"))
+    assert shared.dense.weights == dense and shared.dense.unshared_decode_weights == decode
+    int8 = plan(PlanConfig(model, "orin-nano-8gb", weights="int8", activations="fp16", token_budget=2, max_sequence=64))
+    # int8: 3*d*N bytes + 2*N gathered scales (down's per-output-channel scales are the model's).
+    assert int8.corematching.compacted_ffn == 2 * (3 * 64 * 64 + 2 * 64 * 2) == 25088
+
+
+def test_7b_stored_bytes_match_the_scheme() -> None:
+    vision_linear = 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)
+    linear = vision_linear + 1024 * 4096 + 4096 * 4096 + L * (4 * D_MODEL**2 + 3 * D_MODEL * D_FFN) + D_MODEL * VOCAB
+    floats = PARAMS_7B - linear  # embedding table, norms, biases, patch conv, positions, class embedding
+    columns = 24 * (4 * 1024 + 4096 + 1024) + 4096 + 4096 + L * (4 * D_MODEL + 2 * D_FFN + D_MODEL) + VOCAB
+    int8 = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int8", activations="fp16"))
+    int4 = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int4", activations="fp16"))
+    assert int8.dense.weights_stored == linear + 2 * columns + 2 * floats
+    assert int4.dense.weights_stored == linear // 2 + linear // 32 * 2 + 2 * floats
+    assert int8.corematching.compacted_ffn == SPARSE_LAYERS * (3 * D_MODEL * N_CORE + 2 * N_CORE * 2)
+    assert int4.corematching.compacted_ffn == SPARSE_LAYERS * (3 * D_MODEL * N_CORE // 2 + 3 * 128 * N_CORE * 2)
+
+
+# -- devices and runtimes ----------------------------------------------------------------------------------
+
+
 def test_devices_table() -> None:
     assert set(DEVICES) == {"titan-xp", "orin-nano-8gb", "orin-nx-16gb", "agx-orin-32gb", "agx-orin-64gb"}
     titan = device("titan-xp")
     assert (titan.compute_capability, titan.memory_gb, titan.shared_memory) == ("6.1", 12, False)
     assert titan.recommended_precision == "fp32" and titan.fp16_speed == 1 / 64 and "8.6" in titan.tensorrt
-    assert titan.bandwidth_gbps == 547.7
+    assert titan.bandwidth_gbps == 547.7 and titan.runtimes == ("tensorrt-8.6", "onnxruntime-cuda")
     for name, memory, bandwidth in [
         ("orin-nano-8gb", 8, 68.0),
         ("orin-nx-16gb", 16, 102.4),
@@ -71,10 +182,74 @@ def test_devices_table() -> None:
         board = device(name)
         assert (board.compute_capability, board.memory_gb, board.bandwidth_gbps) == ("8.7", memory, bandwidth)
         assert board.shared_memory and board.recommended_precision == "fp16"
-        assert "10.3" in board.tensorrt and "8.6" in board.tensorrt
+        assert "10.3" in board.tensorrt and "8.6" in board.tensorrt and board.recommended_runtime == "tensorrt-10"
         assert board.usable_gb < board.memory_gb
+    for dev in DEVICES.values():
+        assert all(runtime(r).runs_on(dev.compute_capability) for r in dev.runtimes)
+    assert not runtime("tensorrt-10").runs_on("6.1")  # TensorRT 10 is built for SM 7.0+
+    assert device("cpu") is HOST and HOST.usable_bytes is None and HOST.runtimes == ("onnxruntime-cpu",)
     with pytest.raises(UnknownDeviceError, match="titan-xp, orin-nano-8gb"):
         device("titan")
+    with pytest.raises(UnknownRuntimeError, match=r"onnxruntime-cpu, onnxruntime-cuda, tensorrt-8\.6, tensorrt-10"):
+        runtime("tensorrt")
+
+
+def test_every_runtime_fact_has_a_source() -> None:
+    for rt in RUNTIMES.values():
+        for form, handling in rt.weights.items():
+            assert handling.source.strip() and handling.kernel.strip(), (rt.name, form)
+        assert rt.sharing.source.strip() and all(f.source.strip() for f in rt.facts)
+
+
+def test_fallback_is_planned_at_what_it_runs_at() -> None:
+    # TensorRT 8.6 has no INT4 and folds weight-only int8 back into floats: planned at the activations' precision.
+    fp16 = plan(PlanConfig("llava-1.5-7b", "orin-nano-8gb", weights="fp16", activations="fp16", runtime="tensorrt-8.6"))
+    for weights in ("int4", "int8"):
+        p = plan(
+            PlanConfig("llava-1.5-7b", "orin-nano-8gb", weights=weights, activations="fp16", runtime="tensorrt-8.6")
+        )
+        assert p.planned_weights == "fp16" and p.dense.weights == fp16.dense.weights
+        assert p.dense.weights_stored < fp16.dense.weights_stored  # what the build holds is still smaller
+        assert p.corematching.compacted_ffn == fp16.corematching.compacted_ffn
+        assert any(n.startswith(f"{weights} weights fall back on tensorrt-8.6: planned at fp16") for n in p.notes)
+    titan = plan(PlanConfig("llava-1.5-7b", "titan-xp", weights="int8"))  # fp32 activations: planned at fp32
+    assert titan.planned_weights == "fp32" and any("onnxruntime-cuda runs them as int8" in n for n in titan.notes)
+    trt10 = plan(PlanConfig("llava-1.5-7b", "orin-nano-8gb", weights="int4", activations="fp16"))
+    assert trt10.planned_weights == "int4" and not any("fall back" in n for n in trt10.notes)
+
+
+def test_per_request_int4_needs_a_runtime_with_the_unpacking_ops() -> None:
+    for name in ("tensorrt-10", "tensorrt-8.6"):
+        assert not runtime(name).per_request_int4
+    p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int4", activations="fp16"))
+    assert not p.corematching.runnable and "BitShift" in p.corematching.reason
+    assert p.static.runnable and p.dense.runnable
+    assert plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int8", activations="fp16")).corematching.runnable
+
+
+def test_onnxruntime_cpu_holds_what_was_measured() -> None:
+    fp32 = plan_build("llava-7b-width", weights="fp32", activations="fp32", neurons="dense")
+    assert fp32.weights == fp32.weights_stored  # views of one mapped file
+    assert fp32.headroom is None and fp32.fits is None and fp32.runtime_overhead == int(0.1 * GIB)
+    fp16 = plan_build("llava-7b-width", weights="fp16", activations="fp16", neurons="dense")
+    # fp16 MatMul weights become fp32 copies in each session that reads them (vision 1, prefill and decode 2).
+    g = load_geometry("llava-7b-width")
+    groups = g.weight_groups("dense")
+    expected = sum(gr.parameters * (4 * len(gr.graphs) if gr.matmul else 2) for gr in groups)
+    assert fp16.weights == expected and fp16.load_transient == 0
+    int4 = plan_build("llava-7b-width", weights="int4", activations="fp16", neurons="per-request")
+    assert int4.weights > int4.weights_stored and int4.load_transient > 0
+    assert (
+        int4.total
+        == int4.weights
+        + int4.kv_cache
+        + int4.compacted_ffn
+        + max(int4.activations, int4.load_transient)
+        + int4.runtime_overhead
+    )
+
+
+# -- the 7B plans ------------------------------------------------------------------------------------------
 
 
 def test_7b_parameters_match_the_geometry() -> None:
@@ -83,12 +258,16 @@ def test_7b_parameters_match_the_geometry() -> None:
     assert params["vision_tower"] == VISION == 303_507_456
     assert params["projector"] == PROJECTOR
     assert params["total"] == PARAMS_7B == 7_063_427_072
-    assert plan(PlanConfig("llava-1.5-7b", "titan-xp", "fp16")).dense.weights == pytest.approx(14.1e9, rel=0.01)
+    assert plan(PlanConfig("llava-1.5-7b", "titan-xp", "fp16")).dense.weights_stored == pytest.approx(14.1e9, rel=0.01)
+    for neurons in ("dense", "per-request"):
+        assert sum(g.parameters for g in load_geometry("llava-1.5-7b").weight_groups(neurons, 21, N_CORE)) == PARAMS_7B
 
 
 @pytest.mark.parametrize("name", sorted(FITS_7B_FP16))
 def test_7b_fp16_on_each_device(name: str) -> None:
-    p = plan(PlanConfig("llava-1.5-7b", name, "fp16"))
+    # One shared copy of the weights (`sharing="shared"`), so that every figure is the hand computation's.
+    config = PlanConfig("llava-1.5-7b", name, weights="fp16", activations="fp16", sharing="shared")
+    p = plan(config)
     dev = device(name)
     s, m, k = N_IMG + 40, 2048, 64
     assert (p.prompt_tokens, p.kept_prompt_tokens) == (s, s - N_IMG + k)
@@ -103,7 +282,7 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     assert _kv(L, s) < dense.activations < _kv(L, s) + 0.2 * GIB
     assert 0 < cm.activations < dense.activations
     for e in (dense, cm, static):
-        assert e.runtime_overhead == overhead
+        assert e.runtime_overhead == overhead and e.load_transient == 0
         assert e.total == e.weights + e.kv_cache + e.compacted_ffn + e.activations + e.runtime_overhead
         assert e.headroom == dev.usable_bytes - e.total and e.fits == (e.headroom >= 0)
     assert dense.fits is FITS_7B_FP16[name]
@@ -115,26 +294,50 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     narrowed = SPARSE_LAYERS * 3 * D_MODEL * (D_FFN - N_CORE) * 2
     assert cm.decode_bytes_last == dense.decode_bytes_last - narrowed - (dense.kv_cache - cm.kv_cache)
     assert static.decode_bytes_first == cm.decode_bytes_first
+    # As TensorRT holds them: one copy per engine, so decode holds its own layers, head and embedding table.
+    engines = plan(replace(config, sharing="runtime")).dense
+    assert engines.weights == dense.weights + (L * LAYER + D_MODEL + 2 * VOCAB * D_MODEL) * 2
+
+
+def test_sharing_of_the_prefill_and_decode_weights() -> None:
+    decode_weights = (L * LAYER + D_MODEL + 2 * VOCAB * D_MODEL) * 2  # layers, head and embedding table
+    config = PlanConfig("llava-1.5-7b", "agx-orin-64gb", weights="fp16", activations="fp16")
+
+    def dense(runtime_name: str, sharing: str = "runtime") -> Estimate:
+        return plan(replace(config, runtime=runtime_name, sharing=sharing)).dense  # type: ignore[arg-type]
+
+    # ONNX Runtime's CUDA provider: one device copy for both sessions; separate sessions are an opt-in.
+    ort, apart = dense("onnxruntime-cuda"), dense("onnxruntime-cuda", "separate")
+    assert ort.weights == 2 * PARAMS_7B and ort.unshared_decode_weights == decode_weights and ort.shared_saving == 0
+    assert apart.weights == ort.weights + decode_weights and apart.total == ort.total_unshared
+    # TensorRT: two engines, each owning its weights, as it runs today; one shared copy is not built.
+    trt = dense("tensorrt-10")
+    assert trt.weights == apart.weights and trt.unshared_decode_weights == 0 and trt.shared_saving == decode_weights
+    assert dense("tensorrt-10", "shared").weights == ort.weights
+    # int4 on the CUDA provider: each session copies the int4 weights to the device.
+    int4 = plan(replace(config, weights="int4", runtime="onnxruntime-cuda"))
+    assert int4.dense.shared_saving > 0
 
 
 def test_7b_fp16_does_not_fit_titan_xp_or_orin_nano() -> None:
     for name in ("titan-xp", "orin-nano-8gb"):
-        p = plan(PlanConfig("llava-1.5-7b", name, "fp16"))
-        assert p.dense.weights > device(name).usable_bytes  # the weights alone do not fit
-        assert not (p.dense.fits or p.corematching.fits or p.static.fits)
+        for rt in device(name).runtimes:
+            p = plan(PlanConfig("llava-1.5-7b", name, weights="fp16", activations="fp16", runtime=rt))
+            assert p.dense.weights > device(name).usable_bytes  # the weights alone do not fit
+            assert not (p.dense.fits or p.corematching.fits or p.static.fits)
 
 
 @pytest.mark.parametrize(("k", "precision"), [(64, "fp16"), (32, "fp32"), (192, "fp16"), (576, "int8")])
 def test_corematching_kv_is_smaller_by_the_pruned_tokens(k: int, precision: str) -> None:
     p = plan(PlanConfig("llava-1.5-7b", "agx-orin-64gb", precision, token_budget=k))  # type: ignore[arg-type]
-    value_bytes = 4 if precision == "fp32" else 2  # int8 keeps an fp16 cache
+    value_bytes = 4 if precision == "fp32" else 2  # --precision int8 keeps an fp16 cache
     saved = (L - PRUNE_LAYER - 1) * 2 * HEADS * HEAD_DIM * (N_IMG - k) * value_bytes
     assert p.dense.kv_cache - p.corematching.kv_cache == saved
     assert p.corematching.kv_cache == p.static.kv_cache
 
 
 def test_static_neuron_set_saving() -> None:
-    p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", "fp16"))
+    p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", "fp16", sharing="shared"))
     assert p.budgets.core_neurons == N_CORE and len(p.budgets.neuron_sparse_layers) == SPARSE_LAYERS
     assert p.static_saving == (D_FFN - N_CORE) * 3 * D_MODEL * SPARSE_LAYERS * 2
     assert p.static.weights == p.dense.weights - p.static_saving
@@ -142,20 +345,100 @@ def test_static_neuron_set_saving() -> None:
     assert p.static.fits and not p.dense.fits  # 16 GB: only the narrowed weights fit
 
 
-def test_int8_halves_the_weights_only() -> None:
-    fp16 = plan(PlanConfig("llava-1.5-7b", "orin-nano-8gb", "fp16"))
-    int8 = plan(PlanConfig("llava-1.5-7b", "orin-nano-8gb", "int8"))
-    assert 2 * int8.dense.weights == fp16.dense.weights
-    assert 2 * int8.corematching.compacted_ffn == fp16.corematching.compacted_ffn
-    assert 2 * int8.static_saving == fp16.static_saving
-    assert int8.dense.kv_cache == fp16.dense.kv_cache and int8.dense.activations == fp16.dense.activations
-    assert fp16.dense.total - int8.dense.total == PARAMS_7B
-    assert any("planning-only" in note for note in int8.notes)
+def test_defaults_are_the_devices() -> None:
+    titan = plan(PlanConfig("llava-1.5-7b", "titan-xp"))
+    assert (titan.weights, titan.activations, titan.runtime.name) == ("fp32", "fp32", "tensorrt-8.6")
+    orin = plan(PlanConfig("llava-1.5-7b", "agx-orin-32gb"))
+    assert (orin.weights, orin.activations, orin.runtime.name, orin.activation_bytes) == (
+        "fp16",
+        "fp16",
+        "tensorrt-10",
+        2,
+    )
+    assert plan(PlanConfig("llava-1.5-7b", "titan-xp", weights="int4")).activations == "fp32"
+    legacy = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", "int8"))  # --precision int8: int8 weights, fp16 rest
+    assert (legacy.weights, legacy.activations) == ("int8", "fp16")
 
 
-def test_default_precision_is_the_devices() -> None:
-    assert plan(PlanConfig("llava-1.5-7b", "titan-xp")).precision == "fp32"
-    assert plan(PlanConfig("llava-1.5-7b", "agx-orin-32gb")).weight_bytes == 2
+# -- the recommendation ------------------------------------------------------------------------------------
+
+
+def _candidate(neurons: str, weights: str, act: str, runtime_name: str, headroom: float) -> Candidate:
+    e = plan_build("llava-1.5-7b", weights="fp16", activations="fp16", neurons="dense", device_name="agx-orin-64gb")
+    return Candidate(runtime_name, weights, act, neurons, replace(e, headroom=int(headroom * GIB)))  # type: ignore[arg-type]
+
+
+def test_rank_prefers_the_method_then_precision_then_fast_activations_then_runtime_order() -> None:
+    titan = device("titan-xp")
+    order = [
+        _candidate("per-request", "int8", "fp32", "onnxruntime-cuda", 0.6),  # the method, int8, fp32 (fast on Pascal)
+        _candidate("per-request", "int8", "fp16", "onnxruntime-cuda", 2.0),
+        _candidate("per-request", "int4", "fp32", "onnxruntime-cuda", 3.0),
+        _candidate("static", "fp16", "fp16", "tensorrt-8.6", 5.0),  # a static set comes after every per-request one
+        _candidate("static", "int8", "fp32", "tensorrt-8.6", 1.0),
+        _candidate("static", "int8", "fp32", "onnxruntime-cuda", 4.0),
+    ]
+    assert sorted(reversed(order), key=lambda c: _rank(titan, c)) == order
+    # More headroom breaks a tie.
+    a, b = (
+        _candidate("static", "int4", "fp16", "tensorrt-10", 1.0),
+        _candidate("static", "int4", "fp16", "tensorrt-10", 2.0),
+    )
+    assert min([a, b], key=lambda c: _rank(device("orin-nx-16gb"), c)) is b
+
+
+def test_7b_targets() -> None:
+    """llava-1.5-7b, CoreMatching at k = 64, cache for 2048 tokens: what the planner says of the targets."""
+    margin = MARGIN_BYTES
+    # Titan Xp 12 GB: int8 weights fit with >= 0.5 GiB headroom on ONNX Runtime's CUDA provider (one device
+    # copy of the int8 weights); TensorRT 8.6 folds them back into fp32 weights, which do not fit.
+    titan = recommend("llava-1.5-7b", "titan-xp")
+    c = titan.choice
+    assert titan.status == "recommended" and c is not None
+    assert (c.runtime, c.weights, c.activations, c.neurons) == ("onnxruntime-cuda", "int8", "fp32", "per-request")
+    assert c.estimate.headroom >= margin  # 0.97 GiB
+    assert not plan(PlanConfig("llava-1.5-7b", "titan-xp", weights="int8")).corematching.fits  # on tensorrt-8.6
+    # Orin Nano 8 GB: nothing fits as the runtimes hold the weights today (TensorRT: one copy per engine; the
+    # CUDA provider: int4 copied per session); the closest is 0.81 GiB short.
+    nano = recommend("llava-1.5-7b", "orin-nano-8gb")
+    assert nano.status == "nothing fits" and nano.choice is not None and nano.choice.estimate.headroom < 0
+    # With one shared copy of the weights (not built), int4 with a static neuron set fits with >= 0.5 GiB.
+    shared = recommend("llava-1.5-7b", "orin-nano-8gb", sharing="shared")
+    c = shared.choice
+    assert shared.status == "recommended" and c is not None
+    assert (c.runtime, c.weights, c.activations, c.neurons) == ("tensorrt-10", "int4", "fp16", "static")
+    assert c.estimate.headroom >= margin  # 1.33 GiB
+    # The per-request int4 path: TensorRT cannot parse it, and even at one copy it is short (0.16 GiB).
+    config = PlanConfig("llava-1.5-7b", "orin-nano-8gb", weights="int4", activations="fp16", sharing="shared")
+    per_request = plan(config).corematching
+    assert not per_request.runnable and per_request.headroom < 0
+    ort = plan(replace(config, runtime="onnxruntime-cuda")).corematching
+    assert ort.runnable and ort.headroom < 0
+    # Dense fp16 fits neither, however the weights are shared.
+    for name in ("titan-xp", "orin-nano-8gb"):
+        for sharing in ("runtime", "shared"):
+            fp16 = PlanConfig("llava-1.5-7b", name, weights="fp16", activations="fp16", sharing=sharing)  # type: ignore[arg-type]
+            assert not plan(fp16).dense.fits
+    nx = recommend("llava-1.5-7b", "orin-nx-16gb")
+    c = nx.choice
+    assert nx.status == "recommended" and c is not None
+    assert (c.weights, c.neurons, c.runtime) == ("int8", "per-request", "tensorrt-10") and c.estimate.headroom >= margin
+
+
+def test_recommend_view(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--recommend", "--json")
+    assert (rc, err) == (0, "")
+    data = json.loads(out)
+    assert [d["device"] for d in data["devices"]] == list(DEVICES) and "per-request" in data["rule"]
+    status = {d["device"]: d["status"] for d in data["devices"]}
+    assert status == {name: "nothing fits" if name == "orin-nano-8gb" else "recommended" for name in DEVICES}
+    for d in data["devices"]:
+        assert d["candidates"] and (d["status"] != "recommended" or d["choice"]["estimate"]["headroom"] >= MARGIN_BYTES)
+    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "all")
+    assert (rc, err) == (0, "") and all(name in out for name in DEVICES) and "rule:" in out
+
+
+# -- output and input --------------------------------------------------------------------------------------
 
 
 def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,7 +448,10 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert {
         "model",
         "device",
-        "precision",
+        "runtime",
+        "weights",
+        "activations",
+        "planned_weights",
         "tokens",
         "budgets",
         "memory",
@@ -173,7 +459,8 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
         "recommended",
         "notes",
     } <= set(data)
-    assert data["precision"] == "fp16" and data["model"]["parameters"]["total"] == PARAMS_7B
+    assert (data["weights"], data["activations"], data["runtime"]["name"]) == ("fp16", "fp16", "tensorrt-10")
+    assert data["model"]["parameters"]["total"] == PARAMS_7B
     assert data["budgets"] == {
         "token_budget": 64,
         "tokens_per_neuron_set": 1101,
@@ -184,32 +471,26 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(data["memory"]) == {"dense", "corematching", "corematching_static"}
     for entry in data["memory"].values():
         assert entry["total"] == sum(
-            entry[key] for key in ("weights", "kv_cache", "compacted_ffn", "activations", "runtime_overhead")
-        )
+            entry[key] for key in ("weights", "kv_cache", "compacted_ffn", "runtime_overhead")
+        ) + max(entry["activations"], entry["load_transient"])
+        assert sum(entry["weights_by_part"].values()) == entry["weights"]
         assert isinstance(entry["fits"], bool) and isinstance(entry["decode_ms_first"], float)
     assert data["memory"]["dense"]["fits"] is True
     assert data["recommended"]["precision"] == "fp16" and "10.3" in data["recommended"]["tensorrt"]
 
 
-def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
+def test_table_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the cells of a narrower table
     rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "titan-xp", "--precision", "fp16")
-    assert (rc, err) == (0, "")
-    for text in (
-        "weights",
-        "KV cache",
-        "compacted FFN",
-        "peak activations",
-        "runtime overhead",
-        "total",
-        "fits",
-        "dense",
-        "CoreMatching",
-        "short",
-        "recommended",
-        "Titan Xp",
-        "fp32",
-    ):
+    assert rc == 0 and "--precision is deprecated" in err
+    for text in ("weights", "KV cache", "compacted FFN", "peak activations", "runtime overhead", "total", "fits"):
         assert text in out, text
+    for text in ("dense", "CoreMatching", "short", "--recommend", "Titan Xp", "fp32", "one shared copy would save"):
+        assert text in out, text
+    rc, out, err = _run(
+        capsys, "--model", "llava-7b-width", "--device", "cpu", "--weights", "int4", "--activations", "fp16"
+    )
+    assert (rc, err) == (0, "") and "no limit checked" in out and "while a session is built" in out
 
 
 def _hub_config(**text: object) -> dict[str, object]:
@@ -254,8 +535,9 @@ def test_llava_hf_directory_is_planned_from_config_json_alone(tmp_path: Path) ->
     assert from_dir.dense == from_preset.dense and from_dir.corematching == from_preset.corematching
     # Neither torch nor transformers is imported to plan a directory (a Jetson has neither).
     code = (
-        "import sys; from export.plan import PlanConfig, plan; "
-        f"plan(PlanConfig({str(tmp_path)!r}, 'orin-nano-8gb')); "
+        "import sys; from export.plan import PlanConfig, plan, recommend; "
+        f"plan(PlanConfig({str(tmp_path)!r}, 'orin-nano-8gb', weights='int4')); "
+        f"recommend({str(tmp_path)!r}, 'titan-xp'); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -266,6 +548,24 @@ def test_grouped_query_directory_uses_its_kv_heads(tmp_path: Path) -> None:
     p = plan(PlanConfig(str(tmp_path), "agx-orin-64gb", "fp16"))
     assert p.dense.kv_cache == _kv(L, 2048, kv_heads=8)
     assert p.parameters["decoder_layers"] == L * (LAYER - 2 * D_MODEL * D_MODEL + 2 * D_MODEL * 8 * HEAD_DIM)
+
+
+def test_plan_build_and_plan_manifest() -> None:
+    e = plan_build("llava-7b-width", weights="int4", activations="fp16", neurons="per-request", max_sequence=640)
+    p = plan(PlanConfig("llava-7b-width", "cpu", weights="int4", activations="fp16", max_sequence=640))
+    assert e == p.corematching and p.runtime.name == "onnxruntime-cpu"
+    manifest = SimpleNamespace(
+        model=SimpleNamespace(source="llava-7b-width"),
+        precision="float16",
+        quantization=SimpleNamespace(weights="int4", block_size=32),
+        corematching=SimpleNamespace(token_budget=64),
+    )
+    assert plan_manifest(manifest, max_sequence=640) == e
+    dense = SimpleNamespace(model=manifest.model, precision="float32", quantization=None, corematching=None)
+    assert (
+        plan_manifest(dense, max_sequence=640)
+        == plan(PlanConfig("llava-7b-width", "cpu", weights="fp32", activations="fp32", max_sequence=640)).dense
+    )
 
 
 def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
@@ -280,16 +580,30 @@ def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
     return {"empty": empty, "broken": broken, "other": other, "missing": tmp_path / "missing"}
 
 
+_7B = ["--model", "llava-1.5-7b"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--model", "llava-9b", "--device", "titan-xp"], "neither a model preset"),
-        (["--model", "llava-1.5-7b", "--device", "titan"], "known devices: titan-xp"),
-        (["--model", "llava-1.5-7b", "--device", "titan-xp", "--precision", "bf16"], "precision"),
-        (["--model", "llava-1.5-7b", "--device", "titan-xp", "--token-budget", "x"], "--token-budget"),
-        (["--model", "llava-1.5-7b", "--device", "titan-xp", "--token-budget", "0"], "token-budget"),
-        (["--model", "llava-1.5-7b", "--device", "titan-xp", "--token-budget", "600"], "576 image tokens"),
-        (["--model", "llava-1.5-7b", "--device", "titan-xp", "--max-sequence", "600"], "no room"),
+        ([*_7B, "--device", "titan"], "known devices: titan-xp"),
+        ([*_7B], "--device is required"),
+        ([*_7B, "--device", "titan-xp", "--precision", "bf16"], "precision"),
+        ([*_7B, "--device", "titan-xp", "--weights", "int3"], "--weights must be one of fp32, fp16, int8, int4"),
+        ([*_7B, "--device", "titan-xp", "--activations", "int8"], "--activations must be one of fp32, fp16"),
+        ([*_7B, "--device", "titan-xp", "--weights", "fp16", "--activations", "fp32"], "float weights follow"),
+        ([*_7B, "--device", "titan-xp", "--precision", "fp16", "--weights", "int8"], "not both"),
+        ([*_7B, "--device", "titan-xp", "--runtime", "tensorrt"], "known runtimes: onnxruntime-cpu"),
+        ([*_7B, "--device", "titan-xp", "--runtime", "tensorrt-10"], "its runtimes: tensorrt-8.6, onnxruntime-cuda"),
+        ([*_7B, "--device", "titan-xp", "--token-budget", "x"], "--token-budget"),
+        ([*_7B, "--device", "titan-xp", "--token-budget", "0"], "token-budget"),
+        ([*_7B, "--device", "titan-xp", "--token-budget", "600"], "576 image tokens"),
+        ([*_7B, "--device", "titan-xp", "--max-sequence", "600"], "no room"),
+        ([*_7B, "--device", "titan-xp", "--block-size", "48"], "--block-size must be one of"),
+        ([*_7B, "--recommend", "--device", "cpu"], "no memory limit"),
+        ([*_7B, "--recommend", "--device", "jetson"], "known devices"),
+        ([*_7B, "--device", "titan-xp", "--sharing", "some"], "--sharing must be one of runtime, separate, shared"),
         (["--model", "{missing}", "--device", "titan-xp"], "neither a model preset"),
         (["--model", "{empty}", "--device", "titan-xp"], "no config.json"),
         (["--model", "{broken}", "--device", "titan-xp"], "cannot read"),
@@ -303,7 +617,8 @@ def test_bad_input_is_one_line_and_exit_2(
     argv = [str(dirs[a[1:-1]]) if a.startswith("{") else a for a in argv]
     rc, out, err = _run(capsys, *argv)
     assert rc == 2 and out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
 
 
 def test_plan_config_validates() -> None:
@@ -313,3 +628,5 @@ def test_plan_config_validates() -> None:
         PlanConfig("llava-1.5-7b", "titan-xp", token_budget=True)
     with pytest.raises(PlanError, match="known devices"):
         PlanConfig("llava-1.5-7b", "jetson")
+    with pytest.raises(PlanError, match="known runtimes"):
+        PlanConfig("llava-1.5-7b", "titan-xp", runtime="trt")
