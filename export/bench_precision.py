@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,11 @@ class PrecisionBenchConfig:
     new_tokens: int = 16
     work: Path = Path("builds/bench-precision")
     out: Path = Path("docs/benchmarks")
-    bench: BenchConfig = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "bench",
-            BenchConfig(preset=self.preset, repeats=self.repeats, new_tokens=self.new_tokens, work=self.work),
-        )
+    @property
+    def bench(self) -> BenchConfig:
+        """The shared benchmark's settings, for its checkpoint and its measurement of one build."""
+        return BenchConfig(preset=self.preset, repeats=self.repeats, new_tokens=self.new_tokens, work=self.work)
 
 
 def decode_weight_bytes(build: Path, manifest: Manifest) -> int:

@@ -207,9 +207,11 @@ def validate_build(
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     accuracy_level: int = 1,
     criteria: Criteria | None = None,
+    references: dict[str, tuple] | None = None,
 ) -> ValidationReport:
     """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares.
-    accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the precision's."""
+    accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the precision's; references:
+    the reference's results per case name when the caller already has them (`_reference`)."""
     config = corematching_from_manifest(manifest)
     precision = manifest.precision
     criteria = criteria or CRITERIA[precision]
@@ -218,7 +220,7 @@ def validate_build(
     for name, image, question in validation_cases(manifest.model.image_size):
         inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
         ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
-        reference = _reference(model, config, ids, pixels, steps)
+        reference = references[name] if references is not None else _reference(model, config, ids, pixels, steps)
         got = runner.greedy(ids.numpy(), pixels.float().numpy(), steps)
         cases.append(_compare(name, question, int(ids.shape[1]), steps, criteria, got, reference))
         log.info("validation %s: %s", name, "passed" if cases[-1].passed else "; ".join(cases[-1].problems))

@@ -62,13 +62,23 @@ def validate_quantized_build(
         "reference fake-quantized: %d weights (%d kept in floats)", summary["quantized"], len(summary["kept_float"])
     )
     distance = []
+    references = {}  # the fake-quant reference, run once per case for the distance and both validations
     for (name, ids, pixels), before in zip(cases, float_refs, strict=True):
-        after = _reference(model, config, ids, pixels, steps)
-        distance.append(_distance(name, before, after, steps))
+        references[name] = _reference(model, config, ids, pixels, steps)
+        distance.append(_distance(name, before, references[name], steps))
 
-    report = validate_build(build_dir, manifest, model, processor, steps, accuracy_level=SAME_ARITHMETIC)
+    report = validate_build(
+        build_dir, manifest, model, processor, steps, accuracy_level=SAME_ARITHMETIC, references=references
+    )
     fast = validate_build(
-        build_dir, manifest, model, processor, steps, accuracy_level=FAST, criteria=CRITERIA["float16"]
+        build_dir,
+        manifest,
+        model,
+        processor,
+        steps,
+        accuracy_level=FAST,
+        criteria=CRITERIA["float16"],
+        references=references,
     )
     report.quantization = {
         "weights": quant.name,
