@@ -309,6 +309,37 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class StaticNeuronsInfo:
+    """A static neuron set baked into the build (docs/method.md); absent: core neurons per request.
+
+    layers: the narrowed layers, whose FFN in both graphs keeps `neurons` of `intermediate_size`;
+    prompts / calibration: what the set was counted over; file: the set itself (indices and counts).
+    """
+
+    layers: tuple[int, ...]
+    neurons: int
+    intermediate_size: int
+    prompts: int
+    calibration: str
+    file: str = "static_neurons.json"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StaticNeuronsInfo:
+        where = "static_neurons"
+        return cls(
+            layers=tuple(_take(data, "layers", list, where)),
+            neurons=_take(data, "neurons", int, where),
+            intermediate_size=_take(data, "intermediate_size", int, where),
+            prompts=_take(data, "prompts", int, where),
+            calibration=_take(data, "calibration", str, where),
+            file=_take(data, "file", str, where),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+@dataclass(frozen=True)
 class Engines:
     """TensorRT engines built on one machine (`python -m export engine`): graph -> engine file."""
 
@@ -381,6 +412,7 @@ class Manifest:
     flops: Flops | None = None
     weights: WeightsIndex | None = None
     quantization: Quantization | None = None  # None: float weights at `precision`
+    static_neurons: StaticNeuronsInfo | None = None  # None: core neurons per request (or a dense build)
     validation: Mapping[str, Any] | None = None  # the build's validation report (export/validate.py)
     engines: Engines | None = None
     files: Mapping[str, str] = field(default_factory=dict)  # file of the build -> sha256
@@ -446,6 +478,7 @@ class Manifest:
             flops=Flops(**flops) if isinstance(flops, dict) else None,
             weights=WeightsIndex.from_json(data["weights"]) if data.get("weights") else None,
             quantization=Quantization.from_json(data["quantization"]) if data.get("quantization") else None,
+            static_neurons=StaticNeuronsInfo.from_json(data["static_neurons"]) if data.get("static_neurons") else None,
             validation=data.get("validation"),
             engines=Engines.from_json(data["engines"]) if data.get("engines") else None,
             files=dict(data.get("files") or {}),
@@ -475,6 +508,8 @@ class Manifest:
             out["weights"] = self.weights.to_json()
         if self.quantization is not None:
             out["quantization"] = self.quantization.to_json()
+        if self.static_neurons is not None:
+            out["static_neurons"] = self.static_neurons.to_json()
         if self.validation is not None:
             out["validation"] = dict(self.validation)
         if self.engines is not None:

@@ -30,7 +30,9 @@ class CoreMatchingConfig:
     neuron_ratio: `beta`; the prompt's core neurons are the ceil(beta * D) most frequent.
     prune_layer: `l_p`, counted from 0; layers 0..l_p see every token.
     neuron_layers: half-open range (start, stop) of the layers whose decode steps use only
-        the core neurons; None scales the paper's [6, 27) of 32 layers to the model's depth.
+        the core neurons; None scales the paper's [6, 27) of 32 layers to the model's depth; an empty
+        range (start == stop) selects no neurons per request (a model with a baked static neuron set,
+        `coreMatching.static_neurons`).
     token_selector: the registered rule (`coreMatching.selectors.SELECTORS`) that picks the kept
         image tokens at the prune layer; the default is the project's measured best.
     token_merge: what becomes of the pruned image tokens (`coreMatching.selectors.MERGES`): dropped
@@ -67,9 +69,9 @@ class CoreMatchingConfig:
             raise ConfigError(f"prune_layer must be a layer index >= 0, got {self.prune_layer!r}")
         if self.neuron_layers is not None:
             start, stop = self.neuron_layers
-            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
                 raise ConfigError(
-                    f"neuron_layers must be a half-open range (start, stop) with 0 <= start < stop, "
+                    f"neuron_layers must be a half-open range (start, stop) with 0 <= start <= stop, "
                     f"got {self.neuron_layers!r}"
                 )
         if self.token_selector not in SELECTORS:
@@ -166,6 +168,16 @@ class Budgets:
     neuron_chunks: int = 1  # core neurons selected per contiguous chunk of the FFN
     token_selector: str = DEFAULT_SELECTOR  # the registered rule that picks the kept image tokens
     token_merge: str = "none"  # what becomes of the pruned ones ("none" when every token is kept)
+    static_layers: tuple[int, ...] = ()  # layers narrowed to a baked static neuron set, in both phases
+    static_neurons: int = 0  # the FFN width of those layers
+
+    def prefill_width(self, layer: int) -> int:
+        """The FFN width a layer computes in prefill: D, or a baked static set's."""
+        return self.static_neurons if layer in self.static_layers else self.intermediate_size
+
+    def decode_width(self, layer: int) -> int:
+        """The FFN width a layer computes in a decode step: N per request, or its prefill width."""
+        return self.core_neurons if self.is_neuron_sparse(layer) else self.prefill_width(layer)
 
     @property
     def merged_tokens(self) -> int:
@@ -177,6 +189,16 @@ class Budgets:
         """Image tokens later layers hold: k, plus a summary token. Needs a static budget."""
         assert self.token_budget != "auto", "a static budget"
         return self.token_budget + self.merged_tokens
+
+    @property
+    def narrowable_layers(self) -> list[int]:
+        """The layers a static neuron set narrows: the neuron-sparse ones but the prune layer, whose full
+        activations the token selectors read in prefill (`coreMatching.static_neurons`)."""
+        return [layer for layer in self.neuron_sparse_layers if layer != self.prune_layer]
+
+    def static_width(self, align: int = 1) -> int:
+        """A static set's neurons per layer: N rounded up to a multiple of `align` (int4's block), at most D."""
+        return min(self.intermediate_size, math.ceil(self.core_neurons / align) * align)
 
     def is_neuron_sparse(self, layer: int) -> bool:
         return self.neuron_layers[0] <= layer < self.neuron_layers[1]

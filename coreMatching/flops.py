@@ -61,7 +61,7 @@ def prefill_flops(geometry: Geometry, prompt_tokens: int, budgets: Budgets | Non
         if budgets is not None and layer > budgets.prune_layer:
             tokens = kept_length(prompt_tokens, budgets)
         total += geometry.projections(tokens) + geometry.attention(tokens, 0)
-        total += geometry.ffn(tokens, geometry.intermediate_size)
+        total += geometry.ffn(tokens, geometry.intermediate_size if budgets is None else budgets.prefill_width(layer))
     return total
 
 
@@ -72,8 +72,7 @@ def decode_layers(geometry: Geometry, cached_tokens: int, budgets: Budgets | Non
         if budgets is not None:
             if layer > budgets.prune_layer:
                 past = kept_length(cached_tokens, budgets)
-            if budgets.is_neuron_sparse(layer):
-                width = budgets.core_neurons
+            width = budgets.decode_width(layer)
         yield past, width
 
 

@@ -47,6 +47,19 @@ def _build_parser(sub: Any) -> None:
         help="select core neurons per chunk of the FFN (default 1; raised automatically where N "
         "is beyond TensorRT's TopK limit)",
     )
+    p.add_argument(
+        "--static-neurons",
+        action="store_true",
+        help="bake a static neuron set (counted over a calibration set) into narrower FFN weights "
+        "instead of selecting core neurons per request: smaller weights, no per-request compaction",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="JSONL of image and question lines for --static-neurons (default: the shapes validation split)",
+    )
+    p.add_argument("--calibration-count", type=int, default=64, help="calibration prompts counted (default 64)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-validate", action="store_true", help="skip the validation against PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -134,6 +147,9 @@ def run_build(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             max_prompt_tokens=args.max_prompt_tokens,
             max_sequence=args.max_sequence,
+            static_neurons=args.static_neurons,
+            calibration=args.calibration,
+            calibration_count=args.calibration_count,
         )
         with console.status("building") as status:
 
@@ -156,6 +172,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     import buildformat
     from buildformat import ManifestError
+    from coreMatching.errors import CoreMatchingError
     from export.summary import print_validation
     from models import ModelLoadError, default_model_dir, load_llava
 
@@ -165,10 +182,10 @@ def run_validate(args: argparse.Namespace) -> int:
         source = manifest.model.source
         model_dir = args.model or (default_model_dir() if source == "embedded default" else Path(source))
         model, processor = load_llava(model_dir)
-        from export.validate import validate_build
+        from export.validate_quant import revalidate
 
-        report = validate_build(args.build, manifest, model, processor)
-    except (ManifestError, ModelLoadError) as e:
+        report = revalidate(args.build, manifest, model, processor)
+    except (ManifestError, ModelLoadError, CoreMatchingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_validation(report)

@@ -30,6 +30,7 @@ from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
 from coreMatching.quant_scheme import WeightQuant
+from coreMatching.static_neurons import FILE as STATIC_FILE
 from export.config import ExportConfig
 from export.manifest import make_manifest
 from export.modules import Decoder
@@ -44,6 +45,8 @@ from export.passes import (
 from export.passes.membership import TOPK_LIMIT
 from export.passes.quantize import quantize_weights
 from export.quantize import gathered_weights, quantize_graphs
+from export.static import bake
+from export.static import record as static_info
 from export.trace import save_model, trace_decode, trace_embed, trace_prefill, trace_vision
 from export.validate import ValidationError, ValidationReport, validate_build
 from export.validate_quant import validate_quantized_build
@@ -52,7 +55,17 @@ from models import default_model_dir, load_llava
 
 log = logging.getLogger(__name__)
 
-STAGES = ("load", "trace vision", "trace embed", "trace prefill", "trace decode", "graph passes", "validate", "write")
+STAGES = (
+    "load",
+    "calibrate",
+    "trace vision",
+    "trace embed",
+    "trace prefill",
+    "trace decode",
+    "graph passes",
+    "validate",
+    "write",
+)
 # Copied from the checkpoint when present: what the torch-free runtime needs to tokenize and preprocess.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -97,6 +110,14 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     (tmp / OWNER).write_text(f"{os.getpid()}\n")  # which process builds here: a later build checks it is gone
     try:
+        static = None
+        if config.static_neurons:
+            stage("calibrate")
+            assert config.corematching is not None and budgets is not None  # checked by ExportConfig
+            cm = config.corematching.with_(neuron_chunks=budgets.neuron_chunks)
+            align = config.block_size if config.weights == "int4" else 1  # narrowed rows fill whole int4 blocks
+            static, budgets = bake(model, processor, cm, budgets, config.calibration, config.calibration_count, align)
+            static.save(tmp / STATIC_FILE)
         dtype = torch.float16 if config.fp16 else torch.float32
         traced_model = model.to(dtype) if config.fp16 else model
         decoder = Decoder(traced_model).eval()
@@ -125,7 +146,9 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         _copy_tokenizer(model_dir, processor, tmp)
         manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER)
-        manifest = buildformat.with_files(tmp, manifest.with_(weights=weights, quantization=quantization), files)
+        static_record = None if static is None else static_info(static)
+        manifest = manifest.with_(weights=weights, quantization=quantization, static_neurons=static_record)
+        manifest = buildformat.with_files(tmp, manifest, files)
         buildformat.write(tmp, manifest)
 
         report = None

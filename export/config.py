@@ -28,6 +28,9 @@ class ExportConfig:
         profiled for (TensorRT optimization profiles; the runtime refuses longer ones).
     tensorrt: keep the static-budget graphs within TensorRT's limits (chunked neuron selection
         where N is beyond TopK's K < 3840).
+    static_neurons: bake a static neuron set (counted over `calibration_count` prompts of `calibration`,
+        a JSONL file of image and question, or None: the shapes validation split) into narrower FFN
+        weights in every graph, instead of selecting core neurons per request (docs/method.md).
     """
 
     out: Path
@@ -42,8 +45,21 @@ class ExportConfig:
     max_prompt_tokens: int = 1024
     max_sequence: int = 2048
     tensorrt: bool = True
+    static_neurons: bool = False
+    calibration: Path | None = None
+    calibration_count: int = 64
 
     def __post_init__(self) -> None:
+        if self.static_neurons and self.corematching is None:
+            raise ConfigError("--static-neurons narrows CoreMatching's neuron-sparse layers; drop --dense")
+        if not self.static_neurons and self.calibration is not None:
+            raise ConfigError("--calibration is the static neuron set's calibration data; add --static-neurons")
+        if self.calibration is not None and not self.calibration.is_file():
+            raise ConfigError(
+                f"--calibration {self.calibration}: no such file; pass a JSONL file of image and question lines"
+            )
+        if self.calibration_count < 1:
+            raise ConfigError(f"--calibration-count must be at least 1, got {self.calibration_count}")
         activations = "fp16" if self.fp16 else "fp32"
         if self.weights is None:
             object.__setattr__(self, "weights", activations)

@@ -257,6 +257,7 @@ def plan(config: PlanConfig) -> Plan:
     d, n = g.hidden_size, budgets.core_neurons
     planned = rt.handling(weights).precision(weights, act)
     block = config.block_size
+    static_n = budgets.static_width(block if weights == "int4" else 1)
 
     def kv(tokens: int, pruned: bool) -> int:
         """All layers' cache for `tokens`; `pruned`: the layers after the prune layer hold the kept ones."""
@@ -281,8 +282,12 @@ def plan(config: PlanConfig) -> Plan:
     overhead, usable = dev.runtime_overhead_bytes, dev.usable_bytes
     bandwidth = dev.bandwidth_gbps * 1e9
 
+    # A static set narrows the sparse layers but the prune layer, to N rounded up to int4's block.
+    narrowed = {"dense": (0, 0), "per-request": (sparse, n), "static": (len(budgets.narrowable_layers), static_n)}
+
     def estimate(neurons: Neurons, prefill: int, kv_cache: int, kv_first: int) -> Estimate:
-        held = held_weights(g.weight_groups(neurons, sparse, n), rt, weights, act, block, cb, config.sharing)
+        groups = g.weight_groups(neurons, *narrowed[neurons])
+        held = held_weights(groups, rt, weights, act, block, cb, config.sharing)
         per_request = compacted if neurons == "per-request" else 0
         weights_held = held.resident
         activations = max(vision, prefill + held.dequantized)
@@ -379,7 +384,7 @@ def plan_manifest(
 ) -> Estimate:
     """`plan_build` for a build's `buildformat.Manifest`: its precision, quantization, dense or CoreMatching
     and token budget; the geometry from `model` (a preset or a llava-hf directory) or the manifest's
-    model source. A static neuron set is not recorded in manifests yet, so CoreMatching is per-request."""
+    model source; a build with a baked static neuron set is planned as "static"."""
     source = model if model is not None else manifest.model.source
     activations: ActivationPrecision = "fp16" if manifest.precision == "float16" else "fp32"
     quant = manifest.quantization
@@ -390,7 +395,7 @@ def plan_manifest(
         source,
         weights=quant.weights if quant is not None else activations,
         activations=activations,
-        neurons="dense" if cm is None else "per-request",
+        neurons="dense" if cm is None else "static" if manifest.static_neurons is not None else "per-request",
         token_budget=cm.token_budget if cm is not None else 64,
         max_sequence=max_sequence,
         prompt_tokens=prompt_tokens,

@@ -208,10 +208,12 @@ def print_plan(p: Plan, console: Any = None) -> None:
         row("fits with one shared copy", lambda e: _fit(e, e.total - e.shared_saving, usable, rt.name))
     row("decode step ≥ (ms, first-last)", lambda e: f"{e.decode_ms_first:.0f}-{e.decode_ms_last:.0f}")
     console.print(table)
-    sparse = len(b.neuron_sparse_layers)
+    narrowed = b.narrowable_layers
+    static_n = b.static_width(p.config.block_size if p.config.weights == "int4" else 1)
     console.print(
-        f"static neuron set: the FFN of the {sparse} sparse layers (layers {b.neuron_layers[0]}.."
-        f"{b.neuron_layers[1] - 1}) narrowed from D = {p.model.intermediate_size} to N = {b.core_neurons} saves "
+        f"static neuron set: the FFN of {len(narrowed)} sparse layers (layers {b.neuron_layers[0]}.."
+        f"{b.neuron_layers[1] - 1} but the prune layer) narrowed from D = {p.model.intermediate_size} to "
+        f"N = {static_n} saves "
         f"{_gib(p.static_saving)} GiB as built; prune layer {b.prune_layer}, k_tok = {b.tokens_per_neuron_set}; "
         f"decode-step times are bytes read / {dev.bandwidth_gbps:g} GB/s, a lower bound",
         highlight=False,

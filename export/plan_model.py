@@ -171,7 +171,7 @@ class ModelGeometry(Geometry):
 
         dense: every layer's full FFN in prefill and decode. per-request: the `sparse_layers` neuron-sparse
         layers' FFN is in the prefill graph only (it gathers the core neurons; decode takes them as inputs).
-        static: those layers' FFN is narrowed to `core_neurons` in both graphs.
+        static: `sparse_layers` layers' FFN is narrowed to `core_neurons` in both graphs.
         """
         vh, vi, vl = self.vision_hidden_size, self.vision_intermediate_size, self.vision_num_layers
         d, big_d = self.hidden_size, self.intermediate_size
@@ -205,11 +205,11 @@ class ModelGeometry(Geometry):
                 WeightGroup(part, "sparse.down", big_d, d, sparse_layers, prefill, True, "int4-gathered-rows", True),
             ]
         elif neurons == "static":
-            # The narrowed down projection keeps its blocks along the output axis, as the per-request one:
-            # N need not be a multiple of the block size.
+            # Nothing is gathered: the narrowed down projection is blocked along its reduction axis like any
+            # other weight (the build rounds N up to int4's block).
             groups += [
                 WeightGroup("decoder_layers", "static.gate_up", d, core_neurons, 2 * sparse_layers, text),
-                WeightGroup("decoder_layers", "static.down", core_neurons, d, sparse_layers, text, rows_gathered=True),
+                WeightGroup("decoder_layers", "static.down", core_neurons, d, sparse_layers, text),
             ]
         groups += [
             WeightGroup("final_norm", "final_norm", d, 1, 1, text, matmul=False),

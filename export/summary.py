@@ -67,7 +67,15 @@ def print_summary(result: Any, console: Console | None = None) -> None:
             "k_tok / N core neurons",
             f"{cm.tokens_per_neuron_set} / {cm.core_neurons} of {model.intermediate_size} (chunks: {cm.neuron_chunks})",
         )
-        budgets.add_row("neuron-sparse layers", f"{cm.neuron_layers[0]}..{cm.neuron_layers[1] - 1}")
+        static = manifest.static_neurons
+        if static is not None:
+            budgets.add_row(
+                "static neuron set",
+                f"layers {', '.join(map(str, static.layers))}: {static.neurons} of {static.intermediate_size} "
+                f"neurons ({static.calibration})",
+            )
+        else:
+            budgets.add_row("neuron-sparse layers", f"{cm.neuron_layers[0]}..{cm.neuron_layers[1] - 1}")
     trt = "compatible" if manifest.tensorrt_compatible else f"not compatible: {manifest.tensorrt_reason}"
     budgets.add_row("TensorRT", trt)
     flops = manifest.flops

@@ -115,3 +115,17 @@ def _distance(name: str, before: tuple, after: tuple, steps: int) -> dict[str, A
         "relative_logit_diff": diff / max(scale, 1e-12),
         "first_token_equal": tokens_a[0] == tokens_b[0],
     }
+
+
+def revalidate(build_dir: str | Path, manifest: Manifest, model: Any, processor: Any) -> ValidationReport:
+    """`python -m export validate`: the check the build made, on a freshly loaded `model` (narrowed to the
+    build's static neuron set, fake-quantized like its weights)."""
+    from export.static import narrow_for
+
+    model = narrow_for(Path(build_dir), manifest, model)
+    q = manifest.quantization
+    if q is None:
+        return validate_build(build_dir, manifest, model, processor)
+    return validate_quantized_build(
+        build_dir, manifest, model, processor, WeightQuant.from_name(q.weights, q.block_size or 32)
+    )

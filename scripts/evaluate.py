@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the reference on weights quantized as a build of that precision stores them (default fp32)",
     )
     parser.add_argument("--block-size", type=int, default=32, help="int4's block size (default 32)")
+    parser.add_argument(
+        "--static-calibration",
+        type=int,
+        default=0,
+        help="also run every pruning setting with a static neuron set counted over this many validation "
+        "items (0: per-request neurons only; default 0)",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
     args = parser.parse_args(argv)
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             prune_layer=args.prune_layer,
             neuron_ratio=args.neuron_ratio,
             max_new_tokens=args.max_new_tokens,
+            static_calibration=args.static_calibration,
         )
         onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
         job = EvalJob(

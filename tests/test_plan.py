@@ -133,8 +133,10 @@ def test_tiny_geometry_int4_bytes_by_hand(tmp_path: Path) -> None:
     assert dense == 170176
     assert p.dense.weights_stored == p.corematching.weights_stored == dense
     static_ffn = 3 * (2048 + 2 * 64 * 2)  # gate, up [64, 64], down [64, 64]
-    assert p.static.weights_stored == dense - 2 * (ffn - static_ffn) == 149440
-    assert p.static_saving == 20736
+    # A static set narrows the sparse layers but the prune layer (2): layer 1 only.
+    assert b.narrowable_layers == [1]
+    assert p.static.weights_stored == dense - 1 * (ffn - static_ffn) == 159808
+    assert p.static_saving == 10368
     # Per request, per sparse layer: 3*d*N/2 bytes + 3*(d/32)*N scales.
     assert p.corematching.compacted_ffn == 2 * (3 * 64 * 64 // 2 + 3 * 2 * 64 * 2) == 13824
     # KV: 256 bytes per token and layer; layers 0..2 hold 64 tokens, layer 3 holds 64 - 4 + 2.
@@ -559,9 +561,14 @@ def test_plan_build_and_plan_manifest() -> None:
         precision="float16",
         quantization=SimpleNamespace(weights="int4", block_size=32),
         corematching=SimpleNamespace(token_budget=64),
+        static_neurons=None,
     )
     assert plan_manifest(manifest, max_sequence=640) == e
-    dense = SimpleNamespace(model=manifest.model, precision="float32", quantization=None, corematching=None)
+    static = SimpleNamespace(**{**vars(manifest), "static_neurons": SimpleNamespace(neurons=4416)})
+    assert plan_manifest(static, max_sequence=640) == p.static
+    dense = SimpleNamespace(
+        model=manifest.model, precision="float32", quantization=None, corematching=None, static_neurons=None
+    )
     assert (
         plan_manifest(dense, max_sequence=640)
         == plan(PlanConfig("llava-7b-width", "cpu", weights="fp32", activations="fp32", max_sequence=640)).dense

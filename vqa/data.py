@@ -69,8 +69,9 @@ def shapes_items(split: str = "test", count: int = 1000, start: int = 0) -> Iter
         )
 
 
-def jsonl_items(path: str | Path, count: int | None = None) -> list[Item]:
-    """The items of a JSONL file (every line checked before any is evaluated)."""
+def jsonl_items(path: str | Path, count: int | None = None, require_answers: bool = True) -> list[Item]:
+    """The items of a JSONL file (every line checked before any is evaluated). require_answers: False for
+    a calibration set, whose lines need only image and question."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -95,7 +96,9 @@ def jsonl_items(path: str | Path, count: int | None = None) -> list[Item]:
         answers = record.get("answers", record.get("answer"))
         if isinstance(answers, str):
             answers = [answers]
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        if answers is None and not require_answers:
+            answers = []  # a calibration line: nothing is scored
+        elif not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(f"{where}: 'answers' must be a non-empty list of strings (or 'answer': a string)")
         image = Path(record["image"])
         image = image if image.is_absolute() else path.parent / image

@@ -63,8 +63,12 @@ class EvalConfig:
     neuron_ratio: float = 0.4  # beta of every selector's decoding steps
     max_new_tokens: int = 4  # the answers are one word: a few tokens show any run-on
     seed: int = 0  # of the random selector
+    static_calibration: int = 0  # > 0: each pruning setting also runs with a static neuron set counted over
+    # that many validation items (vqa.static); 0: per-request neurons only
 
     def __post_init__(self) -> None:
+        if self.static_calibration < 0:
+            raise ConfigError(f"static_calibration must be 0 or more, got {self.static_calibration}")
         for method in self.methods:
             if method not in SELECTORS:
                 raise ConfigError(f"unknown method {method!r}; known: {', '.join(SELECTORS)}")
@@ -91,6 +95,12 @@ class EvalConfig:
                     if budget == num_image_tokens and merge != "none":
                         continue  # nothing is pruned, so nothing is merged
                     out.append(Setting(method, budget, merge=merge))
+        if self.static_calibration:
+            out += [
+                Setting(s.method, s.budget, backend="static", merge=s.merge)
+                for s in out
+                if s.method != "dense" and s.budget not in ("auto", num_image_tokens)
+            ]
         return out
 
     def corematching(self, setting: Setting, num_image_tokens: int) -> CoreMatchingConfig:
@@ -172,8 +182,18 @@ class ReferenceEvaluator:
         self.num_image_tokens = num_image_tokens(model.config)
         self.settings = config.settings(self.num_image_tokens)
         self.references = {
-            s.label: CoreMatchingLlava(model, config.corematching(s, self.num_image_tokens)) for s in self.settings
+            s.label: CoreMatchingLlava(model, config.corematching(s, self.num_image_tokens))
+            for s in self.settings
+            if s.backend == "reference"
         }
+        for s in self.settings:
+            if s.backend == "static":
+                from vqa.static import static_reference
+
+                cm = config.corematching(s, self.num_image_tokens)
+                self.references[s.label], _ = static_reference(
+                    model, processor, cm, self.num_image_tokens, config.static_calibration
+                )
 
     def _alias(self, setting: Setting) -> str | None:
         # Every selector that keeps every token is one model (the same neurons, no merge): answer it once.
@@ -307,7 +327,8 @@ def summarise(settings: list[Setting], records: list[Record]) -> list[Summary]:
         )
         if setting.method == "dense":
             dense_accuracy[setting.backend] = summary.accuracy
-        base = dense_accuracy.get(setting.backend)
+        # A static neuron set is the reference on a narrowed model: compared with the reference's dense.
+        base = dense_accuracy.get("reference" if setting.backend == "static" else setting.backend)
         summary.relative = summary.accuracy / base if base else None
         if setting.backend == "reference":
             reference_answers[setting.label] = {r.item: r.prediction for r in rows}

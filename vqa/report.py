@@ -189,7 +189,29 @@ def markdown(result: EvalResult, command: str) -> str:
         ]
         lines += [row(m, lambda x: _pct(x.mean_rank)) for m in selectors]
 
-    onnx = [x for x in s if x.setting.backend != "reference"]
+    static = [x for x in s if x.setting.backend == "static"]
+    if static:
+        lines += [
+            "",
+            "## Static neuron set (the reference on a narrowed FFN, no per-request neurons)",
+            "",
+            f"Each setting's set keeps the per-request N neurons of every neuron-sparse layer but the prune layer, "
+            f"counted over the first {result.config.static_calibration} items of the shapes validation split "
+            "under that setting's token selection; prefill and decoding both run the narrowed FFN.",
+            "",
+            "| setting | per-request | static | difference | same answer as per-request |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for x in static:
+            per = _find(s, x.setting.name, x.setting.budget)
+            per_acc = per.accuracy if per is not None else None
+            diff = "-" if per_acc is None else f"{100 * (x.accuracy - per_acc):+.1f}"
+            lines.append(
+                f"| {x.setting.name}@{x.setting.budget} | {_pct(per_acc)} | {_pct(x.accuracy)} | {diff} | "
+                f"{_pct(x.agreement)} |"
+            )
+
+    onnx = [x for x in s if x.setting.backend == "onnx"]
     if onnx:
         lines += [
             "",
