@@ -66,3 +66,7 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, token_id: int) -> np.ndarray:
         """Appends one token; returns the next logits [V] float32."""
+
+    @abstractmethod
+    def end_request(self) -> None:
+        """Frees the request's cache buffers and compacted weights now (the next prefill would anyway)."""

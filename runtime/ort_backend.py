@@ -310,6 +310,10 @@ class OrtBackend(Backend):
         binding.bind_input(key, self._device_type, 0, present.dtype, list(shape), buffer.ptr)
         binding.bind_output(new, self._device_type, 0, present.dtype, list(new_shape), step.ptr)
 
+    def end_request(self) -> None:
+        self._binding = None
+        self._release()
+
     def _release(self) -> None:
         for buffer in self._device.values():
             buffer.free()

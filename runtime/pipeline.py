@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import buildformat
 from buildformat import Manifest, ManifestError
 from runtime.backend import Backend, BackendError
@@ -57,6 +59,20 @@ class Answer:
         }
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """An image and a question made ready for the graphs by `Pipeline.prepare` (checked, not yet run)."""
+
+    pixel_values: np.ndarray  # [1, 3, H, W]
+    input_ids: np.ndarray  # [1, S] int64
+    max_new_tokens: int
+    preprocess_seconds: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend: Backend) -> None:
         self.build_dir = build_dir
@@ -92,18 +108,10 @@ class Pipeline:
 
         return cls(build, manifest, OrtBackend(build, manifest, provider))
 
-    def stream(
-        self,
-        image: Any,
-        question: str,
-        max_new_tokens: int = 64,
-        sampling: Sampling | None = None,
-        stop_at_eos: bool = True,
-    ) -> Generator[tuple[int, str], None, Answer]:
-        """Yields (token id, new text) as tokens come; returns the finished Answer."""
+    def prepare(self, image: Any, question: str, max_new_tokens: int = 64) -> Prompt:
+        """Decodes and checks the image and the question (every user error is raised here, nothing runs)."""
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        timings: dict[str, Any] = {}
         start = time.perf_counter()
         pixels = self.images(load_image(image))  # [1, 3, H, W]
         ids = self.tokenizer.encode(question)  # [1, S]
@@ -114,10 +122,32 @@ class Pipeline:
                 f"{self.max_sequence - prompt} (the build's max sequence is {self.max_sequence}); ask for fewer, "
                 "or rebuild with a larger --max-sequence"
             )
-        timings["preprocess"] = time.perf_counter() - start
+        return Prompt(pixels, ids, max_new_tokens, time.perf_counter() - start)
+
+    def stream(
+        self,
+        image: Any,
+        question: str,
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        stop_at_eos: bool = True,
+    ) -> Generator[tuple[int, str], None, Answer]:
+        """Yields (token id, new text) as tokens come; returns the finished Answer."""
+        return self.generate(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos)
+
+    def generate(
+        self, prepared: Prompt, sampling: Sampling | None = None, stop_at_eos: bool = True
+    ) -> Generator[tuple[int, str], None, Answer]:
+        """Runs a prepared prompt: yields (token id, new text) as tokens come; returns the finished Answer.
+
+        Closing the generator early (`close()`) stops the answer before the next decode step.
+        """
+        ids, max_new_tokens = prepared.input_ids, prepared.max_new_tokens
+        prompt = ids.shape[1]
+        timings: dict[str, Any] = {"preprocess": prepared.preprocess_seconds}
 
         start = time.perf_counter()
-        features = self.backend.vision(pixels)  # [1, n_img, d]
+        features = self.backend.vision(prepared.pixel_values)  # [1, n_img, d]
         timings["vision"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -135,21 +165,26 @@ class Pipeline:
         graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
         timings["decode"] = decode
         logits = result.logits
-        while True:
-            token = sampler(logits)
-            tokens.append(token)
-            if token in eos:
-                break
-            piece = text.push(token)
-            if piece:
-                yield token, piece
-            if len(tokens) == max_new_tokens:
-                break
-            start = time.perf_counter()
-            logits = self.backend.decode(token)
-            decode.append(time.perf_counter() - start)
-            if self.backend.last_run_seconds is not None:
-                graph.append(self.backend.last_run_seconds)
+        try:
+            while True:
+                token = sampler(logits)
+                tokens.append(token)
+                if token in eos:
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield token, piece  # a caller that closes the generator here stops the answer
+                if len(tokens) == max_new_tokens:
+                    break
+                start = time.perf_counter()
+                logits = self.backend.decode(token)
+                decode.append(time.perf_counter() - start)
+                if self.backend.last_run_seconds is not None:
+                    graph.append(self.backend.last_run_seconds)
+        finally:
+            # Finished, failed or abandoned: the request's cache and compacted weights go now, not at
+            # the next prefill, so an idle pipeline holds only its weights.
+            self.backend.end_request()
         tail = text.flush()
         if tail:
             yield tokens[-1], tail
@@ -179,4 +214,4 @@ class Pipeline:
                 on_text(piece)
 
 
-__all__ = ["Answer", "BackendError", "GenerationError", "ManifestError", "Pipeline", "PromptError"]
+__all__ = ["Answer", "BackendError", "GenerationError", "ManifestError", "Pipeline", "Prompt", "PromptError"]

@@ -22,10 +22,11 @@ Pixel modes (what transformers' `convert_to_rgb` does, and where this module dif
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,24 +89,39 @@ def _open(path: Path, limit: int) -> Image.Image:
         raise ImageError(f"cannot read image {path} ({e.strerror}); check the path and its permissions") from None
     if empty:
         raise ImageError(f"image {path} is empty (0 bytes); pass a complete PNG or JPEG file")
+    return _decode(path, str(path), limit, lambda: _claimed_size(path))
+
+
+def _decode(source: Path | io.BytesIO, name: str, limit: int, claimed: Callable[[], str]) -> Image.Image:
+    """Open and fully decode an image file or an in-memory one, every failure an ImageError."""
     try:
         with _pixel_limit(limit):
-            image = Image.open(path)
+            image = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_large(str(path), _claimed_size(path), limit) from None
+        raise _too_large(name, claimed(), limit) from None
     except PermissionError as e:
-        raise ImageError(f"cannot read image {path} ({e.strerror}); check its permissions") from None
+        raise ImageError(f"cannot read image {name} ({e.strerror}); check its permissions") from None
     except (UnidentifiedImageError, SyntaxError, EOFError, ValueError) as e:
-        raise ImageError(f"{path} is not an image Pillow can read ({e}); pass a PNG or JPEG file") from None
+        detail = "unknown format" if isinstance(e, UnidentifiedImageError) and not isinstance(source, Path) else e
+        raise ImageError(f"{name} is not an image Pillow can read ({detail}); pass a PNG or JPEG file") from None
     except OSError as e:
-        raise ImageError(f"cannot read image {path} ({e}); check the file") from None
+        raise ImageError(f"cannot read image {name} ({e}); check the file") from None
     try:
         # Pillow decodes lazily: load now, so that a truncated file fails here and not mid-pipeline.
         with image:
             image.load()
             return _exif_transpose(image)
     except (OSError, SyntaxError, EOFError, ValueError) as e:
-        raise ImageError(f"image {path} is truncated or corrupt ({e}); re-download or re-export it") from None
+        raise ImageError(f"image {name} is truncated or corrupt ({e}); re-download or re-export it") from None
+
+
+def _claimed_size_of_bytes(data: bytes) -> str:
+    try:
+        with _pixel_limit(None), Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+        return f"{width}x{height} = {width * height:,} pixels"
+    except (OSError, SyntaxError, EOFError, ValueError):
+        return "over the limit"
 
 
 def _exif_transpose(image: Image.Image) -> Image.Image:
@@ -155,8 +171,10 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         ) from None
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int | None = None) -> Image.Image:
-    """The RGB image a viewer shows for a file path or a PIL image, or an ImageError naming the problem.
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = None) -> Image.Image:
+    """The RGB image a viewer shows for a file path, an encoded file's bytes or a PIL image.
+
+    Anything unusable is an ImageError naming the problem.
 
     max_pixels: refuse larger images (default MAX_IMAGE_PIXELS, read at call time).
     """
@@ -174,8 +192,17 @@ def load_image(source: str | Path | Image.Image, max_pixels: int | None = None) 
     elif isinstance(source, (str, Path)):
         name = str(source)
         image = _open(Path(source), limit)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        # An encoded file in memory (an upload): the same checks as a file on disk.
+        data = bytes(source)
+        name = f"({len(data):,}-byte upload)"
+        if not data:
+            raise ImageError("the image is empty (0 bytes); send a complete PNG or JPEG file")
+        image = _decode(io.BytesIO(data), name, limit, lambda: _claimed_size_of_bytes(data))
     else:
-        raise ImageError(f"cannot use {type(source).__name__} as an image; pass a file path or a PIL image")
+        raise ImageError(
+            f"cannot use {type(source).__name__} as an image; pass a file path, the file's bytes or a PIL image"
+        )
     return _to_rgb(image, name)
 
 

@@ -412,7 +412,7 @@ class TrtBackend(Backend):
         return self._run_to_host("embed", {"input_ids": ids})["inputs_embeds"][:, :length]
 
     def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
-        self._end_request()
+        self.end_request()
         prompt = inputs_embeds.shape[1]
         if capacity < prompt:
             raise BackendError(f"capacity {capacity} is less than the {prompt}-token prompt")
@@ -499,7 +499,7 @@ class TrtBackend(Backend):
 
     # -- lifetime ------------------------------------------------------------------------------------
 
-    def _end_request(self) -> None:
+    def end_request(self) -> None:
         if self._request is not None:
             self.stream.synchronize()
             self._request.free()
@@ -507,7 +507,7 @@ class TrtBackend(Backend):
 
     def close(self) -> None:
         """Frees the device memory now (otherwise it goes with the object); contexts before engines."""
-        self._end_request()
+        self.end_request()
         for buffer in [self._step_ids, self._step_embeds, *self._scalars.values()]:
             buffer.free()
         self._io.clear()

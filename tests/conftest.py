@@ -122,3 +122,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "heavy" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory) -> Path:
+    """The embedded default model built as `python -m export build` makes it, once per session.
+
+    --no-validate: the graphs' agreement with PyTorch is test_export's and test_readme's subject; the
+    server's tests only need a build that answers like the shipped one.
+    """
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("default-build") / "default"
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "build", "--out", str(out), "--no-validate"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

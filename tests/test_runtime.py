@@ -88,12 +88,16 @@ def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch)
         return binding
 
     monkeypatch.setattr(session, "io_binding", counting_binding)
-    pipeline.answer(EXAMPLE, "What colour is the circle?", max_new_tokens=6, stop_at_eos=False)
+    tokens = pipeline.stream(EXAMPLE, "What colour is the circle?", max_new_tokens=6, stop_at_eos=False)
+    next(tokens), next(tokens)  # prefill and one decode step
     pointers = {key: buffer.ctypes.data for key, buffer in backend._buffers.items()}
     lengths = dict(backend._state.lengths)
-    backend.decode(5)
+    next(tokens)  # one more decode step
     assert {key: buffer.ctypes.data for key, buffer in backend._buffers.items()} == pointers  # written in place
     assert all(backend._state.lengths[key] == lengths[key] + 1 for key in lengths)
+    for _ in tokens:
+        pass
+    assert backend._state is None and not backend._buffers  # the answer's end frees the request's cache
     ffn = [name for name in bound if name.startswith("ffn.")]
     assert len(ffn) == len(set(ffn)) == 3 * len(range(*pipeline.manifest.corematching.neuron_layers))
     assert bound.count("past.0.key") == 1  # the cache buffers are bound once per request, not per step
@@ -323,4 +327,5 @@ def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
     # One 2-D copy per cache tensor for the prompt, then one per tensor and decode step; no host cache.
     assert len(copies) == (1 + 9) * 2 * layers
     assert all(plan.height == pipeline.manifest.model.num_kv_heads for plan in copies)
-    assert pipeline.backend._buffers == {} and len(fake.blocks) > 0
+    # The device cache was the only copy, and the answer's end freed it (nothing left allocated).
+    assert pipeline.backend._buffers == {} and fake.blocks == {}

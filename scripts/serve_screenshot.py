@@ -1,0 +1,171 @@
+"""Screenshot the server's web page answering an example question (docs/serving/page.png).
+
+    python scripts/serve_screenshot.py [--build builds/default] [--out docs/serving/page.png] [--force]
+
+Starts `python -m runtime.serve` on the build (a free port on 127.0.0.1), opens the page in headless
+Chromium (the distribution's /usr/bin/chromium and /usr/bin/chromedriver; selenium-manager is never
+used, it would try to download a browser), asks the question about the image through the page's own
+file input and Ask button, waits for the answer and the kept-token overlay, and saves the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+class ScreenshotError(RuntimeError):
+    """A one-line reason the screenshot could not be made."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(build: Path, port: int, timeout: float, log: IO[str]) -> subprocess.Popen:
+    """The server on `build`, once GET /health answers.
+
+    Its output goes to `log`, a file (a pipe nobody reads could fill and block it), read if it fails to start.
+    """
+    server = subprocess.Popen(
+        [sys.executable, "-m", "runtime.serve", "--build", str(build), "--port", str(port)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            output = log.read().strip().splitlines()
+            raise ScreenshotError(f"the server exited ({output[-1] if output else f'status {server.returncode}'})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.25)
+    stop_server(server)
+    raise ScreenshotError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def browser(width: int, height: int):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        raise ScreenshotError("selenium is not installed: pip install -e '.[test]'") from None
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not path.exists():
+            raise ScreenshotError(f"{path} is missing; install the distribution's {package} package")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--hide-scrollbars"):
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={width},{height}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    # The window size includes the browser's frame, and headless windows have a minimum width: set the
+    # page's own viewport (what the screenshot holds) to exactly width x height.
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    return driver
+
+
+def page_state(driver) -> str | None:
+    return driver.execute_script("return document.body.dataset.state")
+
+
+def screenshot(args: argparse.Namespace) -> None:
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        server = start_server(args.build, port, args.timeout, log)
+        try:
+            answer, kept = drive(args, port)
+        finally:
+            stop_server(server)
+    print(f"wrote {args.out} ({args.question!r} -> {answer!r}, {kept})")
+
+
+def drive(args: argparse.Namespace, port: int) -> tuple[str, str]:
+    """Ask through the page and save the screenshot; -> (the answer, the kept-tokens line)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser(args.width, args.height)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "image-input").send_keys(str(args.image.resolve()))
+        driver.find_element(By.ID, "question").send_keys(args.question)
+        driver.find_element(By.ID, "ask").click()
+        # The page sets data-state on <body>: "done" once the answer and the overlay are drawn.
+        WebDriverWait(driver, args.timeout).until(lambda d: page_state(d) in ("done", "error"))
+        if page_state(driver) == "error":
+            raise ScreenshotError(f"the page shows an error: {driver.find_element(By.ID, 'error').text}")
+        driver.execute_script("document.activeElement.blur()")  # no focus ring or caret in the picture
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if not driver.save_screenshot(str(args.out)):
+            raise ScreenshotError(f"the browser could not write {args.out}")
+        return driver.find_element(By.ID, "answer").text, driver.find_element(By.ID, "kept").text
+    finally:
+        driver.quit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", type=Path, default=REPO / "builds" / "default", help="build directory")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving" / "page.png", help="the PNG to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--image", type=Path, default=REPO / "examples" / "shapes_mixed.png", help="image to ask about")
+    parser.add_argument("--question", default="How many squares are there?", help="the question")
+    parser.add_argument("--width", type=int, default=1200, help="window width (default 1200)")
+    parser.add_argument("--height", type=int, default=900, help="window height (default 900)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server and the answer")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.force:
+        print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    if not (args.build / "manifest.json").is_file():
+        print(
+            f"error: {args.build} is not a build (no manifest.json); make one with python -m export build",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.image.is_file():
+        print(f"error: {args.image} does not exist; pass an image with --image", file=sys.stderr)
+        return 2
+    try:
+        screenshot(args)
+    except ScreenshotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # selenium's errors are many lines (a stack trace from the driver): keep the first
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
