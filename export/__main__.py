@@ -1,4 +1,4 @@
-"""`python -m export build | validate | engine | plan | bench`.
+"""`python -m export build | validate | engine | plan | bench | triton`.
 
 Thin entry points: parse the flags, build a config, call one library function,
 print. User mistakes end in one `error:` line and exit code 2; a failed
@@ -199,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     _validate_parser(sub)
     from export.engine_cli import add_engine_parser, run_engine
     from export.plan_cli import add_plan_parser, run_plan
+    from export.triton_cli import add_triton_parser, run_triton
 
     add_engine_parser(sub)
     add_plan_parser(sub)
     _bench_parser(sub)
+    add_triton_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": run_engine,
         "plan": run_plan,
         "bench": run_bench,
+        "triton": run_triton,
     }
     return handlers[args.command](args)
 

@@ -1,0 +1,192 @@
+"""`python -m export triton`: the repository it writes, and that repository on a real Triton server.
+
+The server tests need an environment with the `triton` extra (nvidia-pytriton pins numpy < 2, so
+it is not this one): `.ci/run` makes it and names its interpreter in COREMATCHING_TRITON_PYTHON;
+elsewhere they are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from export.__main__ import main as export_main
+from export.triton import TritonConfig, TritonConfigError, write_repository
+from export.triton.repository import config_pbtxt
+from runtime import Pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+QUESTIONS = [
+    (EXAMPLES / "shapes_red_circle.png", "What colour is the circle?"),
+    (EXAMPLES / "shapes_mixed.png", "How many squares are there?"),
+]
+
+
+def test_the_config_is_decoupled_batch_one_with_the_instances(tmp_path) -> None:
+    text = config_pbtxt(TritonConfig(build=tmp_path, out=tmp_path / "r", instances=3, name="cm"))
+    assert 'name: "cm"' in text and 'backend: "python"' in text
+    assert "decoupled: true" in text and "max_batch_size: 0" in text
+    assert "count: 3" in text
+    for tensor in ("IMAGE", "QUESTION", "MAX_TOKENS", "TEXT", "TOKEN_ID", "KEPT_IMAGE_TOKENS", "RESULT"):
+        assert f'name: "{tensor}"' in text
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"instances": 0}, "--instances"), ({"max_batch": 4}, "--max-batch"), ({"name": "a b"}, "--name")],
+)
+def test_settings_are_checked(changes, message, tmp_path) -> None:
+    with pytest.raises(TritonConfigError, match=message):
+        TritonConfig(build=tmp_path, out=tmp_path / "r", **changes)
+
+
+def test_the_repository_holds_the_model_the_runtime_and_the_build(built, tmp_path) -> None:
+    build = built("llama", "cm").out
+    out = write_repository(TritonConfig(build=build, out=tmp_path / "repo", instances=2))
+    version = out / "corematching" / "1"
+    assert (out / "corematching" / "config.pbtxt").is_file() and (out / "README.md").is_file()
+    assert (version / "model.py").is_file() and (version / "build" / "manifest.json").is_file()
+    assert (version / "runtime" / "pipeline.py").is_file() and (version / "buildformat" / "manifest.py").is_file()
+    assert not (version / "runtime" / "serve").exists()  # the HTTP server is not the model's business
+    assert "corematching" in (out / "README.md").read_text()
+    with pytest.raises(FileExistsError, match="--force"):
+        write_repository(TritonConfig(build=build, out=out))
+    linked = write_repository(TritonConfig(build=build, out=out, link=True, force=True))
+    assert (linked / "corematching" / "1" / "build").is_symlink()
+    assert not list(tmp_path.glob(".repo.*")), "a staging directory was left behind"
+
+
+def test_the_command_refuses_a_broken_build_in_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "build").mkdir()
+    assert export_main(["triton", str(tmp_path / "build"), "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "repo").exists()
+
+
+# -- a real Triton server ---------------------------------------------------------------------------
+
+
+def _triton_python() -> Path:
+    value = os.environ.get("COREMATCHING_TRITON_PYTHON")
+    if not value:
+        pytest.skip(
+            "no Triton environment: set COREMATCHING_TRITON_PYTHON to the python of an environment with "
+            "pip install -e '.[ort,triton]' (nvidia-pytriton pins numpy < 2; .ci/run makes one)"
+        )
+    from export.triton.local import TritonInstall, TritonUnavailable
+
+    try:
+        return TritonInstall.find(Path(value))
+    except TritonUnavailable as e:
+        pytest.skip(f"Triton cannot run here: {e}")
+
+
+@pytest.fixture(scope="module")
+def triton(default_build, tmp_path_factory):
+    from export.triton.local import local_triton
+
+    install = _triton_python()
+    repository = write_repository(
+        TritonConfig(build=default_build, out=tmp_path_factory.mktemp("triton") / "repo", instances=2, provider="cpu")
+    )
+    with local_triton(install, repository) as running:
+        yield install, running
+
+
+def _ask(install, running, items: list[dict], concurrency: int = 1) -> list[dict]:
+    done = subprocess.run(
+        [str(install.python), "-m", "export.triton.client", "--url", running.grpc, "--concurrency", str(concurrency)],
+        input=json.dumps(items),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)["results"]
+
+
+@pytest.fixture(scope="module")
+def expected(default_build) -> dict[str, object]:
+    pipeline = Pipeline.load(default_build, provider="cpu")
+    return {question: pipeline.answer(image, question, max_new_tokens=16) for image, question in QUESTIONS}
+
+
+def test_grpc_streaming_answers_equal_the_runtime(triton, expected) -> None:
+    install, running = triton
+    items = [{"image": str(image), "question": question, "max_tokens": 16} for image, question in QUESTIONS]
+    for item, result in zip(items, _ask(install, running, items), strict=True):
+        answer = expected[item["question"]]
+        assert result["error"] is None
+        assert result["result"]["answer"] == answer.text
+        assert result["result"]["token_ids"] == answer.token_ids
+        assert result["result"]["kept_image_tokens"] == answer.kept_image_tokens
+        assert "".join(result["pieces"]).strip() == answer.text  # streamed token by token
+
+
+def test_a_bad_input_gets_a_triton_error_and_the_model_goes_on(triton, expected, tmp_path) -> None:
+    install, running = triton
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((EXAMPLES / "shapes_red_circle.png").read_bytes()[:300])
+    image, question = QUESTIONS[0]
+    items = [
+        {"image": str(broken), "question": question},
+        {"image": str(image), "question": "   "},
+        {"image": str(image), "question": question, "max_tokens": 100_000},
+        {"image": str(image), "question": question, "max_tokens": 16},
+    ]
+    results = _ask(install, running, items)
+    assert "truncated" in results[0]["error"]
+    assert "empty" in results[1]["error"]
+    assert "beyond the cache" in results[2]["error"]
+    assert results[3]["error"] is None and results[3]["result"]["answer"] == expected[question].text
+
+
+def test_two_instances_answer_concurrent_requests(triton, expected) -> None:
+    install, running = triton
+    items = [{"image": str(image), "question": question, "max_tokens": 16} for image, question in QUESTIONS * 4]
+    results = _ask(install, running, items, concurrency=2)
+    assert [r["result"]["answer"] for r in results] == [expected[i["question"]].text for i in items]
+    assert len({r["result"]["instance"] for r in results}) == 2, "one instance answered everything"
+
+
+def test_http_generate_stream_answers(triton, expected) -> None:
+    """Triton's HTTP generate extension (JSON in, server-sent events out); the image goes as base64."""
+    import base64
+
+    _install, running = triton
+    image, question = QUESTIONS[0]
+    body = {"IMAGE": base64.b64encode(image.read_bytes()).decode(), "QUESTION": question, "MAX_TOKENS": 16}
+    request = urllib.request.Request(
+        f"{running.http}/v2/models/corematching/generate_stream",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    events = []
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+    final = json.loads(events[-1]["RESULT"])
+    assert final["answer"] == expected[question].text
+    assert "".join(e["TEXT"] for e in events[:-1]).strip() == expected[question].text
+
+
+def test_the_repository_command_prints_how_to_start_it(built, tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "export", "triton", str(built("llama", "cm").out), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tritonserver --model-repository" in done.stdout
