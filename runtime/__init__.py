@@ -4,19 +4,30 @@ from runtime import Pipeline
 answer = Pipeline.load("builds/default").answer("photo.jpg", "What is on the table?")
 """
 
+from buildformat import ManifestError
 from runtime.backend import BackendError
-from runtime.pipeline import Answer, GenerationError, Pipeline
-from runtime.preprocess import ImageError
+from runtime.pipeline import Answer, AnswerTooLong, GenerationError, Pipeline
+from runtime.preprocess import ImageError, ImageTooLarge
 from runtime.sampling import Sampling, SamplingError
-from runtime.text import PromptError
+from runtime.text import PromptError, PromptTooLong
+
+# What a request can get wrong (the image, the question, the settings): reported to its sender.
+REQUEST_ERRORS = (GenerationError, ImageError, PromptError, SamplingError)
+# Also what a user can get wrong when starting: a broken build, a backend this machine lacks.
+USER_ERRORS = (BackendError, ManifestError, *REQUEST_ERRORS)
 
 __all__ = [
+    "REQUEST_ERRORS",
+    "USER_ERRORS",
     "Answer",
+    "AnswerTooLong",
     "BackendError",
     "GenerationError",
     "ImageError",
+    "ImageTooLarge",
     "Pipeline",
     "PromptError",
+    "PromptTooLong",
     "Sampling",
     "SamplingError",
 ]

@@ -20,20 +20,9 @@ from pathlib import Path
 # Run as a script from a checkout: make the repository's packages importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from buildformat import ManifestError
-from runtime import (
-    BackendError,
-    GenerationError,
-    ImageError,
-    Pipeline,
-    PromptError,
-    Sampling,
-    SamplingError,
-)
+from runtime import USER_ERRORS, ImageError, Pipeline, PromptError, Sampling
 from runtime.core_tokens import core_token_picture
 from runtime.preprocess import load_image
-
-USER_ERRORS = (BackendError, GenerationError, ImageError, ManifestError, PromptError, SamplingError)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -36,6 +36,10 @@ class GenerationError(ValueError):
     """A generation setting the build cannot honour (e.g. an answer longer than its cache)."""
 
 
+class AnswerTooLong(GenerationError):
+    """max_new_tokens is beyond the room the prompt leaves in the build's cache."""
+
+
 @dataclass
 class Answer:
     text: str
@@ -108,21 +112,38 @@ class Pipeline:
 
         return cls(build, manifest, OrtBackend(build, manifest, provider))
 
-    def prepare(self, image: Any, question: str, max_new_tokens: int = 64) -> Prompt:
-        """Decodes and checks the image and the question (every user error is raised here, nothing runs)."""
-        if max_new_tokens < 1:
+    def encode(self, question: str, max_new_tokens: int | None = 64) -> tuple[np.ndarray, int]:
+        """input_ids [1, S] of the question's prompt and the answer length, checked against the cache.
+
+        max_new_tokens None: all the room the prompt leaves. Raises PromptError / GenerationError.
+        """
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        start = time.perf_counter()
-        pixels = self.images(load_image(image))  # [1, 3, H, W]
         ids = self.tokenizer.encode(question)  # [1, S]
         prompt = ids.shape[1]
-        if prompt + max_new_tokens > self.max_sequence:
-            raise GenerationError(
+        room = self.max_sequence - prompt
+        if max_new_tokens is None:
+            return ids, room
+        if max_new_tokens > room:
+            raise AnswerTooLong(
                 f"max_new_tokens {max_new_tokens} is beyond the cache: the {prompt}-token prompt leaves room for "
-                f"{self.max_sequence - prompt} (the build's max sequence is {self.max_sequence}); ask for fewer, "
+                f"{room} (the build's max sequence is {self.max_sequence}); ask for fewer, "
                 "or rebuild with a larger --max-sequence"
             )
-        return Prompt(pixels, ids, max_new_tokens, time.perf_counter() - start)
+        return ids, max_new_tokens
+
+    def with_image(
+        self, image: Any, input_ids: np.ndarray, max_new_tokens: int, max_pixels: int | None = None
+    ) -> Prompt:
+        """The encoded prompt (`encode`) with its image decoded and preprocessed (ImageError otherwise)."""
+        start = time.perf_counter()
+        pixels = self.images(load_image(image, max_pixels))  # [1, 3, H, W]
+        return Prompt(pixels, input_ids, max_new_tokens, time.perf_counter() - start)
+
+    def prepare(self, image: Any, question: str, max_new_tokens: int = 64, max_pixels: int | None = None) -> Prompt:
+        """Decodes and checks the image and the question (every user error is raised here, nothing runs)."""
+        ids, max_new_tokens = self.encode(question, max_new_tokens)
+        return self.with_image(image, ids, max_new_tokens, max_pixels)
 
     def stream(
         self,
@@ -214,4 +235,13 @@ class Pipeline:
                 on_text(piece)
 
 
-__all__ = ["Answer", "BackendError", "GenerationError", "ManifestError", "Pipeline", "Prompt", "PromptError"]
+__all__ = [
+    "Answer",
+    "AnswerTooLong",
+    "BackendError",
+    "GenerationError",
+    "ManifestError",
+    "Pipeline",
+    "Prompt",
+    "PromptError",
+]

@@ -50,6 +50,10 @@ class ImageError(ValueError):
     """An image cannot be used; the one-line message names the file, the problem and the fix."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (a decompression bomb is refused before its pixels are decoded)."""
+
+
 @contextmanager
 def _pixel_limit(limit: int | None) -> Iterator[None]:
     # Pillow reads the limit from a module global at open time; set it for this call only and turn its
@@ -65,7 +69,7 @@ def _pixel_limit(limit: int | None) -> Iterator[None]:
 
 
 def _too_large(name: str, detail: str, limit: int) -> ImageError:
-    return ImageError(f"image {name} is too large ({detail}); downscale it below {limit:,} pixels")
+    return ImageTooLarge(f"image {name} is too large ({detail}); downscale it below {limit:,} pixels")
 
 
 def _claimed_size(path: Path) -> str:

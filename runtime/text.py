@@ -25,6 +25,10 @@ class PromptError(ValueError):
     """A question cannot be turned into a prompt for this build; the message names the fix."""
 
 
+class PromptTooLong(PromptError):
+    """The prompt is longer than the build's maximum prompt length."""
+
+
 class PromptTokenizer:
     """The build's prompt format and tokenizer: question -> input_ids, generated ids -> text."""
 
@@ -98,7 +102,7 @@ class PromptTokenizer:
                 "rephrase the question or rebuild the build directory"
             )
         if len(ids) > self.max_prompt_tokens:
-            raise PromptError(
+            raise PromptTooLong(
                 f"the prompt is {len(ids)} tokens ({self.num_image_tokens} of them for the image), longer than the "
                 f"build's maximum of {self.max_prompt_tokens}; ask a shorter question, or rebuild with a larger "
                 "--max-prompt-tokens (python -m export build --max-prompt-tokens N)"

@@ -11,64 +11,20 @@ file input and Ask button, waits for the answer and the kept-token overlay, and 
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
-from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from runtime.serve.process import ServerStartError, serve_subprocess  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 class ScreenshotError(RuntimeError):
     """A one-line reason the screenshot could not be made."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(build: Path, port: int, timeout: float, log: IO[str]) -> subprocess.Popen:
-    """The server on `build`, once GET /health answers.
-
-    Its output goes to `log`, a file (a pipe nobody reads could fill and block it), read if it fails to start.
-    """
-    server = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve", "--build", str(build), "--port", str(port)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            log.seek(0)
-            output = log.read().strip().splitlines()
-            raise ScreenshotError(f"the server exited ({output[-1] if output else f'status {server.returncode}'})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.25)
-    stop_server(server)
-    raise ScreenshotError(f"the server did not answer /health within {timeout:.0f} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def browser(width: int, height: int):
@@ -98,24 +54,23 @@ def page_state(driver) -> str | None:
 
 
 def screenshot(args: argparse.Namespace) -> None:
-    port = free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        server = start_server(args.build, port, args.timeout, log)
+    with serve_subprocess(args.build) as server:
         try:
-            answer, kept = drive(args, port)
-        finally:
-            stop_server(server)
+            server.wait_ready(args.timeout)
+        except ServerStartError as e:
+            raise ScreenshotError(str(e).splitlines()[0]) from None
+        answer, kept = drive(args, server.url)
     print(f"wrote {args.out} ({args.question!r} -> {answer!r}, {kept})")
 
 
-def drive(args: argparse.Namespace, port: int) -> tuple[str, str]:
+def drive(args: argparse.Namespace, url: str) -> tuple[str, str]:
     """Ask through the page and save the screenshot; -> (the answer, the kept-tokens line)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser(args.width, args.height)
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(f"{url}/")
         driver.find_element(By.ID, "image-input").send_keys(str(args.image.resolve()))
         driver.find_element(By.ID, "question").send_keys(args.question)
         driver.find_element(By.ID, "ask").click()

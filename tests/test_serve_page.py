@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -41,12 +37,6 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"no browser for the page's tests: {_missing()}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def build_dir(default_build) -> Path:
     """The embedded default model's build (tests/conftest.py), named `default` as served."""
@@ -54,36 +44,14 @@ def build_dir(default_build) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(build_dir, tmp_path_factory):
+def server(build_dir):
     """The base URL of the server on the build, once GET /health answers; stopped after the module."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("page-server") / "server.log"
+    from runtime.serve.process import serve_subprocess
+
     # The CPU provider: the page is the subject, and every machine answers the same on it.
-    argv = [sys.executable, "-m", "runtime.serve", "--build", str(build_dir), "--port", str(port), "--provider", "cpu"]
-    with log_path.open("w") as log:
-        # The log goes to a file: a pipe nobody reads could fill up and block the server.
-        process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert process.poll() is None, f"the server exited: {log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if json.load(response)["status"] == "ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no answer from /health in {WAIT} s: {log_path.read_text()[-3000:]}"
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve_subprocess(build_dir, ["--provider", "cpu"]) as child:
+        child.wait_ready(WAIT)
+        yield child.url
 
 
 @pytest.fixture(scope="module")

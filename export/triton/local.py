@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from runtime.serve.process import free_port
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ class TritonInstall:
         return install
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class RunningTriton:
     http: str  # http://127.0.0.1:PORT
@@ -79,7 +74,7 @@ def local_triton(install: TritonInstall, repository: Path, timeout: float = 180.
     backend = work / "backends" / "python"
     shutil.copytree(install.server / "backends" / "python", backend)
     shutil.copy2(install.server / "python_backend_stubs" / install.version / "triton_python_backend_stub", backend)
-    http, grpc, metrics = _free_port(), _free_port(), _free_port()
+    http, grpc, metrics = free_port(), free_port(), free_port()
     env = dict(os.environ)
     env["PATH"] = f"{install.python.parent}{os.pathsep}{env.get('PATH', '')}"  # the stub's Python: this env's
     env["VIRTUAL_ENV"] = str(install.python.parent.parent)

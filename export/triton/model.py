@@ -23,19 +23,8 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the runtime and buildformat packages copied next to this file
 
-from buildformat import ManifestError  # noqa: E402
-from runtime import (  # noqa: E402
-    BackendError,
-    GenerationError,
-    ImageError,
-    Pipeline,
-    PromptError,
-    Sampling,
-    SamplingError,
-)
-from runtime.preprocess import load_image  # noqa: E402
+from runtime import REQUEST_ERRORS, USER_ERRORS, GenerationError, ImageError, Pipeline, Sampling  # noqa: E402
 
-USER_ERRORS = (GenerationError, ImageError, PromptError, SamplingError)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -49,14 +38,14 @@ def _scalar(request, name: str, default):
     return values[0].item() if hasattr(values[0], "item") else values[0]
 
 
-def _image(data: bytes):
+def _image(data: bytes) -> bytes:
     """The encoded image; through Triton's JSON (generate) endpoint it arrives as base64 text."""
     if data and re.fullmatch(rb"[A-Za-z0-9+/=\s]+", data):  # base64 text, not a binary file
         try:
             data = base64.b64decode(data, validate=False)
         except (binascii.Error, ValueError) as e:
             raise ImageError(f"IMAGE looks like base64 but does not decode ({e}); send the file's bytes") from None
-    return load_image(data)
+    return data
 
 
 def _outputs(text: str, token: int, kept: list[int], result: str) -> list:
@@ -74,7 +63,7 @@ class TritonPythonModel:
         provider = config.get("parameters", {}).get("provider", {}).get("string_value", "auto")
         try:
             self.pipeline = Pipeline.load(HERE / "build", provider=provider)
-        except (BackendError, ManifestError) as e:
+        except USER_ERRORS as e:
             raise pb_utils.TritonModelException(f"cannot load the build: {e}") from None
         self.default_max_tokens = 64
 
@@ -83,7 +72,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 self._answer(request, sender)
-            except USER_ERRORS as e:
+            except REQUEST_ERRORS as e:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
         return None  # decoupled: every response went through its sender
 

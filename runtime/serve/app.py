@@ -133,6 +133,11 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             except asyncio.TimeoutError:
                 pass
 
+    def add_token(job: Job, completion: Completion, token: Token) -> dict[str, Any] | None:
+        if completion.first_token is None:
+            metrics.ttft.observe(time.monotonic() - job.arrived)
+        return completion.add(token)
+
     def finished(job: Job, completion: Completion) -> None:
         if completion.first_token is None:  # the answer was only an end-of-sequence token
             metrics.ttft.observe(time.monotonic() - job.arrived)
@@ -147,9 +152,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             while True:
                 event = await next_event(job, None)
                 if isinstance(event, Token):
-                    if completion.first_token is None:
-                        metrics.ttft.observe(time.monotonic() - job.arrived)
-                    delta = completion.add(event)
+                    delta = add_token(job, completion, event)
                     if delta is not None:
                         yield chunk(delta)
                 elif isinstance(event, Done):
@@ -179,7 +182,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
         chat = parse_chat(await _read_json(request, config.max_body_bytes), model_id, config.allow_local_files)
-        max_tokens = preparer.max_tokens(chat)  # the question's faults are found before the queue is asked
+        ids, max_tokens = preparer.encode(chat)  # the question's faults are found before the queue is asked
         try:
             scheduler.reserve()
         except QueueFull as e:
@@ -193,7 +196,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         loop = asyncio.get_running_loop()
         try:
             # One preparing thread: decoded images (the large allocations) are bounded by the queue.
-            prompt = await loop.run_in_executor(preparer.executor, preparer, chat, max_tokens)
+            prompt = await loop.run_in_executor(preparer.executor, preparer, chat, ids, max_tokens)
         except BaseException:
             scheduler.unreserve()
             raise
@@ -208,9 +211,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             while True:
                 event = await next_event(job, request)
                 if isinstance(event, Token):
-                    if completion.first_token is None:
-                        metrics.ttft.observe(time.monotonic() - job.arrived)
-                    completion.add(event)
+                    add_token(job, completion, event)
                 elif isinstance(event, Done):
                     completion.finish(event.answer, job)
                     finished(job, completion)

@@ -1,16 +1,16 @@
-"""A request's image and question made ready for the pipeline, off the event loop; user errors -> 400."""
+"""A request's question and image made ready for the pipeline; user errors -> 400 with their codes."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from runtime.pipeline import GenerationError, Pipeline, Prompt
-from runtime.preprocess import ImageError, load_image
+import numpy as np
+
+from runtime import AnswerTooLong, GenerationError, ImageError, ImageTooLarge, Pipeline, PromptError, PromptTooLong
+from runtime.pipeline import Prompt
 from runtime.serve.config import ServeConfig
 from runtime.serve.errors import bad_request
 from runtime.serve.protocol import ChatRequest
-from runtime.text import PromptError
 
 
 class Preparer:
@@ -21,35 +21,27 @@ class Preparer:
         # waits for it instead of decoding many images at once (memory), and Pillow's
         # decompression-bomb limit, a module global that load_image sets per call, is never raced.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._lock = threading.Lock()
 
-    def max_tokens(self, chat: ChatRequest) -> int:
-        """The answer length the request gets; its question checked (cheap: run before the queue admits it)."""
-        pipeline = self.pipeline
+    def encode(self, chat: ChatRequest) -> tuple[np.ndarray, int]:
+        """The prompt's ids and the answer length (cheap: run before the queue admits the request)."""
         try:
-            length = pipeline.tokenizer.encode(chat.question).shape[1]
+            ids, tokens = self.pipeline.encode(chat.question, chat.max_tokens)  # None: all the room
+        except PromptTooLong as e:
+            raise bad_request(str(e), "prompt_too_long", "messages.content") from None
         except PromptError as e:
-            code = "prompt_too_long" if "longer than" in str(e) else "invalid_prompt"
-            raise bad_request(str(e), code, "messages.content") from None
-        room = pipeline.max_sequence - length
-        max_tokens = chat.max_tokens if chat.max_tokens is not None else min(self.config.default_max_tokens, room)
-        if max_tokens > room:
-            raise bad_request(
-                f"max_tokens {max_tokens} is beyond the cache: the {length}-token prompt leaves room for {room} "
-                f"(the build's max sequence is {pipeline.max_sequence}); ask for at most {room}",
-                "max_tokens_too_large",
-                "max_tokens",
-            )
-        return max_tokens
-
-    def __call__(self, chat: ChatRequest, max_tokens: int) -> Prompt:
-        """The image decoded and the prompt made (on `executor`, after the queue admitted the request)."""
-        try:
-            with self._lock:
-                image = load_image(chat.image, max_pixels=self.config.max_image_pixels)
-                return self.pipeline.prepare(image, chat.question, max_tokens)
-        except ImageError as e:
-            code = "image_too_large" if "too large" in str(e) else "invalid_image"
-            raise bad_request(str(e), code, "messages.content.image_url") from None
-        except (PromptError, GenerationError) as e:
             raise bad_request(str(e), "invalid_prompt", "messages.content") from None
+        except AnswerTooLong as e:
+            raise bad_request(str(e), "max_tokens_too_large", "max_tokens") from None
+        except GenerationError as e:
+            raise bad_request(str(e), "invalid_value", "max_tokens") from None
+        # Without max_tokens the answer may take the server's default, within the room the cache leaves.
+        return ids, tokens if chat.max_tokens is not None else min(self.config.default_max_tokens, tokens)
+
+    def __call__(self, chat: ChatRequest, ids: np.ndarray, max_tokens: int) -> Prompt:
+        """The image decoded and preprocessed (on `executor`, after the queue admitted the request)."""
+        try:
+            return self.pipeline.with_image(chat.image, ids, max_tokens, self.config.max_image_pixels)
+        except ImageTooLarge as e:
+            raise bad_request(str(e), "image_too_large", "messages.content.image_url") from None
+        except ImageError as e:
+            raise bad_request(str(e), "invalid_image", "messages.content.image_url") from None

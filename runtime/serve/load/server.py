@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from runtime.serve.load.config import REPO, LoadConfig, LoadError, check_local_url
+from runtime.serve.load.config import LoadConfig, LoadError, check_local_url
+from runtime.serve.process import serve_subprocess
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +41,6 @@ class Server:
         return self.log_path.read_text(errors="replace").splitlines()[-lines:]
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (the server checks it again and says so if it was taken since)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def local_server(config: LoadConfig) -> Iterator[Server]:
     """The server under test: the --url one, or `python -m runtime.serve` started here and stopped after."""
@@ -63,41 +53,9 @@ def local_server(config: LoadConfig) -> Iterator[Server]:
     build = Path(config.build)
     if not (build / "manifest.json").is_file():
         raise LoadError(f"no build at {build} (no manifest.json); make one with `python -m export build --out {build}`")
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "runtime.serve",
-        "--build",
-        str(build.resolve()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-queue",
-        str(config.max_queue),
-        "--timeout",
-        f"{config.server_timeout:g}",
-    ]
-    fd, name = tempfile.mkstemp(prefix="corematching-load-server-", suffix=".log")
-    log_path = Path(name)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with os.fdopen(fd, "wb") as log_file:
-        # The log goes to a file: a pipe nobody reads would block the server once full.
-        process = subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    log.info("started the server (pid %d) on 127.0.0.1:%d: %s", process.pid, port, " ".join(command))
-    server = Server(f"http://127.0.0.1:{port}", process.pid, True, command, process, log_path)
-    try:
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            log.warning("the server (pid %d) did not stop in 20 s; killing it", process.pid)
-            process.kill()
-            process.wait(timeout=10)
-        log_path.unlink(missing_ok=True)
+    args = ["--max-queue", str(config.max_queue), "--timeout", f"{config.server_timeout:g}"]
+    with serve_subprocess(build, args) as child:
+        yield Server(child.url, child.process.pid, True, child.command, child.process, child.log_path)
 
 
 def read_rss(pid: int) -> int:
