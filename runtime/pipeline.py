@@ -186,6 +186,7 @@ class Pipeline:
         graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
         timings["decode"] = decode
         logits = result.logits
+        shown = False  # whether any text was yielded yet
         try:
             while True:
                 token = sampler(logits)
@@ -193,6 +194,9 @@ class Pipeline:
                 if token in eos:
                     break
                 piece = text.push(token)
+                if not shown:  # the answer's text is stripped: so is its stream's start
+                    piece = piece.lstrip()
+                    shown = bool(piece)
                 if piece:
                     yield token, piece  # a caller that closes the generator here stops the answer
                 if len(tokens) == max_new_tokens:
@@ -206,7 +210,7 @@ class Pipeline:
             # Finished, failed or abandoned: the request's cache and compacted weights go now, not at
             # the next prefill, so an idle pipeline holds only its weights.
             self.backend.end_request()
-        tail = text.flush()
+        tail = text.flush() if shown else text.flush().lstrip()
         if tail:
             yield tokens[-1], tail
         if graph:

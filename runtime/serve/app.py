@@ -133,7 +133,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             except asyncio.TimeoutError:
                 pass
 
-    def add_token(job: Job, completion: Completion, token: Token) -> dict[str, Any] | None:
+    def add_token(job: Job, completion: Completion, token: Token) -> dict[str, Any]:
         if completion.first_token is None:
             metrics.ttft.observe(time.monotonic() - job.arrived)
         return completion.add(token)
@@ -152,9 +152,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             while True:
                 event = await next_event(job, None)
                 if isinstance(event, Token):
-                    delta = add_token(job, completion, event)
-                    if delta is not None:
-                        yield chunk(delta)
+                    yield chunk(add_token(job, completion, event))
                 elif isinstance(event, Done):
                     completion.finish(event.answer, job)
                     yield chunk(completion.final_chunk())

@@ -44,15 +44,12 @@ class Completion:
     def role_chunk(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""})
 
-    def add(self, token: Any) -> dict[str, Any] | None:
-        """The chunk of a new token's text (None while the answer is only leading spaces)."""
+    def add(self, token: Any) -> dict[str, Any]:
+        """The chunk of a new token's text (the pipeline yields only non-empty pieces)."""
         if self.first_token is None:
             self.first_token = time.monotonic()
-        piece = token.text if self.text else token.text.lstrip()  # the answer's text is stripped
-        if not piece:
-            return None
-        self.text += piece
-        return self._chunk({"content": piece})
+        self.text += token.text
+        return self._chunk({"content": token.text})
 
     @property
     def finish_reason(self) -> str:
