@@ -1,7 +1,9 @@
 """The build format: the typed manifest of a build directory and how to read, write and check it.
 
 The ground floor that `export/` writes and `runtime/` reads; it needs only the standard library
-(docs/build-format.md).
+(docs/build-format.md). The manifest's sections are records by concern: `model` (the checkpoint,
+the budgets, the prompt format), `graphs`, `weights` (the weights file, quantization, a static
+neuron set), `engines`, `validation`; `manifest` gathers them and `files` reads and writes them.
 """
 
 from buildformat.files import read, read_json, sha256_file, verify, with_files, write
@@ -24,13 +26,26 @@ from buildformat.manifest import (
     WeightEntry,
     WeightsIndex,
 )
+from buildformat.validation import (
+    ArithmeticCheck,
+    Criteria,
+    DistanceToFloat,
+    QuantizationChecks,
+    SkippedValidation,
+    Validation,
+    ValidationCase,
+    ValidationRecord,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "GRAPHS",
     "MANIFEST",
+    "ArithmeticCheck",
     "CoreMatchingInfo",
+    "Criteria",
     "Dim",
+    "DistanceToFloat",
     "Engines",
     "Flops",
     "GraphInfo",
@@ -38,9 +53,14 @@ __all__ = [
     "ManifestError",
     "ModelInfo",
     "Quantization",
+    "QuantizationChecks",
+    "SkippedValidation",
     "StaticNeuronsInfo",
     "TensorSpec",
     "TokenizerInfo",
+    "Validation",
+    "ValidationCase",
+    "ValidationRecord",
     "WeightEntry",
     "WeightsIndex",
     "read",

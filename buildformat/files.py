@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from buildformat.manifest import FORMAT_VERSION, MANIFEST, Manifest, ManifestError
+from buildformat.jsonfields import ManifestError
+from buildformat.manifest import FORMAT_VERSION, MANIFEST, Manifest
 
 
 def sha256_file(path: Path) -> str:

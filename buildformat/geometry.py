@@ -2,14 +2,31 @@
 
 Built from a Hugging Face `LlavaConfig` (duck-typed: this module imports nothing), from a model
 preset (`models.presets.ModelPreset`) or from a build's manifest. The formulas that every package
-needs (the tokens that layers after the prune layer keep, the KV-cache bytes, the per-layer FLOPs)
-live here once.
+needs (the image tokens of an image, the tokens that layers after the prune layer keep, the KV-cache
+bytes, the per-layer FLOPs) live here once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
+
+# LLaVA's vision_feature_select_strategy: "default" drops the tower's CLS token, "full" keeps it as an image token.
+SelectStrategy = Literal["default", "full"]
+SELECT_STRATEGIES: tuple[str, ...] = get_args(SelectStrategy)
+
+
+def patch_count(image_size: int, patch_size: int) -> int:
+    """Patches of a square `image_size` image cut in `patch_size` squares (a CLIP tower adds a CLS token)."""
+    return (image_size // patch_size) ** 2
+
+
+def image_token_count(image_size: int, patch_size: int, select_strategy: str = "default") -> int:
+    """Tokens one image contributes to the prompt: its patches, plus the CLS token with the "full" select
+    strategy ("default" drops it)."""
+    if select_strategy not in SELECT_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got {select_strategy!r}")
+    return patch_count(image_size, patch_size) + (1 if select_strategy == "full" else 0)
 
 
 def kept_length(sequence: int, num_image_tokens: int, kept: int, merged: int = 0) -> int:
@@ -35,8 +52,7 @@ class Geometry:
     def from_hf_config(cls, config: Any) -> Geometry:
         """From a transformers LlavaConfig (text_config and vision_config inside)."""
         text, vision = config.text_config, config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
         return cls(
             hidden_size=text.hidden_size,
             intermediate_size=text.intermediate_size,
@@ -47,7 +63,7 @@ class Geometry:
             vocab_size=text.vocab_size,
             image_size=vision.image_size,
             patch_size=vision.patch_size,
-            num_image_tokens=patches + (1 if full else 0),
+            num_image_tokens=image_token_count(vision.image_size, vision.patch_size, strategy),
         )
 
     @classmethod
@@ -82,6 +98,10 @@ class Geometry:
             patch_size=m.patch_size,
             num_image_tokens=m.num_image_tokens,
         )
+
+    @property
+    def num_patches(self) -> int:
+        return patch_count(self.image_size, self.patch_size)
 
     # -- what the pruned layers keep, and what the cache holds ----------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from buildformat.geometry import Geometry
+from buildformat.geometry import Geometry, patch_count
 from buildformat.geometry import kept_length as geometry_kept_length
 from coreMatching.config import Budgets
 
@@ -31,12 +31,11 @@ class VisionGeometry:
     @classmethod
     def from_llava_config(cls, config: Any) -> VisionGeometry:
         vision = config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
         return cls(
             hidden_size=vision.hidden_size,
             intermediate_size=vision.intermediate_size,
             num_layers=vision.num_hidden_layers,
-            num_tokens=patches + 1,
+            num_tokens=patch_count(vision.image_size, vision.patch_size) + 1,  # the tower always runs the CLS token
             projector_in=vision.hidden_size,
             projector_out=config.text_config.hidden_size,
         )

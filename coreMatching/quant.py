@@ -1,7 +1,7 @@
 """Weight-only quantization by round to nearest, and its fake-quant reference (docs/quantization.md).
 
 One implementation of the arithmetic, used twice: the export's graph pass
-(`export.passes.quantize`) stores `quantize`'s integers and scales in the
+(`export.passes.dequantize`) stores `quantize`'s integers and scales in the
 graphs, and `fake_quantize_` puts `dequantize(quantize(W))` into a torch model,
 so that the reference runs on exactly the weights the graphs dequantize and a
 quantized build is validated with the float tolerance where the arithmetic is

@@ -62,10 +62,6 @@ def register(selector: TokenSelector) -> TokenSelector:
     return selector
 
 
-def selector_names() -> tuple[str, ...]:
-    return tuple(SELECTORS)
-
-
 register(
     TokenSelector(
         "core-coverage",

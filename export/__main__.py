@@ -1,9 +1,10 @@
-"""`python -m export build | validate | engine | plan | bench | triton`.
+"""`python -m export build | validate | engine`.
 
 Thin entry points: parse the flags, build a config, call one library function,
 print. User mistakes end in one `error:` line and exit code 2; a failed
 validation in exit code 1. torch is imported only by `build` and `validate`:
-`engine` runs on a Jetson without it.
+`engine` runs on a Jetson without it. The commands that moved to their own
+packages (`plan`, `bench`, `triton`) answer with a one-line pointer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from coreMatching.cli import add_config_arguments, config_from_args
+
+# Commands that moved out of the export: the old spelling names the new one.
+MOVED = {"plan": "planner", "bench": "bench", "triton": "serving.triton"}
 
 
 def _build_parser(sub: Any) -> None:
@@ -75,48 +79,6 @@ def _validate_parser(sub: Any) -> None:
         help="the checkpoint the build was made from (default: the one its manifest names)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
-
-
-def _bench_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="latency, FLOPs and memory of CoreMatching builds against dense",
-        description="Build the preset dense and at each budget, then measure ONNX Runtime (CPU), "
-        "transformers eager and the PyTorch reference side by side; write docs/benchmarks/.",
-    )
-    p.add_argument("--preset", default="llava-7b-shape", help="model preset (default llava-7b-shape)")
-    p.add_argument("--budgets", default="192,128,64,32", help="comma-separated token budgets")
-    p.add_argument("--repeats", type=int, default=5, help="measured repeats after one warm-up (default 5)")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated end to end (default 16)")
-    p.add_argument("--work", type=Path, default=Path("builds/bench"), help="checkpoint and builds (reused)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report directory")
-    p.add_argument("--no-torch", action="store_true", help="skip transformers and the PyTorch reference")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from export.bench import BenchConfig, run_bench
-
-    console = Console(stderr=True)
-    try:
-        config = BenchConfig(
-            preset=args.preset,
-            budgets=tuple(int(k) for k in args.budgets.split(",")),
-            repeats=args.repeats,
-            new_tokens=args.new_tokens,
-            work=args.work,
-            out=args.out,
-            torch_baselines=not args.no_torch,
-        )
-        with console.status("benchmark") as status:
-            run_bench(config, lambda name: status.update(name))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((args.out / "bench.md").read_text())
-    return 0  # a missed target is reported (bench.md), not an error of the command
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -198,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     _build_parser(sub)
     _validate_parser(sub)
     from export.engine_cli import add_engine_parser, run_engine
-    from export.plan_cli import add_plan_parser, run_plan
-    from export.triton_cli import add_triton_parser, run_triton
 
     add_engine_parser(sub)
-    add_plan_parser(sub)
-    _bench_parser(sub)
-    add_triton_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MOVED:
+        print(f"error: `python -m export {argv[0]}` is now `python -m {MOVED[argv[0]]}` (same flags)", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -214,9 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         "build": run_build,
         "validate": run_validate,
         "engine": run_engine,
-        "plan": run_plan,
-        "bench": run_bench,
-        "triton": run_triton,
     }
     return handlers[args.command](args)
 

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 import torch
 
 import buildformat
-from buildformat import GRAPHS, Manifest, Quantization
+from buildformat import GRAPHS, Manifest, Quantization, SkippedValidation, ValidationRecord
 from buildformat.geometry import Geometry
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
@@ -33,7 +33,7 @@ from coreMatching.quant_scheme import WeightQuant
 from coreMatching.static_neurons import FILE as STATIC_FILE
 from export.config import ExportConfig
 from export.manifest import make_manifest
-from export.modules import Decoder
+from export.modules import Decoder, ffn_prefix
 from export.passes import (
     check_tensorrt,
     insert_core_neuron_selection,
@@ -42,13 +42,13 @@ from export.passes import (
     insert_token_merge,
     insert_token_scores,
 )
+from export.passes.dequantize import quantize_weights
 from export.passes.membership import TOPK_LIMIT
-from export.passes.quantize import quantize_weights
-from export.quantize import gathered_weights, quantize_graphs
+from export.quantize_graphs import gathered_weights, quantize_graphs
 from export.static import bake
 from export.static import record as static_info
 from export.trace import save_model, trace_decode, trace_embed, trace_prefill, trace_vision
-from export.validate import ValidationError, ValidationReport, validate_build
+from export.validate import ValidationError, validate_build
 from export.validate_quant import validate_quantized_build
 from export.weights import share_weights
 from models import default_model_dir, load_llava
@@ -87,7 +87,7 @@ class BuildError(RuntimeError):
 class BuildResult:
     out: Path
     manifest: Manifest
-    validation: ValidationReport | None
+    validation: ValidationRecord | None  # None: built with --no-validate
     seconds: float
 
 
@@ -158,14 +158,14 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
                 report = validate_build(tmp, manifest, model, processor)
             else:
                 report = validate_quantized_build(tmp, manifest, model, processor, quant)
-            manifest = manifest.with_(validation=report.to_dict())
+            manifest = manifest.with_(validation=report)
             if not report.passed:
                 path = out.parent / f"{out.name}.validation-failed.json"
-                path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
                 failed = "; ".join(f"{c.name}: {', '.join(c.problems)}" for c in report.cases if c.problems)
                 raise ValidationError(f"validation failed ({failed}); report: {path}", report)
         else:
-            manifest = manifest.with_(validation={"passed": None, "skipped": "--no-validate"})
+            manifest = manifest.with_(validation=SkippedValidation("--no-validate"))
         manifest = manifest.with_(build_seconds=round(time.perf_counter() - started, 1))
         buildformat.write(tmp, manifest)
 
@@ -241,7 +241,7 @@ def _run_passes(
         counts = quantize_weights(graph, quant, gathered_weights(budgets))
     if budgets is not None:
         for layer in budgets.neuron_sparse_layers:
-            insert_ffn_gather(graph, layer, f"decoder.layers.{layer}.mlp")
+            insert_ffn_gather(graph, layer, ffn_prefix(layer))
     problems = check_tensorrt(graph)
     if budgets is not None and budgets.token_budget == "auto":
         problems.append("token_budget 'auto' gives data-dependent shapes (ONNX Runtime only)")

@@ -4,10 +4,10 @@ An engine is built on the machine that will run it (a Jetson builds its own): it
 model and TensorRT version that built it. This module imports `tensorrt` only inside `build_engines`, and
 never torch or transformers, so that a board with JetPack's TensorRT and the light runtime can use it.
 
-Two TensorRT API generations are supported and reported (`TrtApi.name`, recorded in the manifest):
-8.6 ("bindings": networks need the EXPLICIT_BATCH flag) and 10.x or later ("named-tensors": explicit batch is
-implicit). TensorRT 11 removed `BuilderFlag.FP16` (networks are strongly typed), so there fp16 means a
-float16 export.
+Two TensorRT API generations are supported and reported (`TrtApi.name`, recorded in the manifest; the version
+is read by `runtime.trt_io.tensorrt_version`, as the runtime reads it): 8.6 ("bindings": networks need the
+EXPLICIT_BATCH flag) and 10.x or later ("named-tensors": explicit batch is implicit). TensorRT 11 removed
+`BuilderFlag.FP16` (networks are strongly typed), so there fp16 means a float16 export.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 import buildformat
 from buildformat import GRAPHS, Engines, Manifest, ManifestError
 from runtime.gpu import DeviceInfo, detect_gpu
+from runtime.trt_io import BINDINGS, UnsupportedTensorRT, tensorrt_version
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +108,16 @@ class EngineReport:
 
 def trt_api(trt: Any) -> TrtApi:
     """The API generation of an imported `tensorrt` module, from its `__version__`."""
-    version = str(getattr(trt, "__version__", ""))
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if not match:
-        raise UnsupportedTensorRTError(f"cannot read TensorRT's version ({version!r}); TensorRT 8.6 is the minimum")
-    major, minor = int(match[1]), int(match[2])
-    if (major, minor) < (8, 6):
-        raise UnsupportedTensorRTError(
-            f"TensorRT {version} is too old: 8.6 is the minimum (8.6 for Pascal GPUs, 10.x for SM 7.5 and later)"
-        )
-    if major == 9:  # 9.x shipped only as TensorRT-LLM previews, between the two APIs
-        raise UnsupportedTensorRTError(f"TensorRT {version} is not supported: use 8.6 or 10.x")
+    try:
+        version = tensorrt_version(trt)
+    except UnsupportedTensorRT as e:
+        raise UnsupportedTensorRTError(str(e)) from e
     pool = trt.MemoryPoolType.WORKSPACE  # set_memory_pool_limit exists in 8.6 and 10.x alike
     fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
-    if major == 8:
-        # 8.x still has implicit-batch networks: ONNX needs the explicit-batch one.
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        return TrtApi(version, major, minor, "bindings", flags, pool, fp16_flag)
-    # 10.x: EXPLICIT_BATCH is deprecated and ignored; every network is explicit-batch.
-    return TrtApi(version, major, minor, "named-tensors", 0, pool, fp16_flag)
+    # 8.x still has implicit-batch networks: ONNX needs the explicit-batch one. From 10.x EXPLICIT_BATCH is
+    # deprecated and ignored; every network is explicit-batch.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if version.api == BINDINGS else 0
+    return TrtApi(version.text, version.major, version.minor, version.api, flags, pool, fp16_flag)
 
 
 def import_tensorrt() -> ModuleType:

@@ -1,7 +1,7 @@
 """The traced forms of a LLaVA model: vision, embed, prefill and decode (docs/architecture.md).
 
 Each module holds its weights in the layout its MatMuls read (`x @ w_t`), under
-names that the graph-surgeon passes look up (`layers.{i}.mlp.gate_t`), so that
+names that the graph-surgeon passes look up (`ffn_prefix(i)` + `.gate_t`), so that
 the exported graph carries them as plain initializers with no Transpose in
 between. The math is the reference's (`coreMatching.layers`), checked by the
 build's validation against `transformers` and the reference.
@@ -26,6 +26,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from buildformat.names import (
+    FFN_WEIGHTS,
+    IMAGE_START,
+    KEEP_INDICES,
+    KEPT_BIAS,
+    MERGE_SEAMS,
+    PAST,
+    PAST_KEPT_LENGTH,
+    GraphNames,
+    activation_name,
+    attention_name,
+    cache_names,
+    decode_names,
+    ffn_name,
+)
 from coreMatching.backbones import backbone_of
 from coreMatching.config import Budgets
 from coreMatching.selectors import SELECTORS
@@ -146,6 +161,7 @@ class FFN(nn.Module):
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.act = mlp.act_fn
+        # Named as FFN_WEIGHTS: the traced initializers are `{ffn_prefix(i)}.{weight}`.
         self.gate_t, self.up_t, self.down_t = _t(mlp.gate_proj), _t(mlp.up_proj), _t(mlp.down_proj)
         self.gate_b, self.up_b, self.down_b = _bias(mlp.gate_proj), _bias(mlp.up_proj), _bias(mlp.down_proj)
 
@@ -219,12 +235,12 @@ class Prefill(nn.Module):
     def seam_inputs(self) -> list[str]:
         if self.budgets is None:
             return []
-        return ["merge_weights", "keep_positions", "key_bias"] if self.merge else ["keep_indices"]
+        return list(MERGE_SEAMS) if self.merge else [KEEP_INDICES]
 
     @property
     def seam_outputs(self) -> list[str]:
-        attention = [f"attn_last.{self.budgets.prune_layer}"] if self.want_attention else []  # type: ignore[union-attr]
-        return [*[f"act.{i}" for i in self.act_layers], *attention]
+        attention = [attention_name(self.budgets.prune_layer)] if self.want_attention else []  # type: ignore[union-attr]
+        return [*[activation_name(i) for i in self.act_layers], *attention]
 
     def forward(self, inputs_embeds: Tensor, *seams: Tensor) -> tuple[Tensor, ...]:
         h = inputs_embeds  # [1, S, d]
@@ -259,17 +275,10 @@ class Prefill(nn.Module):
         return (logits, *kv, *acts, *attention)
 
 
-FFN_WEIGHTS = ("gate_t", "up_t", "down_t")
-
-
-def kv_names(prefix: str, num_layers: int) -> list[str]:
-    """{prefix}.{i}.key/value of every layer: present (prefill out), past (decode in), new (decode out)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def ffn_names(layers: list[int]) -> list[str]:
-    """The compacted FFN weights of the neuron-sparse layers (prefill outputs, decode inputs)."""
-    return [f"ffn.{i}.{w}" for i in layers for w in FFN_WEIGHTS]
+def ffn_prefix(layer: int) -> str:
+    """The traced name of a layer's FFN weights, `{prefix}.gate_t` ...: the module path in `Prefill` and `Decode`
+    (`decoder.layers[i].mlp`), which the FFN-gather pass and the quantization look up."""
+    return f"decoder.layers.{layer}.mlp"
 
 
 class Decode(nn.Module):
@@ -291,23 +300,18 @@ class Decode(nn.Module):
         self.merge = budgets is not None and budgets.token_merge != "none"
 
     @property
-    def input_names(self) -> list[str]:
-        """The graph's inputs, in the order `forward` takes them: declared here once (the trace builds an
-        example per name, the manifest lists them from the graph)."""
-        names = ["inputs_embeds", "position_ids"]
-        if self.prune_layer is not None:
-            names.append("past_kept_length")
-        if self.merge:
-            names += ["image_start", "kept_bias"]
-        return names + kv_names("past", len(self.decoder.layers)) + ffn_names(self.sparse)
+    def names(self) -> GraphNames:
+        """The graph's inputs, in the order `forward` takes them (the trace builds an example per name), and
+        outputs."""
+        return decode_names(len(self.decoder.layers), self.prune_layer is not None, self.merge, self.sparse)
 
     def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
         num_layers = len(self.decoder.layers)
-        named = dict(zip(self.input_names[2:], rest, strict=True))
-        kept_length = named.get("past_kept_length", position_ids)
-        image_start, kept_bias = named.get("image_start"), named.get("kept_bias")
-        past = [named[name] for name in kv_names("past", num_layers)]
-        compact = {layer: tuple(named[f"ffn.{layer}.{w}"] for w in FFN_WEIGHTS) for layer in self.sparse}
+        named = dict(zip(self.names.inputs[2:], rest, strict=True))
+        kept_length = named.get(PAST_KEPT_LENGTH, position_ids)
+        image_start, kept_bias = named.get(IMAGE_START), named.get(KEPT_BIAS)
+        past = [named[name] for name in cache_names(PAST, num_layers)]
+        compact = {layer: tuple(named[ffn_name(layer, w)] for w in FFN_WEIGHTS) for layer in self.sparse}
         h = inputs_embeds
         cos, sin = self.decoder.rope(position_ids, h.dtype)
         bias = None

@@ -25,28 +25,9 @@ from coreMatching.static_neurons import (
     narrow_ffn_,
     per_request_off,
 )
-from vqa.data import Item
-from vqa.static import calibration_prompts
+from export.calibration import calibration_items, calibration_prompts
 
 log = logging.getLogger(__name__)
-
-
-def calibration_items(path: Path | None, count: int) -> tuple[list[Item], str]:
-    """The calibration items and a description: the JSONL file's first `count` lines, or the shapes
-    validation split."""
-    from vqa.data import DataError, jsonl_items, shapes_items
-    from vqa.static import CALIBRATION_SPLIT as SHAPES_SPLIT
-
-    if path is None:
-        items = list(shapes_items(SHAPES_SPLIT, count))
-        where = f"shapes {SHAPES_SPLIT} split, first {len(items)}"
-    else:
-        try:
-            items = jsonl_items(path, count, require_answers=False)
-        except DataError as e:
-            raise ConfigError(f"--calibration: {e}") from e
-        where = f"{path.name}, first {len(items)}"
-    return items, where
 
 
 def bake(

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from buildformat import ValidationRecord
+
 
 def _size(path: Path) -> str:
     n = path.stat().st_size
@@ -18,7 +20,7 @@ def _size(path: Path) -> str:
     return ""
 
 
-def print_validation(report: Any, console: Console | None = None) -> None:
+def print_validation(report: ValidationRecord, console: Console | None = None) -> None:
     """One column per case, one row per check (fits a narrow terminal)."""
     console = console or Console()
     table = Table(title=f"validation against {report.reference} ({report.precision})")

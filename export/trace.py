@@ -19,8 +19,23 @@ import onnx
 import torch
 
 from buildformat.geometry import Geometry
+from buildformat.names import (
+    CACHE_KINDS,
+    EMBED,
+    FFN_WEIGHTS,
+    IMAGE_START,
+    INPUTS_EMBEDS,
+    KEPT_BIAS,
+    PAST,
+    PAST_KEPT_LENGTH,
+    POSITION_IDS,
+    VISION,
+    cache_name,
+    ffn_name,
+    prefill_traced_names,
+)
 from coreMatching.config import Budgets
-from export.modules import Decode, Decoder, Embed, Prefill, Vision, kv_names
+from export.modules import Decode, Decoder, Embed, Prefill, Vision
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +94,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 
 def trace_vision(llava: Any, geometry: Geometry, path: Path, opset: int, dtype: torch.dtype) -> None:
     pixels = torch.zeros(1, 3, geometry.image_size, geometry.image_size, dtype=dtype)
-    _export(Vision(llava), (pixels,), path, ["pixel_values"], ["image_features"], ({},), opset)
+    _export(Vision(llava), (pixels,), path, [*VISION.inputs], [*VISION.outputs], ({},), opset)
 
 
 def trace_embed(llava: Any, path: Path, opset: int) -> None:
     ids = torch.zeros(1, 9, dtype=torch.int64)
     # Its own dim: it embeds whole prompts and single generated tokens (a TensorRT profile from 1).
     dims = ({1: torch.export.Dim("T", min=1, max=1 << 20)},)
-    _export(Embed(llava), (ids,), path, ["input_ids"], ["inputs_embeds"], dims, opset)
+    _export(Embed(llava), (ids,), path, [*EMBED.inputs], [*EMBED.outputs], dims, opset)
 
 
 def trace_prefill(
@@ -99,9 +114,10 @@ def trace_prefill(
     embeds = torch.zeros(1, seq, geometry.hidden_size, dtype=dtype)
     module = Prefill(decoder, budgets)
     s = torch.export.Dim("S", min=2, max=1 << 16)
-    outputs = ["logits", *kv_names("present", geometry.num_layers), *module.seam_outputs]
+    names = prefill_traced_names(geometry.num_layers, module.seam_inputs, module.seam_outputs)
+    inputs, outputs = [*names.inputs], [*names.outputs]
     if budgets is None:
-        _export(module, (embeds,), path, ["inputs_embeds"], outputs, ({1: s},), opset)
+        _export(module, (embeds,), path, inputs, outputs, ({1: s},), opset)
         return
     kept = budgets.token_budget if budgets.token_budget != "auto" else min(budgets.auto_range[1], n_img - 1)
     keep = torch.cat([torch.arange(3), 3 + torch.arange(kept), torch.arange(3 + n_img, seq)])
@@ -116,7 +132,7 @@ def trace_prefill(
         positions = torch.cat([keep, keep[-1:].repeat(budgets.merged_tokens)])
         seams = (weights, positions, torch.zeros(rows))
         dims = ({1: s}, ({0: s_kept, 1: s}, {0: s_kept}, {0: s_kept}))
-    _export(module, (embeds, *seams), path, ["inputs_embeds", *module.seam_inputs], outputs, dims, opset)
+    _export(module, (embeds, *seams), path, inputs, outputs, dims, opset)
 
 
 @dataclass(frozen=True)
@@ -127,10 +143,10 @@ class GraphInput:
     axes: dict[int, str] = field(default_factory=dict)
 
 
-def decode_inputs(
+def decode_examples(
     module: Decode, geometry: Geometry, budgets: Budgets | None, dtype: torch.dtype
 ) -> dict[str, GraphInput]:
-    """An example of every input of the decode graph, by name (`Decode.input_names` gives the order)."""
+    """An example of every input of the decode graph, by name (`Decode.names` gives the order)."""
     n_img, d, kv_heads, hd = geometry.num_image_tokens, geometry.hidden_size, geometry.num_kv_heads, geometry.head_dim
     kept = (
         n_img
@@ -141,22 +157,23 @@ def decode_inputs(
     buffer, buffer_kept = position + 5, position - n_img + kept + 3  # distinct example sizes
     n = geometry.intermediate_size if budgets is None else budgets.core_neurons
     records = {
-        "inputs_embeds": GraphInput(torch.zeros(1, 1, d, dtype=dtype)),
-        "position_ids": GraphInput(torch.tensor([position], dtype=torch.int64)),
-        "past_kept_length": GraphInput(torch.tensor([position - n_img + kept], dtype=torch.int64)),
+        INPUTS_EMBEDS: GraphInput(torch.zeros(1, 1, d, dtype=dtype)),
+        POSITION_IDS: GraphInput(torch.tensor([position], dtype=torch.int64)),
+        PAST_KEPT_LENGTH: GraphInput(torch.tensor([position - n_img + kept], dtype=torch.int64)),
         # A merge's key bias of the pruned layers' image slots, which start at image_start.
-        "image_start": GraphInput(torch.tensor([3], dtype=torch.int64)),
-        "kept_bias": GraphInput(torch.zeros(budgets.image_slots if module.merge and budgets is not None else 1)),
+        IMAGE_START: GraphInput(torch.tensor([3], dtype=torch.int64)),
+        KEPT_BIAS: GraphInput(torch.zeros(budgets.image_slots if module.merge and budgets is not None else 1)),
     }
     for layer in range(geometry.num_layers):
         pruned = budgets is not None and layer > budgets.prune_layer
         length, dim = (buffer_kept, "B_kept") if pruned else (buffer, "B")
-        for kind in ("key", "value"):
-            records[f"past.{layer}.{kind}"] = GraphInput(torch.zeros(1, kv_heads, length, hd, dtype=dtype), {2: dim})
-    shapes = {"gate_t": (d, n), "up_t": (d, n), "down_t": (n, d)}
+        for kind in CACHE_KINDS:
+            example = torch.zeros(1, kv_heads, length, hd, dtype=dtype)
+            records[cache_name(PAST, layer, kind)] = GraphInput(example, {2: dim})
+    shapes = dict(zip(FFN_WEIGHTS, [(d, n), (d, n), (n, d)], strict=True))  # gate_t, up_t, down_t
     for layer in [] if budgets is None else budgets.neuron_sparse_layers:
         for weight, shape in shapes.items():
-            records[f"ffn.{layer}.{weight}"] = GraphInput(torch.zeros(*shape, dtype=dtype))
+            records[ffn_name(layer, weight)] = GraphInput(torch.zeros(*shape, dtype=dtype))
     return records
 
 
@@ -165,11 +182,11 @@ def trace_decode(
 ) -> None:
     """The decode step against preallocated buffers (`export.modules.Decode`)."""
     module = Decode(decoder, budgets)
-    examples = decode_inputs(module, geometry, budgets, dtype)
-    records = [examples[name] for name in module.input_names]
+    names = module.names
+    examples = decode_examples(module, geometry, budgets, dtype)
+    records = [examples[name] for name in names.inputs]
     dims = {name: torch.export.Dim(name, min=1, max=1 << 16) for name in ("B", "B_kept")}
     axes = [{axis: dims[dim] for axis, dim in r.axes.items()} for r in records]
-    outputs = ["logits", *kv_names("new", geometry.num_layers)]
     args = tuple(r.example for r in records)
     # The module takes (inputs_embeds, position_ids, *rest): the rest's shapes go as one nested tuple.
-    _export(module, args, path, module.input_names, outputs, (axes[0], axes[1], tuple(axes[2:])), opset)
+    _export(module, args, path, [*names.inputs], [*names.outputs], (axes[0], axes[1], tuple(axes[2:])), opset)

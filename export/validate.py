@@ -5,12 +5,17 @@ CoreMatching builds with the `coreMatching` reference: the same kept image token
 the same core neurons, logits within the tolerance at the prefill and at every
 decode step, and the same greedy tokens for 32 steps. Two cases: the shipped
 example image with its question, and a random image with a random question.
+
+The build runs through the runtime's own generation loop, `runtime.Pipeline.generate`, on
+`OrtBackend` with the CPU provider: the loop, cache buffers and decode steps that users run are
+the ones checked. A `GenerationTrace` brings back what the comparison needs besides the answer
+(each token's logits, the image features, the kept tokens and core neurons). The result is the
+manifest's typed validation record (`buildformat.ValidationRecord`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +23,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from buildformat import Manifest
+from buildformat import Criteria, Manifest, ValidationCase, ValidationRecord
 from coreMatching import CoreMatchingConfig, CoreMatchingLlava
-from export.ort_runner import OrtBuild
 from models.answer import build_prompt
+from runtime.ort_backend import OrtBackend
+from runtime.pipeline import GenerationTrace, Pipeline, Prompt
+from runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +63,7 @@ _WORDS = (
 )
 
 
-@dataclass(frozen=True)
-class Criteria:
-    """What a build must meet. The logit tolerance of a case is `absolute + relative * max |reference logit|`."""
-
-    absolute: float
-    relative: float
-    min_overlap: float  # share of the reference's kept tokens / core neurons the build must also select
-    near_ties: bool  # greedy tokens may part only where the reference's top two logits are within tolerance
-    # A kept token the reference did not keep still counts as shared when its reference score is within
-    # this share of the score range below the reference's k-th score (a near-tie at the cut); 0: none.
-    score_band: float = 0.0
-    # The logit tolerance is multiplied by this where the build's kept tokens or core neurons differ
-    # from the reference's (within min_overlap): the two sides then run slightly different sparse models.
-    selection_slack: float = 1.0
-
-
+# What each precision's builds must meet (recorded in the manifest: `buildformat.Criteria`).
 # float32: exact selections and tokens. float16 (docs/architecture.md): an 11-bit mantissa
 # gives ~5e-4 relative error per operation, growing with depth, so logits are compared relative to
 # their scale, selections must overlap by 90% (a count at the threshold can flip), and greedy
@@ -92,55 +84,9 @@ CRITERIA = {
 class ValidationError(RuntimeError):
     """A build failed its validation; the report says how."""
 
-    def __init__(self, message: str, report: ValidationReport) -> None:
+    def __init__(self, message: str, report: ValidationRecord) -> None:
         super().__init__(message)
         self.report = report
-
-
-@dataclass
-class CaseReport:
-    name: str
-    question: str
-    prompt_tokens: int
-    steps: int
-    max_logit_diff: float
-    tolerance: float
-    max_vision_diff: float
-    equal_tokens: int  # leading greedy tokens that agree
-    kept_equal: bool | None  # None for dense builds
-    core_equal: bool | None
-    kept_overlap: float | None
-    core_overlap: float | None
-    kept_image_tokens: int | None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
-
-
-@dataclass
-class ValidationReport:
-    reference: str  # "transformers" or "coreMatching"
-    precision: str
-    criteria: Criteria
-    optimization_level: str
-    cases: list[CaseReport]
-    quantization: dict[str, Any] | None = None  # a quantized build's checks (export/validate_quant.py)
-
-    @property
-    def passed(self) -> bool:
-        return all(case.passed for case in self.cases)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "reference": self.reference,
-            "precision": self.precision,
-            "criteria": asdict(self.criteria),
-            "optimization_level": self.optimization_level,
-            "cases": [asdict(case) | {"passed": case.passed} for case in self.cases],
-        } | ({"quantization": self.quantization} if self.quantization is not None else {})
 
 
 def corematching_from_manifest(manifest: Manifest) -> CoreMatchingConfig | None:
@@ -198,6 +144,34 @@ def _reference(model: Any, config: CoreMatchingConfig | None, ids: torch.Tensor,
     return result.tokens, result.step_logits.numpy(), features, result.kept_image_tokens, result.core_neurons, scores
 
 
+def runtime_pipeline(
+    build_dir: str | Path,
+    manifest: Manifest,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    accuracy_level: int = 1,
+) -> Pipeline:
+    """The build as the runtime runs it: `Pipeline` on `OrtBackend`, CPU provider, at an ONNX Runtime graph
+    optimization level (and MatMulNBits' accuracy level, for quantized builds)."""
+    backend = OrtBackend(build_dir, manifest, provider="cpu", optimization_level=level, accuracy_level=accuracy_level)
+    return Pipeline(Path(build_dir), manifest, backend)
+
+
+def processor_prompt(manifest: Manifest, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int) -> Prompt:
+    """A runtime `Prompt` of the transformers processor's tensors (input_ids [1, S], pixel_values
+    [1, 3, H, W] float32), answered with `steps` tokens. The processor expands the image token into
+    its run of tokens, so the image starts at the first of them."""
+    image_start = int(np.flatnonzero(input_ids[0] == manifest.model.image_token_id)[0])
+    return Prompt(pixel_values=pixel_values, input_ids=input_ids, image_start=image_start, max_new_tokens=steps)
+
+
+def greedy_trace(pipeline: Pipeline, prompt: Prompt) -> GenerationTrace:
+    """The prompt's `max_new_tokens` greedy tokens (first maximum, as torch.argmax) through the pipeline's
+    generation loop, with no stop at the end of sequence (validation compares a fixed number of tokens)."""
+    trace = GenerationTrace()
+    pipeline.run(prompt, Sampling(), stop_at_eos=False, trace=trace)
+    return trace
+
+
 def validate_build(
     build_dir: str | Path,
     manifest: Manifest,
@@ -208,28 +182,29 @@ def validate_build(
     accuracy_level: int = 1,
     criteria: Criteria | None = None,
     references: dict[str, tuple] | None = None,
-) -> ValidationReport:
-    """Runs every case through the build (ONNX Runtime, CPU) and through the reference; compares.
-    accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the precision's; references:
-    the reference's results per case name when the caller already has them (`_reference`)."""
+) -> ValidationRecord:
+    """Runs every case through the build (the runtime's pipeline, ONNX Runtime, CPU) and through the
+    reference; compares. accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the
+    precision's; references: the reference's results per case name when the caller already has them
+    (`_reference`)."""
     config = corematching_from_manifest(manifest)
     precision = manifest.precision
     criteria = criteria or CRITERIA[precision]
-    runner = OrtBuild(build_dir, manifest, level=level, accuracy_level=accuracy_level)
+    pipeline = runtime_pipeline(build_dir, manifest, level, accuracy_level)
     cases = []
     for name, image, question in validation_cases(manifest.model.image_size):
         inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
         ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
         reference = references[name] if references is not None else _reference(model, config, ids, pixels, steps)
-        got = runner.greedy(ids.numpy(), pixels.float().numpy(), steps)
+        got = greedy_trace(pipeline, processor_prompt(manifest, ids.numpy(), pixels.float().numpy(), steps))
         cases.append(_compare(name, question, int(ids.shape[1]), steps, criteria, got, reference))
         log.info("validation %s: %s", name, "passed" if cases[-1].passed else "; ".join(cases[-1].problems))
-    return ValidationReport(
+    return ValidationRecord(
         reference="transformers" if config is None else "coreMatching",
         precision=precision,
         criteria=criteria,
         optimization_level=str(level).rsplit(".", 1)[-1],
-        cases=cases,
+        cases=tuple(cases),
     )
 
 
@@ -248,8 +223,11 @@ def selection_overlap(got: list[int], ref: list[int], scores: np.ndarray | None 
     return min(len(shared), len(ref)) / max(len(ref), 1)
 
 
-def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criteria, got: Any, ref: tuple) -> CaseReport:
+def _compare(
+    name: str, question: str, prompt: int, steps: int, criteria: Criteria, got: GenerationTrace, ref: tuple
+) -> ValidationCase:
     ref_tokens, ref_logits, ref_features, ref_kept, ref_core, ref_scores = ref
+    got_logits = got.step_logits  # [steps, V]
     kept_equal = None if ref_kept is None else got.kept_image_tokens == ref_kept
     core_equal = None if ref_core is None else got.core_neurons == ref_core
     tolerance = criteria.absolute + criteria.relative * float(np.abs(ref_logits).max())
@@ -258,15 +236,28 @@ def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criter
     equal = next((i for i, (a, b) in enumerate(zip(got.tokens, ref_tokens, strict=True)) if a != b), steps)
     # Logits are comparable only while both sides have been fed the same tokens.
     compared = min(equal + 1, steps)
-    logit_diff = float(np.abs(got.logits[:compared] - ref_logits[:compared]).max())
+    logit_diff = float(np.abs(got_logits[:compared] - ref_logits[:compared]).max())
     kept_overlap = core_overlap = None
     if ref_kept is not None:
-        kept_overlap = selection_overlap(got.kept_image_tokens, ref_kept, ref_scores, criteria.score_band)
+        kept_overlap = selection_overlap(got.kept_image_tokens or [], ref_kept, ref_scores, criteria.score_band)
         core_overlap = min(
             (selection_overlap(got.core_neurons.get(layer, []), neurons) for layer, neurons in ref_core.items()),
             default=1.0,
         )
-    case = CaseReport(
+    problems = []
+    if logit_diff > tolerance:
+        problems.append(f"logits differ by {logit_diff:.3g} (tolerance {tolerance:.3g})")
+    if equal < steps:
+        margin = float(ref_logits[equal, ref_tokens[equal]] - ref_logits[equal, got.tokens[equal]])
+        if not (criteria.near_ties and margin <= tolerance):
+            problems.append(f"greedy tokens differ from step {equal} of {steps}")
+    if kept_overlap is not None and kept_overlap < criteria.min_overlap:
+        problems.append(f"kept image tokens differ from the reference's ({kept_overlap:.0%} shared)")
+    if core_overlap is not None and core_overlap < criteria.min_overlap:
+        problems.append(f"core neurons differ from the reference's ({core_overlap:.0%} shared in the worst layer)")
+    assert got.image_features is not None  # the loop records them before any token
+    kept = got.kept_image_tokens
+    return ValidationCase(
         name=name,
         question=question,
         prompt_tokens=prompt,
@@ -279,16 +270,6 @@ def _compare(name: str, question: str, prompt: int, steps: int, criteria: Criter
         core_equal=core_equal,
         kept_overlap=kept_overlap,
         core_overlap=core_overlap,
-        kept_image_tokens=None if got.kept_image_tokens is None else len(got.kept_image_tokens),
+        kept_image_tokens=None if kept is None else len(kept),
+        problems=tuple(problems),
     )
-    if logit_diff > tolerance:
-        case.problems.append(f"logits differ by {logit_diff:.3g} (tolerance {tolerance:.3g})")
-    if equal < steps:
-        margin = float(ref_logits[equal, ref_tokens[equal]] - ref_logits[equal, got.tokens[equal]])
-        if not (criteria.near_ties and margin <= tolerance):
-            case.problems.append(f"greedy tokens differ from step {equal} of {steps}")
-    if kept_overlap is not None and kept_overlap < criteria.min_overlap:
-        case.problems.append(f"kept image tokens differ from the reference's ({kept_overlap:.0%} shared)")
-    if core_overlap is not None and core_overlap < criteria.min_overlap:
-        case.problems.append(f"core neurons differ from the reference's ({core_overlap:.0%} shared in the worst layer)")
-    return case

@@ -19,6 +19,7 @@ The reference model is fake-quantized in place.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from buildformat import Manifest
+from buildformat import ArithmeticCheck, DistanceToFloat, Manifest, QuantizationChecks, ValidationRecord
+from buildformat.names import ffn_layer, is_ffn
 from coreMatching.quant import down_projections, fake_quantize_
 from coreMatching.quant_scheme import WeightQuant
 from export.validate import (
     CRITERIA,
-    ValidationReport,
     _reference,
     corematching_from_manifest,
     validate_build,
@@ -48,7 +49,7 @@ FAST = 4  # ONNX Runtime's default: int8 activations in the fused kernels (measu
 
 def validate_quantized_build(
     build_dir: str | Path, manifest: Manifest, model: Any, processor: Any, quant: WeightQuant, steps: int = 32
-) -> ValidationReport:
+) -> ValidationRecord:
     config = corematching_from_manifest(manifest)
     cases = []
     for name, image, question in validation_cases(manifest.model.image_size):
@@ -80,44 +81,42 @@ def validate_quantized_build(
         criteria=CRITERIA["float16"],
         references=references,
     )
-    report.quantization = {
-        "weights": quant.name,
-        "block_size": quant.block_size if quant.bits == 4 else None,
-        "validated_at": f"accuracy level {SAME_ARITHMETIC} (fp32 arithmetic), {report.precision} criteria",
-        "distance_to_float": distance,
-        f"accuracy_level_{FAST}": [
-            {"case": c.name, "max_logit_diff": c.max_logit_diff, "equal_tokens": c.equal_tokens, "steps": c.steps}
-            for c in fast.cases
-        ],
-    }
-    return report
+    checks = QuantizationChecks(
+        weights=quant.name,
+        block_size=quant.block_size if quant.bits == 4 else None,
+        validated_at=f"accuracy level {SAME_ARITHMETIC} (fp32 arithmetic), {report.precision} criteria",
+        distance_to_float=tuple(distance),
+        fast_accuracy_level=FAST,
+        fast=tuple(ArithmeticCheck(c.name, c.max_logit_diff, c.equal_tokens, c.steps) for c in fast.cases),
+    )
+    return dataclasses.replace(report, quantization=checks)
 
 
 def rows_gathered_rule(manifest: Manifest) -> Callable[[str], bool]:
     """The down projections whose rows the build gathers per request: those of the layers whose compacted
     FFN the decode graph takes (`ffn.{layer}.down_t.*`), read from the build itself."""
-    layers = {int(spec.name.split(".")[1]) for spec in manifest.graph("decode").inputs if spec.name.startswith("ffn.")}
+    layers = {ffn_layer(spec.name) for spec in manifest.graph("decode").inputs if is_ffn(spec.name)}
     return down_projections(frozenset(layers))
 
 
-def _distance(name: str, before: tuple, after: tuple, steps: int) -> dict[str, Any]:
+def _distance(name: str, before: tuple, after: tuple, steps: int) -> DistanceToFloat:
     tokens_a, logits_a = before[0], before[1]
     tokens_b, logits_b = after[0], after[1]
     equal = next((i for i, (a, b) in enumerate(zip(tokens_a, tokens_b, strict=True)) if a != b), steps)
     compared = min(equal + 1, steps)
     diff = float(np.abs(logits_a[:compared] - logits_b[:compared]).max())
     scale = float(np.abs(logits_a).max())
-    return {
-        "case": name,
-        "equal_tokens": equal,
-        "steps": steps,
-        "max_logit_diff": diff,
-        "relative_logit_diff": diff / max(scale, 1e-12),
-        "first_token_equal": tokens_a[0] == tokens_b[0],
-    }
+    return DistanceToFloat(
+        case=name,
+        equal_tokens=equal,
+        steps=steps,
+        max_logit_diff=diff,
+        relative_logit_diff=diff / max(scale, 1e-12),
+        first_token_equal=bool(tokens_a[0] == tokens_b[0]),
+    )
 
 
-def revalidate(build_dir: str | Path, manifest: Manifest, model: Any, processor: Any) -> ValidationReport:
+def revalidate(build_dir: str | Path, manifest: Manifest, model: Any, processor: Any) -> ValidationRecord:
     """`python -m export validate`: the check the build made, on a freshly loaded `model` (narrowed to the
     build's static neuron set, fake-quantized like its weights)."""
     from export.static import narrow_for

@@ -2,7 +2,8 @@
 
 - `load_llava(path)` -> `(model, processor)` for a local llava-hf directory (safetensors only, offline).
 - `default_model_dir()` -> the embedded default checkpoint (models/default).
-- `from_name(name)` / `PRESETS` -> `ModelPreset` geometries; `build_random_model(preset)` instantiates one.
+- `from_name(name)` / `PRESETS` -> `ModelPreset` geometries (rows of `models.presets.PRESET_TABLE`);
+  `build_random_model(preset)` instantiates one.
 
 Importing this package does not import transformers; the functions that build or load models do.
 """

@@ -5,7 +5,7 @@ so it must look exactly like a downloaded llava-hf checkpoint: config.json,
 safetensors weights, a tokenizer (tokenizer.json), preprocessor_config.json and
 a processor with the LLaVA-1.5 chat template. The tokenizer is real (byte-level
 BPE trained here on a built-in English corpus, deterministically); the shipped
-weights are trained on the procedural shapes dataset (`vqa/train.py`,
+weights are trained on the procedural shapes dataset (`training/train.py`,
 `scripts/train_default_model.py`); `write_checkpoint` writes random weights of
 any preset with the same tokenizer, for tests and benchmarks.
 """

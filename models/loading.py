@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from buildformat.geometry import image_token_count, patch_count
 from coreMatching.backbones import UnsupportedBackboneError, backbone_for, supported_model_types
 
 if TYPE_CHECKING:
@@ -38,11 +39,9 @@ class ModelLoadError(ValueError):
 
 
 def num_image_tokens(config: Any) -> int:
-    """Tokens one image contributes to the prompt for a `LlavaConfig`: its patches, plus the CLS token
-    when the select strategy is "full" (the "default" strategy drops it)."""
+    """Tokens one image contributes to the prompt for a `LlavaConfig` (`buildformat.geometry.image_token_count`)."""
     vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return image_token_count(vision.image_size, vision.patch_size, config.vision_feature_select_strategy)
 
 
 def default_model_dir() -> Path:
@@ -210,7 +209,8 @@ def _check_processor(processor: Any, model: LlavaForConditionalGeneration, path:
             f"takes {vision.image_size}x{vision.image_size}; fix crop_size in preprocessor_config.json"
         )
     expected = num_image_tokens(config)
-    made = (vision.image_size // processor.patch_size) ** 2 + processor.num_additional_image_tokens
+    # What transformers' LlavaProcessor expands <image> to, from the processor's own fields (not the model's).
+    made = patch_count(vision.image_size, processor.patch_size) + processor.num_additional_image_tokens
     made -= 1 if processor.vision_feature_select_strategy == "default" else 0
     if made != expected:
         raise ModelLoadError(

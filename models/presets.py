@@ -2,10 +2,11 @@
 
 A preset is the smallest description of a LLaVA-1.5-style model that fixes every
 shape the exporter and the CoreMatching reference care about (image tokens,
-decoder widths, attention heads, vocabulary). `hf_config()` turns it into a
-`transformers.LlavaConfig`; `build_random_model()` instantiates random weights
-from it, which is how the tests and the embedded default model get a model
-without downloading anything.
+decoder widths, attention heads, vocabulary). The named ones are rows of
+`PRESET_TABLE`: a name and the fields it sets, the rest derived (`_preset`).
+`hf_config()` turns a preset into a `transformers.LlavaConfig`;
+`build_random_model()` instantiates random weights from it, which is how the
+tests and the embedded default model get a model without downloading anything.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from buildformat.geometry import SELECT_STRATEGIES, SelectStrategy, image_token_count, patch_count
 from coreMatching.backbones import UnsupportedBackboneError, backbone_for
 
 if TYPE_CHECKING:  # transformers and torch are heavy: import them only where a model is built
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
-
-Strategy = Literal["default", "full"]
 
 
 class PresetError(ValueError):
@@ -33,9 +33,12 @@ class UnknownPresetError(PresetError):
     """`from_name` was given a name that is not in `PRESETS`."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelPreset:
-    """The geometry of one LLaVA model (CLIP vision tower + projector + Llama-family decoder)."""
+    """The geometry of one LLaVA model (CLIP vision tower + projector + Llama-family decoder).
+
+    A field with a default takes LLaVA-1.5's value unless a preset says otherwise (`PRESET_TABLE`).
+    """
 
     name: str
     # Vision tower (CLIP ViT).
@@ -46,11 +49,11 @@ class ModelPreset:
     vision_num_layers: int
     vision_num_heads: int
     # Which hidden state of the vision tower feeds the projector (-2: the penultimate layer, LLaVA-1.5).
-    vision_feature_layer: int
+    vision_feature_layer: int = -2
     # "default" drops the CLS token, "full" keeps it (one more image token).
-    vision_feature_select_strategy: Strategy
+    vision_feature_select_strategy: SelectStrategy = "default"
     # Text decoder.
-    text_model_type: str
+    text_model_type: str = "llama"
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -61,7 +64,7 @@ class ModelPreset:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
-    head_dim: int | None = None
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (`text_head_dim`)
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -105,7 +108,7 @@ class ModelPreset:
                 f"preset {self.name!r}: vision_feature_layer {self.vision_feature_layer} is out of range "
                 f"for {self.vision_num_layers} vision layers (valid: {-n_states}..{n_states - 1})"
             )
-        if self.vision_feature_select_strategy not in ("default", "full"):
+        if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise PresetError(
                 f"preset {self.name!r}: vision_feature_select_strategy must be 'default' or 'full', "
                 f"got {self.vision_feature_select_strategy!r}"
@@ -146,12 +149,12 @@ class ModelPreset:
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return patch_count(self.image_size, self.patch_size)
 
     @property
     def num_image_tokens(self) -> int:
         """Tokens one image contributes to the prompt (the CLS token counts only with strategy "full")."""
-        return self.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        return image_token_count(self.image_size, self.patch_size, self.vision_feature_select_strategy)
 
     @property
     def text_head_dim(self) -> int:
@@ -212,200 +215,79 @@ class ModelPreset:
         )
 
 
-def _clip_l14_336(**kw: object) -> dict[str, object]:
-    """CLIP ViT-L/14 at 336 px, as used by LLaVA-1.5 (576 image tokens)."""
-    return dict(
-        image_size=336,
-        patch_size=14,
-        vision_hidden_size=1024,
-        vision_intermediate_size=4096,
-        vision_num_layers=24,
-        vision_num_heads=16,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        **kw,
-    )
+def llama_ffn_width(hidden_size: int) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4 d rounded up to a multiple of 256 (Vicuna-7B: 11008, 13B: 13824)."""
+    return -(-(8 * hidden_size // 3) // 256) * 256
 
 
-def _tiny_vision(**kw: object) -> dict[str, object]:
-    """A 56 px, patch-14 tower: 16 patches, runs in milliseconds on a CPU."""
-    base: dict[str, object] = dict(
-        image_size=56,
-        patch_size=14,
-        vision_hidden_size=32,
-        vision_intermediate_size=64,
-        vision_num_layers=2,
-        vision_num_heads=2,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    base.update(kw)
-    return base
+def _preset(name: str, row: dict[str, Any]) -> ModelPreset:
+    """A table row with what follows from it filled in; a row states a derived field only to differ from it."""
+    derived = {
+        "num_key_value_heads": row["num_attention_heads"],  # multi-head attention unless the row says GQA
+        "intermediate_size": llama_ffn_width(row["hidden_size"]),
+        "vision_intermediate_size": 4 * row["vision_hidden_size"],  # CLIP's MLP ratio
+    }
+    return ModelPreset(name=name, **{**derived, **row})
 
 
-_TINY_TEXT: dict[str, object] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    vocab_size=256,
-    image_token_id=255,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-    max_position_embeddings=512,
-)
+# fmt: off
+# What rows share. LLaVA-1.5 reads 336 px images in 14 px patches: 576 image tokens.
+_LLAVA_336: dict[str, Any] = dict(image_size=336, patch_size=14)
+_CLIP_L14_336: dict[str, Any] = dict(**_LLAVA_336, vision_hidden_size=1024, vision_num_layers=24, vision_num_heads=16)
+_VICUNA_IDS: dict[str, Any] = dict(vocab_size=32064, image_token_id=32000, pad_token_id=32001)
+_PROJECT_IDS: dict[str, Any] = dict(image_token_id=1023, pad_token_id=3)  # the project tokenizer's (default_model)
+# 56 px in 14 px patches (16 image tokens) and a 64-wide decoder: runs in milliseconds on a CPU.
+_TINY: dict[str, Any] = dict(
+    image_size=56, patch_size=14, vision_hidden_size=32, vision_intermediate_size=64, vision_num_layers=2,
+    vision_num_heads=2, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    vocab_size=256, image_token_id=255, max_position_embeddings=512)
 
-_VICUNA_IDS: dict[str, object] = dict(
-    vocab_size=32064,
-    image_token_id=32000,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=32001,
-)
+# One row per preset: its name and the fields it sets (`_preset` derives the rest).
+PRESET_TABLE: dict[str, dict[str, Any]] = {
+    "llava-1.5-7b": dict(
+        **_CLIP_L14_336, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, **_VICUNA_IDS,
+        description="llava-hf/llava-1.5-7b-hf geometry (Vicuna-7B); for FLOPs/memory planning"),
+    # 7B's widths, vocabulary size and tower with 4 decoder layers (1.4B parameters): the 7B-width graphs (external
+    # data, chunked core-neuron TopK, int4 blocks) built and run on a CPU (scripts/bench_7b_width.py).
+    "llava-7b-width": dict(
+        **_CLIP_L14_336, hidden_size=4096, num_hidden_layers=4, num_attention_heads=32,
+        vocab_size=32064, **_PROJECT_IDS,
+        description="llava-1.5-7b widths, vocabulary and CLIP-L/336 tower, 4 decoder layers: 7B-width builds on a CPU"),
+    "llava-1.5-13b": dict(
+        **_CLIP_L14_336, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, **_VICUNA_IDS,
+        description="llava-hf/llava-1.5-13b-hf geometry (Vicuna-13B); for FLOPs/memory planning"),
+    # The benchmark's model: 7B's token geometry (576 image tokens, 32 layers, multi-head attention, FFN 2.6875 d)
+    # at d = 768, so fp32 fits a small machine and its dense/CoreMatching FLOPs ratios are within 3% (prefill)
+    # and 8% (decode) of 7B's (scripts/flops.py --model llava-7b-shape).
+    "llava-7b-shape": dict(
+        **_LLAVA_336, vision_hidden_size=256, vision_num_layers=4, vision_num_heads=4,
+        hidden_size=768, intermediate_size=2064, num_hidden_layers=32, num_attention_heads=12,
+        vocab_size=1024, **_PROJECT_IDS,
+        description="llava-1.5-7b geometry scaled to d=768 (231M parameters): benchmarks on a CPU"),
+    "tiny-llama": dict(**_TINY, description="tiny random Llama decoder, multi-head attention (tests)"),
+    "tiny-llama-gqa": dict(
+        **_TINY, num_key_value_heads=2,
+        description="tiny random Llama decoder, grouped-query attention (tests)"),
+    # A 12-token window is shorter than a 16-image-token + ~10-text-token prompt: tests see it cut attention.
+    "tiny-mistral": dict(
+        **_TINY, text_model_type="mistral", num_key_value_heads=2, sliding_window=12,
+        description="tiny random Mistral decoder, GQA and a 12-token sliding window (tests)"),
+    "tiny-llama-full": dict(
+        **_TINY, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        description="tiny random Llama decoder, CLS kept (17 image tokens), last vision layer (tests)"),
+    # LLaVA-1.5's 576 image tokens at small widths, trained on the shapes dataset (vqadata/). The tower is trained
+    # from scratch, so its last layer feeds the projector (-1: LLaVA's -2 skips a CLIP layer tuned for a contrastive
+    # loss it never had); 8 decoder layers, so the layers after the prune layer (2) do most of the work, as in a
+    # 32-layer LLaVA. The vocabulary is the embedded tokenizer's: 1023 trained tokens + <image>.
+    "default-small": dict(
+        **_LLAVA_336, vision_hidden_size=128, vision_num_layers=3, vision_num_heads=4, vision_feature_layer=-1,
+        hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, **_PROJECT_IDS,
+        description="the embedded default model (models/default): LLaVA-1.5 token geometry, trained on shapes"),
+}
+# fmt: on
 
-_PRESET_LIST: tuple[ModelPreset, ...] = (
-    ModelPreset(
-        name="llava-1.5-7b",
-        **_clip_l14_336(),
-        text_model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        **_VICUNA_IDS,
-        description="llava-hf/llava-1.5-7b-hf geometry (Vicuna-7B); for FLOPs/memory planning",
-    ),
-    ModelPreset(
-        # llava-1.5-7b's widths, vocabulary size, vision tower and image geometry with 4 decoder layers
-        # (1.4B parameters): the 7B-width graphs (external data, chunked core-neuron TopK, int4 blocks)
-        # built and run on a CPU (scripts/bench_7b_width.py). The ids are the project tokenizer's.
-        name="llava-7b-width",
-        **_clip_l14_336(),
-        text_model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        image_token_id=1023,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        description="llava-1.5-7b widths, vocabulary and CLIP-L/336 tower, 4 decoder layers: 7B-width builds on a CPU",
-    ),
-    ModelPreset(
-        name="llava-1.5-13b",
-        **_clip_l14_336(),
-        text_model_type="llama",
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=40,
-        num_attention_heads=40,
-        num_key_value_heads=40,
-        **_VICUNA_IDS,
-        description="llava-hf/llava-1.5-13b-hf geometry (Vicuna-13B); for FLOPs/memory planning",
-    ),
-    ModelPreset(
-        # The benchmark's model (issue 6): llava-1.5-7b's token geometry (576 image tokens, 32 decoder
-        # layers, multi-head attention, FFN width 2.6875 x d) at d = 768, so fp32 fits a small machine
-        # and its dense/CoreMatching FLOPs ratios are within 3% (prefill) and 8% (decode) of 7B's
-        # (scripts/flops.py --model llava-7b-shape). The vocabulary is the project tokenizer's.
-        name="llava-7b-shape",
-        image_size=336,
-        patch_size=14,
-        vision_hidden_size=256,
-        vision_intermediate_size=1024,
-        vision_num_layers=4,
-        vision_num_heads=4,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        text_model_type="llama",
-        hidden_size=768,
-        intermediate_size=2064,
-        num_hidden_layers=32,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=1024,
-        image_token_id=1023,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        description="llava-1.5-7b geometry scaled to d=768 (231M parameters): benchmarks on a CPU",
-    ),
-    ModelPreset(
-        name="tiny-llama",
-        **_tiny_vision(),
-        text_model_type="llama",
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        **_TINY_TEXT,
-        description="tiny random Llama decoder, multi-head attention (tests)",
-    ),
-    ModelPreset(
-        name="tiny-llama-gqa",
-        **_tiny_vision(),
-        text_model_type="llama",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **_TINY_TEXT,
-        description="tiny random Llama decoder, grouped-query attention (tests)",
-    ),
-    ModelPreset(
-        # A 12-token window is shorter than a 16-image-token + ~10-text-token prompt,
-        # so tests see the window actually cut attention.
-        name="tiny-mistral",
-        **_tiny_vision(),
-        text_model_type="mistral",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=12,
-        **_TINY_TEXT,
-        description="tiny random Mistral decoder, GQA and a 12-token sliding window (tests)",
-    ),
-    ModelPreset(
-        name="tiny-llama-full",
-        **_tiny_vision(vision_feature_layer=-1, vision_feature_select_strategy="full"),
-        text_model_type="llama",
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        **_TINY_TEXT,
-        description="tiny random Llama decoder, CLS kept (17 image tokens), last vision layer (tests)",
-    ),
-    ModelPreset(
-        # The real LLaVA-1.5 token geometry (576 image tokens) with small widths, trained on the shapes
-        # dataset (vqa/). The vision tower is trained from scratch with the projector, so its last layer
-        # feeds the projector (-1): LLaVA-1.5's -2 skips a CLIP layer specialised for the contrastive
-        # loss, which this tower never had. Eight decoder layers, so that the layers after the prune
-        # layer (2) do most of the work, as in a 32-layer LLaVA. The vocabulary is the embedded
-        # tokenizer's (models/default_model.py): 1023 trained tokens + <image>.
-        name="default-small",
-        image_size=336,
-        patch_size=14,
-        vision_hidden_size=128,
-        vision_intermediate_size=512,
-        vision_num_layers=3,
-        vision_num_heads=4,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        text_model_type="llama",
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        image_token_id=1023,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        max_position_embeddings=4096,
-        description="the embedded default model (models/default): LLaVA-1.5 token geometry, trained on shapes",
-    ),
-)
-
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in _PRESET_LIST}
+PRESETS: dict[str, ModelPreset] = {name: _preset(name, row) for name, row in PRESET_TABLE.items()}
 
 
 def from_name(name: str) -> ModelPreset:

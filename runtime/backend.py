@@ -1,11 +1,12 @@
 """What a runtime backend does: run a build's four graphs for one request at a time (docs/architecture.md).
 
-The pipeline drives a backend through one request:
+The pipeline (`Pipeline.generate`, the one generation loop) drives a backend through one request:
 
     features = backend.vision(pixel_values)               # [1, n_img, d]
     embeds   = backend.embed(input_ids)                   # [1, S, d]; the pipeline splices the features in
-    logits, kept = backend.prefill(embeds, image_start, capacity)
-    logits   = backend.decode(token_id)                   # once per generated token
+    result   = backend.prefill(embeds, image_start, capacity)  # PrefillResult: logits [V], kept tokens, core neurons
+    logits   = backend.decode(token_id)                   # [V], once per generated token after the first
+    backend.end_request()                                 # the answer ended, failed or was abandoned
 
 `prefill` fills the backend's KV-cache buffers (one per layer, sized once for `capacity`
 tokens: prompt + the longest answer) and keeps the compacted FFN weights of the request
@@ -32,7 +33,7 @@ class BackendError(RuntimeError):
     """A backend cannot run here (missing package, provider or GPU); the message says which."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrefillResult:
     logits: np.ndarray  # [V] float32, the last prompt token's
     kept_image_tokens: list[int] | None  # indices into the image's tokens; None for dense builds

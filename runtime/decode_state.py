@@ -6,7 +6,8 @@ tokens after the prune layer) and the request-long decode inputs (the compacted 
 whole answer, takes `position_ids` (the full layers' length) and `past_kept_length` (the pruned
 layers'), and gives `new.{i}.*` [1, n_kv, 1, hd], the new token's entries only, which the
 backend writes at each buffer's current length. The backends own the storage (host arrays or
-device buffers); this class owns the names, lengths, capacities and positions.
+device buffers); this class owns the lengths, capacities and positions, by the names that
+`buildformat.names` declares.
 """
 
 from __future__ import annotations
@@ -16,34 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from buildformat.names import PAST_KEPT_LENGTH, POSITION_IDS, STEP_INPUTS, new_name, past_name
 from runtime.backend import BackendError
-
-PRESENT, PAST, NEW = "present.", "past.", "new."
-STEP_INPUTS = ("position_ids", "past_kept_length")
-
-
-def past_name(present: str) -> str:
-    """present.3.key -> past.3.key: the decode input a prefill cache output fills."""
-    return PAST + present[len(PRESENT) :]
-
-
-def present_name(past: str) -> str:
-    """past.3.key -> present.3.key: the prefill output that fills a decode input."""
-    return PRESENT + past[len(PAST) :]
-
-
-def new_name(past: str) -> str:
-    """past.3.key -> new.3.key: the decode output that holds the step's entries for that buffer."""
-    return NEW + past[len(PAST) :]
-
-
-def is_cache(output: str) -> bool:
-    return output.startswith(PRESENT)
-
-
-def is_request_input(output: str) -> bool:
-    """A prefill output the decode graph reads unchanged for the whole answer."""
-    return output.startswith("ffn.") or output == "kept_bias"
 
 
 @dataclass
@@ -74,7 +49,7 @@ class DecodeState:
 
     def step_inputs(self, wanted: Iterator[str] | set[str] | list[str]) -> dict[str, np.ndarray]:
         """The step's position inputs, for those of STEP_INPUTS the decode graph takes."""
-        values = {"position_ids": self.position, "past_kept_length": self.kept_length}
+        values = {POSITION_IDS: self.position, PAST_KEPT_LENGTH: self.kept_length}
         return {name: np.array([values[name]], dtype=np.int64) for name in STEP_INPUTS if name in wanted}
 
     def check_room(self) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime import USER_ERRORS, ImageError, Pipeline, PromptError, Sampling
-from runtime.core_tokens import core_token_picture
+from runtime.overlay import core_token_picture
 from runtime.preprocess import load_image
 
 
@@ -70,12 +70,12 @@ def ask(pipeline: Pipeline, args: argparse.Namespace, image_path: Path, question
     t = answer.timings
     kept = answer.num_image_tokens if answer.kept_image_tokens is None else len(answer.kept_image_tokens)
     rate = ""
-    if t["decode"]:
-        rate = f", decode {1 / statistics.median(t['decode']):.1f} tokens/s ({len(answer.token_ids)} tokens)"
+    if t.decode:
+        rate = f", decode {1 / statistics.median(t.decode):.1f} tokens/s ({len(answer.token_ids)} tokens)"
     print()
     print(
-        f"kept {kept} of {answer.num_image_tokens} image tokens; vision {t['vision'] * 1e3:.1f} ms, "
-        f"prefill {t['prefill'] * 1e3:.1f} ms{rate} [{answer.backend}]"
+        f"kept {kept} of {answer.num_image_tokens} image tokens; vision {t.vision * 1e3:.1f} ms, "
+        f"prefill {t.prefill * 1e3:.1f} ms{rate} [{answer.backend}]"
     )
     if args.core_tokens:
         print(f"core tokens: {args.core_tokens}")

@@ -25,8 +25,22 @@ from typing import Any
 import numpy as np
 
 from buildformat import GRAPHS, Manifest
+from buildformat.names import (
+    IMAGE_FEATURES,
+    IMAGE_START,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    KEPT_IMAGE_TOKENS,
+    LOGITS,
+    PIXEL_VALUES,
+    core_neurons_layer,
+    is_present,
+    is_request_input,
+    new_name,
+    past_name,
+)
 from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
-from runtime.decode_state import DecodeState, is_cache, is_request_input, new_name, past_name
+from runtime.decode_state import DecodeState
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +248,10 @@ class OrtBackend(Backend):
         return dict(zip(names, session.run(names, feeds), strict=True))
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run("vision", {"pixel_values": pixel_values.astype(self.dtype)})["image_features"]
+        return self._run("vision", {PIXEL_VALUES: pixel_values.astype(self.dtype)})[IMAGE_FEATURES]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        return self._run("embed", {"input_ids": input_ids.astype(np.int64)})["inputs_embeds"]
+        return self._run("embed", {INPUT_IDS: input_ids.astype(np.int64)})[INPUTS_EMBEDS]
 
     # -- one request --------------------------------------------------------------------
 
@@ -245,31 +259,32 @@ class OrtBackend(Backend):
         # The last request's cache and compacted weights go first: never two requests' worth at once.
         self._binding = None
         self._release()
-        feeds = {"inputs_embeds": inputs_embeds}
-        if "image_start" in self._prefill_inputs:
-            feeds["image_start"] = np.array([image_start], dtype=np.int64)
+        feeds = {INPUTS_EMBEDS: inputs_embeds}
+        if IMAGE_START in self._prefill_inputs:
+            feeds[IMAGE_START] = np.array([image_start], dtype=np.int64)
         out = self._run("prefill", feeds)
         prompt = inputs_embeds.shape[1]
         state = DecodeState.start(
-            {n: v.shape[2] for n, v in out.items() if is_cache(n)}, prompt, capacity - prompt, image_start
+            {n: v.shape[2] for n, v in out.items() if is_present(n)}, prompt, capacity - prompt, image_start
         )
         binding = self.sessions["decode"].io_binding()
         for name, value in out.items():
-            if is_cache(name):
+            if is_present(name):
                 past = past_name(name)
                 self._bind_cache(binding, past, value, state.capacity[past])
             elif is_request_input(name):
                 self._bind_input(binding, name, np.ascontiguousarray(value))  # once per request
-        if "image_start" in self._decode_inputs:  # a merge's key bias sits at the image slots
-            self._bind_input(binding, "image_start", np.array([image_start], dtype=np.int64))
+        if IMAGE_START in self._decode_inputs:  # a merge's key bias sits at the image slots
+            self._bind_input(binding, IMAGE_START, np.array([image_start], dtype=np.int64))
         self._logits = np.empty((1, self.manifest.model.vocab_size), self.dtype)
-        binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(self._logits))
+        binding.bind_ortvalue_output(LOGITS, self._ort.OrtValue.ortvalue_from_numpy(self._logits))
         self._binding = binding
         self._state = state
-        kept = out.get("kept_image_tokens")
-        core = {int(n.split(".")[1]): v.tolist() for n, v in out.items() if n.startswith("core_neurons.")}
+        kept = out.get(KEPT_IMAGE_TOKENS)
+        layers = {name: core_neurons_layer(name) for name in out}
+        core = {layer: out[name].tolist() for name, layer in layers.items() if layer is not None}
         return PrefillResult(
-            logits=out["logits"][0].astype(np.float32),
+            logits=out[LOGITS][0].astype(np.float32),
             kept_image_tokens=None if kept is None else kept.tolist(),
             core_neurons=core,
         )
@@ -325,7 +340,7 @@ class OrtBackend(Backend):
             raise BackendError("decode before prefill: run a prompt first")
         binding, state = self._binding, self._state
         state.check_room()
-        binding.bind_cpu_input("inputs_embeds", self.embed(np.array([[token_id]], dtype=np.int64)))
+        binding.bind_cpu_input(INPUTS_EMBEDS, self.embed(np.array([[token_id]], dtype=np.int64)))
         for name, value in state.step_inputs(self._decode_inputs).items():
             binding.bind_cpu_input(name, value)
         start = time.perf_counter()

@@ -2,11 +2,16 @@
 
     pipeline = Pipeline.load("builds/default")            # provider="auto": TensorRT, CUDA, then CPU
     answer = pipeline.answer("photo.jpg", "What is on the table?", max_new_tokens=64)
-    answer.text, answer.token_ids, answer.kept_image_tokens, answer.timings
+    answer.text, answer.token_ids, answer.kept_image_tokens, answer.timings.prefill
 
 `stream(...)` yields (token id, new text) as the answer is generated and returns the finished
 `Answer` (the generator's return value); `answer(..., on_text=print)` streams through a callback
 and returns the `Answer`.
+
+`generate` is the one generation loop (vision, embed, splice the image features at the prompt's
+`image_start`, prefill, decode steps, end of request): the demo, the server, Triton and the
+export's validation all run it. A caller that needs more than the answer, such as the logits each
+token was chosen from, passes a `GenerationTrace` for the loop to fill.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import numpy as np
 
 import buildformat
 from buildformat import Manifest, ManifestError
-from runtime.backend import Backend, BackendError
+from runtime.backend import Backend, BackendError, PrefillResult
 from runtime.preprocess import ImageProcessor, load_image
 from runtime.sampling import Sampler, Sampling
-from runtime.text import PromptError, PromptTokenizer
+from runtime.text import EncodedPrompt, PromptError, PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,36 @@ class AnswerTooLong(GenerationError):
     """max_new_tokens is beyond the room the prompt leaves in the build's cache."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Timings:
+    """Seconds one answer took. `to_json` is the `timings` object of `Answer.to_json` (and of the demo's
+    --json): `decode_graph` appears only where the backend measured it."""
+
+    preprocess: float  # the image decoded and preprocessed (`with_image`)
+    vision: float
+    prefill: float  # embed, splice and prefill
+    decode: tuple[float, ...] = ()  # per decode step, as the caller waited for it
+    decode_graph: tuple[float, ...] | None = None  # of which the step's graph itself ran; None: not measured
+
+    def __post_init__(self) -> None:
+        if min(self.preprocess, self.vision, self.prefill, *self.decode, *(self.decode_graph or ())) < 0:
+            raise ValueError(f"negative seconds in {self}")
+        if self.decode_graph is not None and len(self.decode_graph) > len(self.decode):
+            raise ValueError("more measured decode graphs than decode steps")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "preprocess": self.preprocess,
+            "vision": self.vision,
+            "prefill": self.prefill,
+            "decode": list(self.decode),
+        }
+        if self.decode_graph is not None:
+            out["decode_graph"] = list(self.decode_graph)
+        return out
+
+
+@dataclass(frozen=True)
 class Answer:
     text: str
     token_ids: list[int]
@@ -48,15 +82,14 @@ class Answer:
     num_image_tokens: int
     prompt_tokens: int
     backend: str
-    # seconds: preprocess, vision, prefill, decode (a list, per step), decode_graph (the graph's share of each step)
-    timings: dict[str, Any] = field(default_factory=dict)
+    timings: Timings
 
     def to_json(self) -> dict[str, Any]:
         return {
             "answer": self.text,
             "token_ids": self.token_ids,
             "kept_image_tokens": self.kept_image_tokens,
-            "timings": self.timings,
+            "timings": self.timings.to_json(),
             "backend": self.backend,
             "prompt_tokens": self.prompt_tokens,
             "num_image_tokens": self.num_image_tokens,
@@ -65,16 +98,64 @@ class Answer:
 
 @dataclass(frozen=True)
 class Prompt:
-    """An image and a question made ready for the graphs by `Pipeline.prepare` (checked, not yet run)."""
+    """An image and a question made ready for the graphs by `Pipeline.prepare` (checked, not yet run).
 
-    pixel_values: np.ndarray  # [1, 3, H, W]
-    input_ids: np.ndarray  # [1, S] int64
+    Validation makes one from the transformers processor's tensors instead: same fields, same checks.
+    """
+
+    pixel_values: np.ndarray  # [1, 3, H, W] float32
+    input_ids: np.ndarray  # [1, S] integer ids, the image's tokens in place
+    image_start: int  # where the image's tokens begin in input_ids[0]: the prompt builder put them there
     max_new_tokens: int
-    preprocess_seconds: float
+    preprocess_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        ids = self.input_ids
+        if ids.ndim != 2 or ids.shape[0] != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be [1, S] integer ids, got {ids.shape} {ids.dtype}")
+        if not 0 <= self.image_start < ids.shape[1]:
+            raise ValueError(f"image_start {self.image_start} is outside the {ids.shape[1]}-token prompt")
+        if self.pixel_values.ndim != 4 or self.pixel_values.shape[:2] != (1, 3):
+            raise ValueError(f"pixel_values must be [1, 3, H, W], got {self.pixel_values.shape}")
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+
+@dataclass
+class GenerationTrace:
+    """What `generate` computed on the way to an answer, for a caller that checks a build against a
+    reference (export/validate.py). Hand an empty one to `generate` (or `run`): the loop fills it as
+    the request runs, so it is a recorder, not a frozen value; without one nothing is recorded.
+
+    `tokens[i]` was chosen from `logits[i]`: row 0 is the prefill's, row i the decode step fed
+    `tokens[i - 1]`. The loop stops after the last token, so there are as many rows as tokens.
+    """
+
+    image_features: np.ndarray | None = None  # [n_img, d]: the vision graph's output, as spliced in
+    prefill: PrefillResult | None = None  # the prompt's kept image tokens and core neurons
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)  # [V] float32 each
+
+    def record(self, token: int, logits: np.ndarray) -> None:
+        self.tokens.append(token)
+        self.logits.append(np.array(logits, dtype=np.float32))  # a copy: a backend may reuse its buffer
+
+    @property
+    def step_logits(self) -> np.ndarray:
+        """[T, V] float32: the logits of every step, stacked."""
+        return np.stack(self.logits)
+
+    @property
+    def kept_image_tokens(self) -> list[int] | None:
+        return None if self.prefill is None else self.prefill.kept_image_tokens
+
+    @property
+    def core_neurons(self) -> dict[int, list[int]]:
+        return {} if self.prefill is None else self.prefill.core_neurons
 
 
 class Pipeline:
@@ -112,38 +193,44 @@ class Pipeline:
 
         return cls(build, manifest, OrtBackend(build, manifest, provider))
 
-    def encode(self, question: str, max_new_tokens: int | None = 64) -> tuple[np.ndarray, int]:
-        """input_ids [1, S] of the question's prompt and the answer length, checked against the cache.
-
-        max_new_tokens None: all the room the prompt leaves. Raises PromptError / GenerationError.
+    def encode(self, question: str, max_new_tokens: int | None = 64) -> tuple[EncodedPrompt, int]:
+        """The question's prompt (input_ids [1, S] and where the image goes) and the answer length, checked
+        against the cache. max_new_tokens None: all the room the prompt leaves. Raises PromptError /
+        GenerationError.
         """
         if max_new_tokens is not None and max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        ids = self.tokenizer.encode(question)  # [1, S]
-        prompt = ids.shape[1]
+        encoded = self.tokenizer.encode(question)
+        prompt = encoded.prompt_tokens
         room = self.max_sequence - prompt
         if max_new_tokens is None:
-            return ids, room
+            return encoded, room
         if max_new_tokens > room:
             raise AnswerTooLong(
                 f"max_new_tokens {max_new_tokens} is beyond the cache: the {prompt}-token prompt leaves room for "
                 f"{room} (the build's max sequence is {self.max_sequence}); ask for fewer, "
                 "or rebuild with a larger --max-sequence"
             )
-        return ids, max_new_tokens
+        return encoded, max_new_tokens
 
     def with_image(
-        self, image: Any, input_ids: np.ndarray, max_new_tokens: int, max_pixels: int | None = None
+        self, image: Any, encoded: EncodedPrompt, max_new_tokens: int, max_pixels: int | None = None
     ) -> Prompt:
         """The encoded prompt (`encode`) with its image decoded and preprocessed (ImageError otherwise)."""
         start = time.perf_counter()
         pixels = self.images(load_image(image, max_pixels))  # [1, 3, H, W]
-        return Prompt(pixels, input_ids, max_new_tokens, time.perf_counter() - start)
+        return Prompt(
+            pixel_values=pixels,
+            input_ids=encoded.input_ids,
+            image_start=encoded.image_start,
+            max_new_tokens=max_new_tokens,
+            preprocess_seconds=time.perf_counter() - start,
+        )
 
     def prepare(self, image: Any, question: str, max_new_tokens: int = 64, max_pixels: int | None = None) -> Prompt:
         """Decodes and checks the image and the question (every user error is raised here, nothing runs)."""
-        ids, max_new_tokens = self.encode(question, max_new_tokens)
-        return self.with_image(image, ids, max_new_tokens, max_pixels)
+        encoded, max_new_tokens = self.encode(question, max_new_tokens)
+        return self.with_image(image, encoded, max_new_tokens, max_pixels)
 
     def stream(
         self,
@@ -157,26 +244,31 @@ class Pipeline:
         return self.generate(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos)
 
     def generate(
-        self, prepared: Prompt, sampling: Sampling | None = None, stop_at_eos: bool = True
+        self,
+        prepared: Prompt,
+        sampling: Sampling | None = None,
+        stop_at_eos: bool = True,
+        trace: GenerationTrace | None = None,
     ) -> Generator[tuple[int, str], None, Answer]:
         """Runs a prepared prompt: yields (token id, new text) as tokens come; returns the finished Answer.
 
-        Closing the generator early (`close()`) stops the answer before the next decode step.
+        Closing the generator early (`close()`) stops the answer before the next decode step. `trace`, when
+        given, is filled with the image features, the prefill's result and every token's logits.
         """
-        ids, max_new_tokens = prepared.input_ids, prepared.max_new_tokens
-        prompt = ids.shape[1]
-        timings: dict[str, Any] = {"preprocess": prepared.preprocess_seconds}
+        ids, max_new_tokens, image_start = prepared.input_ids, prepared.max_new_tokens, prepared.image_start
+        prompt = prepared.prompt_tokens
 
         start = time.perf_counter()
         features = self.backend.vision(prepared.pixel_values)  # [1, n_img, d]
-        timings["vision"] = time.perf_counter() - start
+        vision_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
         embeds = self.backend.embed(ids)  # [1, S, d]
-        image_start = self.tokenizer.image_start(ids)
         embeds[0, image_start : image_start + self.num_image_tokens] = features[0]
         result = self.backend.prefill(embeds, image_start, prompt + max_new_tokens)
-        timings["prefill"] = time.perf_counter() - start
+        prefill_seconds = time.perf_counter() - start
+        if trace is not None:
+            trace.image_features, trace.prefill = features[0], result
 
         sampler = Sampler(sampling or Sampling())
         eos = self.tokenizer.eos_token_ids if stop_at_eos else set()
@@ -184,13 +276,14 @@ class Pipeline:
         tokens: list[int] = []
         decode: list[float] = []  # seconds per decode step, as the caller waits for it
         graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
-        timings["decode"] = decode
-        logits = result.logits
+        logits = result.logits  # [V]
         shown = False  # whether any text was yielded yet
         try:
             while True:
                 token = sampler(logits)
                 tokens.append(token)
+                if trace is not None:
+                    trace.record(token, logits)
                 if token in eos:
                     break
                 piece = text.push(token)
@@ -213,12 +306,35 @@ class Pipeline:
         tail = text.flush() if shown else text.flush().lstrip()
         if tail:
             yield tokens[-1], tail
-        if graph:
-            timings["decode_graph"] = graph
+        timings = Timings(
+            preprocess=prepared.preprocess_seconds,
+            vision=vision_seconds,
+            prefill=prefill_seconds,
+            decode=tuple(decode),
+            decode_graph=tuple(graph) if graph else None,
+        )
         text_out = self.tokenizer.decode(tokens).strip()
         return Answer(
             text_out, tokens, result.kept_image_tokens, self.num_image_tokens, prompt, self.backend.name, timings
         )
+
+    def run(
+        self,
+        prepared: Prompt,
+        sampling: Sampling | None = None,
+        stop_at_eos: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        trace: GenerationTrace | None = None,
+    ) -> Answer:
+        """`generate` to its end: the Answer; `on_text` gets each new piece of text as it comes."""
+        tokens = self.generate(prepared, sampling, stop_at_eos, trace)
+        while True:
+            try:
+                _token, piece = next(tokens)
+            except StopIteration as done:
+                return done.value
+            if on_text is not None:
+                on_text(piece)
 
     def answer(
         self,
@@ -229,14 +345,7 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         stop_at_eos: bool = True,
     ) -> Answer:
-        tokens = self.stream(image, question, max_new_tokens, sampling, stop_at_eos)
-        while True:
-            try:
-                _token, piece = next(tokens)
-            except StopIteration as done:
-                return done.value
-            if on_text is not None:
-                on_text(piece)
+        return self.run(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos, on_text)
 
 
 __all__ = [
@@ -244,8 +353,10 @@ __all__ = [
     "AnswerTooLong",
     "BackendError",
     "GenerationError",
+    "GenerationTrace",
     "ManifestError",
     "Pipeline",
     "Prompt",
     "PromptError",
+    "Timings",
 ]

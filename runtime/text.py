@@ -4,12 +4,14 @@ The build's manifest holds the checkpoint's chat template already rendered aroun
 marker, so no Jinja is needed: the question replaces the marker, the single image token is repeated
 `num_image_tokens` times (as transformers' LlavaProcessor expands it), and tokenizer.json, whose
 post-processor prepends `<s>`, tokenizes the result. The ids equal the transformers processor's
-`input_ids` for the same prompt.
+`input_ids` for the same prompt. The tokenizer's character offsets give where the image's tokens
+begin (`EncodedPrompt.image_start`): the prompt builder placed them, so nothing searches for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,25 @@ class PromptError(ValueError):
 
 class PromptTooLong(PromptError):
     """The prompt is longer than the build's maximum prompt length."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A question's prompt, tokenized: its ids and where the image's tokens begin in them."""
+
+    input_ids: np.ndarray  # [1, S] int64
+    image_start: int  # index of the first of the image's num_image_tokens tokens in input_ids[0]
+
+    def __post_init__(self) -> None:
+        ids = self.input_ids
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.dtype != np.int64:
+            raise ValueError(f"input_ids must be [1, S] int64, got {ids.shape} {ids.dtype}")
+        if not 0 <= self.image_start < ids.shape[1]:
+            raise ValueError(f"image_start {self.image_start} is outside the {ids.shape[1]}-token prompt")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
 
 
 class PromptTokenizer:
@@ -58,6 +79,10 @@ class PromptTokenizer:
         expanded = image_token * num_image_tokens
         self._before = before.replace(image_token, expanded)
         self._after = after.replace(image_token, expanded)
+        # Where the expanded image run begins in the prompt's text: an offset into the text before the
+        # question, or into the text after it (then shifted by the question's length).
+        self._image_in_before = image_token in before
+        self._image_char = (before if self._image_in_before else after).index(image_token)
 
     @classmethod
     def from_build(cls, build_dir: str | Path, manifest: Manifest) -> PromptTokenizer:
@@ -84,8 +109,8 @@ class PromptTokenizer:
         """The ids that end an answer (the manifest's eos_token_id, one or several)."""
         return self._eos_token_ids
 
-    def encode(self, question: str) -> np.ndarray:
-        """input_ids [1, S] int64 of the prompt for a question."""
+    def encode(self, question: str) -> EncodedPrompt:
+        """The prompt for a question: input_ids [1, S] int64 and where its image's tokens begin."""
         question = question.strip()
         if not question:
             raise PromptError("the question is empty; ask something about the image")
@@ -94,11 +119,15 @@ class PromptTokenizer:
             raise PromptError(f"the question contains the image token {self.image_token}; remove it")
         # Concatenation, not str.format: braces in a question are ordinary text.
         text = self._before + question + self._after
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        encoding = self.tokenizer.encode(text, add_special_tokens=True)
+        ids = encoding.ids
+        image_char = self._image_char + (0 if self._image_in_before else len(self._before) + len(question))
+        start = encoding.char_to_token(image_char)  # an added token: one token whose offsets are exact
         images = sum(1 for i in ids if i == self.image_token_id)
-        if images != self.num_image_tokens:
+        n = self.num_image_tokens
+        if start is None or images != n or ids[start : start + n] != [self.image_token_id] * n:
             raise PromptError(
-                f"the prompt has {images} image tokens, the model expects {self.num_image_tokens}; "
+                f"the prompt has {images} image tokens, the model expects {self.num_image_tokens} in one run; "
                 "rephrase the question or rebuild the build directory"
             )
         if len(ids) > self.max_prompt_tokens:
@@ -107,15 +136,7 @@ class PromptTokenizer:
                 f"build's maximum of {self.max_prompt_tokens}; ask a shorter question, or rebuild with a larger "
                 "--max-prompt-tokens (python -m export build --max-prompt-tokens N)"
             )
-        return np.asarray([ids], dtype=np.int64)
-
-    def image_start(self, ids: np.ndarray | Sequence[int]) -> int:
-        """Position of the first image token in input_ids ([1, S] or [S])."""
-        flat = np.asarray(ids).reshape(-1)
-        hits = np.flatnonzero(flat == self.image_token_id)
-        if hits.size == 0:
-            raise ValueError(f"the ids hold no image token ({self.image_token_id}); encode the prompt with encode()")
-        return int(hits[0])
+        return EncodedPrompt(np.asarray([ids], dtype=np.int64), start)
 
     def decode(self, ids: np.ndarray | Sequence[int]) -> str:
         """Text of token ids, special tokens skipped."""

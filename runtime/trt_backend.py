@@ -1,9 +1,8 @@
 """The TensorRT backend: runs the engines of `python -m export engine` (engines/{graph}.plan), torch-free.
 
 `tensorrt` and cuda-python are imported when a TrtBackend is made, not with this module. Two TensorRT API
-generations are supported, picked from `tensorrt.__version__` and logged: 8.6 ("bindings": a pointer list
-indexed by binding, execute_async_v2) and 10.x ("named-tensors": one address per tensor name,
-execute_async_v3). An engine only runs on the GPU model and TensorRT version that built it; the manifest's
+generations are supported, picked from `tensorrt.__version__` and logged (`runtime.trt_io`: 8.6's bindings,
+10.x's named tensors). An engine only runs on the GPU model and TensorRT version that built it; the manifest's
 `engines` section records both and a mismatch is refused before any engine is loaded.
 
 Per request: vision, embed and prefill run on device buffers; the cache buffers (one per layer, sized once
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +23,28 @@ from typing import Any
 import numpy as np
 
 from buildformat import GRAPHS, Manifest, ManifestError
+from buildformat.names import (
+    IMAGE_FEATURES,
+    IMAGE_START,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    KEPT_IMAGE_TOKENS,
+    LOGITS,
+    PIXEL_VALUES,
+    STEP_INPUTS,
+    is_past,
+    is_request_input,
+    present_name,
+)
 from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
 from runtime.cuda_memory import DeviceBuffer, Stream, write_prefix, write_token
-from runtime.decode_state import STEP_INPUTS, DecodeState, is_request_input, present_name
+from runtime.decode_state import DecodeState
+from runtime.trt_io import EngineIO, select_api
 
 log = logging.getLogger(__name__)
 
 
-# -- what needs no TensorRT: the manifest, the API choice, the cache sizes -------------------------------
+# -- what needs no TensorRT: the manifest, the cache sizes -------------------------------
 
 
 def engine_files(manifest: Manifest, build_dir: Path) -> dict[str, Path]:
@@ -92,152 +104,6 @@ def cache_size(name: str, prompt_length: int, answer: int, low: int, high: int) 
     if size != prompt_length + answer:
         log.debug("%s: %d positions (the engine's profile admits %d..%d)", name, size, low, high)
     return size
-
-
-# -- the two TensorRT APIs behind one interface ---------------------------------------------------------
-
-
-class EngineIO:
-    """One execution context of an engine: shapes, addresses and launches by tensor name."""
-
-    api = ""
-
-    def __init__(self, trt: Any, engine: Any, graph: str) -> None:
-        self.trt, self.engine, self.graph = trt, engine, graph
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise BackendError(f"TensorRT could not create an execution context for {graph} (out of GPU memory?)")
-        names = self._names()
-        self._slot = {name: i for i, name in enumerate(names)}
-        self.inputs = [n for n in names if self._is_input(n)]
-        self.outputs = [n for n in names if n not in self.inputs]
-        shape_inputs = [n for n in self.inputs if self._is_shape_tensor(n)]
-        if shape_inputs:  # they would need host memory, which this backend never binds
-            raise BackendError(f"the {graph} engine takes shape tensor(s) {', '.join(shape_inputs)}: unsupported")
-
-    def is_dynamic(self, name: str) -> bool:
-        return any(d < 0 for d in self.engine_shape(name))
-
-    def _fail(self, what: str) -> BackendError:
-        return BackendError(f"TensorRT refused {what} for the {self.graph} engine")
-
-    # Per API:
-    def _names(self) -> list[str]:
-        raise NotImplementedError
-
-    def _is_input(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def _is_shape_tensor(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def dtype(self, name: str) -> np.dtype:
-        raise NotImplementedError
-
-    def engine_shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        raise NotImplementedError
-
-    def output_shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def bind(self, name: str, ptr: int) -> None:
-        raise NotImplementedError
-
-    def execute(self, stream_handle: int) -> None:
-        raise NotImplementedError
-
-
-class BindingsIO(EngineIO):
-    """TensorRT 8.6: bindings by index; execute_async_v2 takes the list of every binding's address."""
-
-    api = "bindings"
-
-    def __init__(self, trt: Any, engine: Any, graph: str) -> None:
-        super().__init__(trt, engine, graph)
-        self._addresses = [0] * engine.num_bindings
-
-    def _names(self) -> list[str]:
-        return [self.engine.get_binding_name(i) for i in range(self.engine.num_bindings)]
-
-    def _is_input(self, name: str) -> bool:
-        return bool(self.engine.binding_is_input(self._slot[name]))
-
-    def _is_shape_tensor(self, name: str) -> bool:
-        return bool(getattr(self.engine, "is_shape_binding", lambda i: False)(self._slot[name]))
-
-    def dtype(self, name: str) -> np.dtype:
-        # 8.6 has no INT64 I/O: the ONNX parser makes int64 inputs and outputs INT32.
-        return np.dtype(self.trt.nptype(self.engine.get_binding_dtype(self._slot[name])))
-
-    def engine_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.engine.get_binding_shape(self._slot[name]))
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self.context.set_binding_shape(self._slot[name], tuple(shape)):
-            raise self._fail(f"{name} of shape {tuple(shape)} (outside its optimization profile?)")
-
-    def output_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.context.get_binding_shape(self._slot[name]))
-
-    def bind(self, name: str, ptr: int) -> None:
-        self._addresses[self._slot[name]] = ptr
-
-    def execute(self, stream_handle: int) -> None:
-        if not self.context.execute_async_v2(self._addresses, stream_handle):
-            raise self._fail("execute_async_v2")
-
-
-class NamedTensorsIO(EngineIO):
-    """TensorRT 10.x: I/O tensors by name; the context keeps each address until it is set again."""
-
-    api = "named-tensors"
-
-    def _names(self) -> list[str]:
-        return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-
-    def _is_input(self, name: str) -> bool:
-        return bool(self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT)
-
-    def _is_shape_tensor(self, name: str) -> bool:
-        return bool(getattr(self.engine, "is_shape_inference_io", lambda n: False)(name))
-
-    def dtype(self, name: str) -> np.dtype:
-        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-
-    def engine_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.engine.get_tensor_shape(name))
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self.context.set_input_shape(name, tuple(shape)):
-            raise self._fail(f"{name} of shape {tuple(shape)} (outside its optimization profile?)")
-
-    def output_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.context.get_tensor_shape(name))
-
-    def bind(self, name: str, ptr: int) -> None:
-        if not self.context.set_tensor_address(name, ptr):
-            raise self._fail(f"the address of {name}")
-
-    def execute(self, stream_handle: int) -> None:
-        if not self.context.execute_async_v3(stream_handle):
-            raise self._fail("execute_async_v3")
-
-
-def select_api(trt: Any) -> type[EngineIO]:
-    """BindingsIO for TensorRT 8.6, NamedTensorsIO for 10.x and later."""
-    version = str(getattr(trt, "__version__", ""))
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if not match:
-        raise BackendError(f"cannot read TensorRT's version ({version!r}); TensorRT 8.6 or 10.x is needed")
-    major, minor = int(match[1]), int(match[2])
-    if major >= 10:
-        return NamedTensorsIO
-    if major == 8 and minor >= 6:
-        return BindingsIO
-    raise BackendError(f"TensorRT {version} is not supported: use 8.6 (Pascal GPUs) or 10.x")
 
 
 def import_tensorrt() -> Any:
@@ -300,7 +166,7 @@ class TrtBackend(Backend):
         self.stream = Stream()
         self._request: _Request | None = None
         decode = self._io["decode"]
-        self._limits = {n: dim_range(manifest, "decode", n, 2) for n in decode.inputs if n.startswith("past.")}
+        self._limits = {n: dim_range(manifest, "decode", n, 2) for n in decode.inputs if is_past(n)}
         self._scalars = {n: DeviceBuffer((1,), decode.dtype(n)) for n in STEP_INPUTS if n in decode.inputs}
         self._prepare_step_embed()
 
@@ -322,16 +188,16 @@ class TrtBackend(Backend):
         these buffers again only after a prompt was embedded.
         """
         io = self._io["embed"]
-        low, self._embed_max = dim_range(self.manifest, "embed", "input_ids", 1)
+        low, self._embed_max = dim_range(self.manifest, "embed", INPUT_IDS, 1)
         self._embed_min = max(1, low)
         if self._embed_min > 1:
             log.info("the embed engine's profile starts at %d ids: each decode step embeds that many", low)
         pad = self.manifest.model.pad_token_id or 0
-        self._step_ids = DeviceBuffer.from_numpy(np.full((1, self._embed_min), pad, io.dtype("input_ids")), self.stream)
-        if io.is_dynamic("input_ids"):
-            io.set_input_shape("input_ids", self._step_ids.shape)
-        self._step_embeds = DeviceBuffer(io.output_shape("inputs_embeds"), io.dtype("inputs_embeds"))
-        if self._step_embeds.dtype != self._io["decode"].dtype("inputs_embeds"):
+        self._step_ids = DeviceBuffer.from_numpy(np.full((1, self._embed_min), pad, io.dtype(INPUT_IDS)), self.stream)
+        if io.is_dynamic(INPUT_IDS):
+            io.set_input_shape(INPUT_IDS, self._step_ids.shape)
+        self._step_embeds = DeviceBuffer(io.output_shape(INPUTS_EMBEDS), io.dtype(INPUTS_EMBEDS))
+        if self._step_embeds.dtype != self._io["decode"].dtype(INPUTS_EMBEDS):
             raise BackendError("the embed and decode engines disagree on the embeddings' type; rebuild the engines")
         self._embed_bound_for_steps = False
 
@@ -339,10 +205,10 @@ class TrtBackend(Backend):
         if self._embed_bound_for_steps:
             return
         io = self._io["embed"]
-        if io.is_dynamic("input_ids"):
-            io.set_input_shape("input_ids", self._step_ids.shape)
-        io.bind("input_ids", self._step_ids.ptr)
-        io.bind("inputs_embeds", self._step_embeds.ptr)
+        if io.is_dynamic(INPUT_IDS):
+            io.set_input_shape(INPUT_IDS, self._step_ids.shape)
+        io.bind(INPUT_IDS, self._step_ids.ptr)
+        io.bind(INPUTS_EMBEDS, self._step_embeds.ptr)
         self._embed_bound_for_steps = True
 
     # -- launches ----------------------------------------------------------------------------------
@@ -398,7 +264,7 @@ class TrtBackend(Backend):
     # -- the Backend interface -------------------------------------------------------------------
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run_to_host("vision", {"pixel_values": pixel_values})["image_features"]
+        return self._run_to_host("vision", {PIXEL_VALUES: pixel_values})[IMAGE_FEATURES]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -409,20 +275,20 @@ class TrtBackend(Backend):
             pad = self.manifest.model.pad_token_id or 0
             ids = np.concatenate([ids, np.full((1, self._embed_min - length), pad, ids.dtype)], axis=1)
         self._embed_bound_for_steps = False  # the prompt takes the embed context's shape and addresses
-        return self._run_to_host("embed", {"input_ids": ids})["inputs_embeds"][:, :length]
+        return self._run_to_host("embed", {INPUT_IDS: ids})[INPUTS_EMBEDS][:, :length]
 
     def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
         self.end_request()
         prompt = inputs_embeds.shape[1]
         if capacity < prompt:
             raise BackendError(f"capacity {capacity} is less than the {prompt}-token prompt")
-        feeds = {"inputs_embeds": inputs_embeds}
-        if "image_start" in self._io["prefill"].inputs:
-            feeds["image_start"] = np.array([image_start])
+        feeds = {INPUTS_EMBEDS: inputs_embeds}
+        if IMAGE_START in self._io["prefill"].inputs:
+            feeds[IMAGE_START] = np.array([image_start])
         inputs, outputs = self._launch("prefill", feeds)
         try:
-            logits = outputs["logits"].to_numpy(self.stream)[0].astype(np.float32)
-            kept = outputs.get("kept_image_tokens")
+            logits = outputs[LOGITS].to_numpy(self.stream)[0].astype(np.float32)
+            kept = outputs.get(KEPT_IMAGE_TOKENS)
             kept_tokens = None if kept is None else [int(i) for i in kept.to_numpy(self.stream)]
             self._request = self._start_request(outputs, prompt, capacity - prompt, image_start)
         finally:
@@ -450,9 +316,9 @@ class TrtBackend(Backend):
         try:
             for name in [n for n in outputs if is_request_input(n)]:
                 request.ffn[name] = outputs.pop(name)  # stays on the device for the whole answer
-            if "image_start" in decode.inputs:
-                request.ffn["image_start"] = DeviceBuffer.from_numpy(
-                    np.array([image_start], decode.dtype("image_start")), self.stream
+            if IMAGE_START in decode.inputs:
+                request.ffn[IMAGE_START] = DeviceBuffer.from_numpy(
+                    np.array([image_start], decode.dtype(IMAGE_START)), self.stream
                 )
             for name in self._limits:
                 present = outputs[present_name(name)]
@@ -463,13 +329,13 @@ class TrtBackend(Backend):
                 buffer = request.cache[name] = DeviceBuffer(shape, present.dtype)
                 buffer.zero(self.stream)  # the padding is masked in the graph; zeros keep 0 * padding finite
                 write_prefix(buffer, present, self.stream)
-            bound = {**request.cache, **request.ffn, **self._scalars, "inputs_embeds": self._step_embeds}
+            bound = {**request.cache, **request.ffn, **self._scalars, INPUTS_EMBEDS: self._step_embeds}
             unbound = [n for n in decode.inputs if n not in bound]
             if unbound:
                 raise BackendError(f"the decode engine takes {', '.join(unbound)}, which prefill did not give")
             for name in decode.inputs:
                 if decode.is_dynamic(name):
-                    shape = (1, 1, self._step_embeds.shape[2]) if name == "inputs_embeds" else bound[name].shape
+                    shape = (1, 1, self._step_embeds.shape[2]) if name == INPUTS_EMBEDS else bound[name].shape
                     decode.set_input_shape(name, shape)
                 decode.bind(name, bound[name].ptr)  # inputs_embeds: the first row of the step's embeddings
             request.outputs = self._bind_outputs(decode)
@@ -493,7 +359,7 @@ class TrtBackend(Backend):
         self._io["decode"].execute(self.stream.handle)
         for past, new, index in state.writes():
             write_token(request.cache[past], request.outputs[new], index, self.stream)
-        logits = request.outputs["logits"].to_numpy(self.stream)  # waits for the step
+        logits = request.outputs[LOGITS].to_numpy(self.stream)  # waits for the step
         state.advance()
         return logits[0].astype(np.float32)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.bench_precision import PrecisionBenchConfig, run_precision_bench
+    from bench.precisions import PrecisionBenchConfig, run_precision_bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llava-7b-shape")
@@ -38,12 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         work=args.work,
         out=args.out,
     )
-    result = run_precision_bench(config)
-    for row in result["rows"]:
-        print(
-            f"{row['weights']}: decode step {row['decode_step_ms']:.2f} ms, "
-            f"{row['decode_weight_bytes'] / 2**20:.1f} MiB read"
-        )
+    report = run_precision_bench(config)
+    for row in report.rows:
+        print(f"{row.weights}: decode step {row.decode_step_ms:.2f} ms, {row.decode_weight_bytes / 2**20:.1f} MiB read")
     return 0
 
 

@@ -5,7 +5,7 @@
 
 Writes results.json, answers.jsonl (every answer), accuracy.md, accuracy.png and core_tokens.png to
 --out-dir (docs/evaluation by default). --data takes a JSONL file of real data: one
-{"image", "question", "answers", "type"} object per line (see vqa/data.py).
+{"image", "question", "answers", "type"} object per line (see vqadata/data.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from coreMatching.errors import ConfigError
-from vqa.evaluate import EvalConfig
-from vqa.job import OUTPUTS, EvalJob, default_onnx_settings, parse_setting
+from evaluation.evaluate import EvalConfig
+from evaluation.job import OUTPUTS, EvalJob, default_onnx_settings, parse_setting
 
 log = logging.getLogger("evaluate")
 
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers.utils import logging as hf_logging
 
+    from evaluation.job import run_job, write_outputs
     from models import ModelLoadError
-    from vqa.data import DataError
-    from vqa.job import run_job, write_outputs
+    from vqadata.data import DataError
 
     hf_logging.disable_progress_bar()  # one bar per stage is ours
     columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -3,9 +3,9 @@
     python scripts/load_test.py [--clients 16] [--requests 64] [--max-queue 8] [--out-dir docs/serving] [--force]
     python scripts/load_test.py --url http://127.0.0.1:8000 --pid PID      # a server already running here
 
-Starts `python -m runtime.serve` for --build on a free port (unless --url), answers each distinct question
+Starts `python -m serving` for --build on a free port (unless --url), answers each distinct question
 alone for reference, then sends the mix from --clients clients and checks the answers, the refusals, the
-drain, the server's health and its resident memory (runtime/serve/load/). Writes load.json and load.md.
+drain, the server's health and its resident memory (bench/load/). Writes load.json and load.md.
 Exit status: 0 every check passed, 1 a check failed, 2 the run could not be made.
 """
 
@@ -24,7 +24,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from runtime.serve.load import LoadConfig, LoadConfigError, LoadError, figure_rows, run_load, write_results
+from bench.load import LoadConfig, LoadConfigError, LoadError, figure_rows, run_load, write_results
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -4,7 +4,7 @@
 
 The JSONL file is the format `scripts/evaluate.py --data` reads (image, question, answers, type), so
 an exported split can be evaluated like real data, or looked at. Deterministic: example i of a split
-is always the same image and question (vqa/shapes.py).
+is always the same image and question (vqadata/shapes.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vqa import shapes
-from vqa.data import write_jsonl
+from vqadata import shapes
+from vqadata.data import write_jsonl
 
 
 def main(argv: list[str] | None = None) -> int:

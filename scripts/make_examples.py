@@ -3,7 +3,7 @@
     python scripts/make_examples.py [--out examples]
 
 The scenes are placed by hand (so the file names say what is in them) and drawn by the shapes
-dataset's renderer (vqa/shapes.py) with a background and clutter from a fixed seed; the questions
+dataset's renderer (vqadata/shapes.py) with a background and clutter from a fixed seed; the questions
 use the dataset's templates. Every scene stays inside the dataset's distribution (one to four
 objects, radii in its range, inside the frame, no overlaps): the model has seen nothing else, so an
 example outside it would measure extrapolation, not the model. The PNG files are the same on every
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from vqa.shapes import COLOURS, Shape, layout_problem, render, sample_scene
+from vqadata.shapes import COLOURS, Shape, layout_problem, render, sample_scene
 
 # name -> (seed of the background and clutter, [(kind, colour, x, y, radius)], [(question, answer)])
 SCENES: dict[str, tuple[int, list[tuple[str, str, int, int, int]], list[tuple[str, str]]]] = {

@@ -21,6 +21,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import buildformat
+from buildformat.names import IMAGE_START, INPUTS_EMBEDS
 from runtime.ort_backend import SharedWeights
 
 
@@ -32,12 +33,12 @@ def profile(build: Path, tokens: int, runs: int) -> dict[str, float]:
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prefill")
     session = ort.InferenceSession(str(build / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = {
-        "inputs_embeds": np.random.default_rng(0).standard_normal(
+        INPUTS_EMBEDS: np.random.default_rng(0).standard_normal(
             (1, tokens, manifest.model.hidden_size), dtype=np.float32
         )
     }
-    if "image_start" in [i.name for i in session.get_inputs()]:
-        feeds["image_start"] = np.array([5], dtype=np.int64)
+    if IMAGE_START in [i.name for i in session.get_inputs()]:
+        feeds[IMAGE_START] = np.array([5], dtype=np.int64)
     for _ in range(runs):
         session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())

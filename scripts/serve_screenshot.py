@@ -2,7 +2,7 @@
 
     python scripts/serve_screenshot.py [--build builds/default] [--out docs/serving/page.png] [--force]
 
-Starts `python -m runtime.serve` on the build (a free port on 127.0.0.1), opens the page in headless
+Starts `python -m serving` on the build (a free port on 127.0.0.1), opens the page in headless
 Chromium (the distribution's /usr/bin/chromium and /usr/bin/chromedriver; selenium-manager is never
 used, it would try to download a browser), asks the question about the image through the page's own
 file input and Ask button, waits for the answer and the kept-token overlay, and saves the window.
@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.serve.process import ServerStartError, serve_subprocess  # noqa: E402
+from serving.http.process import ServerStartError, serve_subprocess  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

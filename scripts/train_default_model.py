@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from models.presets import PresetError
-from vqa.train import StepInfo, TrainConfig, TrainConfigError, plot_history, train, write_history
+from training.train import StepInfo, TrainConfig, TrainConfigError, plot_history, train, write_history
 
 log = logging.getLogger("train_default_model")
 
@@ -51,7 +51,7 @@ tokens (CLS dropped).
 
 ## Data
 
-The procedural shapes dataset (`vqa/shapes.py`): one to four coloured shapes (circle, square, triangle,
+The procedural shapes dataset (`vqadata/shapes.py`): one to four coloured shapes (circle, square, triangle,
 star; red, green, blue, yellow, purple, white) of several sizes on textured backgrounds with clutter.
 Questions: colour of a named shape, shape of a coloured object, count of a kind (zero to four),
 presence of a coloured shape (yes/no, with hard negatives), relative position (left/right,
@@ -80,7 +80,7 @@ AdamW (lr {lr}, warm-up {warmup}, cosine to {min_lr}x, weight decay {wd}).
   - a penalty on activations whose RMS exceeds {max_rms}.
 - The decoder, projector and LM head start from std 1/sqrt(fan-in), not transformers' fixed 0.02,
   which is tuned for widths of 1000s. With 0.02 at width 128 the model sat at the answer priors for
-  1000s of steps: the runs before this recipe ended below 50% (`vqa/train.py` says what each
+  1000s of steps: the runs before this recipe ended below 50% (`training/train.py` says what each
   change measured).
 - Note for the token-selection results: the grounding loss teaches one head of layer {glayer} (after the
   prune layer 2) where to look; neither selector's own layer (2) is trained directly.

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from export.triton.local import TritonUnavailable
-from export.triton.throughput import ThroughputConfig, ThroughputError, measure, render
+from bench.triton.throughput import ThroughputConfig, ThroughputError, measure, render
+from serving.triton.local import TritonUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,26 @@
-"""The build format: the typed manifest's JSON round trip, its checks, and the packages' layering."""
+"""The build format: the typed manifest's JSON round trip, its checks, and the graphs' declared names
+(the packages' layering: tests/test_layering.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fake_manifests import manifest_json, write_manifest
 
 import buildformat
-from buildformat import CoreMatchingInfo, Engines, Manifest, ManifestError
+from buildformat import (
+    CoreMatchingInfo,
+    Engines,
+    Manifest,
+    ManifestError,
+    QuantizationChecks,
+    SkippedValidation,
+    ValidationRecord,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("buildformat", "coreMatching", "export", "models", "runtime", "vqa")
 
 CM = {
     "dense": False,
@@ -39,6 +44,67 @@ GRAPH = {
     "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, 8]}],
 }
 
+CASE = {
+    "name": "example",
+    "question": "What colour is the circle?",
+    "prompt_tokens": 589,
+    "steps": 32,
+    "max_logit_diff": 9.5367431640625e-06,
+    "tolerance": 0.0001,
+    "max_vision_diff": 4.649162292480469e-06,
+    "equal_tokens": 32,
+    "kept_equal": True,
+    "core_equal": True,
+    "kept_overlap": 1.0,
+    "core_overlap": 1.0,
+    "kept_image_tokens": 64,
+    "problems": [],
+    "passed": True,
+}
+# The validation record as builds have written it (export/validate.py, export/validate_quant.py).
+VALIDATION = {
+    "passed": True,
+    "reference": "coreMatching",
+    "precision": "float32",
+    "criteria": {
+        "absolute": 0.0001,
+        "relative": 0.0,
+        "min_overlap": 1.0,
+        "near_ties": False,
+        "score_band": 0.0,
+        "selection_slack": 1.0,
+    },
+    "optimization_level": "ORT_ENABLE_ALL",
+    "cases": [
+        CASE,
+        CASE
+        | {
+            "name": "random",
+            "kept_equal": None,
+            "core_equal": None,
+            "kept_overlap": None,
+            "core_overlap": None,
+            "kept_image_tokens": None,
+        },
+    ],
+}
+QUANTIZATION_CHECKS = {
+    "weights": "int4",
+    "block_size": 32,
+    "validated_at": "accuracy level 1 (fp32 arithmetic), float32 criteria",
+    "distance_to_float": [
+        {
+            "case": "example",
+            "equal_tokens": 12,
+            "steps": 32,
+            "max_logit_diff": 0.25,
+            "relative_logit_diff": 0.01,
+            "first_token_equal": True,
+        }
+    ],
+    "accuracy_level_4": [{"case": "example", "max_logit_diff": 0.5, "equal_tokens": 0, "steps": 32}],
+}
+
 
 def full_json() -> dict:
     return manifest_json(
@@ -55,7 +121,7 @@ def full_json() -> dict:
             "graphs": {"decode": {"file": "engines/decode.plan"}},
             "note": "",
         },
-        validation={"passed": True},
+        validation=VALIDATION,
         build_seconds=12.5,
     )
 
@@ -71,6 +137,48 @@ def test_json_round_trip_keeps_every_field() -> None:
     assert manifest.to_json()["corematching"] == CM
     dense = Manifest.from_json(manifest_json())
     assert dense.dense and dense.corematching is None and dense.to_json()["corematching"] == {"dense": True}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [VALIDATION, VALIDATION | {"quantization": QUANTIZATION_CHECKS}, {"passed": None, "skipped": "--no-validate"}],
+    ids=["float", "quantized", "skipped"],
+)
+def test_validation_record_reads_and_writes_the_same_json(record) -> None:
+    manifest = Manifest.from_json(manifest_json(validation=record))
+    assert json.dumps(manifest.to_json()["validation"]) == json.dumps(record)  # same keys, same order
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    validation = manifest.validation
+    if "skipped" in record:
+        assert validation == SkippedValidation("--no-validate") and validation.passed is None
+        return
+    assert isinstance(validation, ValidationRecord) and validation.passed is True
+    assert [case.name for case in validation.cases] == ["example", "random"]
+    assert validation.cases[1].kept_equal is None and validation.criteria.absolute == 1e-4
+    if "quantization" in record:
+        checks = validation.quantization
+        assert isinstance(checks, QuantizationChecks) and checks.fast_accuracy_level == 4
+        assert checks.distance_to_float[0].equal_tokens == 12 and checks.fast[0].max_logit_diff == 0.5
+    assert Manifest.from_json(manifest_json()).validation is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: v["cases"][0].pop("tolerance"), r"validation\.cases\.example\.tolerance is missing"),
+        (lambda v: v["cases"][0].update(equal_tokens="32"), "equal_tokens has the wrong type"),
+        (lambda v: v["cases"][0].update(problems=["logits differ"]), r"example\.passed disagrees"),
+        (lambda v: v.update(reference="onnx"), "reference is 'onnx'"),
+        (lambda v: v["criteria"].update(min_overlap=2.0), r"min_overlap is 2\.0"),
+        (lambda v: v.update(cases=[]), r"validation\.cases is empty"),
+    ],
+)
+def test_a_bad_validation_field_is_named_in_one_line(change, message) -> None:
+    record = json.loads(json.dumps(VALIDATION))
+    change(record)
+    with pytest.raises(ManifestError, match=message) as error:
+        Manifest.from_json(manifest_json(validation=record))
+    assert "\n" not in str(error.value) and "rebuild" in str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -114,37 +222,22 @@ def test_read_checks_version_and_digest_and_verify_checks_files(tmp_path: Path) 
         buildformat.read(tmp_path / "nowhere")
 
 
-def test_runtime_and_buildformat_import_no_torch_transformers_or_export() -> None:
-    modules = [f"runtime.{p.stem}" for p in (ROOT / "runtime").glob("*.py") if p.stem not in ("__init__", "__main__")]
-    code = (
-        f"import buildformat, runtime, {', '.join(modules)}, sys; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'export')); "
-        "assert not bad, bad"
+def test_graph_names_are_the_ones_builds_carry() -> None:
+    """The one declaration of the graphs' input and output names (export and runtime both read it), held to
+    the literal names that existing builds and docs/architecture.md use."""
+    from buildformat import names
+
+    assert names.cache_name(names.PRESENT, 3, "key") == "present.3.key"
+    assert names.past_name("present.3.value") == "past.3.value" and names.new_name("past.3.key") == "new.3.key"
+    assert names.cache_names(names.NEW, 2) == ["new.0.key", "new.0.value", "new.1.key", "new.1.value"]
+    assert names.ffn_name(5, "down_t") == "ffn.5.down_t" and names.ffn_layer("ffn.12.gate_t.q") == 12
+    assert names.is_ffn("ffn.5.up_t.scale") and not names.is_ffn("logits")
+    assert names.core_neurons_name(7) == "core_neurons.7" and names.core_neurons_layer("core_neurons.7") == 7
+    assert (names.VISION.inputs, names.VISION.outputs) == (("pixel_values",), ("image_features",))
+    assert (names.EMBED.inputs, names.EMBED.outputs) == (("input_ids",), ("inputs_embeds",))
+    assert names.STEP_INPUTS == ("position_ids", "past_kept_length")
+    assert (names.IMAGE_START, names.KEPT_IMAGE_TOKENS, names.KEPT_BIAS) == (
+        "image_start",
+        "kept_image_tokens",
+        "kept_bias",
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
-
-
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.module, [a.name for a in node.names]))
-        elif isinstance(node, ast.Import):
-            found += [(a.name, []) for a in node.names]
-    return found
-
-
-def test_layering_holds_in_the_source() -> None:
-    """runtime/ and buildformat/ never import export (not even lazily); no package imports another's _private."""
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            for module, names in _imports(path):
-                top = module.split(".")[0]
-                if package in ("runtime", "buildformat"):
-                    assert top not in ("export", "torch", "transformers", "coreMatching", "vqa"), (path, module)
-                if package == "buildformat":
-                    assert top not in ("runtime", "models"), (path, module)
-                if top in PACKAGES and top != package:
-                    private = [n for n in names if n.startswith("_")]
-                    assert not private, f"{path.relative_to(ROOT)} imports {private} from {module}"

@@ -19,7 +19,9 @@ from coreMatching import ConfigError, CoreMatchingConfig
 from export.__main__ import main
 from export.build import BuildError, build
 from export.config import ExportConfig
-from export.ort_runner import OrtBuild
+from export.validate import greedy_trace, runtime_pipeline
+from runtime.backend import PrefillResult
+from runtime.pipeline import GenerationTrace, Prompt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,14 +31,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_builds_pass_validation(built, name, mode):
     result = built(name, mode)
     report = result.validation
-    assert report.passed, report.to_dict()
+    assert report.passed, report.to_json()
     assert report.reference == ("transformers" if mode == "dense" else "coreMatching")
     for case in report.cases:
         assert case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
         if mode == "cm":
             assert case.kept_equal and case.core_equal and case.kept_image_tokens == 5
     manifest = read(result.out)
-    assert manifest.validation["passed"] is True
+    assert manifest.validation == report and manifest.validation.passed is True
     assert manifest.tensorrt_compatible, manifest.tensorrt_reason
     assert set(manifest.files) >= {
         "vision.onnx",
@@ -95,7 +97,7 @@ def test_every_selector_builds_and_validates(checkpoint, tmp_path, selector, mer
         corematching=CM.with_(token_selector=selector, token_merge=merge),
     )
     result = build(config)
-    assert result.validation.passed, result.validation.to_dict()
+    assert result.validation.passed, result.validation.to_json()
     for case in result.validation.cases:
         assert case.kept_equal and case.equal_tokens == 32 and case.max_logit_diff <= 1e-4
     section = result.manifest.corematching
@@ -145,12 +147,13 @@ def test_every_ort_optimization_level_gives_the_same_outputs(built):
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     ]
-    runs = [OrtBuild(result.out, result.manifest, level=level).greedy(ids, pixels, 8) for level in levels]
+    prompt = Prompt(pixel_values=pixels, input_ids=ids, image_start=3, max_new_tokens=8)
+    runs = [greedy_trace(runtime_pipeline(result.out, result.manifest, level), prompt) for level in levels]
     for other in runs[1:]:
         assert other.tokens == runs[0].tokens
         assert other.kept_image_tokens == runs[0].kept_image_tokens
         assert other.core_neurons == runs[0].core_neurons
-        np.testing.assert_allclose(other.logits, runs[0].logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(other.step_logits, runs[0].step_logits, atol=1e-5, rtol=0)
 
 
 def test_auto_budget_build_is_ort_only(checkpoint, tmp_path):
@@ -161,7 +164,7 @@ def test_auto_budget_build_is_ort_only(checkpoint, tmp_path):
         out=tmp_path / "auto", model_dir=checkpoint("llama"), max_prompt_tokens=64, max_sequence=128, corematching=auto
     )
     result = build(config)
-    assert result.validation.passed, result.validation.to_dict()
+    assert result.validation.passed, result.validation.to_json()
     assert not result.manifest.tensorrt_compatible
     assert "auto" in result.manifest.tensorrt_reason
 
@@ -175,7 +178,7 @@ def test_chunked_neuron_selection_build(checkpoint, tmp_path):
         corematching=CM.with_(neuron_chunks=2),
     )
     result = build(config)
-    assert result.validation.passed, result.validation.to_dict()
+    assert result.validation.passed, result.validation.to_json()
     assert result.manifest.corematching.neuron_chunks == 2
     graph = onnx.load(result.out / "prefill.onnx").graph
     assert sum(n.op_type == "TopK" and n.name.startswith("cm.l2.neuron_topk") for n in graph.node) == 2
@@ -368,7 +371,7 @@ def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
         )
     )
     report = result.validation
-    assert report.passed, report.to_dict()
+    assert report.passed, report.to_json()
     assert report.precision == "float16" and report.criteria.relative > 0
     graph = onnx.load(result.out / "decode.onnx").graph
     assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
@@ -408,8 +411,17 @@ def test_fp16_selection_overlap_counts_swaps_at_the_cut_as_ties():
     assert selection_overlap([0, 1, 3], ref, None, 0.05) == 2 / 3  # no scores: exact
 
 
+def _trace(tokens, logits, kept=None, core=None) -> GenerationTrace:
+    """What the generation loop records for a case, made by hand."""
+    return GenerationTrace(
+        image_features=np.zeros((2, 2), np.float32),
+        prefill=PrefillResult(logits[0], kept, core or {}),
+        tokens=tokens,
+        logits=list(logits),
+    )
+
+
 def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
-    from export.ort_runner import OrtGeneration
     from export.validate import CRITERIA, _compare
 
     ref_logits = np.zeros((4, 5), np.float32)
@@ -417,9 +429,7 @@ def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
     ref_logits[2, 3] = 9.9999  # step 2: tokens 1 and 3 nearly tie in the reference
     got_logits = ref_logits.copy()
     got_logits[2, 3] = 10.0001
-    got = OrtGeneration(
-        tokens=[1, 1, 3, 1], logits=got_logits, image_features=np.zeros((2, 2), np.float32), kept_image_tokens=None
-    )
+    got = _trace([1, 1, 3, 1], got_logits)
     ref = ([1, 1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), None, None, None)
     assert _compare("c", "q", 10, 4, CRITERIA["float16"], got, ref).passed
     assert not _compare("c", "q", 10, 4, CRITERIA["float32"], got, ref).passed
@@ -430,7 +440,6 @@ def test_fp16_criteria_accept_divergence_only_at_a_near_tie():
 def test_fp16_tolerance_doubles_only_where_selections_differ():
     """A near-tie swap of core neurons runs a slightly different sparse FFN: float16 allows twice the
     logit tolerance for that case, and only for it; float32 never (its selections must be equal)."""
-    from export.ort_runner import OrtGeneration
     from export.validate import CRITERIA, _compare
 
     ref_logits = np.zeros((3, 4), np.float32)
@@ -441,13 +450,7 @@ def test_fp16_tolerance_doubles_only_where_selections_differ():
     ref = ([1, 1, 1], ref_logits, np.zeros((2, 2), np.float32), [0, 1], {3: list(range(20))}, scores)
 
     def case(core: list[int], criteria: str):
-        got = OrtGeneration(
-            tokens=[1, 1, 1],
-            logits=got_logits,
-            image_features=np.zeros((2, 2), np.float32),
-            kept_image_tokens=[0, 1],
-            core_neurons={3: core},
-        )
+        got = _trace([1, 1, 1], got_logits, kept=[0, 1], core={3: core})
         return _compare("c", "q", 10, 3, CRITERIA[criteria], got, ref)
 
     same = case(list(range(20)), "float16")

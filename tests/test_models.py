@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import models
+from buildformat.geometry import Geometry, image_token_count
 from models import (
     PRESETS,
     ModelLoadError,
@@ -23,6 +24,7 @@ from models import (
     default_model_dir,
     from_name,
     load_llava,
+    presets,
 )
 
 TINY = ("tiny-llama", "tiny-llama-gqa", "tiny-mistral", "tiny-llama-full")
@@ -84,6 +86,32 @@ def test_tiny_geometry() -> None:
     cfg = mistral.hf_config()
     assert cfg.text_config.model_type == "mistral" and cfg.text_config.sliding_window == mistral.sliding_window
     assert from_name("default-small").num_image_tokens == 576
+
+
+def test_table_rows_derive_what_follows() -> None:
+    # A row states a derived field only to differ from it: Vicuna's FFN widths and multi-head attention follow.
+    assert [presets.llama_ffn_width(d) for d in (4096, 5120)] == [11008, 13824]
+    assert "intermediate_size" not in presets.PRESET_TABLE["llava-1.5-7b"]
+    assert "num_key_value_heads" not in presets.PRESET_TABLE["tiny-llama"]
+    shape = from_name("llava-7b-shape")
+    assert (shape.vision_intermediate_size, shape.num_key_value_heads) == (4 * 256, 12)
+    assert list(PRESETS) == list(presets.PRESET_TABLE)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_image_tokens_counted_once(name: str) -> None:
+    """The preset, its LlavaConfig, `models.num_image_tokens` and the Geometry all agree (image_token_count)."""
+    preset = from_name(name)
+    cfg = preset.hf_config()
+    expected = image_token_count(preset.image_size, preset.patch_size, preset.vision_feature_select_strategy)
+    assert preset.num_image_tokens == cfg.image_seq_length == models.num_image_tokens(cfg) == expected
+    assert Geometry.from_hf_config(cfg).num_image_tokens == Geometry.from_preset(preset).num_image_tokens == expected
+
+
+def test_image_token_count() -> None:
+    assert (image_token_count(336, 14), image_token_count(336, 14, "full"), image_token_count(56, 14)) == (576, 577, 16)
+    with pytest.raises(ValueError, match="vision_feature_select_strategy"):
+        image_token_count(336, 14, "cls")
 
 
 def test_unknown_preset_lists_names() -> None:

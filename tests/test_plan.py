@@ -1,74 +1,36 @@
-"""`python -m export plan`: memory plans against hand computations (no model is instantiated, no weights loaded)."""
+"""`python -m planner`: memory plans against hand computations (no model is instantiated, no weights loaded)."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-
-from export.devices import DEVICES, HOST, UnknownDeviceError, device
-from export.plan import (
-    MARGIN_BYTES,
-    Candidate,
-    Estimate,
-    PlanConfig,
-    PlanError,
-    _rank,
-    plan,
-    plan_build,
-    plan_manifest,
-    recommend,
+from plan_figures import (
+    D_FFN,
+    D_MODEL,
+    FITS_7B_FP16,
+    GIB,
+    HEAD_DIM,
+    HEADS,
+    LAYER,
+    N_CORE,
+    N_IMG,
+    PARAMS_7B,
+    PROJECTOR,
+    PRUNE_LAYER,
+    SPARSE_LAYERS,
+    VISION,
+    VOCAB,
+    L,
+    kv_bytes,
 )
-from export.plan_cli import add_plan_parser, run_plan
-from export.plan_model import load_geometry
-from export.precisions import RUNTIMES, UnknownRuntimeError, matmul_bytes, runtime
 
-GIB = 2**30
-ROOT = Path(__file__).resolve().parents[1]
-
-# llava-1.5-7b: CLIP ViT-L/14 at 336 px + a 2-layer projector + Vicuna-7B (vocabulary 32064).
-L, D_MODEL, D_FFN, HEADS, HEAD_DIM, VOCAB, N_IMG = 32, 4096, 11008, 32, 128, 32064, 576
-VISION = (
-    1024
-    + 3 * 14 * 14 * 1024
-    + 577 * 1024  # class embedding, patch conv, positions
-    + 2 * 2 * 1024  # pre and post layer norms
-    + 24 * (4 * (1024 * 1024 + 1024) + 2 * 2 * 1024 + (1024 * 4096 + 4096) + (4096 * 1024 + 1024))
-)
-PROJECTOR = 1024 * 4096 + 4096 + 4096 * 4096 + 4096
-LAYER = 4 * D_MODEL * D_MODEL + 3 * D_MODEL * D_FFN + 2 * D_MODEL  # q k v o, gate up down, two norms
-PARAMS_7B = VISION + PROJECTOR + VOCAB * D_MODEL + L * LAYER + D_MODEL + VOCAB * D_MODEL
-N_CORE = math.ceil(0.4 * D_FFN)  # 4404
-SPARSE_LAYERS = 21  # layers 6..26 of 32
-PRUNE_LAYER = 2
-# Expected fits of dense llava-1.5-7b at fp16 (weights alone are 13.2 GiB).
-FITS_7B_FP16 = {
-    "titan-xp": False,
-    "orin-nano-8gb": False,
-    "orin-nx-16gb": False,
-    "agx-orin-32gb": True,
-    "agx-orin-64gb": True,
-}
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="python -m export")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    rc = run_plan(parser.parse_args(["plan", *argv]))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def _kv(layers: int, tokens: int, kv_heads: int = HEADS, value_bytes: int = 2) -> int:
-    return layers * 2 * kv_heads * HEAD_DIM * tokens * value_bytes
-
+from planner.devices import DEVICES, HOST, UnknownDeviceError, device
+from planner.footprint import load_geometry
+from planner.plan import Estimate, PlanConfig, plan, plan_build
+from planner.runtimes import RUNTIMES, UnknownRuntimeError, matmul_bytes, runtime
 
 # -- the byte formulas of the storage scheme ---------------------------------------------------------------
 
@@ -276,12 +238,12 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     overhead = int((0.75 if name == "titan-xp" else 1.0) * GIB)
     dense, cm, static = p.dense, p.corematching, p.static
     assert dense.weights == cm.weights == 2 * PARAMS_7B
-    assert dense.kv_cache == _kv(L, m) == GIB  # 32 x 2 x 4096 x 2048 x 2 B
-    assert cm.kv_cache == _kv(PRUNE_LAYER + 1, m) + _kv(L - PRUNE_LAYER - 1, m - N_IMG + k)
+    assert dense.kv_cache == kv_bytes(L, m) == GIB  # 32 x 2 x 4096 x 2048 x 2 B
+    assert cm.kv_cache == kv_bytes(PRUNE_LAYER + 1, m) + kv_bytes(L - PRUNE_LAYER - 1, m - N_IMG + k)
     assert (dense.compacted_ffn, static.compacted_ffn) == (0, 0)
     assert cm.compacted_ffn == SPARSE_LAYERS * 3 * N_CORE * D_MODEL * 2  # docs/architecture.md: 2.3 GB
     # The dense prefill ends holding every layer's prompt KV outputs, on top of one layer's working set.
-    assert _kv(L, s) < dense.activations < _kv(L, s) + 0.2 * GIB
+    assert kv_bytes(L, s) < dense.activations < kv_bytes(L, s) + 0.2 * GIB
     assert 0 < cm.activations < dense.activations
     for e in (dense, cm, static):
         assert e.runtime_overhead == overhead and e.load_transient == 0
@@ -290,8 +252,8 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     assert dense.fits is FITS_7B_FP16[name]
     # Decode reads the decoder weights, the head and one embedding row, then the cache (bandwidth bound).
     head = (D_MODEL + VOCAB * D_MODEL) * 2
-    assert dense.decode_bytes_first == (L * LAYER) * 2 + head + D_MODEL * 2 + _kv(L, s)
-    assert dense.decode_bytes_last == (L * LAYER) * 2 + head + D_MODEL * 2 + _kv(L, m)
+    assert dense.decode_bytes_first == (L * LAYER) * 2 + head + D_MODEL * 2 + kv_bytes(L, s)
+    assert dense.decode_bytes_last == (L * LAYER) * 2 + head + D_MODEL * 2 + kv_bytes(L, m)
     assert dense.decode_ms_first == pytest.approx(dense.decode_bytes_first / (dev.bandwidth_gbps * 1e9) * 1e3)
     narrowed = SPARSE_LAYERS * 3 * D_MODEL * (D_FFN - N_CORE) * 2
     assert cm.decode_bytes_last == dense.decode_bytes_last - narrowed - (dense.kv_cache - cm.kv_cache)
@@ -360,280 +322,3 @@ def test_defaults_are_the_devices() -> None:
     assert plan(PlanConfig("llava-1.5-7b", "titan-xp", weights="int4")).activations == "fp32"
     legacy = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", "int8"))  # --precision int8: int8 weights, fp16 rest
     assert (legacy.weights, legacy.activations) == ("int8", "fp16")
-
-
-# -- the recommendation ------------------------------------------------------------------------------------
-
-
-def _candidate(neurons: str, weights: str, act: str, runtime_name: str, headroom: float) -> Candidate:
-    e = plan_build("llava-1.5-7b", weights="fp16", activations="fp16", neurons="dense", device_name="agx-orin-64gb")
-    return Candidate(runtime_name, weights, act, neurons, replace(e, headroom=int(headroom * GIB)))  # type: ignore[arg-type]
-
-
-def test_rank_prefers_the_method_then_precision_then_fast_activations_then_runtime_order() -> None:
-    titan = device("titan-xp")
-    order = [
-        _candidate("per-request", "int8", "fp32", "onnxruntime-cuda", 0.6),  # the method, int8, fp32 (fast on Pascal)
-        _candidate("per-request", "int8", "fp16", "onnxruntime-cuda", 2.0),
-        _candidate("per-request", "int4", "fp32", "onnxruntime-cuda", 3.0),
-        _candidate("static", "fp16", "fp16", "tensorrt-8.6", 5.0),  # a static set comes after every per-request one
-        _candidate("static", "int8", "fp32", "tensorrt-8.6", 1.0),
-        _candidate("static", "int8", "fp32", "onnxruntime-cuda", 4.0),
-    ]
-    assert sorted(reversed(order), key=lambda c: _rank(titan, c)) == order
-    # More headroom breaks a tie.
-    a, b = (
-        _candidate("static", "int4", "fp16", "tensorrt-10", 1.0),
-        _candidate("static", "int4", "fp16", "tensorrt-10", 2.0),
-    )
-    assert min([a, b], key=lambda c: _rank(device("orin-nx-16gb"), c)) is b
-
-
-def test_7b_targets() -> None:
-    """llava-1.5-7b, CoreMatching at k = 64, cache for 2048 tokens: what the planner says of the targets."""
-    margin = MARGIN_BYTES
-    # Titan Xp 12 GB: int8 weights fit with >= 0.5 GiB headroom on ONNX Runtime's CUDA provider (one device
-    # copy of the int8 weights); TensorRT 8.6 folds them back into fp32 weights, which do not fit.
-    titan = recommend("llava-1.5-7b", "titan-xp")
-    c = titan.choice
-    assert titan.status == "recommended" and c is not None
-    assert (c.runtime, c.weights, c.activations, c.neurons) == ("onnxruntime-cuda", "int8", "fp32", "per-request")
-    assert c.estimate.headroom >= margin  # 0.97 GiB
-    assert not plan(PlanConfig("llava-1.5-7b", "titan-xp", weights="int8")).corematching.fits  # on tensorrt-8.6
-    # Orin Nano 8 GB: nothing fits as the runtimes hold the weights today (TensorRT: one copy per engine; the
-    # CUDA provider: int4 copied per session); the closest is 0.81 GiB short.
-    nano = recommend("llava-1.5-7b", "orin-nano-8gb")
-    assert nano.status == "nothing fits" and nano.choice is not None and nano.choice.estimate.headroom < 0
-    # With one shared copy of the weights (not built), int4 with a static neuron set fits with >= 0.5 GiB.
-    shared = recommend("llava-1.5-7b", "orin-nano-8gb", sharing="shared")
-    c = shared.choice
-    assert shared.status == "recommended" and c is not None
-    assert (c.runtime, c.weights, c.activations, c.neurons) == ("tensorrt-10", "int4", "fp16", "static")
-    assert c.estimate.headroom >= margin  # 1.33 GiB
-    # The per-request int4 path: TensorRT cannot parse it, and even at one copy it is short (0.16 GiB).
-    config = PlanConfig("llava-1.5-7b", "orin-nano-8gb", weights="int4", activations="fp16", sharing="shared")
-    per_request = plan(config).corematching
-    assert not per_request.runnable and per_request.headroom < 0
-    ort = plan(replace(config, runtime="onnxruntime-cuda")).corematching
-    assert ort.runnable and ort.headroom < 0
-    # Dense fp16 fits neither, however the weights are shared.
-    for name in ("titan-xp", "orin-nano-8gb"):
-        for sharing in ("runtime", "shared"):
-            fp16 = PlanConfig("llava-1.5-7b", name, weights="fp16", activations="fp16", sharing=sharing)  # type: ignore[arg-type]
-            assert not plan(fp16).dense.fits
-    nx = recommend("llava-1.5-7b", "orin-nx-16gb")
-    c = nx.choice
-    assert nx.status == "recommended" and c is not None
-    assert (c.weights, c.neurons, c.runtime) == ("int8", "per-request", "tensorrt-10") and c.estimate.headroom >= margin
-
-
-def test_recommend_view(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--recommend", "--json")
-    assert (rc, err) == (0, "")
-    data = json.loads(out)
-    assert [d["device"] for d in data["devices"]] == list(DEVICES) and "per-request" in data["rule"]
-    status = {d["device"]: d["status"] for d in data["devices"]}
-    assert status == {name: "nothing fits" if name == "orin-nano-8gb" else "recommended" for name in DEVICES}
-    for d in data["devices"]:
-        assert d["candidates"] and (d["status"] != "recommended" or d["choice"]["estimate"]["headroom"] >= MARGIN_BYTES)
-    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "all")
-    assert (rc, err) == (0, "") and all(name in out for name in DEVICES) and "rule:" in out
-
-
-# -- output and input --------------------------------------------------------------------------------------
-
-
-def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "agx-orin-32gb", "--json")
-    assert (rc, err) == (0, "")
-    data = json.loads(out)
-    assert {
-        "model",
-        "device",
-        "runtime",
-        "weights",
-        "activations",
-        "planned_weights",
-        "tokens",
-        "budgets",
-        "memory",
-        "static_neuron_saving",
-        "recommended",
-        "notes",
-    } <= set(data)
-    assert (data["weights"], data["activations"], data["runtime"]["name"]) == ("fp16", "fp16", "tensorrt-10")
-    assert data["model"]["parameters"]["total"] == PARAMS_7B
-    assert data["budgets"] == {
-        "token_budget": 64,
-        "tokens_per_neuron_set": 1101,
-        "core_neurons": N_CORE,
-        "prune_layer": 2,
-        "neuron_layers": [6, 27],
-    }
-    assert set(data["memory"]) == {"dense", "corematching", "corematching_static"}
-    for entry in data["memory"].values():
-        assert entry["total"] == sum(
-            entry[key] for key in ("weights", "kv_cache", "compacted_ffn", "runtime_overhead")
-        ) + max(entry["activations"], entry["load_transient"])
-        assert sum(entry["weights_by_part"].values()) == entry["weights"]
-        assert isinstance(entry["fits"], bool) and isinstance(entry["decode_ms_first"], float)
-    assert data["memory"]["dense"]["fits"] is True
-    assert data["recommended"]["precision"] == "fp16" and "10.3" in data["recommended"]["tensorrt"]
-
-
-def test_table_output(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the cells of a narrower table
-    rc, out, err = _run(capsys, "--model", "llava-1.5-7b", "--device", "titan-xp", "--precision", "fp16")
-    assert rc == 0 and "--precision is deprecated" in err
-    for text in ("weights", "KV cache", "compacted FFN", "peak activations", "runtime overhead", "total", "fits"):
-        assert text in out, text
-    for text in ("dense", "CoreMatching", "short", "--recommend", "Titan Xp", "fp32", "one shared copy would save"):
-        assert text in out, text
-    rc, out, err = _run(
-        capsys, "--model", "llava-7b-width", "--device", "cpu", "--weights", "int4", "--activations", "fp16"
-    )
-    assert (rc, err) == (0, "") and "no limit checked" in out and "while a session is built" in out
-
-
-def _hub_config(**text: object) -> dict[str, object]:
-    """llava-hf/llava-1.5-7b-hf's config.json: the text model leaves Llama's defaults out."""
-    return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "image_token_index": 32000,
-        "model_type": "llava",
-        "pad_token_id": 32001,
-        "projector_hidden_act": "gelu",
-        "tie_word_embeddings": False,
-        "text_config": {
-            "architectures": ["LlamaForCausalLM"],
-            "max_position_embeddings": 4096,
-            "model_type": "llama",
-            "rms_norm_eps": 1e-05,
-            "vocab_size": 32064,
-            **text,
-        },
-        "vision_config": {
-            "hidden_size": 1024,
-            "image_size": 336,
-            "intermediate_size": 4096,
-            "model_type": "clip_vision_model",
-            "num_attention_heads": 16,
-            "num_hidden_layers": 24,
-            "patch_size": 14,
-            "projection_dim": 768,
-            "vocab_size": 32000,
-        },
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "vocab_size": 32064,
-    }
-
-
-def test_llava_hf_directory_is_planned_from_config_json_alone(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(_hub_config()))  # no weights, no tokenizer
-    from_dir = plan(PlanConfig(str(tmp_path), "agx-orin-32gb", "fp16"))
-    from_preset = plan(PlanConfig("llava-1.5-7b", "agx-orin-32gb", "fp16"))
-    assert from_dir.parameters == from_preset.parameters
-    assert from_dir.dense == from_preset.dense and from_dir.corematching == from_preset.corematching
-    # Neither torch nor transformers is imported to plan a directory (a Jetson has neither).
-    code = (
-        "import sys; from export.plan import PlanConfig, plan, recommend; "
-        f"plan(PlanConfig({str(tmp_path)!r}, 'orin-nano-8gb', weights='int4')); "
-        f"recommend({str(tmp_path)!r}, 'titan-xp'); "
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-
-
-def test_grouped_query_directory_uses_its_kv_heads(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(_hub_config(num_key_value_heads=8)))
-    p = plan(PlanConfig(str(tmp_path), "agx-orin-64gb", "fp16"))
-    assert p.dense.kv_cache == _kv(L, 2048, kv_heads=8)
-    assert p.parameters["decoder_layers"] == L * (LAYER - 2 * D_MODEL * D_MODEL + 2 * D_MODEL * 8 * HEAD_DIM)
-
-
-def test_plan_build_and_plan_manifest() -> None:
-    e = plan_build("llava-7b-width", weights="int4", activations="fp16", neurons="per-request", max_sequence=640)
-    p = plan(PlanConfig("llava-7b-width", "cpu", weights="int4", activations="fp16", max_sequence=640))
-    assert e == p.corematching and p.runtime.name == "onnxruntime-cpu"
-    manifest = SimpleNamespace(
-        model=SimpleNamespace(source="llava-7b-width"),
-        precision="float16",
-        quantization=SimpleNamespace(weights="int4", block_size=32),
-        corematching=SimpleNamespace(token_budget=64),
-        static_neurons=None,
-    )
-    assert plan_manifest(manifest, max_sequence=640) == e
-    static = SimpleNamespace(**{**vars(manifest), "static_neurons": SimpleNamespace(neurons=4416)})
-    assert plan_manifest(static, max_sequence=640) == p.static
-    dense = SimpleNamespace(
-        model=manifest.model, precision="float32", quantization=None, corematching=None, static_neurons=None
-    )
-    assert (
-        plan_manifest(dense, max_sequence=640)
-        == plan(PlanConfig("llava-7b-width", "cpu", weights="fp32", activations="fp32", max_sequence=640)).dense
-    )
-
-
-def _bad_dirs(tmp_path: Path) -> dict[str, Path]:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return {"empty": empty, "broken": broken, "other": other, "missing": tmp_path / "missing"}
-
-
-_7B = ["--model", "llava-1.5-7b"]
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--model", "llava-9b", "--device", "titan-xp"], "neither a model preset"),
-        ([*_7B, "--device", "titan"], "known devices: titan-xp"),
-        ([*_7B], "--device is required"),
-        ([*_7B, "--device", "titan-xp", "--precision", "bf16"], "precision"),
-        ([*_7B, "--device", "titan-xp", "--weights", "int3"], "--weights must be one of fp32, fp16, int8, int4"),
-        ([*_7B, "--device", "titan-xp", "--activations", "int8"], "--activations must be one of fp32, fp16"),
-        ([*_7B, "--device", "titan-xp", "--weights", "fp16", "--activations", "fp32"], "float weights follow"),
-        ([*_7B, "--device", "titan-xp", "--precision", "fp16", "--weights", "int8"], "not both"),
-        ([*_7B, "--device", "titan-xp", "--runtime", "tensorrt"], "known runtimes: onnxruntime-cpu"),
-        ([*_7B, "--device", "titan-xp", "--runtime", "tensorrt-10"], "its runtimes: tensorrt-8.6, onnxruntime-cuda"),
-        ([*_7B, "--device", "titan-xp", "--token-budget", "x"], "--token-budget"),
-        ([*_7B, "--device", "titan-xp", "--token-budget", "0"], "token-budget"),
-        ([*_7B, "--device", "titan-xp", "--token-budget", "600"], "576 image tokens"),
-        ([*_7B, "--device", "titan-xp", "--max-sequence", "600"], "no room"),
-        ([*_7B, "--device", "titan-xp", "--block-size", "48"], "--block-size must be one of"),
-        ([*_7B, "--recommend", "--device", "cpu"], "no memory limit"),
-        ([*_7B, "--recommend", "--device", "jetson"], "known devices"),
-        ([*_7B, "--device", "titan-xp", "--sharing", "some"], "--sharing must be one of runtime, separate, shared"),
-        (["--model", "{missing}", "--device", "titan-xp"], "neither a model preset"),
-        (["--model", "{empty}", "--device", "titan-xp"], "no config.json"),
-        (["--model", "{broken}", "--device", "titan-xp"], "cannot read"),
-        (["--model", "{other}", "--device", "titan-xp"], "model_type 'llama'"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], message: str
-) -> None:
-    dirs = _bad_dirs(tmp_path)
-    argv = [str(dirs[a[1:-1]]) if a.startswith("{") else a for a in argv]
-    rc, out, err = _run(capsys, *argv)
-    assert rc == 2 and out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
-    assert "Traceback" not in err
-
-
-def test_plan_config_validates() -> None:
-    with pytest.raises(PlanError, match="precision"):
-        PlanConfig("llava-1.5-7b", "titan-xp", "fp8")  # type: ignore[arg-type]
-    with pytest.raises(PlanError, match="token-budget"):
-        PlanConfig("llava-1.5-7b", "titan-xp", token_budget=True)
-    with pytest.raises(PlanError, match="known devices"):
-        PlanConfig("llava-1.5-7b", "jetson")
-    with pytest.raises(PlanError, match="known runtimes"):
-        PlanConfig("llava-1.5-7b", "titan-xp", runtime="trt")

@@ -18,7 +18,7 @@ from coreMatching.quant_scheme import Layout, WeightQuant
 from export.__main__ import main
 from export.config import ExportConfig
 from export.passes import insert_ffn_gather
-from export.passes.quantize import dequantize_input, quantize_weights, stored_form
+from export.passes.dequantize import dequantize_input, quantize_weights, stored_form
 
 INT8, INT4 = WeightQuant(8), WeightQuant(4, block_size=32)
 
@@ -211,12 +211,14 @@ def quantized_builds(checkpoint, built, tmp_path_factory):
 def test_quantized_builds_validate_against_the_fake_quant_reference(quantized_builds, built, weights):
     result = quantized_builds[weights]
     report = result.validation
-    assert report.passed, report.to_dict()
+    assert report.passed, report.to_json()
     for case in report.cases:
         assert case.equal_tokens == 32 and case.max_logit_diff <= 1e-4 and case.kept_equal and case.core_equal
-    distance = report.quantization["distance_to_float"]
-    assert {d["case"] for d in distance} == {"example", "random"} and all(d["max_logit_diff"] > 0 for d in distance)
+    distance = report.quantization.distance_to_float
+    assert {d.case for d in distance} == {"example", "random"} and all(d.max_logit_diff > 0 for d in distance)
+    assert [c.case for c in report.quantization.fast] == ["example", "random"]
     manifest = read(result.out)
+    assert manifest.validation == report  # the typed record, read back from the manifest's JSON
     assert manifest.quantization == Quantization(
         weights, 32 if weights == "int4" else None, "rtn", manifest.quantization.quantized, 0
     )

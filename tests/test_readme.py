@@ -47,7 +47,7 @@ def test_main_command_builds_and_answers(tmp_path):
     assert answer.stdout.splitlines()[0].strip().lower().rstrip(".") == "red"  # the README's question
     # The same build (the ONNX graphs, through the runtime) answers every shipped example.
     from runtime import Pipeline
-    from vqa.data import is_correct
+    from vqadata.data import is_correct
 
     pipeline = Pipeline.load(tmp_path / "builds" / "default", provider="cpu")
     wrong = []

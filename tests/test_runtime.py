@@ -20,6 +20,8 @@ from models import load_llava
 from models.answer import build_prompt
 from runtime import GenerationError, Pipeline, PromptError, Sampling
 from runtime.ort_backend import ProviderError, choose_providers
+from runtime.pipeline import GenerationTrace, Prompt, Timings
+from runtime.text import PromptTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "shapes_red_circle.png"
@@ -51,7 +53,7 @@ def test_runtime_tokens_equal_the_reference(built, checkpoint, name, mode):
         tokens, kept = reference_tokens(checkpoint(name), mode, EXAMPLE, question, 32)
         assert answer.token_ids == tokens
         assert answer.kept_image_tokens == kept
-        assert len(answer.timings["decode"]) == 31 and answer.timings["prefill"] > 0
+        assert len(answer.timings.decode) == 31 and answer.timings.prefill > 0
 
 
 def test_stream_pieces_make_the_answer(built):
@@ -65,8 +67,66 @@ def test_stream_pieces_make_the_answer(built):
             answer = done.value  # the generator returns the finished answer
             break
     assert "".join(pieces).rstrip() == answer.text  # the stream starts where the answer does
-    assert len(answer.token_ids) == 20 and len(answer.timings["decode_graph"]) == 19
+    assert len(answer.token_ids) == 20 and len(answer.timings.decode_graph) == 19
     assert pipeline.answer(EXAMPLE, "What is it?", max_new_tokens=20, stop_at_eos=False).token_ids == answer.token_ids
+
+
+def test_the_trace_records_what_each_token_was_chosen_from(built):
+    """The generation loop's trace (what validation compares): one logits row per token, row 0 the
+    prefill's, the greedy token each row's first maximum; the request's cache is freed at the end."""
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    trace = GenerationTrace()
+    prompt = pipeline.prepare(EXAMPLE, "What colour is the circle?", 8)
+    answer = pipeline.run(prompt, stop_at_eos=False, trace=trace)
+    assert trace.tokens == answer.token_ids and len(trace.tokens) == 8
+    logits = trace.step_logits
+    assert logits.shape == (8, pipeline.manifest.model.vocab_size) and logits.dtype == np.float32
+    assert np.argmax(logits, axis=1).tolist() == answer.token_ids
+    np.testing.assert_array_equal(logits[0], trace.prefill.logits)
+    assert trace.kept_image_tokens == answer.kept_image_tokens and len(trace.kept_image_tokens) == 5
+    assert set(trace.core_neurons) == set(range(*pipeline.manifest.corematching.neuron_layers))
+    assert trace.image_features.shape == (16, pipeline.manifest.model.hidden_size)
+    assert pipeline.backend._state is None and not pipeline.backend._buffers  # end_request ran
+    again = pipeline.run(prompt, stop_at_eos=False)  # no trace: the same answer
+    assert again.token_ids == answer.token_ids
+
+
+def test_the_prompt_builder_says_where_the_image_goes(built):
+    """`encode` gives the image's position from the text it tokenized, equal to where the ids hold it,
+    whether the template puts the image before the question or after it."""
+    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+    image_id = pipeline.manifest.model.image_token_id
+    for question in ("What?", "Is {x} <b> café 🐱 left of the square?"):
+        encoded, room = pipeline.encode(question, None)
+        first = int(np.flatnonzero(encoded.input_ids[0] == image_id)[0])
+        assert encoded.image_start == first and room == pipeline.max_sequence - encoded.prompt_tokens
+        assert pipeline.with_image(EXAMPLE, encoded, 4).image_start == first
+    base = pipeline.tokenizer
+    after = PromptTokenizer(base.tokenizer, "USER: {question}\n<image> ASSISTANT:", "<image>", image_id, 16, 64, [2])
+    for question in ("What?", "Which shape is red?"):
+        encoded = after.encode(question)
+        assert encoded.image_start == int(np.flatnonzero(encoded.input_ids[0] == image_id)[0]) > 3
+    with pytest.raises(ValueError, match="outside"):
+        Prompt(
+            pixel_values=np.zeros((1, 3, 8, 8), np.float32),
+            input_ids=encoded.input_ids,
+            image_start=99,
+            max_new_tokens=1,
+        )
+
+
+def test_timings_json_is_the_answers_timings_object():
+    measured = Timings(0.1, 0.2, 0.3, (0.01, 0.02), (0.005, 0.01))
+    assert measured.to_json() == {
+        "preprocess": 0.1,
+        "vision": 0.2,
+        "prefill": 0.3,
+        "decode": [0.01, 0.02],
+        "decode_graph": [0.005, 0.01],
+    }
+    assert "decode_graph" not in Timings(0.1, 0.2, 0.3, (0.01,)).to_json()  # only where measured
+    with pytest.raises(ValueError, match="negative"):
+        Timings(0.1, -0.2, 0.3)
 
 
 def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch):

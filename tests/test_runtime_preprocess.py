@@ -180,13 +180,14 @@ def test_token_ids_equal_transformers(processor: Any, tokenizer: PromptTokenizer
     image = Image.open(EXAMPLES[0])
     for question in QUESTIONS:
         expected = processor(images=image, text=build_prompt(processor, question), return_tensors="np")["input_ids"]
-        got = tokenizer.encode(question)
+        encoded = tokenizer.encode(question)
+        got = encoded.input_ids
         assert got.dtype == np.int64 and got.shape == expected.shape, question
         assert (got == expected).all(), question
-        assert tokenizer.image_start(got) == int(np.flatnonzero(expected[0] == processor.image_token_id)[0])
+        assert encoded.image_start == int(np.flatnonzero(expected[0] == processor.image_token_id)[0])
         assert (got[0] == processor.image_token_id).sum() == 576
-    assert "{x}" in tokenizer.decode(tokenizer.encode(QUESTIONS[2]))
-    assert tokenizer.encode(QUESTIONS[4]).shape[1] < MAX_PROMPT_TOKENS
+    assert "{x}" in tokenizer.decode(tokenizer.encode(QUESTIONS[2]).input_ids)
+    assert tokenizer.encode(QUESTIONS[4]).prompt_tokens < MAX_PROMPT_TOKENS
     assert tokenizer.eos_token_ids == (processor.tokenizer.eos_token_id,)
 
 

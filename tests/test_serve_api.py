@@ -1,4 +1,4 @@
-"""The HTTP server (runtime/serve): the official OpenAI client, bad requests, the queue, disconnects, timeouts.
+"""The HTTP server (serving/http): the official OpenAI client, bad requests, the queue, disconnects, timeouts.
 
 A real uvicorn server on a loopback socket, in a thread, on a tiny random-weight build. A pipeline
 wrapper (`Paced`) lets a test hold an answer between tokens, so queueing and disconnects are
@@ -27,7 +27,7 @@ import uvicorn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from runtime import Pipeline  # noqa: E402
-from runtime.serve import ServeConfig, ServeConfigError, create_app  # noqa: E402
+from serving.http import ServeConfig, ServeConfigError, create_app  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shapes_red_circle.png"
 PNG = EXAMPLE.read_bytes()
@@ -415,7 +415,7 @@ def test_server_settings_are_checked(changes, message, tmp_path) -> None:
 
 
 def test_the_command_refuses_a_missing_build_in_one_line(tmp_path, capsys) -> None:
-    from runtime.serve.__main__ import main
+    from serving.__main__ import main
 
     assert main(["--build", str(tmp_path / "nothing"), "--port", "8765"]) == 2
     err = capsys.readouterr().err

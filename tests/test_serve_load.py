@@ -1,4 +1,4 @@
-"""The server's load test (runtime/serve/load/, scripts/load_test.py): its settings, its mix, and a short
+"""The server's load test (bench/load/, scripts/load_test.py): its settings, its mix, and a short
 run against a server on a fresh build of the real default model (latencies are reported, never asserted)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from runtime.serve.load import (
+from bench.load import (
     BAD_KINDS,
     LoadConfig,
     LoadConfigError,
@@ -25,7 +25,7 @@ from runtime.serve.load import (
     run_load,
     write_results,
 )
-from runtime.serve.load.plan import FOUND_AFTER_ADMISSION
+from bench.load.plan import FOUND_AFTER_ADMISSION
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
-"""The server's web page (runtime/serve/static/) in a real headless Chromium, driven through Selenium.
+"""The server's web page (serving/http/static/) in a real headless Chromium, driven through Selenium.
 
-The page is served by `python -m runtime.serve` on the embedded default model, built once for the module
+The page is served by `python -m serving` on the embedded default model, built once for the module
 (the one model whose answers mean something), and used as a person would: the file input, the question,
 the Ask button. The browser and its driver are the distribution's (/usr/bin/chromium and
 /usr/bin/chromedriver), passed to Selenium explicitly: selenium-manager would try to download them.
@@ -46,7 +46,7 @@ def build_dir(default_build) -> Path:
 @pytest.fixture(scope="module")
 def server(build_dir):
     """The base URL of the server on the build, once GET /health answers; stopped after the module."""
-    from runtime.serve.process import serve_subprocess
+    from serving.http.process import serve_subprocess
 
     # The CPU provider: the page is the subject, and every machine answers the same on it.
     with serve_subprocess(build_dir, ["--provider", "cpu"]) as child:

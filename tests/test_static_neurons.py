@@ -115,7 +115,7 @@ def static_build(checkpoint, tmp_path_factory):
 
 def test_a_static_build_validates_and_takes_no_compacted_ffn(static_build, built) -> None:
     report = static_build.validation
-    assert report.passed, report.to_dict()
+    assert report.passed, report.to_json()
     assert all(case.equal_tokens == 32 and case.max_logit_diff <= 1e-4 for case in report.cases)
     manifest = read(static_build.out)
     record = manifest.static_neurons
@@ -144,7 +144,7 @@ def test_a_static_build_is_answered_by_the_runtime_and_validated_again(static_bu
 
 
 def test_plan_of_a_static_build_is_the_static_plan(static_build) -> None:
-    from export.plan import plan_build, plan_manifest
+    from planner.plan import plan_build, plan_manifest
 
     manifest = read(static_build.out)
     source = manifest.model.source
@@ -210,7 +210,7 @@ def test_an_int4_static_build_is_tensorrt_compatible(checkpoint, tmp_path) -> No
         calibration_count=2,
     )
     result = build(config)
-    assert result.validation.passed, result.validation.to_dict()
+    assert result.validation.passed, result.validation.to_json()
     manifest = result.manifest
     assert manifest.tensorrt_compatible, manifest.tensorrt_reason
     assert manifest.static_neurons.neurons % 16 == 0 and manifest.quantization.kept_float == 0

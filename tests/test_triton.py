@@ -1,4 +1,4 @@
-"""`python -m export triton`: the repository it writes, and that repository on a real Triton server.
+"""`python -m serving.triton`: the repository it writes, and that repository on a real Triton server.
 
 The server tests need an environment with the `triton` extra (nvidia-pytriton pins numpy < 2, so
 it is not this one): `.ci/run` makes it and names its interpreter in COREMATCHING_TRITON_PYTHON;
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from export.__main__ import main as export_main
-from export.triton import TritonConfig, TritonConfigError, write_repository
-from export.triton.repository import config_pbtxt
 from runtime import Pipeline
+from serving.triton import TritonConfig, TritonConfigError, write_repository
+from serving.triton.__main__ import main as triton_main
+from serving.triton.repository import config_pbtxt
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -65,7 +65,7 @@ def test_the_repository_holds_the_model_the_runtime_and_the_build(built, tmp_pat
 
 def test_the_command_refuses_a_broken_build_in_one_line(tmp_path, capsys) -> None:
     (tmp_path / "build").mkdir()
-    assert export_main(["triton", str(tmp_path / "build"), "--out", str(tmp_path / "repo")]) == 2
+    assert triton_main([str(tmp_path / "build"), "--out", str(tmp_path / "repo")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "repo").exists()
@@ -81,7 +81,7 @@ def _triton_python() -> Path:
             "no Triton environment: set COREMATCHING_TRITON_PYTHON to the python of an environment with "
             "pip install -e '.[ort,triton]' (nvidia-pytriton pins numpy < 2; .ci/run makes one)"
         )
-    from export.triton.local import TritonInstall, TritonUnavailable
+    from serving.triton.local import TritonInstall, TritonUnavailable
 
     try:
         return TritonInstall.find(Path(value))
@@ -91,7 +91,7 @@ def _triton_python() -> Path:
 
 @pytest.fixture(scope="module")
 def triton(default_build, tmp_path_factory):
-    from export.triton.local import local_triton
+    from serving.triton.local import local_triton
 
     install = _triton_python()
     repository = write_repository(
@@ -103,7 +103,7 @@ def triton(default_build, tmp_path_factory):
 
 def _ask(install, running, items: list[dict], concurrency: int = 1) -> list[dict]:
     done = subprocess.run(
-        [str(install.python), "-m", "export.triton.client", "--url", running.grpc, "--concurrency", str(concurrency)],
+        [str(install.python), "-m", "bench.triton.client", "--url", running.grpc, "--concurrency", str(concurrency)],
         input=json.dumps(items),
         capture_output=True,
         text=True,
@@ -182,7 +182,7 @@ def test_http_generate_stream_answers(triton, expected) -> None:
 
 def test_the_repository_command_prints_how_to_start_it(built, tmp_path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "export", "triton", str(built("llama", "cm").out), "--out", str(tmp_path / "r")],
+        [sys.executable, "-m", "serving.triton", str(built("llama", "cm").out), "--out", str(tmp_path / "r")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqa import shapes
-from vqa.data import DataError, is_correct, jsonl_items, normalise, shapes_items, write_jsonl
+from vqadata import shapes
+from vqadata.data import DataError, is_correct, jsonl_items, normalise, shapes_items, write_jsonl
 
 
 def test_examples_are_deterministic() -> None:

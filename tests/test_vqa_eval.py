@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coreMatching import CoreMatchingConfig
-from vqa.data import is_correct, shapes_items
+from vqadata.data import is_correct, shapes_items
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -60,7 +60,7 @@ def test_outputs_are_written(evaluated: Path) -> None:
 
 
 def test_decode_fidelity_is_exact_with_every_neuron(default_loaded) -> None:
-    from vqa.fidelity import FidelityConfig, decode_fidelity
+    from evaluation.fidelity import FidelityConfig, decode_fidelity
 
     model, processor = default_loaded
     full, sparse = decode_fidelity(
@@ -177,7 +177,7 @@ def test_rank_and_recall_of_object_patches() -> None:
     import numpy as np
     import torch
 
-    from vqa.evaluate import _rank, _recall
+    from evaluation.evaluate import _rank, _recall
 
     relevant = np.zeros(5, dtype=bool)
     relevant[[1, 3]] = True
@@ -192,7 +192,7 @@ def test_make_dataset_script(tmp_path: Path) -> None:
     import make_dataset
 
     assert make_dataset.main(["--split", "validation", "--count", "3", "--out", str(tmp_path)]) == 0
-    from vqa.data import jsonl_items
+    from vqadata.data import jsonl_items
 
     items = jsonl_items(tmp_path / "questions.jsonl")
     assert [i.id for i in items] == ["validation-000000", "validation-000001", "validation-000002"]
@@ -200,8 +200,8 @@ def test_make_dataset_script(tmp_path: Path) -> None:
 
 
 def test_worker_processes_give_the_same_records() -> None:
-    from vqa.evaluate import EvalConfig
-    from vqa.job import EvalJob, run_job
+    from evaluation.evaluate import EvalConfig
+    from evaluation.job import EvalJob, run_job
 
     config = EvalConfig(budgets=(64,), methods=("core-coverage", "fastv"), merges=("none", "nearest"))
     one, _ = run_job(EvalJob(count=3, config=config, fidelity_count=0))

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from models.presets import ModelPreset, build_random_model, from_name
-from vqa import shapes
-from vqa.objective import IGNORE, GroundingLoss, PatchHeads, activation_penalty
-from vqa.train import (
+from training.objective import IGNORE, GroundingLoss, PatchHeads, activation_penalty
+from training.train import (
     Encoder,
     Objective,
     TrainConfig,
@@ -22,6 +21,7 @@ from vqa.train import (
     training_batch,
     turn_mask,
 )
+from vqadata import shapes
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from buildformat.names import activation_name
 from coreMatching.config import Budgets
 from export.passes.membership import core_neurons, membership
 from export.passes.ops import drop_output, find_tensor
@@ -17,7 +18,7 @@ def insert_core_neuron_selection(graph: gs.Graph, layer: int, budgets: Budgets) 
     """act.{layer} [S, D] -> core_neurons.{layer} [N]: the prompt's core neurons (k_tok, N and the
     chunks of `budgets`)."""
     # 1. The seam: the layer's activation, exposed by the trace as a graph output.
-    act = find_tensor(graph, f"act.{layer}")
+    act = find_tensor(graph, activation_name(layer))
     # 2. Token-wise core neurons, then the prompt's core neurons (TopK over the counts).
     member = membership(graph, act, layer, budgets.tokens_per_neuron_set)
     core = core_neurons(graph, member, layer, budgets.core_neurons, budgets.intermediate_size, budgets.neuron_chunks)

@@ -22,18 +22,22 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from buildformat.names import IMAGE_START, KEEP_INDICES, KEPT_IMAGE_TOKENS, activation_name
 from coreMatching.config import Budgets
 from export.passes.ops import Ops, drop_output, find_tensor, replace_uses
 
 FLOAT, INT64 = int(onnx.TensorProto.FLOAT), int(onnx.TensorProto.INT64)
+PREFIX = "cm.keep"
+# The computed keep_indices: a merge pass reads it, since the traced input of that name is gone then.
+COMPUTED_KEEP_INDICES = f"{PREFIX}.{KEEP_INDICES}"
 
 
 def insert_core_token_selection(graph: gs.Graph, budgets: Budgets, scores: gs.Variable) -> gs.Graph:
-    ops = Ops(graph, "cm.keep")
+    ops = Ops(graph, PREFIX)
     n_img = budgets.num_image_tokens
     # 1. The seams: the prune layer's activation [S, D] (for the sequence length) and the image start.
-    act = find_tensor(graph, f"act.{budgets.prune_layer}")
-    image_start = find_tensor(graph, "image_start")
+    act = find_tensor(graph, activation_name(budgets.prune_layer))
+    image_start = find_tensor(graph, IMAGE_START)
 
     # 2. Every position's rank score: the image tokens' scores, text positions above any of them.
     seq = ops(
@@ -109,12 +113,12 @@ def insert_core_token_selection(graph: gs.Graph, budgets: Budgets, scores: gs.Va
         "TopK", [as_float, keep_len], "token_sort", attrs={"axis": 0, "largest": 0, "sorted": 1}, outputs=2
     )
     ordered.dtype = np.float32
-    keep = ops("Cast", [ordered], "keep_indices", dtype=np.int64, attrs={"to": INT64})  # [S']
+    keep = ops("Cast", [ordered], KEEP_INDICES, dtype=np.int64, attrs={"to": INT64})  # [S']
     keep.shape = ["S_kept"]
 
     # 5. Later layers read the computed positions; the traced input goes away (a merge pass reads
     #    `cm.keep.keep_indices` instead when the trace has merge inputs).
-    traced = graph.tensors().get("keep_indices")
+    traced = graph.tensors().get(KEEP_INDICES)
     if traced is not None and traced in graph.inputs:
         replace_uses(graph, traced, keep)
         graph.inputs = [t for t in graph.inputs if t is not traced]
@@ -138,7 +142,7 @@ def insert_core_token_selection(graph: gs.Graph, budgets: Budgets, scores: gs.Va
         attrs={"axis": 0},
     )
     kept = ops("Sub", [picked, image_start], "kept", dtype=np.int64)
-    kept.name = "kept_image_tokens"
+    kept.name = KEPT_IMAGE_TOKENS
     kept.shape = ["k"] if budgets.token_budget == "auto" else [int(budgets.token_budget)]
     graph.outputs.append(kept)
     drop_output(graph, act.name)

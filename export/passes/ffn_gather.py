@@ -8,7 +8,7 @@ and `ffn.{layer}.down_t` [N, d]: the pruned columns (rows of down), which the
 decode graph takes as inputs for the whole answer. The decode step then reads
 N of D neurons' weights and never gathers again.
 
-Quantized weights (`export.passes.quantize`, run before this pass) are gathered in their stored
+Quantized weights (`export.passes.dequantize`, run before this pass) are gathered in their stored
 form, never dequantized whole: the outputs are `ffn.{layer}.{w}.q` (or `.packed`) and
 `ffn.{layer}.{w}.scale`, the core neurons' integers and their scales (a per-output-channel scale of
 down, whose columns are not gathered, passes through whole).
@@ -18,29 +18,39 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from buildformat.names import (
+    FFN_WEIGHTS,
+    QUANT_DATA,
+    QUANT_PACKED,
+    QUANT_SCALE,
+    core_neurons_name,
+    ffn_name,
+    part_name,
+)
 from export.passes.ops import Ops, find_tensor
 
-# (weight name, gather axis): W_gate and W_up lose columns, W_down loses rows.
-WEIGHTS = (("gate_t", 1), ("up_t", 1), ("down_t", 0))
+# The gather axis of each weight ([d, D], [d, D], [D, d]): W_gate and W_up lose columns, W_down loses rows.
+GATHER_AXES = dict(zip(FFN_WEIGHTS, (1, 1, 0), strict=True))
 
 
 def insert_ffn_gather(graph: gs.Graph, layer: int, prefix: str) -> gs.Graph:
     ops = Ops(graph, f"cm.ffn{layer}")
     # 1. The layer's core neurons (from the core-neuron pass).
-    core = find_tensor(graph, f"core_neurons.{layer}")
+    core = find_tensor(graph, core_neurons_name(layer))
     n = core.shape[0] if core.shape else "N"
-    for weight, axis in WEIGHTS:
+    for weight, axis in GATHER_AXES.items():
         # 2. The weight initializer as the trace named it, or the dequantization of its stored form.
         w = find_tensor(graph, f"{prefix}.{weight}")
+        compact = ffn_name(layer, weight)
         if isinstance(w, gs.Constant):
-            parts = [(w, axis, f"ffn.{layer}.{weight}")]
+            parts = [(w, axis, compact)]
         elif w.inputs and w.inputs[0].op == "DequantizeLinear":
-            parts = _stored_parts(graph, w, axis, f"ffn.{layer}.{weight}")
+            parts = _stored_parts(graph, w, axis, compact)
         else:
             raise ValueError(f"{w.name} is not an initializer; the FFN-gather pass needs the weights in the graph")
         # 3. Gather the core neurons' columns (or rows) into graph outputs.
         for tensor, gather_axis, name in parts:
-            part = name.removeprefix(f"ffn.{layer}.")  # gate_t, or gate_t.q and gate_t.scale
+            part = weight + name.removeprefix(compact)  # gate_t, or gate_t.q and gate_t.scale
             if gather_axis is None:  # a scale that the gather does not touch
                 out = ops("Identity", [tensor], part, dtype=tensor.dtype, shape=list(tensor.shape))
             else:
@@ -57,10 +67,10 @@ def _stored_parts(graph: gs.Graph, w: gs.Variable, axis: int, out: str) -> list[
     """(tensor, gather axis or None, output name) of a quantized weight's data and scale."""
     dq = w.inputs[0]
     scale = dq.inputs[1]
-    packed = graph.tensors().get(f"{w.name}.packed")
-    data, suffix = (packed, "packed") if packed is not None else (dq.inputs[0], "q")
+    packed = graph.tensors().get(part_name(w.name, QUANT_PACKED))
+    data, suffix = (packed, QUANT_PACKED) if packed is not None else (dq.inputs[0], QUANT_DATA)
     if not isinstance(data, gs.Constant) or not isinstance(scale, gs.Constant):
         raise ValueError(f"{w.name}: the stored weight and its scale must be initializers")
     # A per-output-channel scale [N] follows the columns; blocked scales [K/B, N] / [K, N/B] follow the axis.
     scale_axis = (0 if axis == 1 else None) if len(scale.shape) == 1 else axis
-    return [(data, axis, f"{out}.{suffix}"), (scale, scale_axis, f"{out}.scale")]
+    return [(data, axis, part_name(out, suffix)), (scale, scale_axis, part_name(out, QUANT_SCALE))]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from buildformat.names import core_neurons_name
 from coreMatching.selection import chunk_bounds, chunk_sizes
 from export.passes.ops import Ops
 
@@ -64,7 +65,7 @@ def core_neurons(
 
     member: [T, D] float -> int64 [N]. With chunks > 1 each contiguous chunk keeps its share.
     """
-    name = f"core_neurons.{layer}"
+    name = core_neurons_name(layer)
     existing = graph.tensors().get(name)
     if existing is not None:
         return existing

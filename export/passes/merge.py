@@ -24,7 +24,17 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from buildformat.names import (
+    IMAGE_START,
+    KEEP_POSITIONS,
+    KEPT_BIAS,
+    KEPT_IMAGE_TOKENS,
+    KEY_BIAS,
+    MERGE_SEAMS,
+    activation_name,
+)
 from coreMatching.config import Budgets
+from export.passes.core_tokens import COMPUTED_KEEP_INDICES
 from export.passes.membership import membership
 from export.passes.ops import Ops, find_tensor, replace_uses
 
@@ -36,11 +46,11 @@ def insert_token_merge(graph: gs.Graph, budgets: Budgets) -> gs.Graph:
     ops = Ops(graph, "cm.merge")
     n_img, k = budgets.num_image_tokens, int(budgets.token_budget)
     # 1. The seams.
-    keep = find_tensor(graph, "cm.keep.keep_indices")  # [S'] ascending positions
-    kept = find_tensor(graph, "kept_image_tokens")  # [k]
-    image_start = find_tensor(graph, "image_start")  # [1]
-    act = find_tensor(graph, f"act.{budgets.prune_layer}")  # [S, D]
-    traced = {name: find_tensor(graph, name) for name in ("merge_weights", "keep_positions", "key_bias")}
+    keep = find_tensor(graph, COMPUTED_KEEP_INDICES)  # [S'] ascending positions
+    kept = find_tensor(graph, KEPT_IMAGE_TOKENS)  # [k]
+    image_start = find_tensor(graph, IMAGE_START)  # [1]
+    act = find_tensor(graph, activation_name(budgets.prune_layer))  # [S, D]
+    traced = {name: find_tensor(graph, name) for name in MERGE_SEAMS}
 
     # 2. Where the image is in the sequence, and which image tokens were pruned.
     seq = ops(
@@ -88,10 +98,10 @@ def insert_token_merge(graph: gs.Graph, budgets: Budgets) -> gs.Graph:
         raise ValueError(f"no merge pass for {budgets.token_merge!r}")
 
     # 3. The traced inputs are computed now; the decode graph gets the image slots' bias.
-    for name, value in (("merge_weights", weights), ("keep_positions", keep_positions), ("key_bias", key_bias)):
+    for name, value in zip(MERGE_SEAMS, (weights, keep_positions, key_bias), strict=True):
         replace_uses(graph, traced[name], value)
     graph.inputs = [t for t in graph.inputs if t.name not in traced]
-    kept_bias.name = "kept_bias"
+    kept_bias.name = KEPT_BIAS
     kept_bias.shape = [budgets.image_slots]
     graph.outputs.append(kept_bias)
     return graph.cleanup().toposort()
@@ -169,7 +179,7 @@ def _summary(ops, keep, image_start, positions, is_image, slot, one_hot, is_kept
     rows = ops("Concat", [one_hot, row], "rows_ext", dtype=np.float32, attrs={"axis": 0})  # [S' + 1, S]
     weights = ops("Gather", [rows, order], "weights", dtype=np.float32, attrs={"axis": 0})
     positions_ext = ops("Concat", [keep, where], "pos_ext", dtype=np.int64, attrs={"axis": 0})
-    keep_positions = ops("Gather", [positions_ext, order], "keep_positions", dtype=np.int64, attrs={"axis": 0})
+    keep_positions = ops("Gather", [positions_ext, order], KEEP_POSITIONS, dtype=np.int64, attrs={"axis": 0})
     keep_f = ops("Cast", [keep], "keep_float", dtype=np.float32, attrs={"to": FLOAT})
     zeros = ops("Mul", [keep_f, ops.const("z", 0.0, np.float32)], "zeros", dtype=np.float32)  # [S']
     log_m = math.log(pruned_count)
@@ -185,11 +195,11 @@ def _summary(ops, keep, image_start, positions, is_image, slot, one_hot, is_kept
             ),
             order,
         ],
-        "key_bias",
+        KEY_BIAS,
         dtype=np.float32,
         attrs={"axis": 0},
     )
-    kept_bias = ops("Identity", [ops.const("slots", [0.0] * k + [log_m], np.float32)], "kept_bias", dtype=np.float32)
+    kept_bias = ops("Identity", [ops.const("slots", [0.0] * k + [log_m], np.float32)], KEPT_BIAS, dtype=np.float32)
     return weights, keep_positions, key_bias, kept_bias
 
 
@@ -274,7 +284,7 @@ def _nearest(ops, member, keep, kept, image_start, is_image, slot, one_hot, is_k
     log_size = ops(
         "Log",
         [ops("Squeeze", [size, ops.const("a1b", [1], np.int64)], "size_k", dtype=np.float32)],
-        "kept_bias",
+        KEPT_BIAS,
         dtype=np.float32,
     )  # [k]
     key_bias = ops(
@@ -284,7 +294,7 @@ def _nearest(ops, member, keep, kept, image_start, is_image, slot, one_hot, is_k
             ops("Gather", [log_size, row_slot], "bias_spread", dtype=np.float32, attrs={"axis": 0}),
             ops.const("zb", 0.0, np.float32),
         ],
-        "key_bias",
+        KEY_BIAS,
         dtype=np.float32,
     )  # [S']
     return weights, keep, key_bias, log_size

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from buildformat.names import IMAGE_START, activation_name, attention_name
 from coreMatching.config import Budgets
 from coreMatching.rules import COVERAGE_FLOOR_HALVINGS, COVERAGE_QUERY_WEIGHT
 from coreMatching.selection import random_scores
@@ -68,8 +69,8 @@ def graph_rule(name: str) -> Callable[[GraphRule], GraphRule]:
 def insert_token_scores(graph: gs.Graph, budgets: Budgets, seed: int = 0) -> gs.Variable:
     """Adds the `image_start` input and the selector's scores; returns `cm.tokens.image_scores` [n_img]."""
     ops = Ops(graph, "cm.tokens")
-    act = find_tensor(graph, f"act.{budgets.prune_layer}")
-    image_start = gs.Variable("image_start", dtype=np.int64, shape=[1])
+    act = find_tensor(graph, activation_name(budgets.prune_layer))
+    image_start = gs.Variable(IMAGE_START, dtype=np.int64, shape=[1])
     graph.inputs.append(image_start)
     n_img = budgets.num_image_tokens
     shape = ops("Shape", [act], "shape", dtype=np.int64)
@@ -114,7 +115,7 @@ def query_overlap(layer: PruneLayer) -> gs.Variable:
 def fastv(layer: PruneLayer) -> gs.Variable:
     """The last prompt token's attention to each image token, mean over heads (the attention seam)."""
     ops = layer.ops
-    name = f"attn_last.{layer.budgets.prune_layer}"
+    name = attention_name(layer.budgets.prune_layer)
     probs = find_tensor(layer.graph, name)  # [H, S]
     mean = ops(
         "ReduceMean", [probs, ops.const("axis0", [0], np.int64)], "head_mean", dtype=np.float32, attrs={"keepdims": 0}

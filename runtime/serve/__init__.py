@@ -1,17 +1,1 @@
-"""A local HTTP server for a build: an OpenAI-compatible chat API, metrics and a web page (docs/serving.md).
-
-    python -m runtime.serve --build builds/default            # http://127.0.0.1:8000/
-
-Torch-free, like the rest of runtime/; needs the `serve` extra (FastAPI, uvicorn, prometheus-client).
-"""
-
-from runtime.serve.config import ServeConfig, ServeConfigError
-
-__all__ = ["ServeConfig", "ServeConfigError", "create_app"]
-
-
-def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """runtime.serve.app.create_app, imported on first use (FastAPI is an optional extra)."""
-    from runtime.serve.app import create_app as create
-
-    return create(*args, **kwargs)
+"""Moved: the HTTP server is `python -m serving` (package `serving.http`)."""

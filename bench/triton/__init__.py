@@ -1,0 +1,1 @@
+"""Throughput of a Triton model repository under concurrent streamed requests."""

@@ -1,0 +1,1 @@
+"""The accuracy evaluation: reference and ONNX answers per setting, decode fidelity, the report."""

@@ -1,0 +1,1 @@
+"""The memory planner: what a deployment holds on a device, dense and CoreMatching (torch-free; docs/planning.md)."""

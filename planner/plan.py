@@ -1,0 +1,406 @@
+"""Memory plan of a deployment, dense and CoreMatching, against one device and runtime (`python -m planner`).
+
+Everything is computed from the model's geometry (a preset, or a llava-hf directory's
+config.json read as JSON): no weights are loaded and neither torch nor transformers is
+imported, so a 7B or 13B model is planned on a laptop or on the Jetson itself.
+
+What is counted, in bytes (docs/planning.md):
+
+- weights: every weight of every graph (`ModelGeometry.weight_groups`) at the build's storage scheme
+  (`planner.runtimes.matmul_bytes`: fp32, fp16, int8 per output channel, int4 in blocks of 32),
+  then as the runtime holds them (`planner.runtimes.RUNTIMES`): a precision that falls back is
+  planned at the precision it runs at, and a runtime that keeps one copy per session counts one per
+  graph that reads the weight;
+- KV cache sized for the longest answer (`max_sequence` tokens): CoreMatching's layers after the
+  prune layer hold `max_sequence - n_img + k` tokens;
+- compacted FFN weights of one request (per-request neurons: gathered once after prefill, in the
+  stored form, and kept for the whole answer);
+- peak activations: the largest of the vision graph's and the prefill's live tensors, and, where
+  the runtime holds more while it builds a session (ONNX Runtime's CPU packing), that instead;
+- a runtime overhead per device kind (`planner.devices`).
+
+Exact: the stored weights, the KV cache, the compacted weights. Measured factors: what ONNX Runtime's
+CPU provider holds per stored byte. Estimates: activations (unfused attention assumed, so an upper
+side) and the runtime overhead. Decode-step times are lower bounds: the bytes a step must read
+divided by the DRAM bandwidth (decode is memory bound).
+
+Which configuration to deploy on a device, of those planned here, is `planner.recommend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from coreMatching.config import Budgets, CoreMatchingConfig
+from coreMatching.errors import ConfigError
+from coreMatching.quant_scheme import WeightQuant
+from planner.devices import PRECISIONS, Device, Precision, UnknownDeviceError, device
+from planner.footprint import (
+    SHARINGS,
+    ModelGeometry,
+    Neurons,
+    PlanError,
+    Sharing,
+    held_weights,
+    load_geometry,
+    plan_notes,
+)
+from planner.runtimes import (
+    DEFAULT_BLOCK_SIZE,
+    FLOAT_BYTES,
+    ActivationPrecision,
+    Runtime,
+    UnknownRuntimeError,
+    WeightPrecision,
+    check_precisions,
+    matmul_bytes,
+    runtime,
+)
+
+# The deprecated `--precision`: one name for the weights and the activations. int8 meant weight-only
+# int8 with fp16 activations and cache, what it planned before the builds could quantize.
+PRECISION_ALIASES: dict[str, tuple[WeightPrecision, ActivationPrecision]] = {
+    "fp32": ("fp32", "fp32"),
+    "fp16": ("fp16", "fp16"),
+    "int8": ("int8", "fp16"),
+}
+PROMPT_TEXT_TOKENS = 40  # the default prompt: the image plus a question and the chat template
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What to plan. None takes the device's choice: its recommended activations (fp32 on a Titan Xp, fp16 on
+    Orin), float weights at that precision, its recommended runtime; prompt_tokens None is n_img + 40.
+
+    precision: deprecated, `PRECISION_ALIASES` (give weights/activations instead).
+    sharing: "runtime" (what the runtime holds today, `planner.runtimes`), "separate" (opt into prefill and
+        decode sessions or engines that each hold their weights) or "shared" (one copy of every shared weight,
+        a design not every runtime has: planned to see what it would give).
+    """
+
+    model: str | Path
+    device: str
+    precision: Precision | None = None
+    token_budget: int = 64
+    max_sequence: int = 2048  # prompt + the longest answer: what the KV cache is sized for
+    prompt_tokens: int | None = None
+    weights: WeightPrecision | None = None
+    activations: ActivationPrecision | None = None
+    runtime: str | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    sharing: Sharing = "runtime"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, Path)) or not str(self.model).strip():
+            raise PlanError(f"model must be a preset name or a directory, got {self.model!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision is not None and (self.weights or self.activations):
+            raise PlanError("give --weights/--activations or the deprecated --precision, not both")
+        if self.sharing not in SHARINGS:
+            raise PlanError(f"--sharing must be one of {', '.join(SHARINGS)}, got {self.sharing!r}")
+        for name in ("token_budget", "max_sequence", "prompt_tokens", "block_size"):
+            value = getattr(self, name)
+            if value is None and name == "prompt_tokens":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        self.resolved()  # names the device, the runtime or the precisions that are wrong
+
+    def resolved(self) -> tuple[Device, WeightPrecision, ActivationPrecision, Runtime]:
+        """The device, the weights' and activations' precisions and the runtime this config plans."""
+        try:
+            dev = device(self.device)
+        except UnknownDeviceError as e:
+            raise PlanError(str(e)) from None
+        if self.precision is not None:
+            weights, activations = PRECISION_ALIASES[self.precision]
+        else:
+            float_weights = self.weights if self.weights in FLOAT_BYTES else None
+            activations = self.activations or float_weights or dev.recommended_precision  # type: ignore[assignment]
+            weights = self.weights or activations  # type: ignore[assignment]
+        try:
+            check_precisions(weights, activations)
+            WeightQuant(bits=4, block_size=self.block_size)  # names the block sizes the build takes
+            rt = runtime(self.runtime or dev.recommended_runtime)
+        except (ConfigError, UnknownRuntimeError) as e:
+            raise PlanError(str(e)) from None
+        if rt.name not in dev.runtimes:
+            raise PlanError(f"runtime {rt.name} is not planned on {dev.name}; its runtimes: {', '.join(dev.runtimes)}")
+        return dev, weights, activations, rt
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The memory (bytes) of one way to deploy, and what one decode step reads."""
+
+    weights: int  # what the runtime holds (fallbacks, copies per session or engine, packing), with `sharing`
+    weights_stored: int  # the build's weights at its storage scheme (about its weights.bin)
+    weights_by_part: Mapping[str, int]  # `weights` by part of the model
+    kv_cache: int
+    compacted_ffn: int  # per request: CoreMatching's gathered FFN weights
+    activations: int  # peak of the vision graph or the prefill
+    load_transient: int  # held on top of the weights while the largest session is built
+    runtime_overhead: int
+    total: int  # weights + KV cache + compacted + the larger of activations and load transient + overhead
+    headroom: int | None  # usable memory of the device - total (negative: does not fit); None: no limit
+    fits: bool | None
+    # What opting into separate sessions or engines adds (the decode graph's own copy of what it shares with
+    # prefill; 0 where the runtime already holds one per engine), and what one shared copy would save.
+    unshared_decode_weights: int
+    shared_saving: int
+    decode_bytes_first: int  # read by the first decode step (the prompt cached)
+    decode_bytes_last: int  # read by the last one (max_sequence cached)
+    decode_ms_first: float  # lower bounds: bytes / bandwidth
+    decode_ms_last: float
+    runnable: bool = True  # False: the runtime cannot run this build (`reason`)
+    reason: str = ""
+    sharing: Sharing = "runtime"
+
+    @property
+    def total_unshared(self) -> int:
+        """The total with separate sessions or engines."""
+        return self.total + self.unshared_decode_weights
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: PlanConfig
+    model: ModelGeometry
+    device: Device
+    runtime: Runtime
+    weights: WeightPrecision  # as built
+    activations: ActivationPrecision  # as built (the KV cache and the scales too)
+    planned_weights: WeightPrecision  # what the runtime runs them at (a fallback differs)
+    activation_bytes: int  # per activation and KV-cache value, as built
+    compute_bytes: int  # per activation as the runtime computes them
+    parameters: dict[str, int]
+    budgets: Budgets
+    prompt_tokens: int  # S
+    kept_prompt_tokens: int  # S - n_img + k
+    dense: Estimate
+    corematching: Estimate  # per-request core neurons: the method
+    static: Estimate  # a calibrated static neuron set baked into narrower FFN weights
+    static_saving: int  # stored bytes the narrowed FFN saves
+    notes: tuple[str, ...]
+
+    @property
+    def estimates(self) -> dict[str, Estimate]:
+        return {"dense": self.dense, "corematching": self.corematching, "corematching_static": self.static}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary; every memory figure in bytes."""
+        b, rt = self.budgets, self.runtime
+        return {
+            "model": {**asdict(self.model), "parameters": self.parameters},
+            "device": {**asdict(self.device), "usable_bytes": self.device.usable_bytes},
+            "runtime": asdict(rt),  # every fact with its source
+            "weights": self.weights,
+            "activations": self.activations,
+            "planned_weights": self.planned_weights,
+            "precision": self.config.precision,
+            "activation_bytes": self.activation_bytes,
+            "compute_bytes": self.compute_bytes,
+            "block_size": self.config.block_size,
+            "sharing": self.config.sharing,
+            "tokens": {
+                "image_tokens": self.model.num_image_tokens,
+                "prompt_tokens": self.prompt_tokens,
+                "kept_prompt_tokens": self.kept_prompt_tokens,
+                "max_sequence": self.config.max_sequence,
+                "answer_tokens": self.config.max_sequence - self.prompt_tokens,
+            },
+            "budgets": {
+                **{key: getattr(b, key) for key in ("token_budget", "tokens_per_neuron_set", "core_neurons")},
+                "prune_layer": b.prune_layer,
+                "neuron_layers": list(b.neuron_layers),
+            },
+            "memory": {
+                name: {**asdict(e), "weights_by_part": dict(e.weights_by_part), "total_unshared": e.total_unshared}
+                for name, e in self.estimates.items()
+            },
+            "static_neuron_saving": self.static_saving,
+            "recommended": {
+                "activations": self.device.recommended_precision,
+                "precision": self.device.recommended_precision,
+                "runtime": self.device.recommended_runtime,
+                "tensorrt": self.device.recommended_tensorrt,
+            },
+            "notes": list(self.notes),
+        }
+
+
+def plan(config: PlanConfig) -> Plan:
+    """The memory plan of `config`; raises PlanError for what the model or the budgets cannot honour."""
+    g = load_geometry(config.model)
+    dev, weights, act, rt = config.resolved()
+    ab = FLOAT_BYTES[act]
+    cb = FLOAT_BYTES[rt.fp16_activations_as if act == "fp16" else "fp32"]  # what the runtime computes in
+    n_img = g.num_image_tokens
+    try:
+        budgets = CoreMatchingConfig(token_budget=config.token_budget).resolve(
+            num_layers=g.num_layers, intermediate_size=g.intermediate_size, num_image_tokens=n_img
+        )
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    k, m = config.token_budget, config.max_sequence
+    s = config.prompt_tokens if config.prompt_tokens is not None else n_img + PROMPT_TEXT_TOKENS
+    if s < n_img:
+        raise PlanError(f"prompt-tokens {s} is shorter than the {n_img} image tokens the prompt contains")
+    if m <= s:
+        raise PlanError(f"max-sequence {m} leaves no room for an answer after a {s}-token prompt")
+    merged = budgets.merged_tokens  # a summary token is computed and cached too
+    s_kept = g.kept_length(s, k, merged)
+    sparse = len(budgets.neuron_sparse_layers)
+    d, n = g.hidden_size, budgets.core_neurons
+    planned = rt.handling(weights).precision(weights, act)
+    block = config.block_size
+    static_n = budgets.static_width(block if weights == "int4" else 1)
+
+    def kv(tokens: int, pruned: bool) -> int:
+        """All layers' cache for `tokens`; `pruned`: the layers after the prune layer hold the kept ones."""
+        if not pruned:
+            return g.cache_bytes(tokens, ab)
+        return g.cache_bytes(tokens, ab, budgets.prune_layer, kept=k, merged=merged)
+
+    # Per request: gate and up [d, N] columns, down [N, d] rows, in the stored form (int8: down's per-output-
+    # channel scales are the model's own, so not counted again).
+    compacted = sparse * (
+        2 * matmul_bytes(d, n, planned, act, block_size=block)
+        + matmul_bytes(n, d, planned, act, block_size=block, rows_gathered=True, shared_scales=planned == "int8")
+    )
+    # Prefill: one layer's working set plus the KV outputs of the layers run so far (all of them at the last layer).
+    selection = s * g.intermediate_size + s * budgets.tokens_per_neuron_set * (cb + 8)  # mask, TopK values + ids
+    dense_prefill = g.prefill_layer_bytes(s, cb) + kv(s, False)
+    cm_prefill = max(
+        g.prefill_layer_bytes(s, cb) + selection + (budgets.prune_layer + 1) * g.kv_bytes_per_token(ab) * s,
+        g.prefill_layer_bytes(s_kept, cb) + kv(s, True),
+    )
+    vision, row = g.vision_bytes(cb), d * ab  # `row`: the embedding of the new token
+    overhead, usable = dev.runtime_overhead_bytes, dev.usable_bytes
+    bandwidth = dev.bandwidth_gbps * 1e9
+
+    # A static set narrows the sparse layers but the prune layer, to N rounded up to int4's block.
+    narrowed = {"dense": (0, 0), "per-request": (sparse, n), "static": (len(budgets.narrowable_layers), static_n)}
+
+    def estimate(neurons: Neurons, prefill: int, kv_cache: int, kv_first: int) -> Estimate:
+        groups = g.weight_groups(neurons, *narrowed[neurons])
+        held = held_weights(groups, rt, weights, act, block, cb, config.sharing)
+        per_request = compacted if neurons == "per-request" else 0
+        weights_held = held.resident
+        activations = max(vision, prefill + held.dequantized)
+        total = weights_held + kv_cache + per_request + max(activations, held.load) + overhead
+        step = held.decode_read + per_request + row
+        first, last = step + kv_first, step + kv_cache
+        runnable = neurons != "per-request" or planned != "int4" or rt.per_request_int4
+        return Estimate(
+            weights=weights_held,
+            weights_stored=held.stored,
+            weights_by_part=held.by_part,
+            kv_cache=kv_cache,
+            compacted_ffn=per_request,
+            activations=activations,
+            load_transient=held.load,
+            runtime_overhead=overhead,
+            total=total,
+            headroom=None if usable is None else usable - total,
+            fits=None if usable is None else total <= usable,
+            unshared_decode_weights=held.separate - held.resident,
+            shared_saving=held.resident - held.shared,
+            decode_bytes_first=first,
+            decode_bytes_last=last,
+            decode_ms_first=first / bandwidth * 1e3,
+            decode_ms_last=last / bandwidth * 1e3,
+            runnable=runnable,
+            reason="" if runnable else f"{rt.name}: {rt.per_request_int4_reason}",
+            sharing=config.sharing,
+        )
+
+    dense = estimate("dense", dense_prefill, kv(m, False), kv(s, False))
+    corematching = estimate("per-request", cm_prefill, kv(m, True), kv(s, True))
+    static = estimate("static", cm_prefill, kv(m, True), kv(s, True))
+    return Plan(
+        config=config,
+        model=g,
+        device=dev,
+        runtime=rt,
+        weights=weights,
+        activations=act,
+        planned_weights=planned,
+        activation_bytes=ab,
+        compute_bytes=cb,
+        parameters=g.parameters(),
+        budgets=budgets,
+        prompt_tokens=s,
+        kept_prompt_tokens=s_kept,
+        dense=dense,
+        corematching=corematching,
+        static=static,
+        static_saving=dense.weights_stored - static.weights_stored,
+        notes=plan_notes(g, dev, rt, budgets, weights, act, planned, m, corematching.runnable),
+    )
+
+
+def plan_build(
+    model: str | Path,
+    *,
+    weights: WeightPrecision,
+    activations: ActivationPrecision,
+    neurons: Neurons,
+    token_budget: int = 64,
+    max_sequence: int = 2048,
+    prompt_tokens: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device_name: str = "cpu",
+    runtime_name: str | None = None,
+) -> Estimate:
+    """The planner's figure for one built configuration: `model` a preset or a llava-hf directory, `neurons`
+    "dense", "per-request" (CoreMatching) or "static". On the default "cpu" device (ONNX Runtime on the CPU,
+    no memory limit, 0.1 GiB process overhead) its `total` predicts the process's peak resident memory."""
+    config = PlanConfig(
+        model,
+        device_name,
+        token_budget=token_budget,
+        max_sequence=max_sequence,
+        prompt_tokens=prompt_tokens,
+        weights=weights,
+        activations=activations,
+        runtime=runtime_name,
+        block_size=block_size,
+    )
+    p = plan(config)
+    return {"dense": p.dense, "per-request": p.corematching, "static": p.static}[neurons]
+
+
+def plan_manifest(
+    manifest: Any,
+    model: str | Path | None = None,
+    max_sequence: int = 2048,
+    prompt_tokens: int | None = None,
+    device_name: str = "cpu",
+    runtime_name: str | None = None,
+) -> Estimate:
+    """`plan_build` for a build's `buildformat.Manifest`: its precision, quantization, dense or CoreMatching
+    and token budget; the geometry from `model` (a preset or a llava-hf directory) or the manifest's
+    model source; a build with a baked static neuron set is planned as "static"."""
+    source = model if model is not None else manifest.model.source
+    activations: ActivationPrecision = "fp16" if manifest.precision == "float16" else "fp32"
+    quant = manifest.quantization
+    cm = manifest.corematching
+    if cm is not None and not isinstance(cm.token_budget, int):
+        raise PlanError("a build with --token-budget auto keeps a data-dependent count; plan it with a fixed k")
+    return plan_build(
+        source,
+        weights=quant.weights if quant is not None else activations,
+        activations=activations,
+        neurons="dense" if cm is None else "static" if manifest.static_neurons is not None else "per-request",
+        token_budget=cm.token_budget if cm is not None else 64,
+        max_sequence=max_sequence,
+        prompt_tokens=prompt_tokens,
+        block_size=(quant.block_size or DEFAULT_BLOCK_SIZE) if quant is not None else DEFAULT_BLOCK_SIZE,
+        device_name=device_name,
+        runtime_name=runtime_name,
+    )

@@ -1,0 +1,1 @@
+"""Training the embedded default model on the shapes dataset."""
