@@ -12,7 +12,7 @@ import math
 import os
 import platform
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class Versions:
         return cls(*(version(package) for package in PACKAGES))
 
     def to_json(self) -> dict[str, str]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Machine:
         return cls(**{**data, "versions": Versions(**data["versions"])})
 
     def to_json(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "versions": self.versions.to_json()}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class Target:
         return cls(what, measured, limit, measured <= limit)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -268,9 +268,7 @@ class GpuFigures:
         return cls(**{**data, "rows": tuple(GpuRow(**row) for row in data["rows"])})
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["rows"] = [{f.name: getattr(row, f.name) for f in fields(row)} for row in self.rows]
-        return out
+        return {**asdict(self), "rows": [asdict(row) for row in self.rows]}
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,12 @@ the budgets, the prompt format), `graphs`, `weights` (the weights file, quantiza
 neuron set), `engines`, `validation`; `manifest` gathers them and `files` reads and writes them.
 """
 
+from buildformat.engines import Engines
 from buildformat.files import read, read_json, sha256_file, verify, with_files, write
-from buildformat.manifest import (
-    FORMAT_VERSION,
-    GRAPHS,
-    MANIFEST,
-    CoreMatchingInfo,
-    Dim,
-    Engines,
-    Flops,
-    GraphInfo,
-    Manifest,
-    ManifestError,
-    ModelInfo,
-    Quantization,
-    StaticNeuronsInfo,
-    TensorSpec,
-    TokenizerInfo,
-    WeightEntry,
-    WeightsIndex,
-)
+from buildformat.graphs import Dim, GraphInfo, TensorSpec
+from buildformat.jsonfields import ManifestError
+from buildformat.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, Flops, Manifest
+from buildformat.model import CoreMatchingInfo, ModelInfo, TokenizerInfo
 from buildformat.validation import (
     ArithmeticCheck,
     Criteria,
@@ -36,6 +22,7 @@ from buildformat.validation import (
     ValidationCase,
     ValidationRecord,
 )
+from buildformat.weights import Quantization, StaticNeuronsInfo, WeightEntry, WeightsIndex
 
 __all__ = [
     "FORMAT_VERSION",

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from buildformat.engines import Engines
-from buildformat.graphs import Dim, GraphInfo, TensorSpec
+from buildformat.graphs import Dim, GraphInfo
 from buildformat.jsonfields import ManifestError, fail, section, take
 from buildformat.model import CoreMatchingInfo, ModelInfo, TokenizerInfo
 from buildformat.validation import Validation, validation_from_json
-from buildformat.weights import QUANTIZED, Quantization, StaticNeuronsInfo, WeightEntry, WeightsIndex
+from buildformat.weights import Quantization, StaticNeuronsInfo, WeightsIndex
 
 FORMAT_VERSION = 3  # 3: weight-only quantization (int8/int4 weights, the `quantization` record)
 MANIFEST = "manifest.json"
@@ -167,24 +167,3 @@ class Manifest:
 
 
 # The records' names, importable from here as they were before the sections moved to their own modules.
-__all__ = [
-    "FORMAT_VERSION",
-    "GRAPHS",
-    "MANIFEST",
-    "PRECISIONS",
-    "QUANTIZED",
-    "CoreMatchingInfo",
-    "Dim",
-    "Engines",
-    "Flops",
-    "GraphInfo",
-    "Manifest",
-    "ManifestError",
-    "ModelInfo",
-    "Quantization",
-    "StaticNeuronsInfo",
-    "TensorSpec",
-    "TokenizerInfo",
-    "WeightEntry",
-    "WeightsIndex",
-]

@@ -17,13 +17,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # annotations only: the planner is imported when a build is planned
-    from planner.plan import Estimate
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -51,57 +45,6 @@ print(json.dumps({{"load_s": loaded, "tokens": a.token_ids, "kept": kept, "promp
        "prefill_s": a.timings.prefill, "decode_step_s": sorted(a.timings.decode)[len(a.timings.decode) // 2],
        "peak_bytes": int(hwm) * 1024}}))
 """
-
-
-@dataclass(frozen=True)
-class Answered:
-    """What the fresh process that answered once reports (the JSON line `ANSWER` prints)."""
-
-    load_s: float
-    tokens: tuple[int, ...]  # the answer's token ids
-    kept: int | None  # image tokens kept (None: dense)
-    prompt_tokens: int
-    prefill_s: float
-    decode_step_s: float  # the median step
-    peak_bytes: int  # VmHWM
-
-    def __post_init__(self) -> None:
-        if self.peak_bytes <= 0 or self.prompt_tokens <= 0 or not self.tokens:
-            raise ValueError(f"an answer without tokens, prompt or peak memory: {self}")
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Answered:
-        return cls(**{**data, "tokens": tuple(data["tokens"])})
-
-    def to_json(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "tokens": list(self.tokens)}
-
-
-@dataclass(frozen=True)
-class WidthRow:
-    """One build: how it was made, what it measured, and the planner's figure for it (a row of 7b-width.json)."""
-
-    build: str  # a name of BUILDS
-    build_seconds: float | None  # None: reused, from a manifest that does not say
-    validated: bool
-    weights_file_bytes: int
-    measured: Answered
-    planned: Estimate
-
-    @property
-    def peak_vs_plan(self) -> float:
-        return self.measured.peak_bytes / self.planned.total
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "build": self.build,
-            "build_seconds": self.build_seconds,
-            "validated": self.validated,
-            "weights_file_bytes": self.weights_file_bytes,
-            "measured": self.measured.to_json(),
-            "planned": asdict(self.planned),
-            "peak_vs_plan": self.peak_vs_plan,
-        }
 
 
 def checkpoint(work: Path) -> Path:
@@ -133,17 +76,20 @@ def build(work: Path, ckpt: Path, name: str) -> tuple[Path, float | None]:
     return out, time.perf_counter() - start
 
 
-def answer(out: Path) -> Answered:
+def answer(out: Path) -> dict:
     code = ANSWER.format(repo=str(REPO), build=str(out), image=str(IMAGE), question=QUESTION)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return Answered.from_json(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def predicted(manifest: Any, prompt_tokens: int) -> Estimate:
+def predicted(manifest, prompt_tokens: int) -> dict:
     """The planner's figures (bytes) for the build's configuration and prompt, on the CPU pseudo-device."""
+    from dataclasses import asdict
+
     from planner.plan import plan_manifest
 
-    return plan_manifest(manifest, model=PRESET, max_sequence=manifest.max_sequence, prompt_tokens=prompt_tokens)
+    estimate = plan_manifest(manifest, model=PRESET, max_sequence=manifest.max_sequence, prompt_tokens=prompt_tokens)
+    return asdict(estimate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,19 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         out, seconds = build(args.work, ckpt, name)
         manifest = buildformat.read(out)
         measured = answer(out)
-        row = WidthRow(
-            build=name,
-            build_seconds=seconds if seconds is not None else manifest.build_seconds,
-            validated=manifest.validation is not None and manifest.validation.passed is True,
-            weights_file_bytes=(out / "weights.bin").stat().st_size,
-            measured=measured,
-            planned=predicted(manifest, measured.prompt_tokens),
+        plan = predicted(manifest, measured["prompt_tokens"])
+        rows.append(
+            {
+                "build": name,
+                "build_seconds": seconds if seconds is not None else manifest.build_seconds,
+                "validated": manifest.validation is not None and manifest.validation.passed is True,
+                "weights_file_bytes": (out / "weights.bin").stat().st_size,
+                "measured": measured,
+                "planned": plan,
+                "peak_vs_plan": measured["peak_bytes"] / plan["total"],
+            }
         )
-        rows.append(row)
-        print(f"{name}: peak {measured.peak_bytes / 2**30:.2f} GiB, planned {row.planned.total / 2**30:.2f} GiB")
+        print(f"{name}: peak {measured['peak_bytes'] / 2**30:.2f} GiB, planned {plan['total'] / 2**30:.2f} GiB")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"preset": PRESET, "rows": [row.to_json() for row in rows]}
-    (args.out / "7b-width.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "7b-width.json").write_text(json.dumps({"preset": PRESET, "rows": rows}, indent=2) + "\n")
     return 0
 
 

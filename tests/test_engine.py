@@ -20,8 +20,7 @@ import pytest
 from fake_manifests import manifest_json, write_manifest
 from fake_tensorrt import fake_trt
 
-from buildformat import MANIFEST, Manifest, ManifestError, read, sha256_file, verify, with_files, write
-from buildformat.manifest import Dim
+from buildformat import MANIFEST, Dim, Manifest, ManifestError, read, sha256_file, verify, with_files, write
 from export import engine
 from export.engine import (
     GRAPHS,
