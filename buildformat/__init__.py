@@ -10,7 +10,7 @@ from buildformat.engines import Engines
 from buildformat.files import read, read_json, sha256_file, verify, with_files, write
 from buildformat.graphs import Dim, GraphInfo, TensorSpec
 from buildformat.jsonfields import ManifestError
-from buildformat.manifest import FORMAT_VERSION, GRAPHS, MANIFEST, Flops, Manifest
+from buildformat.manifest import FORMAT_VERSION, MANIFEST, Flops, Manifest
 from buildformat.model import CoreMatchingInfo, ModelInfo, TokenizerInfo
 from buildformat.validation import (
     ArithmeticCheck,
@@ -26,7 +26,6 @@ from buildformat.weights import Quantization, StaticNeuronsInfo, WeightEntry, We
 
 __all__ = [
     "FORMAT_VERSION",
-    "GRAPHS",
     "MANIFEST",
     "ArithmeticCheck",
     "CoreMatchingInfo",

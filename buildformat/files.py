@@ -47,8 +47,8 @@ def read_json(build_dir: str | Path) -> dict[str, Any]:
         )
     if version < FORMAT_VERSION:
         raise ManifestError(
-            f"{path} is format version {version}, older than {FORMAT_VERSION} (builds now record their weight "
-            f"quantization); rebuild it with `python -m export build --out {build} --force`"
+            f"{path} is format version {version}, older than {FORMAT_VERSION} (its prefill and decode graphs "
+            f"each held the decoder weights); rebuild it with `python -m export build --out {build} --force`"
         )
     return data
 

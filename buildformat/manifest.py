@@ -26,9 +26,8 @@ from buildformat.model import CoreMatchingInfo, ModelInfo, TokenizerInfo
 from buildformat.validation import Validation, validation_from_json
 from buildformat.weights import Quantization, StaticNeuronsInfo, WeightsIndex
 
-FORMAT_VERSION = 3  # 3: weight-only quantization (int8/int4 weights, the `quantization` record)
+FORMAT_VERSION = 4  # 4: decoder stacks that serve both phases, every weight in one graph (`decode_dims`)
 MANIFEST = "manifest.json"
-GRAPHS = ("vision", "embed", "prefill", "decode")
 PRECISIONS = ("float32", "float16")
 
 
@@ -51,9 +50,10 @@ class Manifest:
     corematching: CoreMatchingInfo | None  # None: a dense build (every image token kept, every neuron)
     precision: str  # "float32" | "float16": the graphs' activations and cache
     opset: int
-    dims: Mapping[str, Dim]
-    graphs: Mapping[str, GraphInfo]
+    dims: Mapping[str, Dim]  # every graph's symbolic dims in prefill (the stacks' prefill profile)
+    graphs: Mapping[str, GraphInfo]  # in the order a prefill runs them (`buildformat.names.graph_set`)
     tokenizer: TokenizerInfo
+    decode_dims: Mapping[str, Dim] = field(default_factory=dict)  # the stacks' dims in decode (their second profile)
     tensorrt_compatible: bool = True
     tensorrt_reason: str = ""
     flops: Flops | None = None
@@ -79,21 +79,28 @@ class Manifest:
     @property
     def max_sequence(self) -> int:
         """The longest prompt + answer the cache (and the TensorRT profiles) admit."""
-        return self.dims["B"].max + 1
+        return self.decode_dims["B"].max + 1
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        """The build's graphs, in the order a prefill runs them."""
+        return tuple(self.graphs)
 
     def graph(self, name: str) -> GraphInfo:
         if name not in self.graphs:
             raise ManifestError(f"the build has no {name!r} graph; rebuild it with `python -m export build`")
         return self.graphs[name]
 
-    def dim_range(self, graph: str, tensor: str, axis: int) -> tuple[int, int]:
-        """(min, max) of one input axis of a graph, from `dims` where the axis is symbolic."""
+    def dim_range(self, graph: str, tensor: str, axis: int, profile: str = "prefill") -> tuple[int, int]:
+        """(min, max) of one input axis of a graph in a phase ("prefill": `dims`; "decode", the stacks' second
+        profile: `decode_dims`), where the axis is symbolic."""
         axis_dim = self.graph(graph).input(tensor).shape[axis]
         if isinstance(axis_dim, int):
             return axis_dim, axis_dim
-        if axis_dim not in self.dims:
-            raise fail("dims", f"lacks {axis_dim!r}, which {graph}.{tensor} uses")
-        return self.dims[axis_dim].min, self.dims[axis_dim].max
+        dims, where = (self.dims, "dims") if profile == "prefill" else (self.decode_dims, "decode_dims")
+        if axis_dim not in dims:
+            raise fail(where, f"lacks {axis_dim!r}, which {graph}.{tensor} uses")
+        return dims[axis_dim].min, dims[axis_dim].max
 
     def with_(self, **changes: Any) -> Manifest:
         """A copy with some fields replaced (the manifest is frozen; a build fills it in stages)."""
@@ -106,16 +113,14 @@ class Manifest:
         cm = section(data, "corematching")
         trt = data.get("tensorrt") or {}
         flops = data.get("flops")
-        try:
-            dims = {name: Dim(int(d["min"]), int(d["opt"]), int(d["max"])) for name, d in section(data, "dims").items()}
-        except (KeyError, TypeError, ValueError) as e:
-            raise fail("dims", f"holds a range without integer min, opt and max ({e})") from e
+        dims = _dims(section(data, "dims"), "dims")
         return cls(
             model=ModelInfo.from_json(section(data, "model")),
             corematching=None if cm.get("dense") else CoreMatchingInfo.from_json(cm),
             precision=take(data, "precision", str, "manifest"),
             opset=take(data, "opset", int, "manifest"),
             dims=dims,
+            decode_dims=_dims(section(data, "decode_dims"), "decode_dims"),
             graphs={name: GraphInfo.from_json(g, f"graphs.{name}") for name, g in section(data, "graphs").items()},
             tokenizer=TokenizerInfo.from_json(section(data, "tokenizer")),
             tensorrt_compatible=bool(trt.get("compatible", True)),
@@ -143,6 +148,7 @@ class Manifest:
             "opset": self.opset,
             "corematching": {"dense": True} if self.corematching is None else self.corematching.to_json(),
             "dims": {name: {"min": d.min, "opt": d.opt, "max": d.max} for name, d in self.dims.items()},
+            "decode_dims": {name: {"min": d.min, "opt": d.opt, "max": d.max} for name, d in self.decode_dims.items()},
             "graphs": {name: g.to_json() for name, g in self.graphs.items()},
             "tensorrt": {"compatible": self.tensorrt_compatible, "reason": self.tensorrt_reason},
             "tokenizer": {f.name: getattr(self.tokenizer, f.name) for f in fields(self.tokenizer)},
@@ -167,3 +173,10 @@ class Manifest:
 
 
 # The records' names, importable from here as they were before the sections moved to their own modules.
+
+
+def _dims(data: Mapping[str, Any], where: str) -> dict[str, Dim]:
+    try:
+        return {name: Dim(int(d["min"]), int(d["opt"]), int(d["max"])) for name, d in data.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise fail(where, f"holds a range without integer min, opt and max ({e})") from e

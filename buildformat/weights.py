@@ -4,7 +4,7 @@ their weight-only quantization, and a static neuron set baked into them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from buildformat.jsonfields import fail, take
@@ -25,6 +25,9 @@ class WeightsIndex:
 
     file: str
     graphs: Mapping[str, Mapping[str, WeightEntry]]  # graph file -> initializer name -> entry
+    # Weights no graph holds: the per-request neuron-sparse layers' full FFN weights (in their stored form),
+    # which the runtime binds to the stacks' ffn.* inputs in prefill and gathers from (docs/architecture.md).
+    bound: Mapping[str, WeightEntry] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> WeightsIndex:
@@ -34,7 +37,14 @@ class WeightsIndex:
                 graphs[graph] = {n: WeightEntry(int(o), str(d), tuple(s)) for n, (o, d, s) in entries.items()}
             except (TypeError, ValueError, AttributeError) as e:
                 raise fail(f"weights.graphs.{graph}", f"is not an index of [offset, dtype, shape] ({e})") from e
-        return cls(file=take(data, "file", str, "weights"), graphs=graphs)
+        bound = {}
+        for name, entry in (data.get("bound") or {}).items():
+            try:
+                offset, dtype, shape = entry
+                bound[name] = WeightEntry(int(offset), str(dtype), tuple(shape))
+            except (TypeError, ValueError) as e:
+                raise fail(f"weights.bound.{name}", f"is not [offset, dtype, shape] ({e})") from e
+        return cls(file=take(data, "file", str, "weights"), graphs=graphs, bound=bound)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +53,7 @@ class WeightsIndex:
                 g: {n: [e.offset, e.dtype, list(e.shape)] for n, e in entries.items()}
                 for g, entries in self.graphs.items()
             },
+            "bound": {n: [e.offset, e.dtype, list(e.shape)] for n, e in self.bound.items()},
         }
 
 

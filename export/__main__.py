@@ -25,9 +25,9 @@ def _build_parser(sub: Any) -> None:
     p = sub.add_parser(
         "build",
         help="trace the model into ONNX graphs with CoreMatching, validate, write a build",
-        description="Trace a LLaVA model into ONNX graphs (vision, embed, prefill, decode) with "
-        "in-graph core-token and core-neuron selection, validate them against PyTorch, "
-        "and write a build directory.",
+        description="Trace a LLaVA model into ONNX graphs (vision; decoder stacks that serve prefill and "
+        "decode, every weight in one graph) with in-graph core-token and core-neuron selection, validate them "
+        "against PyTorch, and write a build directory.",
     )
     p.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
     p.add_argument("--out", type=Path, default=Path("builds/default"), help="build directory (default builds/default)")

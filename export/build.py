@@ -20,34 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
 
 import buildformat
-from buildformat import GRAPHS, Manifest, Quantization, SkippedValidation, ValidationRecord
+from buildformat import Manifest, Quantization, SkippedValidation, ValidationRecord
 from buildformat.geometry import Geometry
+from buildformat.names import FFN_WEIGHTS, NEURONS, SELECT, VISION_GRAPH, graph_set
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
-from coreMatching.quant_scheme import WeightQuant
 from coreMatching.static_neurons import FILE as STATIC_FILE
+from export.bound import BoundPart, bound_parts, bound_values
 from export.config import ExportConfig
 from export.manifest import make_manifest
-from export.modules import Decoder, ffn_prefix
-from export.passes import (
-    check_tensorrt,
-    insert_core_neuron_selection,
-    insert_core_token_selection,
-    insert_ffn_gather,
-    insert_token_merge,
-    insert_token_scores,
-)
-from export.passes.dequantize import quantize_weights
+from export.modules import Decoder, embed_weight, stack_plans
+from export.passes import check_tensorrt
 from export.passes.membership import TOPK_LIMIT
-from export.quantize_graphs import gathered_weights, quantize_graphs
+from export.quantize_graphs import quantize_graphs
+from export.select_graph import neurons_graph, select_graph
 from export.static import bake
 from export.static import record as static_info
-from export.trace import save_model, trace_decode, trace_embed, trace_prefill, trace_vision
+from export.trace import save_model, trace_stack, trace_vision
 from export.validate import ValidationError, validate_build
 from export.validate_quant import validate_quantized_build
 from export.weights import share_weights
@@ -59,9 +54,7 @@ STAGES = (
     "load",
     "calibrate",
     "trace vision",
-    "trace embed",
-    "trace prefill",
-    "trace decode",
+    "trace decoder",
     "graph passes",
     "validate",
     "write",
@@ -119,32 +112,39 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
             static, budgets = bake(model, processor, cm, budgets, config.calibration, config.calibration_count, align)
             static.save(tmp / STATIC_FILE)
         dtype = torch.float16 if config.fp16 else torch.float32
+        np_dtype = np.float16 if config.fp16 else np.float32
         traced_model = model.to(dtype) if config.fp16 else model
         decoder = Decoder(traced_model).eval()
         stage("trace vision")
         trace_vision(traced_model, geometry, tmp / "vision.onnx", config.opset, dtype)
-        stage("trace embed")
-        trace_embed(traced_model, tmp / "embed.onnx", config.opset)
-        stage("trace prefill")
-        trace_prefill(decoder, geometry, budgets, tmp / "prefill.onnx", config.opset, dtype)
-        stage("trace decode")
-        trace_decode(decoder, geometry, budgets, tmp / "decode.onnx", config.opset, dtype)
-        del decoder
+        stage("trace decoder")
+        plans = stack_plans(geometry.num_layers, budgets)
+        for name, plan in plans.items():
+            embed = embed_weight(traced_model) if plan.embeds else None
+            trace_stack(decoder, plan, embed, geometry, budgets, tmp / f"{name}.onnx", config.opset, dtype)
+        ffn = {
+            i: dict(zip(FFN_WEIGHTS, _ffn_weights(decoder, i), strict=True)) for p in plans.values() for i in p.bound
+        }
+        quant = config.quant
+        bound = bound_values(ffn, geometry, quant, np_dtype)
+        del decoder, ffn
         if config.fp16:
             model = model.float()  # the reference runs in fp32
 
         stage("graph passes")
         seed = config.corematching.seed if config.corematching is not None else 0
-        quant = config.quant
-        trt_problems, counts = _run_passes(tmp / "prefill.onnx", geometry, budgets, seed, quant)
+        parts = bound_parts(geometry, budgets, quant, np_dtype)
+        graphs = _prefill_only_graphs(tmp, geometry, budgets, parts, np_dtype, config.opset, seed)
         quantization = None
         if quant is not None:
-            vision = quantize_graphs(tmp, quant, budgets)
-            counts = {key: counts[key] + vision[key] for key in counts}
+            counts = quantize_graphs(tmp, quant, geometry, plans)
             quantization = Quantization(quant.name, quant.block_size if quant.bits == 4 else None, **counts)
-        weights = share_weights(tmp, [f"{name}.onnx" for name in GRAPHS])
+        names = graph_set(budgets is None, bool(parts))
+        assert set(names) == {VISION_GRAPH, *plans, *graphs}, (names, plans, graphs)
+        trt_problems = _tensorrt_problems(tmp, names, budgets, quant is not None and bool(parts))
+        weights = share_weights(tmp, [f"{name}.onnx" for name in names], bound)
         _copy_tokenizer(model_dir, processor, tmp)
-        manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems)
+        manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems, names)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER)
         static_record = None if static is None else static_info(static)
         manifest = manifest.with_(weights=weights, quantization=quantization, static_neurons=static_record)
@@ -221,35 +221,50 @@ def _check_limits(config: ExportConfig, model: Any, geometry: Geometry) -> None:
         )
 
 
-def _run_passes(
-    path: Path, geometry: Geometry, budgets: Budgets | None, seed: int, quant: WeightQuant | None
-) -> tuple[list[str], dict[str, int]]:
-    """The CoreMatching passes over the traced prefill (and the quantization, before the FFN gather, which
-    then gathers the stored integers and scales). -> what would stop a TensorRT build, the quantized and
-    float weight counts"""
-    graph = gs.import_onnx(onnx.load(path))
-    if budgets is not None:
-        b = budgets
-        for layer in b.neuron_sparse_layers:
-            insert_core_neuron_selection(graph, layer, b)
-        scores = insert_token_scores(graph, b, seed)
-        insert_core_token_selection(graph, b, scores)
-        if b.token_merge != "none":
-            insert_token_merge(graph, b)
-    counts = {"quantized": 0, "kept_float": 0}
-    if quant is not None:
-        counts = quantize_weights(graph, quant, gathered_weights(budgets))
-    if budgets is not None:
-        for layer in budgets.neuron_sparse_layers:
-            insert_ffn_gather(graph, layer, ffn_prefix(layer))
-    problems = check_tensorrt(graph)
+def _ffn_weights(decoder: Decoder, layer: int) -> tuple[torch.Tensor, ...]:
+    mlp = decoder.layers[layer].mlp
+    return mlp.gate_t, mlp.up_t, mlp.down_t
+
+
+def _prefill_only_graphs(
+    build: Path,
+    geometry: Geometry,
+    budgets: Budgets | None,
+    parts: list[BoundPart],
+    dtype: type,
+    opset: int,
+    seed: int,
+) -> list[str]:
+    """Writes the weightless graphs a CoreMatching prefill runs besides the stacks: `select` and, with
+    per-request neuron-sparse layers, `neurons`. -> their names"""
+    if budgets is None:
+        return []
+    graphs = {SELECT: select_graph(geometry, budgets, dtype, opset, seed)}
+    if parts:
+        graphs[NEURONS] = neurons_graph(geometry, budgets, parts, dtype, opset)
+    for name, graph in graphs.items():
+        model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=True)
+        save_model(model, build / f"{name}.onnx")
+    return list(graphs)
+
+
+def _tensorrt_problems(
+    build: Path, names: tuple[str, ...], budgets: Budgets | None, bound_quantized: bool
+) -> list[str]:
+    """What would stop a TensorRT build of these graphs (the manifest records it; `export engine` refuses)."""
+    problems = []
+    for name in names:
+        problems += [f"{name}: {p}" for p in check_tensorrt(gs.import_onnx(onnx.load(build / f"{name}.onnx")))]
+    if bound_quantized and not any("BitShift" in p for p in problems):
+        problems.append(
+            "quantized FFN weights bound per request (TensorRT dequantizes constant weights only): "
+            "use --static-neurons or float weights"
+        )
     if budgets is not None and budgets.token_budget == "auto":
         problems.append("token_budget 'auto' gives data-dependent shapes (ONNX Runtime only)")
     if budgets is not None and budgets.tokens_per_neuron_set > TOPK_LIMIT:
         problems.append(f"k_tok = {budgets.tokens_per_neuron_set} is above TopK's limit {TOPK_LIMIT}")
-    model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph), strict_mode=True)
-    save_model(model, path)
-    return problems, counts
+    return problems
 
 
 def _copy_tokenizer(model_dir: Path, processor: Any, out: Path) -> None:

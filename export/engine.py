@@ -4,6 +4,12 @@ An engine is built on the machine that will run it (a Jetson builds its own): it
 model and TensorRT version that built it. This module imports `tensorrt` only inside `build_engines`, and
 never torch or transformers, so that a board with JetPack's TensorRT and the light runtime can use it.
 
+One engine per graph of the build (`manifest.graph_names`). The decoder stacks (decoder, or lower and upper)
+serve both phases, so their engines get two optimization profiles, "prefill" (the manifest's `dims`: the prompt's
+length, one-slot past buffers, the full FFN width) and "decode" (`decode_dims`: one token, the cache buffers'
+range, the core neurons' width): one engine, one copy of the weights, for both (docs/tensorrt.md). The
+prefill-only graphs (vision, select, neurons) get the prefill one.
+
 Two TensorRT API generations are supported and reported (`TrtApi.name`, recorded in the manifest; the version
 is read by `runtime.trt_io.tensorrt_version`, as the runtime reads it): 8.6 ("bindings": networks need the
 EXPLICIT_BATCH flag) and 10.x or later ("named-tensors": explicit batch is implicit). TensorRT 11 removed
@@ -25,7 +31,8 @@ from types import ModuleType
 from typing import Any
 
 import buildformat
-from buildformat import GRAPHS, Engines, Manifest, ManifestError
+from buildformat import Dim, Engines, Manifest, ManifestError
+from buildformat.names import DECODER, LOWER, NEURONS, PROFILES, SELECT, STACKS, UPPER, VISION_GRAPH
 from runtime.gpu import DeviceInfo, detect_gpu
 from runtime.trt_io import BINDINGS, UnsupportedTensorRT, tensorrt_version
 
@@ -35,6 +42,9 @@ ENGINE_DIR = "engines"
 ENGINE_NOTE = "an engine runs only on the GPU model and TensorRT version that built it"
 
 Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max) shape
+# Every graph any build may have (`buildformat.names.graph_set`): which of them a build has, its manifest says.
+KNOWN_GRAPHS = (VISION_GRAPH, DECODER, LOWER, SELECT, UPPER, NEURONS)
 
 
 class EngineError(Exception):
@@ -62,23 +72,37 @@ class EngineConfig:
     build_dir: Path
     fp16: bool = False
     workspace_mb: int = 4096
-    graphs: tuple[str, ...] = GRAPHS
+    graphs: tuple[str, ...] | None = None  # None: every graph of the build
     force: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "build_dir", Path(self.build_dir))
-        graphs = (self.graphs,) if isinstance(self.graphs, str) else tuple(self.graphs)
-        object.__setattr__(self, "graphs", graphs)
+        if self.graphs is not None:
+            graphs = (self.graphs,) if isinstance(self.graphs, str) else tuple(self.graphs)
+            object.__setattr__(self, "graphs", graphs)
+            if not graphs:
+                raise ValueError(f"no graphs to build: choose from {', '.join(KNOWN_GRAPHS)}")
+            unknown = [g for g in graphs if g not in KNOWN_GRAPHS]
+            if unknown:
+                raise ValueError(
+                    f"unknown graph(s) {', '.join(map(repr, unknown))}: choose from {', '.join(KNOWN_GRAPHS)}"
+                )
+            if len(set(graphs)) != len(graphs):
+                raise ValueError(f"graph listed twice in {', '.join(graphs)}")
         # bool is an int subclass: `workspace_mb=True` would silently mean 1 MiB.
         if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb <= 0:
             raise ValueError(f"workspace must be a positive number of MiB, not {self.workspace_mb!r}")
-        if not graphs:
-            raise ValueError(f"no graphs to build: choose from {', '.join(GRAPHS)}")
-        unknown = [g for g in graphs if g not in GRAPHS]
-        if unknown:
-            raise ValueError(f"unknown graph(s) {', '.join(map(repr, unknown))}: choose from {', '.join(GRAPHS)}")
-        if len(set(graphs)) != len(graphs):
-            raise ValueError(f"graph listed twice in {', '.join(graphs)}")
+
+    def graphs_of(self, manifest: Manifest) -> tuple[str, ...]:
+        """The graphs to build, in the build's order; refuses one the build does not have."""
+        if self.graphs is None:
+            return manifest.graph_names
+        absent = [g for g in self.graphs if g not in manifest.graphs]
+        if absent:
+            raise ManifestError(
+                f"the build has no {', '.join(map(repr, absent))} graph; choose from {', '.join(manifest.graph_names)}"
+            )
+        return tuple(g for g in manifest.graph_names if g in self.graphs)
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,7 @@ class EngineReport:
     device: DeviceInfo
     engines: dict[str, Path]  # graph -> engine file
     seconds: dict[str, float] = field(default_factory=dict)
+    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # graph -> its optimization profiles
 
 
 def trt_api(trt: Any) -> TrtApi:
@@ -131,26 +156,41 @@ def import_tensorrt() -> ModuleType:
         ) from e
 
 
-def profiles_from_manifest(manifest: Manifest, graph: str) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of every input of `graph`, symbolic dims taken from the manifest's `dims`."""
+def profiles_from_manifest(manifest: Manifest, graph: str, dims: Mapping[str, Dim] | None = None) -> Profile:
+    """(min, opt, max) shape of every input of `graph`, symbolic dims taken from `dims` (the manifest's `dims`,
+    the prefill ranges, by default)."""
     if graph not in manifest.graphs:
         raise ManifestError(f"the manifest has no {graph!r} graph (it has {', '.join(manifest.graphs) or 'none'})")
-    profiles: dict[str, tuple[Shape, Shape, Shape]] = {}
+    dims = manifest.dims if dims is None else dims
+    profile: Profile = {}
     for spec in manifest.graphs[graph].inputs:
         shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
         for d in spec.shape:
             if isinstance(d, str):
-                if d not in manifest.dims:
+                if d not in dims:
                     raise ManifestError(f"input {spec.name!r} of {graph} uses dim {d!r}, which manifest dims lack")
-                bounds = [manifest.dims[d].min, manifest.dims[d].opt, manifest.dims[d].max]
+                bounds = [dims[d].min, dims[d].opt, dims[d].max]
             elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
                 bounds = [d, d, d]
             else:
                 raise ManifestError(f"input {spec.name!r} of {graph} has an invalid dimension {d!r}")
             for shape, bound in zip(shapes, bounds, strict=True):
                 shape.append(bound)
-        profiles[spec.name] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
-    return profiles
+        profile[spec.name] = (tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2]))
+    return profile
+
+
+def engine_profiles(manifest: Manifest, graph: str) -> dict[str, Profile]:
+    """The optimization profiles of a graph's engine, by name, in the order they are added (TensorRT numbers
+    them 0, 1, ...): a stack's "prefill" and "decode", a prefill-only graph's "prefill"."""
+    prefill = profiles_from_manifest(manifest, graph)
+    if graph not in STACKS:
+        return {PROFILES[0]: prefill}
+    if not manifest.decode_dims:
+        raise ManifestError(f"the manifest has no decode_dims for the decode profile of {graph}; rebuild the build")
+    # A dim both phases share may be listed in `dims` alone.
+    decode = profiles_from_manifest(manifest, graph, {**manifest.dims, **manifest.decode_dims})
+    return dict(zip(PROFILES, (prefill, decode), strict=True))
 
 
 def _dynamic_inputs(manifest: Manifest, graph: str) -> set[str]:
@@ -171,10 +211,12 @@ def record_engines(
     api: str,
     fp16: bool,
     workspace_mb: int,
+    profiles: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Manifest:
     """Writes the manifest's `engines` section and the engines' sha256, atomically; returns the new manifest.
 
-    `engine_files` maps graph -> engine path relative to the build. Engines of other graphs from an earlier run
+    `engine_files` maps graph -> engine path relative to the build, `profiles` graph -> the names of its engine's
+    optimization profiles (in TensorRT's order). Engines of other graphs from an earlier run
     stay listed only if they were built for the same TensorRT, API, precision and GPU; otherwise they are
     unlisted (a runtime must not mix them). Nothing is written when a file cannot be hashed.
     """
@@ -183,6 +225,7 @@ def record_engines(
     if missing:
         raise ManifestError(f"engine file(s) {', '.join(missing)} missing from {build}; manifest left unchanged")
     graphs = dict(engine_files)
+    named = dict(profiles or {})
     files = dict(manifest.files)
     previous = manifest.engines
     if previous is not None:
@@ -197,6 +240,8 @@ def record_engines(
                 continue
             if same_target and (build / file).is_file():
                 graphs[graph] = file
+                if graph in previous.profiles:
+                    named[graph] = tuple(previous.profiles[graph])
             else:
                 log.warning("%s was built for another TensorRT, GPU or precision: unlisted; rebuild it", file)
                 files.pop(file, None)
@@ -206,33 +251,34 @@ def record_engines(
         fp16=fp16,
         workspace_mb=workspace_mb,
         device=device.as_dict(),
-        graphs={g: graphs[g] for g in GRAPHS if g in graphs},
+        graphs={g: graphs[g] for g in manifest.graph_names if g in graphs},
         note=ENGINE_NOTE,
+        profiles={g: named[g] for g in manifest.graph_names if g in graphs and g in named},
     )
     new = buildformat.with_files(build, manifest.with_(engines=section, files=files), list(engine_files.values()))
     buildformat.write(build, new)
     return new
 
 
-def _check_build(config: EngineConfig) -> Manifest:
-    """Everything that needs no TensorRT: the manifest, its files, and engines already there."""
+def _check_build(config: EngineConfig) -> tuple[Manifest, tuple[str, ...]]:
+    """Everything that needs no TensorRT: the manifest, its files, and engines already there; returns the manifest
+    and the graphs to build."""
     manifest = buildformat.read(config.build_dir)
     if not manifest.tensorrt_compatible:
         raise EngineError(
             f"this build cannot run in TensorRT: {manifest.tensorrt_reason or 'no reason given'}; "
             "use ONNX Runtime, or export a TensorRT-compatible build"
         )
+    graphs = config.graphs_of(manifest)
     names: list[str] = []
-    for graph in config.graphs:
-        if graph not in manifest.graphs:
-            raise ManifestError(f"the manifest has no {graph!r} graph; choose from {', '.join(manifest.graphs)}")
-        names += manifest.graphs[graph].files
-        profiles_from_manifest(manifest, graph)  # a bad dims section fails here, before any TensorRT work
+    for graph in graphs:
+        names += [f for f in manifest.graphs[graph].files if f not in names]  # weights.bin once, not per graph
+        engine_profiles(manifest, graph)  # a bad dims section fails here, before any TensorRT work
     buildformat.verify(config.build_dir, manifest, names)
-    existing = [engine_file(g) for g in config.graphs if (config.build_dir / engine_file(g)).exists()]
+    existing = [engine_file(g) for g in graphs if (config.build_dir / engine_file(g)).exists()]
     if existing and not config.force:
         raise EngineError(f"{', '.join(existing)} already exist(s) in {config.build_dir}: pass --force to rebuild")
-    return manifest
+    return manifest, graphs
 
 
 def _build_one(
@@ -242,7 +288,7 @@ def _build_one(
     logger: Any,
     onnx_path: Path,
     graph: str,
-    profiles: dict[str, tuple[Shape, Shape, Shape]],
+    profiles: dict[str, Profile],
     dynamic: set[str],
     fp16: bool,
     workspace_mb: int,
@@ -266,11 +312,16 @@ def _build_one(
     config.set_memory_pool_limit(api.workspace_pool, workspace_mb << 20)
     if fp16:
         config.set_flag(api.fp16_flag)
-    if dynamic:  # static graphs get TensorRT's default profile
+    if not dynamic and len(profiles) > 1:  # TensorRT would make its one default profile, not one per phase
+        raise EngineBuildError(f"the {graph} stack has no dynamic input, so no decode profile; rebuild the build")
+    # Static graphs get TensorRT's default profile. A stack's profiles are added prefill first: the runtime selects
+    # them by index (TensorRT numbers them in the order they are added).
+    for index, (profile_name, shapes) in enumerate(profiles.items() if dynamic else ()):
         profile = builder.create_optimization_profile()
         for name in sorted(dynamic):
-            profile.set_shape(name, *profiles[name])
-        config.add_optimization_profile(profile)
+            profile.set_shape(name, *shapes[name])
+        if config.add_optimization_profile(profile) != index:
+            raise EngineBuildError(f"TensorRT refused the {profile_name} profile of {graph} (its messages say why)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build the {graph} engine (its messages above say why)")
@@ -289,7 +340,7 @@ def _place(tmp: Path, engines_dir: Path, graphs: tuple[str, ...]) -> None:
 
 def build_engines(config: EngineConfig) -> EngineReport:
     """Builds `engines/{graph}.plan` for each graph of `config` and records them in the manifest."""
-    manifest = _check_build(config)
+    manifest, graphs = _check_build(config)
     trt = import_tensorrt()
     device = detect_gpu()
     api = trt_api(trt)
@@ -323,20 +374,18 @@ def build_engines(config: EngineConfig) -> EngineReport:
 
     build, engines_dir = config.build_dir, config.build_dir / ENGINE_DIR
     seconds: dict[str, float] = {}
+    built: dict[str, tuple[str, ...]] = {}  # graph -> its engine's profiles
     tmp = Path(tempfile.mkdtemp(prefix=".engines-tmp-", dir=build))
     try:
-        for i, graph in enumerate(config.graphs, 1):
-            profiles = profiles_from_manifest(manifest, graph)
+        for i, graph in enumerate(graphs, 1):
+            profiles = engine_profiles(manifest, graph)
             dynamic = _dynamic_inputs(manifest, graph)
-            ranges = ", ".join(f"{n} {profiles[n][0]}..{profiles[n][2]}" for n in sorted(dynamic)) or "static"
-            log.info(
-                "[%d/%d] building %s engine (%s, %s)",
-                i,
-                len(config.graphs),
-                graph,
-                "fp16" if config.fp16 else "fp32",
-                ranges,
+            ranges = "; ".join(
+                f"{p}: " + ", ".join(f"{n} {shapes[n][0]}..{shapes[n][2]}" for n in sorted(dynamic))
+                for p, shapes in profiles.items()
             )
+            precision_name = "fp16" if config.fp16 else "fp32"
+            log.info("[%d/%d] building %s engine (%s, %s)", i, len(graphs), graph, precision_name, ranges or "static")
             start = time.perf_counter()
             onnx_path = build / manifest.graphs[graph].file
             _build_one(
@@ -353,15 +402,14 @@ def build_engines(config: EngineConfig) -> EngineReport:
                 tmp / f"{graph}.plan",
             )
             seconds[graph] = time.perf_counter() - start
+            built[graph] = tuple(profiles)
             size = (tmp / f"{graph}.plan").stat().st_size
-            log.info(
-                "[%d/%d] %s engine built in %.1f s (%.1f MB)", i, len(config.graphs), graph, seconds[graph], size / 1e6
-            )
-        _place(tmp, engines_dir, config.graphs)
+            log.info("[%d/%d] %s engine built in %.1f s (%.1f MB)", i, len(graphs), graph, seconds[graph], size / 1e6)
+        _place(tmp, engines_dir, graphs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    files = {g: engine_file(g) for g in config.graphs}
+    files = {g: engine_file(g) for g in graphs}
     record_engines(
         build,
         manifest,
@@ -371,6 +419,7 @@ def build_engines(config: EngineConfig) -> EngineReport:
         api=api.name,
         fp16=config.fp16,
         workspace_mb=config.workspace_mb,
+        profiles=built,
     )
     return EngineReport(
         build,
@@ -381,4 +430,5 @@ def build_engines(config: EngineConfig) -> EngineReport:
         device,
         {g: build / f for g, f in files.items()},
         seconds,
+        built,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from buildformat import ManifestError
-from export.engine import GRAPHS, EngineBuildError, EngineConfig, EngineError, EngineReport, build_engines
+from export.engine import KNOWN_GRAPHS, EngineBuildError, EngineConfig, EngineError, EngineReport, build_engines
 from runtime.gpu import NoGpuError
 
 
@@ -28,8 +28,9 @@ def add_engine_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="build TensorRT engines for a build directory, on the GPU that will run them",
         description=(
             "Builds engines/{graph}.plan for each graph of BUILD with TensorRT 8.6 or 10.x and records them in "
-            "its manifest. An engine runs only on the GPU model and TensorRT version that built it: build on the "
-            "target machine (a Jetson builds its own). Needs no torch."
+            "its manifest. The decoder stacks' engines get a prefill and a decode optimization profile, so one "
+            "engine (one copy of the weights) serves both phases. An engine runs only on the GPU model and "
+            "TensorRT version that built it: build on the target machine (a Jetson builds its own). Needs no torch."
         ),
     )
     parser.add_argument("build", type=Path, metavar="BUILD", help="build directory made by `python -m export build`")
@@ -44,9 +45,9 @@ def add_engine_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--graphs",
         type=_graph_list,
-        default=GRAPHS,
+        default=None,
         metavar="LIST",
-        help=f"comma-separated graphs to build (default: {','.join(GRAPHS)})",
+        help=f"comma-separated graphs to build, of {','.join(KNOWN_GRAPHS)} (default: every graph of the build)",
     )
     parser.add_argument("--force", action="store_true", help="rebuild engines that already exist")
     parser.set_defaults(func=run_engine)
@@ -65,9 +66,13 @@ def _size(n: int) -> str:
 
 
 def _print_summary(report: EngineReport) -> None:
-    rows = [(g, str(p.relative_to(report.build_dir)), _size(p.stat().st_size)) for g, p in report.engines.items()]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("graph", "engine", "size"))]
-    for row in [("graph", "engine", "size"), *rows]:
+    rows = [
+        (g, str(p.relative_to(report.build_dir)), _size(p.stat().st_size), ",".join(report.profiles.get(g, ())))
+        for g, p in report.engines.items()
+    ]
+    header = ("graph", "engine", "size", "profiles")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(
         f"TensorRT {report.tensorrt_version} ({report.api} API), {'fp16' if report.fp16 else 'fp32'}, on "

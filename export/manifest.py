@@ -15,7 +15,6 @@ from typing import Any
 import onnx
 
 from buildformat import (
-    GRAPHS,
     CoreMatchingInfo,
     Dim,
     Flops,
@@ -50,6 +49,7 @@ def make_manifest(
     budgets: Budgets | None,
     build: Path,
     trt_problems: list[str],
+    graphs: tuple[str, ...],
 ) -> Manifest:
     """The manifest of a build whose graphs are in `build` (files, weights and validation are added later)."""
     text = model.config.text_config
@@ -81,8 +81,9 @@ def make_manifest(
         precision="float16" if config.fp16 else "float32",
         opset=config.opset,
         corematching=corematching_info(budgets, config),
-        dims=dims(config, geometry, budgets),
-        graphs={name: graph_info(build, name) for name in GRAPHS},
+        dims=prefill_dims(config, geometry, budgets),
+        decode_dims=decode_dims(config, geometry, budgets),
+        graphs={name: graph_info(build, name) for name in graphs},
         tensorrt_compatible=not trt_problems,
         tensorrt_reason="; ".join(trt_problems),
         tokenizer=TokenizerInfo(
@@ -146,24 +147,45 @@ def graph_info(build: Path, name: str) -> GraphInfo:
     )
 
 
-def dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, Dim]:
-    """min/opt/max of every dynamic dimension (TensorRT profiles; the runtime's limits).
+def prefill_dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, Dim]:
+    """min/opt/max of every dynamic dimension in prefill (every graph's; the stacks' first TensorRT profile).
 
-    S: prompt length. T: ids the embed graph takes at once. B / B_kept: the decode step's cache
-    buffers of the full / pruned layers, which hold up to max_sequence - 1 tokens before the last one.
+    S: the prompt. S_kept: the tokens after the prune layer. B / B_kept: the stacks' past buffers, one masked
+    slot in prefill. W: a bound FFN weight's width, every neuron in prefill.
     """
     n_img = geometry.num_image_tokens
-    cache = Dim(n_img + 1, n_img + QUESTION_TOKENS + 32, config.max_sequence - 1)
-    out = {
-        "S": Dim(n_img + 1, n_img + QUESTION_TOKENS, config.max_prompt_tokens),
-        "T": Dim(1, 1, config.max_prompt_tokens),  # embed: prompts and single tokens
-        "B": cache,
-    }
+    prompt = Dim(n_img + 1, n_img + QUESTION_TOKENS, config.max_prompt_tokens)
+    out = {"S": prompt, "B": Dim(1, 1, 1)}
     if budgets is not None:
-        lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
-        lo, hi = lo + budgets.merged_tokens, hi + budgets.merged_tokens  # a summary token is cached too
-        out["B_kept"] = Dim(1 + lo, cache.opt - n_img + hi, cache.max - n_img + hi)
+        lo, hi = _kept_image_slots(budgets)
+        out["S_kept"] = Dim(prompt.min - n_img + lo, prompt.opt - n_img + hi, prompt.max - n_img + hi)
+        out["B_kept"] = Dim(1, 1, 1)
+        if budgets.neuron_sparse_layers:
+            width = geometry.intermediate_size
+            out["W"] = Dim(width, width, width)
     return out
+
+
+def decode_dims(config: ExportConfig, geometry: Geometry, budgets: Budgets | None) -> dict[str, Dim]:
+    """min/opt/max of the stacks' dynamic dimensions in decode (their second TensorRT profile; the runtime's
+    limits): one new token; B / B_kept: the cache buffers of the full / pruned layers, which hold up to
+    max_sequence - 1 tokens before the last one; W: the request's core neurons."""
+    n_img = geometry.num_image_tokens
+    cache = Dim(n_img + 1, n_img + QUESTION_TOKENS + 32, config.max_sequence - 1)
+    out = {"S": Dim(1, 1, 1), "B": cache}
+    if budgets is not None:
+        lo, hi = _kept_image_slots(budgets)
+        out["S_kept"] = Dim(1, 1, 1)
+        out["B_kept"] = Dim(1 + lo, cache.opt - n_img + hi, cache.max - n_img + hi)
+        if budgets.neuron_sparse_layers:
+            out["W"] = Dim(budgets.core_neurons, budgets.core_neurons, budgets.core_neurons)
+    return out
+
+
+def _kept_image_slots(budgets: Budgets) -> tuple[int, int]:
+    """The fewest and most image slots the pruned layers cache (a summary token is cached too)."""
+    lo, hi = budgets.auto_range if budgets.token_budget == "auto" else (budgets.token_budget,) * 2
+    return lo + budgets.merged_tokens, hi + budgets.merged_tokens
 
 
 def versions() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The traced forms of a LLaVA model: vision, embed, prefill and decode (docs/architecture.md).
+"""The traced forms of a LLaVA model: the vision tower and the decoder stacks (docs/architecture.md).
 
 Each module holds its weights in the layout its MatMuls read (`x @ w_t`), under
 names that the graph-surgeon passes look up (`ffn_prefix(i)` + `.gate_t`), so that
@@ -6,40 +6,44 @@ the exported graph carries them as plain initializers with no Transpose in
 between. The math is the reference's (`coreMatching.layers`), checked by the
 build's validation against `transformers` and the reference.
 
-The prefill graph is traced *dense* with seams that the passes fill in:
-- a graph input `keep_indices` [S'] gathers the hidden states and position ids
-  after the prune layer (the core-token pass replaces it with TopK + Gather);
-  with a merge, the inputs `merge_weights` [S'', S], `keep_positions` [S''] and
-  `key_bias` [S''] instead (the merge pass computes them): later layers start
-  from `merge_weights @ h` and add `key_bias` to every attention logit;
-- graph outputs `act.{i}` [T, D] expose the FFN activation of the prune layer
-  and the neuron-sparse layers (the core-neuron pass turns them into
-  `core_neurons.{i}`, and the FFN-gather pass adds the compacted weights);
-  `attn_last.{l_p}` [H, T] the last query's attention at the prune layer, for
-  the selectors that read it.
+A decoder stack (`Stack`) serves prefill and decode alike: it takes S new tokens
+(the prompt, or one), their positions, and cache buffers of which `past_length`
+entries hold tokens, and returns the new tokens' cache entries. So every decoder
+weight is in exactly one graph. A dense build has one stack (`decoder`); a
+CoreMatching build splits at the prune layer into `lower` (the embedding and
+layers 0..l_p) and `upper` (the rest and the head), and the weightless `select`
+graph (export/select_graph.py) runs between them in prefill only. The
+activations that the prefill-only graphs read (`act.{i}`, `attn_last.{l_p}`) are
+stack outputs, and the FFN weights of the per-request neuron-sparse layers are
+stack inputs, bound by the runtime: the full weights in prefill, the request's
+compacted ones in decode.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from buildformat.names import (
+    DECODER,
     FFN_WEIGHTS,
+    HIDDEN,
+    IMAGE_FEATURES,
     IMAGE_START,
-    KEEP_INDICES,
+    INPUT_IDS,
     KEPT_BIAS,
-    MERGE_SEAMS,
+    LOWER,
     PAST,
-    PAST_KEPT_LENGTH,
+    PAST_LENGTH,
+    POSITION_IDS,
+    UPPER,
     GraphNames,
-    activation_name,
-    attention_name,
-    cache_names,
-    decode_names,
+    cache_name,
     ffn_name,
+    stack_names,
 )
 from coreMatching.backbones import backbone_of
 from coreMatching.config import Budgets
@@ -86,70 +90,52 @@ class Attention(nn.Module):
         return y if b is None else y + b
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, key_bias: Tensor | None = None, want_last: bool = False
-    ) -> tuple[Tensor, ...]:
-        """Prefill attention, causal by index. x: [1, T, d]; cos/sin: [1, 1, T, hd]; key_bias: [T] added to
-        every query's logit for each key (a merged token's log multiplicity). -> out [1, T, d], k, v
-        [1, n_kv, T, hd] and, with want_last, the last query's attention probabilities [H, T]."""
-        seq = x.shape[1]
-        q = self._proj(x, self.q_t, self.q_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, H, T, hd]
-        k = self._proj(x, self.k_t, self.k_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, T, hd]
-        v = self._proj(x, self.v_t, self.v_b).view(1, seq, -1, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        groups = q.shape[1] // k.shape[1]
-        k_rep = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        v_rep = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-        # Causal by index, which equals causal by position since kept tokens keep their order (a merged
-        # token sits after the kept image tokens it stands for).
-        if key_bias is None:
-            out = nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=self.scale)
-        else:
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()  # [T, T]
-            mask = torch.where(causal, key_bias[None, :].to(q.dtype), torch.finfo(q.dtype).min)
-            out = nn.functional.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, scale=self.scale)
-        out = self._proj(out.transpose(1, 2).reshape(1, seq, -1), self.o_t, self.o_b)  # [1, T, d]
-        if not want_last:
-            return out, k, v
-        logits = (q[:, :, -1:] @ k_rep.transpose(-1, -2)) * self.scale  # [1, H, 1, T]: the last query sees all
-        return out, k, v, logits.softmax(dim=-1)[0, :, 0]
-
-    def decode(
         self,
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
         past_k: Tensor,
         past_v: Tensor,
-        valid: Tensor,
-        past_bias: Tensor | None = None,
-    ):
-        """One token against a preallocated cache buffer, without concatenating (or copying) it.
+        mask: tuple[Tensor, Tensor],
+        want_last: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """S new tokens against a cache buffer, without concatenating (or copying) it.
 
-        x: [1, 1, d]; past_k/past_v: [1, n_kv, B, hd], of which the first `valid` [1] positions hold
-        tokens (the rest is zero padding); past_bias: [B] the cached keys' log multiplicity (merges).
-        Returns the output [1, 1, d] and the token's own k, v [1, n_kv, 1, hd], which the caller
-        writes into its buffer at position `valid`.
+        x: [1, S, d]; cos/sin: [1, 1, S, hd]; past_k/past_v: [1, n_kv, B, hd]; mask: the additive key bias of
+        the B cached keys [B] and of the S new keys [g*S, S] (`key_masks`: -inf-like on the padding, the one
+        masked slot of a prefill and the future, a merged token's log multiplicity). Returns the output [1, S, d],
+        the new tokens' k, v [1, n_kv, S, hd] (the caller writes them into its buffer at `valid`) and, with
+        want_last, the last query's attention over the new keys [H, S].
         """
-        q = self._proj(x, self.q_t, self.q_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, H, 1, hd]
-        k = self._proj(x, self.k_t, self.k_b).view(1, 1, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, 1, hd]
-        v = self._proj(x, self.v_t, self.v_b).view(1, 1, -1, self.head_dim).transpose(1, 2)
+        seq = x.shape[1]
+        q = self._proj(x, self.q_t, self.q_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, H, S, hd]
+        k = self._proj(x, self.k_t, self.k_b).view(1, seq, -1, self.head_dim).transpose(1, 2)  # [1, n_kv, S, hd]
+        v = self._proj(x, self.v_t, self.v_b).view(1, seq, -1, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        n_kv = k.shape[1]
+        n_kv, heads = k.shape[1], q.shape[1]
+        groups = heads // n_kv
         # Query heads grouped by the KV head they read (head h reads KV head h // groups, as
-        # repeat_interleave does): [1, n_kv, groups, hd], so no KV head is repeated.
-        qg = q.reshape(1, n_kv, -1, self.head_dim)
-        s_past = (qg @ past_k.transpose(-1, -2)) * self.scale  # [1, n_kv, g, B]
-        if past_bias is not None:
-            s_past = s_past + past_bias.to(s_past.dtype)
-        filled = torch.arange(past_k.shape[2], device=x.device) < valid  # [B]
-        s_past = torch.where(filled, s_past, torch.finfo(s_past.dtype).min)
-        s_new = (qg * k).sum(-1, keepdim=True) * self.scale  # [1, n_kv, g, 1]
-        probs = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)  # over the scores only, not the cache
-        out = probs[..., :-1] @ past_v + probs[..., -1:] * v  # [1, n_kv, g, hd]
-        out = self._proj(out.reshape(1, 1, -1), self.o_t, self.o_b)
-        return out, k, v
+        # repeat_interleave does), rows ordered (group, token): [1, n_kv, g * S, hd], so no KV head is repeated.
+        qg = q.reshape(1, n_kv, groups * seq, self.head_dim)
+        # One additive bias per stack rather than a select per layer (cheaper on every runtime).
+        s_past = (qg @ past_k.transpose(-1, -2)) * self.scale + mask[0]  # [1, n_kv, g*S, B]
+        s_new = (qg @ k.transpose(-1, -2)) * self.scale + mask[1]  # [1, n_kv, g*S, S]
+        # One softmax over the cached and the new keys, without concatenating the scores (a concatenation and
+        # two slices of them cost a tenth of a 7B-shape prefill): a softmax over each part, weighed by the
+        # part's log-sum-exp. The new keys' comes from their softmax: at the top score s_max the probability
+        # is p_max >= 1/S, so lse = s_max - log(p_max) and nothing underflows.
+        p_new, p_past = s_new.softmax(dim=-1), s_past.softmax(dim=-1)  # [1, n_kv, g*S, S], [1, n_kv, g*S, B]
+        lse_new = s_new.amax(-1, keepdim=True) - p_new.amax(-1, keepdim=True).log()  # [1, n_kv, g*S, 1]
+        share = torch.sigmoid(lse_new - torch.logsumexp(s_past, dim=-1, keepdim=True))  # the new keys' part
+        out = (p_new @ v) * share + (p_past @ past_v) * (1 - share)  # [1, n_kv, g*S, hd]
+        out = out.reshape(1, heads, seq, self.head_dim).transpose(1, 2).reshape(1, seq, -1)
+        out = self._proj(out, self.o_t, self.o_b)  # [1, S, d]
+        if not want_last:
+            return out, k, v
+        probs = p_new * share  # [1, n_kv, g*S, S]: over the new keys, of the whole softmax
+        last = probs.reshape(1, n_kv, groups, seq, seq)[:, :, :, -1]  # [1, n_kv, g, S]
+        return out, k, v, last.reshape(heads, seq)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -216,126 +202,157 @@ class Decoder(nn.Module):
         return self.norm(h_last) @ self.lm_head_t
 
 
-class Prefill(nn.Module):
-    """inputs_embeds [1, S, d] and the seams of the module docstring -> logits, KV of every layer, activations.
-
-    Without a merge the seam is keep_indices [S']; with one, merge_weights [S'', S], keep_positions
-    [S''] and key_bias [S''] (`seam_inputs` names them in order).
-    """
-
-    def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.budgets = budgets  # None: the dense model
-        self.act_layers = [] if budgets is None else sorted({budgets.prune_layer, *budgets.neuron_sparse_layers})
-        self.merge = budgets is not None and budgets.token_merge != "none"
-        self.want_attention = budgets is not None and SELECTORS[budgets.token_selector].needs_attention
-
-    @property
-    def seam_inputs(self) -> list[str]:
-        if self.budgets is None:
-            return []
-        return list(MERGE_SEAMS) if self.merge else [KEEP_INDICES]
-
-    @property
-    def seam_outputs(self) -> list[str]:
-        attention = [attention_name(self.budgets.prune_layer)] if self.want_attention else []  # type: ignore[union-attr]
-        return [*[activation_name(i) for i in self.act_layers], *attention]
-
-    def forward(self, inputs_embeds: Tensor, *seams: Tensor) -> tuple[Tensor, ...]:
-        h = inputs_embeds  # [1, S, d]
-        positions = torch.arange(h.shape[1], device=h.device)  # [S]
-        cos, sin = self.decoder.rope(positions, h.dtype)
-        kv: list[Tensor] = []
-        acts: list[Tensor] = []
-        attention: list[Tensor] = []
-        key_bias: Tensor | None = None
-        prune_layer = None if self.budgets is None else self.budgets.prune_layer
-        for index, layer in enumerate(self.decoder.layers):
-            want_last = self.want_attention and index == prune_layer
-            attn = layer.attn(layer.input_norm(h), cos, sin, key_bias, want_last)
-            kv += [attn[1], attn[2]]
-            attention += list(attn[3:])
-            h = h + attn[0]
-            x = layer.post_norm(h)
-            a = layer.mlp.activation(x, layer.mlp.gate_t, layer.mlp.up_t)  # [1, T, D]
-            h = h + layer.mlp.down(a, layer.mlp.down_t)
-            if index in self.act_layers:
-                acts.append(a[0])
-            if index == prune_layer:
-                if self.merge:
-                    merge_weights, keep_positions, key_bias = seams  # [S'', S], [S''], [S'']
-                    h = (merge_weights.to(h.dtype) @ h[0])[None]  # [1, S'', d]: kept and merged tokens
-                    key_bias = key_bias.to(h.dtype)
-                else:
-                    (keep_positions,) = seams  # [S']
-                    h = h.index_select(1, keep_positions)  # [1, S', d]: later layers see the kept tokens only
-                cos, sin = self.decoder.rope(keep_positions, h.dtype)  # kept tokens keep their positions
-        logits = self.decoder.logits(h[:, -1])
-        return (logits, *kv, *acts, *attention)
-
-
 def ffn_prefix(layer: int) -> str:
-    """The traced name of a layer's FFN weights, `{prefix}.gate_t` ...: the module path in `Prefill` and `Decode`
-    (`decoder.layers[i].mlp`), which the FFN-gather pass and the quantization look up."""
+    """The traced name of a layer's FFN weights, `{prefix}.gate_t` ...: the module path in a `Stack`
+    (`decoder.layers[i].mlp`), which the quantization looks up."""
     return f"decoder.layers.{layer}.mlp"
 
 
-class Decode(nn.Module):
-    """One token against preallocated cache buffers.
+@dataclass(frozen=True)
+class StackPlan:
+    """What one decoder stack holds and exposes (`stack_plans` makes them from the budgets).
 
-    Inputs: inputs_embeds [1, 1, d]; position_ids [1], which is also the number of cached tokens
-    of the full layers; past_kept_length [1], the cached tokens of the pruned layers (CoreMatching
-    builds); with a merge, image_start [1] and kept_bias [k'] (the key bias of the pruned layers'
-    image slots, from prefill); the buffers past.{i}.key/value [1, n_kv, B, hd] (B >= the valid
-    length, zero padded); the compacted FFN weights of the neuron-sparse layers.
-    Outputs: logits [1, V] and new.{i}.key/value [1, n_kv, 1, hd], the token's own cache entries.
+    layers: its layers, in order; embeds: it starts from ids and image features (else hidden states);
+    head: it ends with the norm and the LM head (else it outputs the hidden states); merge: its keys carry a
+    merge's bias (the upper stack); bound: its per-request neuron-sparse layers, whose FFN weights are
+    inputs; acts: the layers whose FFN activation it outputs; attention: the layer whose last query's
+    attention it outputs (selectors that read it).
     """
 
-    def __init__(self, decoder: Decoder, budgets: Budgets | None) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.prune_layer = None if budgets is None else budgets.prune_layer
-        self.sparse = [] if budgets is None else budgets.neuron_sparse_layers
-        self.merge = budgets is not None and budgets.token_merge != "none"
+    layers: tuple[int, ...]
+    embeds: bool
+    head: bool
+    merge: bool = False
+    bound: tuple[int, ...] = ()
+    acts: tuple[int, ...] = ()
+    attention: int | None = None
+
+    def __post_init__(self) -> None:
+        assert set(self.bound) <= set(self.layers) and set(self.acts) <= set(self.layers), self
 
     @property
     def names(self) -> GraphNames:
-        """The graph's inputs, in the order `forward` takes them (the trace builds an example per name), and
-        outputs."""
-        return decode_names(len(self.decoder.layers), self.prune_layer is not None, self.merge, self.sparse)
+        return stack_names(
+            self.layers,
+            embeds=self.embeds,
+            head=self.head,
+            merge=self.merge,
+            bound_layers=self.bound,
+            act_layers=self.acts,
+            attention_layer=self.attention,
+        )
 
-    def forward(self, inputs_embeds: Tensor, position_ids: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
-        num_layers = len(self.decoder.layers)
-        named = dict(zip(self.names.inputs[2:], rest, strict=True))
-        kept_length = named.get(PAST_KEPT_LENGTH, position_ids)
-        image_start, kept_bias = named.get(IMAGE_START), named.get(KEPT_BIAS)
-        past = [named[name] for name in cache_names(PAST, num_layers)]
-        compact = {layer: tuple(named[ffn_name(layer, w)] for w in FFN_WEIGHTS) for layer in self.sparse}
-        h = inputs_embeds
-        cos, sin = self.decoder.rope(position_ids, h.dtype)
-        bias = None
-        if self.merge:
-            assert image_start is not None and kept_bias is not None and self.prune_layer is not None
-            bias = _slot_bias(past[2 * (self.prune_layer + 1)].shape[2], image_start, kept_bias)  # [B_kept]
-        new: list[Tensor] = []
-        for index, layer in enumerate(self.decoder.layers):
-            pruned = self.prune_layer is not None and index > self.prune_layer
-            valid = kept_length if pruned else position_ids
-            attn_out, k, v = layer.attn.decode(
-                layer.input_norm(h), cos, sin, past[2 * index], past[2 * index + 1], valid, bias if pruned else None
-            )
-            new += [k, v]
-            h = h + attn_out
+
+def stack_plans(num_layers: int, budgets: Budgets | None) -> dict[str, StackPlan]:
+    """The decoder stacks of a build, by graph name: `decoder` (dense) or `lower` and `upper`."""
+    if budgets is None:
+        return {DECODER: StackPlan(tuple(range(num_layers)), embeds=True, head=True)}
+    prune = budgets.prune_layer
+    sparse = set(budgets.neuron_sparse_layers)  # per request (a static set is baked into the weights)
+    lower, upper = tuple(range(prune + 1)), tuple(range(prune + 1, num_layers))
+    attention = prune if SELECTORS[budgets.token_selector].needs_attention else None
+    return {
+        LOWER: StackPlan(
+            lower,
+            embeds=True,
+            head=False,
+            bound=tuple(i for i in lower if i in sparse),
+            acts=tuple(i for i in lower if i in sparse or i == prune),
+            attention=attention,
+        ),
+        UPPER: StackPlan(
+            upper,
+            embeds=False,
+            head=True,
+            merge=budgets.token_merge != "none",
+            bound=tuple(i for i in upper if i in sparse),
+            acts=tuple(i for i in upper if i in sparse),
+        ),
+    }
+
+
+class Stack(nn.Module):
+    """A decoder stack for S new tokens against cache buffers: prefill (the prompt, empty buffers) and decode
+    (one token) alike. Inputs and outputs: `StackPlan.names` (buildformat.names.stack_names)."""
+
+    def __init__(self, decoder: Decoder, plan: StackPlan, embed: Tensor | None = None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.plan = plan
+        assert (embed is not None) == plan.embeds
+        # Traced as the initializer `embed_tokens` (EMBED_TABLE).
+        self.embed_tokens = None if embed is None else nn.Parameter(embed.detach().clone(), requires_grad=False)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        plan = self.plan
+        named = dict(zip(plan.names.inputs, inputs, strict=True))
+        positions, valid = named[POSITION_IDS], named[PAST_LENGTH]  # [S], [1]
+        h = self._embed(named) if plan.embeds else named[HIDDEN]  # [1, S, d]
+        cos, sin = self.decoder.rope(positions, h.dtype)
+        past = named[cache_name(PAST, plan.layers[0], "key")] if plan.layers else None
+        masks = None if past is None else key_masks(past.shape[2], h.shape[1], valid, self._groups(), h.dtype)
+        if plan.merge and masks is not None:
+            slots = torch.arange(past.shape[2], device=h.device)  # [B]: the cache's kept positions
+            new = valid + torch.arange(h.shape[1], device=h.device)  # [S]: the new tokens'
+            start, kept_bias = named[IMAGE_START], named[KEPT_BIAS]
+            # The merged keys' log multiplicity, along the key axis of both parts.
+            past_bias, new_bias = (_slot_bias(p, start, kept_bias).to(h.dtype) for p in (slots, new))  # [B], [S]
+            masks = (masks[0] + past_bias, masks[1] + new_bias)
+        new_kv: list[Tensor] = []
+        acts: list[Tensor] = []
+        attention: list[Tensor] = []
+        for index in plan.layers:
+            layer = self.decoder.layers[index]
+            past_k, past_v = (named[cache_name(PAST, index, kind)] for kind in ("key", "value"))
+            attn = layer.attn(layer.input_norm(h), cos, sin, past_k, past_v, masks, index == plan.attention)
+            new_kv += [attn[1], attn[2]]
+            attention += list(attn[3:])
+            h = h + attn[0]
             x = layer.post_norm(h)
-            gate_t, up_t, down_t = compact.get(index, (layer.mlp.gate_t, layer.mlp.up_t, layer.mlp.down_t))
-            h = h + layer.mlp.down(layer.mlp.activation(x, gate_t, up_t), down_t)
-        return (self.decoder.logits(h[:, -1]), *new)
+            mlp = layer.mlp
+            weights = (mlp.gate_t, mlp.up_t, mlp.down_t)
+            if index in plan.bound:
+                weights = tuple(named[ffn_name(index, w)] for w in FFN_WEIGHTS)
+            a = mlp.activation(x, weights[0], weights[1])  # [1, S, W]
+            if index in plan.acts:
+                acts.append(a[0])
+            h = h + mlp.down(a, weights[2])
+        out = self.decoder.logits(h[:, -1]) if plan.head else h
+        return (out, *new_kv, *acts, *attention)
+
+    def _groups(self) -> int:
+        """Query heads per KV head."""
+        attn = self.decoder.layers[self.plan.layers[0]].attn
+        return attn.q_t.shape[1] // attn.k_t.shape[1]
+
+    def _embed(self, named: dict[str, Tensor]) -> Tensor:
+        """The ids' embeddings with the image features spliced in by position: the token at position p is
+        image token p - image_start when that lies in 0..n_img-1. The same rule serves the prompt and a
+        decode step (whose token lies after the image), so the features stay where the graphs run."""
+        assert self.embed_tokens is not None
+        ids, features, start = named[INPUT_IDS], named[IMAGE_FEATURES], named[IMAGE_START]  # [1, S], [1, n, d], [1]
+        n_img = features.shape[1]
+        slot = named[POSITION_IDS] - start  # [S]
+        inside = (slot >= 0) & (slot < n_img)
+        tokens = nn.functional.embedding(ids, self.embed_tokens)  # [1, S, d]
+        # Gathered along the features' own axis: `features[0]` would copy all of them on every step.
+        image = features.index_select(1, slot.clamp(0, n_img - 1))  # [1, S, d]
+        return torch.where(inside[None, :, None], image.to(tokens.dtype), tokens)
 
 
-def _slot_bias(length: int, image_start: Tensor, kept_bias: Tensor) -> Tensor:
-    """The key bias of a pruned layer's cache buffer: kept_bias [k'] at positions image_start..+k', else 0. -> [B]"""
-    slot = torch.arange(length, device=kept_bias.device) - image_start  # [B]
+def key_masks(cached: int, seq: int, valid: Tensor, groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The additive attention bias of S new tokens' queries (rows ordered (group, token)): over the B cached
+    keys [B], 0 for the first `valid`, the dtype's lowest for the rest; over the new keys [g*S, S], causal."""
+    lowest = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype)
+    filled = torch.arange(cached, device=valid.device) < valid  # [B]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=valid.device).tril().repeat(groups, 1)  # [g*S, S]
+    return torch.where(filled, zero, lowest), torch.where(causal, zero, lowest)
+
+
+def _slot_bias(slots: Tensor, image_start: Tensor, kept_bias: Tensor) -> Tensor:
+    """The key bias of the pruned layers' cache positions `slots`: kept_bias [k'] at image_start..+k', else 0."""
+    slot = slots - image_start
     inside = (slot >= 0) & (slot < kept_bias.shape[0])
     return torch.where(inside, kept_bias[slot.clamp(0, kept_bias.shape[0] - 1)], torch.zeros_like(kept_bias[:1]))
 
@@ -353,12 +370,6 @@ class Vision(nn.Module):
         return features[0][None]
 
 
-class Embed(nn.Module):
-    """input_ids [1, S] -> inputs_embeds [1, S, d]"""
-
-    def __init__(self, llava: Any) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(backbone_of(llava).embed_tokens(llava).weight.detach().clone(), requires_grad=False)
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return nn.functional.embedding(input_ids, self.weight)
+def embed_weight(llava: Any) -> Tensor:
+    """The token embedding table [V, d] (held by the stack that embeds)."""
+    return backbone_of(llava).embed_tokens(llava).weight

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from buildformat import ArithmeticCheck, DistanceToFloat, Manifest, QuantizationChecks, ValidationRecord
-from buildformat.names import ffn_layer, is_ffn
+from buildformat.names import STACKS, ffn_layer, is_ffn
 from coreMatching.quant import down_projections, fake_quantize_
 from coreMatching.quant_scheme import WeightQuant
 from export.validate import (
@@ -94,8 +94,9 @@ def validate_quantized_build(
 
 def rows_gathered_rule(manifest: Manifest) -> Callable[[str], bool]:
     """The down projections whose rows the build gathers per request: those of the layers whose compacted
-    FFN the decode graph takes (`ffn.{layer}.down_t.*`), read from the build itself."""
-    layers = {ffn_layer(spec.name) for spec in manifest.graph("decode").inputs if is_ffn(spec.name)}
+    FFN the stacks take as bound inputs (`ffn.{layer}.down_t.*`), read from the build itself."""
+    stacks = [name for name in manifest.graph_names if name in STACKS]
+    layers = {ffn_layer(s.name) for name in stacks for s in manifest.graph(name).inputs if is_ffn(s.name)}
     return down_projections(frozenset(layers))
 
 

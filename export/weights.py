@@ -1,14 +1,14 @@
 """One weight file for every graph of a build.
 
-The prefill and decode graphs hold the same decoder weights (decode all but the
-FFN of its neuron-sparse layers). Saved separately, a runtime that opens both
-sessions holds them twice. So the build writes every initializer once, into
-`weights.bin` (64-byte aligned, deduplicated by name and content), and points
-each graph's initializers at it as ONNX external data (location, offset,
-length): the graphs stay standard ONNX that onnx, ONNX Runtime and TensorRT's
-parser read as they are. The manifest indexes the file, so the torch-free
-runtime can memory-map it once and hand each session views of the same pages
-(`runtime.ort_backend`).
+Each weight is in one graph (the stacks serve both phases), and the build writes
+every initializer into `weights.bin` (64-byte aligned, deduplicated by name and
+content), pointing the graphs' initializers at it as ONNX external data
+(location, offset, length): the graphs stay standard ONNX that onnx, ONNX
+Runtime and TensorRT's parser read as they are. The per-request neuron-sparse
+layers' full FFN weights, which no graph holds (the runtime binds them,
+`export.bound`), go into the same file. The manifest indexes it, so the
+torch-free runtime can memory-map it once and hand each session views of the
+pages (`runtime.ort_backend`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ ALIGN = 64
 MIN_BYTES = 1024
 
 
-def share_weights(build: Path, graphs: list[str]) -> WeightsIndex:
-    """Moves the initializers of `graphs` (file names in `build`) into one weights.bin; returns the index
-    (graph file -> initializer -> offset, dtype, shape) that the manifest records."""
+def share_weights(build: Path, graphs: list[str], bound: dict[str, np.ndarray] | None = None) -> WeightsIndex:
+    """Moves the initializers of `graphs` (file names in `build`) into one weights.bin, then writes the `bound`
+    tensors; returns the index (graph file -> initializer -> offset, dtype, shape; bound name -> ...) that the
+    manifest records."""
     stored: dict[tuple[str, str], int] = {}  # (name, sha256) -> offset
     index: dict[str, dict[str, WeightEntry]] = {}
+    held: dict[str, WeightEntry] = {}
     with (build / WEIGHTS).open("wb") as blob:
+        for name, array in (bound or {}).items():
+            blob.write(b"\0" * (-blob.tell() % ALIGN))
+            held[name] = WeightEntry(blob.tell(), array.dtype.name, tuple(array.shape))
+            blob.write(np.ascontiguousarray(array).tobytes())
         for graph in graphs:
             path = build / graph
             model = onnx.load(path, load_external_data=True)
@@ -55,7 +61,7 @@ def share_weights(build: Path, graphs: list[str]) -> WeightsIndex:
             if stale.exists():
                 stale.unlink()
             index[graph] = entries
-    return WeightsIndex(file=WEIGHTS, graphs=index)
+    return WeightsIndex(file=WEIGHTS, graphs=index, bound=held)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> tuple[bytes, str]:

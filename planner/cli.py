@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sharing",
         default="runtime",
         metavar="|".join(SHARINGS),
-        help="weights shared by prefill and decode: as the runtime holds them (default), one copy per "
-        "session or engine (separate, an opt-in), or one copy (shared: a design not every runtime has)",
+        help="the decoder stacks' weights, which prefill and decode both read: as the runtime holds them, one "
+        "copy (default), a copy per prefill and decode session or engine (separate, an opt-in), or shared (the "
+        "old spelling of one copy)",
     )
     parser.add_argument(
         "--recommend", action="store_true", help="the configuration to deploy on each device (or on --device)"
@@ -186,7 +187,7 @@ def print_plan(p: Plan, console: Any = None) -> None:
     row(f"weights as built ({p.weights})", lambda e: _gib(e.weights_stored))
     row(f"KV cache ({cfg.max_sequence} tokens)", lambda e: _gib(e.kv_cache))
     row("compacted FFN per request", lambda e: _gib(e.compacted_ffn))
-    row("peak activations (prefill)", lambda e: _gib(e.activations))
+    row("activations (working sets held)", lambda e: _gib(e.activations))
     if any(e.load_transient for e in estimates):
         row("held while a session is built", lambda e: _gib(e.load_transient))
     row("runtime overhead (estimate)", lambda e: _gib(e.runtime_overhead))
@@ -198,8 +199,8 @@ def print_plan(p: Plan, console: Any = None) -> None:
         row("opt-in: separate engines add", lambda e: f"+{_gib(e.unshared_decode_weights)}")
         row("fits with separate engines", lambda e: _fit(e, e.total_unshared, usable, rt.name))
     if any(e.shared_saving for e in estimates):
-        row("one shared copy would save", lambda e: f"-{_gib(e.shared_saving)}")
-        row("fits with one shared copy", lambda e: _fit(e, e.total - e.shared_saving, usable, rt.name))
+        row("one copy (the default) would save", lambda e: f"-{_gib(e.shared_saving)}")
+        row("fits with one copy", lambda e: _fit(e, e.total - e.shared_saving, usable, rt.name))
     row("decode step ≥ (ms, first-last)", lambda e: f"{e.decode_ms_first:.0f}-{e.decode_ms_last:.0f}")
     console.print(table)
     narrowed = b.narrowable_layers

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from buildformat.geometry import SELECT_STRATEGIES, Geometry, image_token_count
+from buildformat.names import DECODER, LOWER, PROFILES, UPPER, VISION_GRAPH
 from coreMatching.backbones import UnsupportedBackboneError, backbone_for, supported_model_types
 from coreMatching.config import Budgets
 from models.presets import PRESETS, ModelPreset
@@ -69,18 +71,22 @@ class PlanError(ValueError):
 
 Neurons = Literal["dense", "per-request", "static"]
 NEURONS: tuple[Neurons, ...] = ("dense", "per-request", "static")
-VISION, PREFILL, DECODE = "vision", "prefill", "decode"
-_TEXT = frozenset({PREFILL, DECODE})
+PREFILL, DECODE = PROFILES  # the phases a decoder stack serves (one session, or one engine with two profiles)
+_PREFILL_ONLY, _BOTH = frozenset({PREFILL}), frozenset(PROFILES)
 
 
 @dataclass(frozen=True)
 class WeightGroup:
     """`count` weights of one kind: 2-D MatMul weights [k, n] (x @ W), or float tensors of k values (n = 1).
 
-    graphs: the build's graphs that hold them (a runtime may hold one copy per graph's session).
-    form: "" (stored at the build's precision), or the gathered int4 form of the per-request neuron
-        path ("int4-gathered-columns", "int4-gathered-rows"), which applies to int4 builds only.
-    rows_gathered: int4 blocks run along the output axis (a down projection whose rows are selected).
+    graph: the one graph that holds them (`buildformat.names`: vision, decoder, lower, upper), or, where
+        `bound`, the decoder stack they are bound to.
+    phases: the phases that read them: a stack's weights serve prefill and decode (one copy; `--sharing
+        separate` plans one per phase), the vision graph's and the bound ones prefill only.
+    bound: the per-request neuron-sparse layers' full FFN weights: no graph's constants, but buffers the
+        runtime holds once in their stored form and binds in prefill (decode binds the request's compacted
+        copy instead).
+    rows_gathered: int4 blocks run along the output axis (a down projection whose rows are gathered).
     """
 
     part: str  # the part of `ModelGeometry.parameters()` it belongs to
@@ -88,9 +94,10 @@ class WeightGroup:
     k: int
     n: int
     count: int
-    graphs: frozenset[str]
+    graph: str
+    phases: frozenset[str] = _BOTH
     matmul: bool = True
-    form: str = ""
+    bound: bool = False
     rows_gathered: bool = False
 
     @property
@@ -162,54 +169,69 @@ class ModelGeometry(Geometry):
         parts["total"] = sum(parts.values())
         return parts
 
-    def weight_groups(self, neurons: Neurons, sparse_layers: int = 0, core_neurons: int = 0) -> tuple[WeightGroup, ...]:
-        """Every weight of a build, by kind and by the graphs that hold it (docs/architecture.md).
+    def stacks(self, neurons: Neurons, prune_layer: int = 0) -> dict[str, range]:
+        """The decoder stacks of a build and their layers: a dense build's one decoder, CoreMatching's lower
+        (layers 0..l_p, with the embedding) and upper (the rest, with the head)."""
+        if neurons == "dense":
+            return {DECODER: range(self.num_layers)}
+        return {LOWER: range(prune_layer + 1), UPPER: range(prune_layer + 1, self.num_layers)}
 
-        dense: every layer's full FFN in prefill and decode. per-request: the `sparse_layers` neuron-sparse
-        layers' FFN is in the prefill graph only (it gathers the core neurons; decode takes them as inputs).
-        static: `sparse_layers` layers' FFN is narrowed to `core_neurons` in both graphs.
+    def weight_groups(
+        self, neurons: Neurons, sparse_layers: Collection[int] = (), core_neurons: int = 0, prune_layer: int = 0
+    ) -> tuple[WeightGroup, ...]:
+        """Every weight of a build, by kind and by the one graph that holds it (docs/architecture.md).
+
+        dense: every layer's full FFN. per-request: the FFN of `sparse_layers` (layer indices) is bound, not
+        held by a graph. static: the FFN of `sparse_layers` is narrowed to `core_neurons` in the file.
         """
         vh, vi, vl = self.vision_hidden_size, self.vision_intermediate_size, self.vision_num_layers
         d, big_d = self.hidden_size, self.intermediate_size
-        vision, text = frozenset({VISION}), _TEXT
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # CLIP: class embedding, patch conv, positions, pre/post norms; per layer biases and two norms.
         vision_floats = vh + self.num_channels * self.patch_size**2 * vh + (self.num_patches + 1) * vh + 4 * vh
         vision_floats += vl * (4 * vh + vi + vh + 4 * vh)
         attention_floats = q_width + 2 * kv_width + d if self.attention_bias else 0
-        dense_layers = self.num_layers - (0 if neurons == "dense" else sparse_layers)
+        v, once = VISION_GRAPH, _PREFILL_ONLY
         groups = [
-            WeightGroup("vision_tower", "vision.attention", vh, vh, 4 * vl, vision),
-            WeightGroup("vision_tower", "vision.fc1", vh, vi, vl, vision),
-            WeightGroup("vision_tower", "vision.fc2", vi, vh, vl, vision),
-            WeightGroup("vision_tower", "vision.floats", vision_floats, 1, 1, vision, matmul=False),
-            WeightGroup("projector", "projector.linear_1", self.projector_input_size, d, 1, vision),
-            WeightGroup("projector", "projector.linear_2", d, d, 1, vision),
-            WeightGroup("projector", "projector.bias", 2 * d if self.projector_bias else 0, 1, 1, vision, matmul=False),
-            WeightGroup("embedding", "embedding", self.vocab_size * d, 1, 1, text, matmul=False),
-            WeightGroup("decoder_layers", "attention.q", d, q_width, self.num_layers, text),
-            WeightGroup("decoder_layers", "attention.kv", d, kv_width, 2 * self.num_layers, text),
-            WeightGroup("decoder_layers", "attention.o", q_width, d, self.num_layers, text),
-            WeightGroup("decoder_layers", "layer.floats", 2 * d + attention_floats, 1, self.num_layers, text, False),
-            WeightGroup("decoder_layers", "ffn.gate_up", d, big_d, 2 * dense_layers, text),
-            WeightGroup("decoder_layers", "ffn.down", big_d, d, dense_layers, text),
+            WeightGroup("vision_tower", "vision.attention", vh, vh, 4 * vl, v, once),
+            WeightGroup("vision_tower", "vision.fc1", vh, vi, vl, v, once),
+            WeightGroup("vision_tower", "vision.fc2", vi, vh, vl, v, once),
+            WeightGroup("vision_tower", "vision.floats", vision_floats, 1, 1, v, once, matmul=False),
+            WeightGroup("projector", "projector.linear_1", self.projector_input_size, d, 1, v, once),
+            WeightGroup("projector", "projector.linear_2", d, d, 1, v, once),
+            WeightGroup("projector", "projector.bias", 2 * d if self.projector_bias else 0, 1, 1, v, once, False),
         ]
-        if neurons == "per-request":
-            prefill, part = frozenset({PREFILL}), "decoder_layers"
+        stacks = self.stacks(neurons, prune_layer)
+        first, last = next(iter(stacks)), list(stacks)[-1]
+        groups.append(WeightGroup("embedding", "embedding", self.vocab_size * d, 1, 1, first, matmul=False))
+        part = "decoder_layers"
+        for stack, layers in stacks.items():
+            count = len(layers)
+            sparse = 0 if neurons == "dense" else sum(1 for i in layers if i in sparse_layers)
+            dense = count - sparse
             groups += [
-                WeightGroup(part, "sparse.gate_up", d, big_d, 2 * sparse_layers, prefill, form="int4-gathered-columns"),
-                WeightGroup(part, "sparse.down", big_d, d, sparse_layers, prefill, True, "int4-gathered-rows", True),
+                WeightGroup(part, f"{stack}.attention.q", d, q_width, count, stack),
+                WeightGroup(part, f"{stack}.attention.kv", d, kv_width, 2 * count, stack),
+                WeightGroup(part, f"{stack}.attention.o", q_width, d, count, stack),
+                WeightGroup(part, f"{stack}.layer.floats", 2 * d + attention_floats, 1, count, stack, matmul=False),
+                WeightGroup(part, f"{stack}.ffn.gate_up", d, big_d, 2 * dense, stack),
+                WeightGroup(part, f"{stack}.ffn.down", big_d, d, dense, stack),
             ]
-        elif neurons == "static":
-            # Nothing is gathered: the narrowed down projection is blocked along its reduction axis like any
-            # other weight (the build rounds N up to int4's block).
-            groups += [
-                WeightGroup("decoder_layers", "static.gate_up", d, core_neurons, 2 * sparse_layers, text),
-                WeightGroup("decoder_layers", "static.down", core_neurons, d, sparse_layers, text),
-            ]
+            if neurons == "per-request":
+                groups += [
+                    WeightGroup(part, f"{stack}.bound.gate_up", d, big_d, 2 * sparse, stack, once, bound=True),
+                    WeightGroup(part, f"{stack}.bound.down", big_d, d, sparse, stack, once, True, True, True),
+                ]
+            elif neurons == "static":
+                # Nothing is gathered: the narrowed down projection is blocked along its reduction axis like any
+                # other weight (the build rounds N up to int4's block).
+                groups += [
+                    WeightGroup(part, f"{stack}.static.gate_up", d, core_neurons, 2 * sparse, stack),
+                    WeightGroup(part, f"{stack}.static.down", core_neurons, d, sparse, stack),
+                ]
         groups += [
-            WeightGroup("final_norm", "final_norm", d, 1, 1, text, matmul=False),
-            WeightGroup("lm_head", "lm_head", d, self.vocab_size, 1, text),
+            WeightGroup("final_norm", "final_norm", d, 1, 1, last, matmul=False),
+            WeightGroup("lm_head", "lm_head", d, self.vocab_size, 1, last),
         ]
         return tuple(g for g in groups if g.count and g.k and g.n)
 
@@ -235,17 +257,28 @@ class HeldWeights:
     """What the runtime holds of one build's weights, and what a decode step reads of them."""
 
     resident: int  # with the chosen sharing
-    separate: int  # with every session or engine holding its own copy (the decode graph's included)
-    shared: int  # with one copy of every weight two graphs share
+    separate: int  # with a session or engine per phase (prefill and decode each hold the stacks' weights)
+    shared: int  # with one copy of every weight
     stored: int
     by_part: dict[str, int]  # `resident` by part
     decode_read: int  # weights one decode step reads (the embedding row aside)
     load: int  # the largest session's extra bytes while it is built
-    dequantized: int  # the largest float copy of a weight that a DequantizeLinear makes while it runs
+    dequantized: dict[str, int]  # per stack: the float copy of a bound weight that a prefill dequantizes
 
 
+# "runtime": what the runtime holds, one copy of every weight (one session, or one engine with a prefill and a
+# decode profile, per graph); "separate": an opt-in, a session or engine per phase, so the stacks' weights twice;
+# "shared": one copy of every weight, the old spelling of what every runtime now holds.
 Sharing = Literal["runtime", "separate", "shared"]
 SHARINGS: tuple[Sharing, ...] = ("runtime", "separate", "shared")
+
+
+def _dequantized_bytes(grp: WeightGroup, planned: str, compute_bytes: int) -> int:
+    """The transient float copy of one bound weight while a prefill runs it: none where it is stored at the
+    compute precision; int4 adds its unpacked uint8 values (the nibble unpacking's output)."""
+    if FLOAT_BYTES.get(planned) == compute_bytes:
+        return 0
+    return grp.k * grp.n * (compute_bytes + (1 if planned == "int4" else 0))
 
 
 def held_weights(
@@ -258,42 +291,46 @@ def held_weights(
     sharing: Sharing = "runtime",
 ) -> HeldWeights:
     """What `rt` holds of `groups` stored at `weights` (scales and float tensors at `act`), per the runtime's
-    handling of each weight form (`planner.runtimes`). sharing: "runtime" as the runtime is used today,
-    "separate" one copy per graph's session or engine, "shared" one copy of every weight (a design the
-    runtime may not have)."""
-    resident = separate = shared = stored = decode_read = dequantized = 0
+    handling of each precision (`planner.runtimes`): one copy of every weight ("runtime", "shared"), or the
+    stacks' weights once per phase ("separate"); the bound weights are held once, in their stored form."""
+    resident = separate = shared = stored = decode_read = 0
     by_part: dict[str, int] = defaultdict(int)
     load: dict[str, float] = defaultdict(float)
+    dequantized: dict[str, int] = defaultdict(int)
+    handling = rt.handling(weights)
+    planned = handling.precision(weights, act)
+    bound_precision = rt.bound_precision(weights, act)
     for grp in groups:
         per_copy = size = grp.parameters * FLOAT_BYTES[act]  # norms, biases, embeddings: activation precision
-        per_session = rt.floats_per_session
         if grp.matmul:
-            form = grp.form if grp.form and weights == "int4" else weights
-            handling = rt.handling(form)
-            planned = handling.precision(weights, act)
             size = grp.count * matmul_bytes(
                 grp.k, grp.n, weights, act, block_size=block, rows_gathered=grp.rows_gathered
             )
             stored += size
-            if planned != weights:  # a fallback: the runtime holds the weights at a float precision
-                size = grp.count * matmul_bytes(grp.k, grp.n, planned, act, block_size=block)
-            per_copy, per_session = int(size * handling.resident_factor), handling.per_session
-            for graph in grp.graphs:
-                load[graph] += size * handling.load_factor
-            if handling.dequantized_at_run:
-                dequantized = max(dequantized, grp.k * grp.n * compute_bytes)
+            if grp.bound:  # held as stored, neither folded nor pre-packed (not a constant), unless the build
+                # itself must be made at the activations' precision on this runtime
+                held = bound_precision
+                if held != weights:
+                    size = grp.count * matmul_bytes(grp.k, grp.n, held, act, block_size=block)
+                per_copy = size
+                dequantized[grp.graph] = max(dequantized[grp.graph], _dequantized_bytes(grp, held, compute_bytes))
+            else:
+                if planned != weights:  # a fallback: the runtime holds the weights at a float precision
+                    size = grp.count * matmul_bytes(grp.k, grp.n, planned, act, block_size=block)
+                per_copy = int(size * handling.resident_factor)
+                load[grp.graph] += size * handling.load_factor
         else:
             stored += size
-        graphs = len(grp.graphs)
-        copies = {"runtime": graphs if per_session else 1, "separate": graphs, "shared": 1}[sharing]
+        phases = len(grp.phases)
+        copies = phases if sharing == "separate" else 1
         resident += per_copy * copies
-        separate += per_copy * graphs
+        separate += per_copy * phases
         shared += per_copy
         by_part[grp.part] += per_copy * copies
-        if DECODE in grp.graphs and grp.part != "embedding":  # one embedding row per step, added later
+        if DECODE in grp.phases and grp.part != "embedding":  # one embedding row per step, added later
             decode_read += size
     load_max = int(max(load.values(), default=0))
-    return HeldWeights(resident, separate, shared, stored, dict(by_part), decode_read, load_max, dequantized)
+    return HeldWeights(resident, separate, shared, stored, dict(by_part), decode_read, load_max, dict(dequantized))
 
 
 def plan_notes(
@@ -320,7 +357,8 @@ def plan_notes(
         )
     if not per_request_runs:
         notes.append(
-            f"CoreMatching with per-request neurons at int4 does not run on {rt.name}: {rt.per_request_int4_reason}"
+            f"CoreMatching with per-request neurons and quantized weights does not run on {rt.name}: "
+            f"{rt.per_request_quantized_reason}"
         )
     if act == "fp16" and dev.fp16_speed < 1:
         notes.append(
@@ -335,6 +373,8 @@ def plan_notes(
     if budgets.core_neurons > 3839:
         notes.append("TensorRT: N is beyond TopK's K < 3840, so a TensorRT build selects core neurons per chunk")
     notes.append(f"weights: {rt.sharing.text}")
+    notes.append(f"per-request neurons: the sparse layers' full FFN weights are {rt.bound.text}")
+    notes.append(f"activations: {rt.scratch.text}")
     notes.append(
         "a static neuron set is calibrated offline and also narrows the prefill of the sparse layers "
         "(check its accuracy); the per-request set is the method"

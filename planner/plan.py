@@ -6,17 +6,18 @@ imported, so a 7B or 13B model is planned on a laptop or on the Jetson itself.
 
 What is counted, in bytes (docs/planning.md):
 
-- weights: every weight of every graph (`ModelGeometry.weight_groups`) at the build's storage scheme
-  (`planner.runtimes.matmul_bytes`: fp32, fp16, int8 per output channel, int4 in blocks of 32),
-  then as the runtime holds them (`planner.runtimes.RUNTIMES`): a precision that falls back is
-  planned at the precision it runs at, and a runtime that keeps one copy per session counts one per
-  graph that reads the weight;
+- weights: every weight of the build (`ModelGeometry.weight_groups`: each in exactly one graph, or
+  bound by the runtime) at the build's storage scheme (`planner.runtimes.matmul_bytes`: fp32, fp16,
+  int8 per output channel, int4 in blocks of 32), then as the runtime holds them
+  (`planner.runtimes.RUNTIMES`): one copy, a precision that falls back planned at the precision it
+  runs at (`--sharing separate` opts into a second copy of the decoder stacks' weights);
 - KV cache sized for the longest answer (`max_sequence` tokens): CoreMatching's layers after the
   prune layer hold `max_sequence - n_img + k` tokens;
 - compacted FFN weights of one request (per-request neurons: gathered once after prefill, in the
   stored form, and kept for the whole answer);
-- peak activations: the largest of the vision graph's and the prefill's live tensors, and, where
-  the runtime holds more while it builds a session (ONNX Runtime's CPU packing), that instead;
+- activations: each graph's prefill working set, as the runtime keeps them (the largest, or the sum
+  over sessions or execution contexts), with the float copy of a bound weight a prefill dequantizes;
+  where the runtime holds more while it builds a session (ONNX Runtime's CPU packing), that instead;
 - a runtime overhead per device kind (`planner.devices`).
 
 Exact: the stored weights, the KV cache, the compacted weights. Measured factors: what ONNX Runtime's
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from buildformat.names import DECODER, LOWER, NEURONS, PROFILES, SELECT, STACKS, UPPER, VISION_GRAPH
 from coreMatching.config import Budgets, CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.quant_scheme import WeightQuant
@@ -76,9 +78,9 @@ class PlanConfig:
     Orin), float weights at that precision, its recommended runtime; prompt_tokens None is n_img + 40.
 
     precision: deprecated, `PRECISION_ALIASES` (give weights/activations instead).
-    sharing: "runtime" (what the runtime holds today, `planner.runtimes`), "separate" (opt into prefill and
-        decode sessions or engines that each hold their weights) or "shared" (one copy of every shared weight,
-        a design not every runtime has: planned to see what it would give).
+    sharing: "runtime" (what the runtime holds: one copy of every weight, `planner.runtimes`), "separate" (opt
+        into prefill and decode sessions or engines that each hold the decoder stacks' weights) or "shared" (one
+        copy of every weight: the old spelling, now the same as "runtime").
     """
 
     model: str | Path
@@ -137,19 +139,19 @@ class PlanConfig:
 class Estimate:
     """The memory (bytes) of one way to deploy, and what one decode step reads."""
 
-    weights: int  # what the runtime holds (fallbacks, copies per session or engine, packing), with `sharing`
+    weights: int  # what the runtime holds (fallbacks, packing, the bound FFN weights), with `sharing`
     weights_stored: int  # the build's weights at its storage scheme (about its weights.bin)
     weights_by_part: Mapping[str, int]  # `weights` by part of the model
     kv_cache: int
     compacted_ffn: int  # per request: CoreMatching's gathered FFN weights
-    activations: int  # peak of the vision graph or the prefill
+    activations: int  # the graphs' prefill working sets as the runtime keeps them (`Runtime.scratch_rule`)
     load_transient: int  # held on top of the weights while the largest session is built
     runtime_overhead: int
     total: int  # weights + KV cache + compacted + the larger of activations and load transient + overhead
     headroom: int | None  # usable memory of the device - total (negative: does not fit); None: no limit
     fits: bool | None
-    # What opting into separate sessions or engines adds (the decode graph's own copy of what it shares with
-    # prefill; 0 where the runtime already holds one per engine), and what one shared copy would save.
+    # What opting into separate prefill and decode sessions or engines adds (a second copy of the stacks'
+    # weights), and what one copy saves against `sharing` (0 unless it is "separate").
     unshared_decode_weights: int
     shared_saving: int
     decode_bytes_first: int  # read by the first decode step (the prompt cached)
@@ -266,36 +268,72 @@ def plan(config: PlanConfig) -> Plan:
             return g.cache_bytes(tokens, ab)
         return g.cache_bytes(tokens, ab, budgets.prune_layer, kept=k, merged=merged)
 
-    # Per request: gate and up [d, N] columns, down [N, d] rows, in the stored form (int8: down's per-output-
-    # channel scales are the model's own, so not counted again).
+    # Per request: gate and up [d, N] columns, down [N, d] rows, gathered from the bound weights in their form
+    # (int8: down's per-output-channel scales are the model's own, so not counted again).
+    bound = rt.bound_precision(weights, act)
     compacted = sparse * (
-        2 * matmul_bytes(d, n, planned, act, block_size=block)
-        + matmul_bytes(n, d, planned, act, block_size=block, rows_gathered=True, shared_scales=planned == "int8")
-    )
-    # Prefill: one layer's working set plus the KV outputs of the layers run so far (all of them at the last layer).
-    selection = s * g.intermediate_size + s * budgets.tokens_per_neuron_set * (cb + 8)  # mask, TopK values + ids
-    dense_prefill = g.prefill_layer_bytes(s, cb) + kv(s, False)
-    cm_prefill = max(
-        g.prefill_layer_bytes(s, cb) + selection + (budgets.prune_layer + 1) * g.kv_bytes_per_token(ab) * s,
-        g.prefill_layer_bytes(s_kept, cb) + kv(s, True),
+        2 * matmul_bytes(d, n, bound, act, block_size=block)
+        + matmul_bytes(n, d, bound, act, block_size=block, rows_gathered=True, shared_scales=bound == "int8")
     )
     vision, row = g.vision_bytes(cb), d * ab  # `row`: the embedding of the new token
     overhead, usable = dev.runtime_overhead_bytes, dev.usable_bytes
     bandwidth = dev.bandwidth_gbps * 1e9
 
-    # A static set narrows the sparse layers but the prune layer, to N rounded up to int4's block.
-    narrowed = {"dense": (0, 0), "per-request": (sparse, n), "static": (len(budgets.narrowable_layers), static_n)}
+    # The layers each build narrows or binds: a static set narrows the sparse layers but the prune layer, to N
+    # rounded up to int4's block; per-request neurons bind every sparse layer's full FFN.
+    narrowed = {
+        "dense": ((), 0),
+        "per-request": (budgets.neuron_sparse_layers, n),
+        "static": (budgets.narrowable_layers, static_n),
+    }
 
-    def estimate(neurons: Neurons, prefill: int, kv_cache: int, kv_first: int) -> Estimate:
-        groups = g.weight_groups(neurons, *narrowed[neurons])
+    def working_sets(neurons: Neurons, dequantized: Mapping[str, int]) -> dict[str, int]:
+        """Each graph's largest working set in a prefill (the decode profile's is smaller): one layer's (unfused
+        attention) plus the outputs the graph hands on (new cache entries, hidden states, FFN activations)."""
+        kv_token, big_d = g.kv_bytes_per_token(ab), g.intermediate_size
+        if neurons == "dense":
+            return {VISION_GRAPH: vision, DECODER: g.prefill_layer_bytes(s, cb) + kv(s, False)}
+        bound = budgets.neuron_sparse_layers if neurons == "per-request" else []
+        full = budgets.prune_layer + 1  # layers 0..l_p: the lower stack, every token
+        acts_lower = sum(1 for i in bound if i < full) * s * big_d * cb  # read by the neurons graph
+        acts_upper = sum(1 for i in bound if i >= full) * s_kept * big_d * cb
+        # The prune layer's FFN activation and the hidden states go to the select graph.
+        handed = s * big_d * cb + s * d * cb
+        sets = {
+            VISION_GRAPH: vision,
+            LOWER: g.prefill_layer_bytes(s, cb) + full * kv_token * s + handed + acts_lower,
+            SELECT: handed + s * big_d + s * budgets.tokens_per_neuron_set * (cb + 8),  # mask, TopK values + ids
+            UPPER: g.prefill_layer_bytes(s_kept, cb) + (g.num_layers - full) * kv_token * s_kept + acts_upper,
+        }
+        if neurons == "per-request":  # its inputs and one layer's TopK (the compacted outputs are counted apart)
+            tokens = s if acts_lower else s_kept
+            sets[NEURONS] = acts_lower + acts_upper + tokens * big_d + tokens * budgets.tokens_per_neuron_set * (cb + 8)
+        for stack, extra in dequantized.items():
+            sets[stack] += extra
+        return sets
+
+    def scratch(sets: Mapping[str, int]) -> int:
+        """What the runtime holds of the graphs' working sets (`Runtime.scratch_rule`)."""
+        if rt.scratch_rule == "largest":
+            return max(sets.values())
+        if rt.scratch_rule == "per-session":
+            return sum(sets.values())
+        # One context per profile of a stack's engine, each sized for the prefill; a separate decode engine's
+        # context holds only the decode profile's (small, not counted).
+        contexts = 1 if config.sharing == "separate" else len(PROFILES)
+        return sum(size * (contexts if graph in STACKS else 1) for graph, size in sets.items())
+
+    def estimate(neurons: Neurons, kv_cache: int, kv_first: int) -> Estimate:
+        sparse_layers, width = narrowed[neurons]
+        groups = g.weight_groups(neurons, sparse_layers, width, budgets.prune_layer)
         held = held_weights(groups, rt, weights, act, block, cb, config.sharing)
         per_request = compacted if neurons == "per-request" else 0
         weights_held = held.resident
-        activations = max(vision, prefill + held.dequantized)
+        activations = scratch(working_sets(neurons, held.dequantized))
         total = weights_held + kv_cache + per_request + max(activations, held.load) + overhead
         step = held.decode_read + per_request + row
         first, last = step + kv_first, step + kv_cache
-        runnable = neurons != "per-request" or planned != "int4" or rt.per_request_int4
+        runnable = neurons != "per-request" or planned not in ("int8", "int4") or rt.per_request_quantized
         return Estimate(
             weights=weights_held,
             weights_stored=held.stored,
@@ -315,13 +353,13 @@ def plan(config: PlanConfig) -> Plan:
             decode_ms_first=first / bandwidth * 1e3,
             decode_ms_last=last / bandwidth * 1e3,
             runnable=runnable,
-            reason="" if runnable else f"{rt.name}: {rt.per_request_int4_reason}",
+            reason="" if runnable else f"{rt.name}: {rt.per_request_quantized_reason}",
             sharing=config.sharing,
         )
 
-    dense = estimate("dense", dense_prefill, kv(m, False), kv(s, False))
-    corematching = estimate("per-request", cm_prefill, kv(m, True), kv(s, True))
-    static = estimate("static", cm_prefill, kv(m, True), kv(s, True))
+    dense = estimate("dense", kv(m, False), kv(s, False))
+    corematching = estimate("per-request", kv(m, True), kv(s, True))
+    static = estimate("static", kv(m, True), kv(s, True))
     return Plan(
         config=config,
         model=g,

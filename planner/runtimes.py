@@ -3,15 +3,17 @@
 Two halves, both used by the memory planner (`planner.plan`, docs/planning.md):
 
 - the byte counts of the build's storage scheme (docs/quantization.md), exact: `matmul_bytes`;
-- `RUNTIMES`, one `Runtime` per runtime name: for every stored weight form, whether the runtime keeps
+- `RUNTIMES`, one `Runtime` per runtime name: for every stored precision, whether the runtime keeps
   it low-bit in memory and reads it with a low-bit kernel, or falls back (holds it at a float
-  precision), whether it holds one copy per session, and the source of each fact. A precision that
-  falls back on a runtime is planned at the precision it really runs at.
+  precision), what it holds per stored byte, what it holds of the scratch its graphs run in, and the
+  source of each fact. A precision that falls back on a runtime is planned at the precision it really
+  runs at.
 
-Weight forms: the four precisions, and the two int4 forms that the per-request neuron path stores
-for the neuron-sparse layers' FFN in the prefill graph (uint8 nibble pairs unpacked in the graph):
-"int4-gathered-columns" (gate, up) and "int4-gathered-rows" (down). A runtime that lists no entry
-for a gathered form handles it as plain int4.
+Every weight of a build is in exactly one graph (docs/architecture.md, one weight file): the decoder
+stacks serve prefill and decode with one session or one engine (two optimization profiles) each, so
+a runtime holds one copy of every weight. The per-request neuron-sparse layers' full FFN weights are
+no graph's constants: the runtime holds them once, in their stored form, as bound buffers
+(`Runtime.bound` says how).
 
 Nothing here is probed at run time; the facts were measured here (ONNX Runtime 1.32, x86-64 CPU) or
 read from the public sources named in each entry.
@@ -31,8 +33,7 @@ WEIGHT_PRECISIONS: tuple[WeightPrecision, ...] = ("fp32", "fp16", "int8", "int4"
 ActivationPrecision = Literal["fp32", "fp16"]
 ACTIVATION_PRECISIONS: tuple[ActivationPrecision, ...] = ("fp32", "fp16")
 FLOAT_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2}
-GATHERED_FORMS = ("int4-gathered-columns", "int4-gathered-rows")
-FORMS = (*WEIGHT_PRECISIONS, *GATHERED_FORMS)
+ScratchRule = Literal["largest", "per-session", "per-context"]
 ACTIVATIONS = "activations"  # a `Handling.runs_as` that means: the activations' float precision
 DEFAULT_BLOCK_SIZE = 32
 
@@ -89,25 +90,19 @@ def check_precisions(weights: str, activations: str) -> None:
 
 @dataclass(frozen=True)
 class Handling:
-    """What one runtime does with weights stored in one form.
+    """What one runtime does with the graph-constant weights stored at one precision.
 
     runs_as: the precision the runtime holds and reads them at: the stored precision when it runs
         them quantized, a float precision (or "activations": the activations' one) when it falls back.
-    per_session: it holds one copy per session or engine that reads them (prefill and decode both),
-        not one shared copy.
-    resident_factor: bytes held per byte of the form, per copy (measured; 1.0: as stored).
-    load_factor: bytes held on top, per byte, while a session that reads them is being built.
-    dequantized_at_run: a DequantizeLinear runs before the MatMul, so a float copy of the weight lives
-        while the MatMul runs (counted in the peak activations).
+    resident_factor: bytes held per byte of the planned precision, the one copy (measured; 1.0: as stored).
+    load_factor: bytes held on top, per byte, while the session that reads them is being built.
     """
 
     runs_as: str
     kernel: str
     source: str
-    per_session: bool = False
     resident_factor: float = 1.0
     load_factor: float = 0.0
-    dequantized_at_run: bool = False
 
     def __post_init__(self) -> None:
         if self.runs_as not in (*WEIGHT_PRECISIONS, ACTIVATIONS):
@@ -118,8 +113,7 @@ class Handling:
             raise ValueError("a handling names its kernel and the source of the fact")
 
     def precision(self, stored: WeightPrecision, activations: ActivationPrecision) -> WeightPrecision:
-        """The precision the weights are planned at (an int4 form that the runtime unpacks stays int4: its
-        resident factor counts the unpacking)."""
+        """The precision the weights are planned at."""
         if self.runs_as == ACTIVATIONS:
             return activations
         return stored if self.runs_as in ("int8", "int4") and stored in ("int8", "int4") else self.runs_as  # type: ignore[return-value]
@@ -135,56 +129,85 @@ class Fact:
 
 @dataclass(frozen=True)
 class Runtime:
-    """One runtime: how it handles each weight form, and what else the planner must know of it."""
+    """One runtime: how it handles the weights at each precision, and what else the planner must know of it.
+
+    sharing: what it holds of the weights that prefill and decode both read (one copy: one session or one
+        engine per graph); `--sharing separate` plans a second one.
+    bound: what it holds of the per-request neuron-sparse layers' full FFN weights, which no graph holds:
+        bound buffers in the stored form, held once and bound in prefill (the planner counts their stored
+        bytes, at the planned precision where the build falls back, and a float copy of one of them while
+        a prefill dequantizes it).
+    scratch_rule: what it keeps of its graphs' working sets: "largest" (freed after each run: the largest
+        graph's), "per-session" (each session's arena keeps its peak: their sum), "per-context" (each
+        execution context holds device memory for its engine's largest profile: the sum over contexts, two
+        per decoder stack).
+    """
 
     name: str
     title: str
     weights: Mapping[str, Handling]
-    # What prefill and decode hold of the weights they share, as the runtime is used today; the per-form
-    # `Handling.per_session` flags are its detail.
     sharing: Fact
-    per_request_int4: bool  # can run an int4 build's per-request neuron path (the nibble-unpacking ops)
-    per_request_int4_reason: str = ""
+    bound: Fact
+    scratch_rule: ScratchRule
+    scratch: Fact
+    per_request_quantized: bool  # can run a quantized build's per-request neuron path (bound quantized weights)
+    per_request_quantized_reason: str = ""
     fp16_activations_as: ActivationPrecision = "fp16"  # what fp16 activations really run at
     min_compute_capability: float | None = None  # None: not a GPU runtime
-    floats_per_session: bool = False  # norms, biases, the embedding table: one copy per session or engine
     facts: tuple[Fact, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        missing = [p for p in WEIGHT_PRECISIONS if p not in self.weights]
-        unknown = [f for f in self.weights if f not in FORMS]
-        if missing or unknown:
-            raise ValueError(f"runtime {self.name}: weights must cover {', '.join(WEIGHT_PRECISIONS)} (forms: {FORMS})")
-        if not self.per_request_int4 and not self.per_request_int4_reason:
-            raise ValueError(f"runtime {self.name}: say why the per-request int4 path does not run")
+        if sorted(self.weights) != sorted(WEIGHT_PRECISIONS):
+            raise ValueError(f"runtime {self.name}: weights must cover exactly {', '.join(WEIGHT_PRECISIONS)}")
+        if not self.per_request_quantized and not self.per_request_quantized_reason:
+            raise ValueError(f"runtime {self.name}: say why the per-request quantized path does not run")
 
-    def handling(self, form: str) -> Handling:
-        """The handling of a weight form (a gathered int4 form without its own entry is plain int4)."""
-        return self.weights.get(form) or self.weights["int4" if form in GATHERED_FORMS else form]
+    def handling(self, weights: str) -> Handling:
+        return self.weights[weights]
 
     def falls_back(self, weights: WeightPrecision, activations: ActivationPrecision) -> WeightPrecision | None:
         """The precision `weights` really run at on this runtime, or None when they run as stored."""
         planned = self.handling(weights).precision(weights, activations)
         return None if planned == weights else planned
 
+    def bound_precision(self, weights: WeightPrecision, activations: ActivationPrecision) -> WeightPrecision:
+        """The precision the runtime holds bound weights at (the per-request layers' full FFN and the request's
+        compacted copy): as stored, since no constant is folded or cast, unless the build itself must be made at
+        the activations' precision on this runtime."""
+        handling = self.handling(weights)
+        return handling.precision(weights, activations) if handling.runs_as == ACTIVATIONS else weights
+
     def runs_on(self, compute_capability: str) -> bool:
         return self.min_compute_capability is None or float(compute_capability) >= self.min_compute_capability
 
 
-def _float(kernel: str, source: str, **kw: object) -> dict[str, Handling]:
-    return {p: Handling(runs_as=p, kernel=kernel, source=source, **kw) for p in ("fp32", "fp16")}  # type: ignore[arg-type]
+def _float(kernel: str, source: str) -> dict[str, Handling]:
+    return {p: Handling(runs_as=p, kernel=kernel, source=source) for p in ("fp32", "fp16")}
 
 
+_ARCHITECTURE = "docs/architecture.md (one weight file)"
 _TRT_SHARING = Fact(
-    "one copy per engine: prefill and decode are two engines and an engine owns its weights (weight-stripped "
-    "engines are refitted at load; optimization profiles share weights only within one network); one network "
-    "with two profiles would keep a single copy and is not built",
-    "docs/architecture.md (one weight file); not measured here (no GPU)",
+    "one copy: each decoder stack is one engine with a prefill and a decode optimization profile, and the two "
+    "execution contexts the runtime makes of it share the engine's weights",
+    f"{_ARCHITECTURE}; runtime/trt_io.py (one context per profile of the same engine); not measured here (no GPU)",
 )
-_TRT_ENGINE = {"per_session": True}  # every weight is held once per engine that reads it
-_NO_BITSHIFT = (
-    "the per-request int4 path unpacks nibble pairs with BitShift, which the ONNX parser does not support "
-    "(https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md; docs/quantization.md)"
+_TRT_BOUND = Fact(
+    "device buffers held once by the runtime, in the stored form; the engine dequantizes them per run",
+    f"{_ARCHITECTURE}; not measured here (no GPU)",
+)
+_TRT_SCRATCH = Fact(
+    "each execution context holds device memory for its engine's largest profile for its lifetime "
+    "(createExecutionContext; TensorRT 10's default allocation strategy is static), so a decoder stack's decode "
+    "context holds as much as its prefill context; the engines' scratch adds up",
+    "runtime/trt_io.py (engine.create_execution_context per profile); https://docs.nvidia.com/deeplearning/"
+    "tensorrt/latest/_static/python-api/infer/Core/RuntimeConfig.html (ExecutionContextAllocationStrategy.STATIC: "
+    "the maximum size across all profiles); the sizes are the planner's working-set estimates, not TensorRT's",
+)
+_NO_BOUND_DEQUANTIZE = (
+    "the per-request path binds the sparse layers' quantized FFN weights as inputs: TensorRT's weight-only "
+    "quantization takes constant weights, and int4's nibble pairs are unpacked with BitShift, which the ONNX "
+    "parser does not support (https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md; "
+    "docs/architecture.md); the build marks it TensorRT-incompatible"
 )
 
 _RUNTIME_LIST: tuple[Runtime, ...] = (
@@ -197,53 +220,41 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
                 "fp32",
                 "MatMul in fp32: the CPU provider has no fp16 MatMul on x86-64, so it inserts Casts and "
                 "folds each fp16 weight into an fp32 copy",
-                f"{_MEASURED}: 2.0x the fp16 bytes per session; {_ORT}/core/optimizer/insert_cast_transformer.cc",
-                per_session=True,
+                f"{_MEASURED}: 2.0x the fp16 bytes; {_ORT}/core/optimizer/insert_cast_transformer.cc",
             ),
             "int8": Handling(
                 "int8",
                 "MatMulNBits, 8 bits (DequantizeLinear + MatMul fused at EXTENDED and above), pre-packed",
-                f"{_MEASURED}: 1.23x the stored bytes per session (per-channel scales become blocks of 32), "
-                f"1.8x more while a session is built; {_ORT}/core/optimizer/qdq_transformer/selectors_actions/"
-                "qdq_selectors.cc (ValidateDQForMatMulNBits)",
-                per_session=True,
+                f"{_MEASURED}: 1.23x the stored bytes for the session's pre-packed copy and the mapped pages the "
+                "packing read (per-channel scales become blocks of 32), 1.8x more while the session is built; "
+                f"{_ORT}/core/optimizer/qdq_transformer/selectors_actions/qdq_selectors.cc (ValidateDQForMatMulNBits)",
                 resident_factor=1.23,
                 load_factor=1.8,
             ),
             "int4": Handling(
                 "int4",
                 "MatMulNBits, 4 bits (blocked DequantizeLinear, axis 0, fused at EXTENDED and above), pre-packed",
-                f"{_MEASURED}: 1.17x the stored bytes per session, 1.9x more while a session is built",
-                per_session=True,
+                f"{_MEASURED}: 1.17x the stored bytes for the pre-packed copy and the mapped pages read, 1.9x more "
+                "while the session is built",
                 resident_factor=1.17,
                 load_factor=1.9,
             ),
-            "int4-gathered-columns": Handling(
-                "int8",
-                "constant folding unpacks the nibble pairs into uint8 values, which the fusion takes as an "
-                "8-bit MatMulNBits",
-                f"{_MEASURED}: 2.9x the stored bytes per session after the first run",
-                per_session=True,
-                resident_factor=2.9,
-                load_factor=1.9,
-            ),
-            "int4-gathered-rows": Handling(
-                "int8",
-                "unpacked uint8 values; DequantizeLinear + MatMul at run time (blocks along axis 1 are not fused)",
-                f"{_MEASURED}: 4.7x the stored bytes per session after the first run",
-                per_session=True,
-                resident_factor=4.7,
-                load_factor=1.9,
-                dequantized_at_run=True,
-            ),
         },
         sharing=Fact(
-            "fp32 weights are shared: both sessions get views of one memory-mapped weights.bin (pre-packing "
-            "off); fp16 and quantized MatMul weights are held once per session that reads them (fp32 copies; "
-            "pre-packed MatMulNBits, which the Python API cannot share across sessions)",
-            f"{_MEASURED}; runtime/ort_backend.py (SharedWeights); docs/quantization.md",
+            "one copy: one session per graph reads each weight; float weights are views of the memory-mapped "
+            "weights.bin (pre-packing off), fp16 ones an fp32 copy, quantized ones one pre-packed MatMulNBits copy",
+            f"{_MEASURED}; runtime/ort_backend.py (SharedWeights); {_ARCHITECTURE}",
         ),
-        per_request_int4=True,
+        bound=Fact(
+            "views of the memory-mapped weights.bin in the stored form (int4: nibble pairs), bound in prefill; "
+            "a prefill unpacks and dequantizes (fp16: casts) one at a time, a transient float copy",
+            f"{_ARCHITECTURE}; docs/quantization.md; not graph constants, so neither folded nor pre-packed",
+        ),
+        scratch_rule="largest",
+        scratch=Fact(
+            "no CPU arena: a graph's working set is freed after its run", "runtime/ort_backend.py (SharedWeights)"
+        ),
+        per_request_quantized=True,
         fp16_activations_as="fp32",
         facts=(
             Fact(
@@ -262,7 +273,7 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
         name="onnxruntime-cuda",
         title="ONNX Runtime (CUDA)",
         weights={
-            **_float("cuBLAS GEMM", "runtime/ort_backend.py (SharedWeights: one device copy, added to both sessions)"),
+            **_float("cuBLAS GEMM", "runtime/ort_backend.py (SharedWeights: one device copy)"),
             "int8": Handling(
                 "int8",
                 "MatMulNBits, 8 bits (CUDA kernels; DequantizeLinear + MatMul fused for the CUDA provider too)",
@@ -274,36 +285,32 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
                 "int4",
                 "MatMulNBits, 4 bits (CUDA kernels)",
                 f"{_ORT}/contrib_ops/cuda/quantization/matmul_4bits.cu; runtime/ort_backend.py: the Python API makes "
-                "int4 values on the host only, so each session copies them to the device",
-                per_session=True,
-            ),
-            # Constant folding, which unpacks the nibble pairs into uint8 values on the CPU provider, does not
-            # depend on the provider; the factor is the unpacked bytes per stored byte (fp16 scales), estimated.
-            "int4-gathered-columns": Handling(
-                "int8",
-                "constant folding unpacks the nibble pairs into uint8 values (8-bit MatMulNBits)",
-                "estimated from the CPU provider's measured behaviour (1.9x the stored bytes); not measured on a GPU",
-                resident_factor=1.9,
-            ),
-            "int4-gathered-rows": Handling(
-                "int8",
-                "unpacked uint8 values; DequantizeLinear + MatMul at run time (blocks along axis 1 are not fused)",
-                "estimated from the CPU provider's measured behaviour (1.9x the stored bytes); not measured on a GPU",
-                resident_factor=1.9,
-                dequantized_at_run=True,
+                "int4 values on the host only, so the one session that reads them copies them to the device",
             ),
         },
         sharing=Fact(
-            "float and int8 weights are uploaded once and added to both sessions; int4 weights are copied to the "
-            "device by each session (the Python API makes int4 values on the host only)",
-            "runtime/ort_backend.py (SharedWeights); docs/architecture.md; not measured here (no GPU)",
+            "one device copy: float and int8 weights are uploaded once, int4 ones copied to the device by the one "
+            "session that reads them (the Python API makes int4 values on the host only)",
+            f"runtime/ort_backend.py (SharedWeights); {_ARCHITECTURE}; not measured here (no GPU)",
         ),
-        per_request_int4=True,
+        bound=Fact(
+            "device buffers held once by the runtime in the stored form, bound in prefill; dequantized per run",
+            f"{_ARCHITECTURE}; not measured here (no GPU)",
+        ),
+        scratch_rule="per-session",
+        scratch=Fact(
+            "each session's CUDA provider has its own arena, which keeps the session's peak (the runtime does not "
+            "share one; the arena grows by powers of two, not counted)",
+            f"runtime/ort_backend.py; {_ORT}/core/providers/cuda/cuda_execution_provider.cc (arena per provider "
+            "instance); not measured here (no GPU)",
+        ),
+        per_request_quantized=True,
         min_compute_capability=5.2,
         facts=(
             Fact(
-                "on the CPU provider the DequantizeLinear + MatMul fusion makes new MatMulNBits initializers in each "
-                "session; whether it does so on the CUDA provider too (a second int8 copy) is not measured",
+                "on the CPU provider the DequantizeLinear + MatMul fusion makes new MatMulNBits initializers; "
+                "whether it does so on the CUDA provider too (a second int8 copy beside the uploaded one) is not "
+                "measured",
                 f"{_MEASURED}; {_ORT}/core/optimizer/qdq_transformer/selectors_actions/qdq_actions.cc",
             ),
             Fact(
@@ -323,16 +330,13 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
         name="tensorrt-8.6",
         title="TensorRT 8.6",
         weights={
-            **_float(
-                "TensorRT GEMM", "https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-861/", **_TRT_ENGINE
-            ),
+            **_float("TensorRT GEMM", "https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-861/"),
             "int8": Handling(
                 ACTIVATIONS,
                 "falls back: a weight-only DequantizeLinear is constant-folded into float weights (INT8 GEMMs need "
                 "Q/DQ on both inputs before TensorRT 10's weight-only quantization)",
                 "https://github.com/NVIDIA/TensorRT/releases/tag/v10.0.0 (weight-only quantization arrives in 10.0); "
                 "the folding itself is not measured here",
-                **_TRT_ENGINE,
             ),
             "int4": Handling(
                 ACTIVATIONS,
@@ -340,27 +344,27 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
                 "must be built at the activations' precision",
                 "https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-1001/developer-guide/index.html "
                 "(revision history: INT4 type added in 10.0)",
-                **_TRT_ENGINE,
             ),
         },
         sharing=_TRT_SHARING,
-        floats_per_session=True,
-        per_request_int4=False,
-        per_request_int4_reason=_NO_BITSHIFT,
+        bound=_TRT_BOUND,
+        scratch_rule="per-context",
+        scratch=_TRT_SCRATCH,
+        per_request_quantized=False,
+        per_request_quantized_reason=_NO_BOUND_DEQUANTIZE,
         min_compute_capability=5.0,
     ),
     Runtime(
         name="tensorrt-10",
         title="TensorRT 10",
         weights={
-            **_float("TensorRT GEMM", "https://docs.nvidia.com/deeplearning/tensorrt/latest/", **_TRT_ENGINE),
+            **_float("TensorRT GEMM", "https://docs.nvidia.com/deeplearning/tensorrt/latest/"),
             "int8": Handling(
                 "int8",
                 "quantized weights stored in the engine (explicit quantization); whether a weight-only INT8 GEMM "
                 "reads them on SM 8.7 is not established",
                 "https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/"
                 "quantized-types-explicit-quantization.html",
-                **_TRT_ENGINE,
             ),
             "int4": Handling(
                 "int4",
@@ -368,13 +372,14 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
                 "kernel, activations stay in floats",
                 "https://github.com/NVIDIA/TensorRT/releases/tag/v10.0.0; https://docs.nvidia.com/deeplearning/"
                 "tensorrt/latest/inference-library/work-with-quantized-types.html",
-                **_TRT_ENGINE,
             ),
         },
         sharing=_TRT_SHARING,
-        floats_per_session=True,
-        per_request_int4=False,
-        per_request_int4_reason=_NO_BITSHIFT,
+        bound=_TRT_BOUND,
+        scratch_rule="per-context",
+        scratch=_TRT_SCRATCH,
+        per_request_quantized=False,
+        per_request_quantized_reason=_NO_BOUND_DEQUANTIZE,
         min_compute_capability=7.0,
         facts=(
             Fact(
@@ -385,6 +390,12 @@ _RUNTIME_LIST: tuple[Runtime, ...] = (
                 "JetPack 6.1 and 6.2 ship TensorRT 10.3; JetPack 6.0 ships TensorRT 8.6",
                 "https://pytorch.org/TensorRT/getting_started/jetpack.html; "
                 "https://docs.nvidia.com/jetson/jetpack/release-notes/index.html",
+            ),
+            Fact(
+                "whether a per-request int8 build's dequantization of its bound FFN inputs (a DequantizeLinear of a "
+                "network input, not a constant) builds is not established",
+                "https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/"
+                "work-with-quantized-types.html; not built here (no GPU)",
             ),
         ),
     ),

@@ -1,18 +1,21 @@
-"""What a runtime backend does: run a build's four graphs for one request at a time (docs/architecture.md).
+"""What a runtime backend does: run a build's graphs for one request at a time (docs/architecture.md).
 
 The pipeline (`Pipeline.generate`, the one generation loop) drives a backend through one request:
 
-    features = backend.vision(pixel_values)               # [1, n_img, d]
-    embeds   = backend.embed(input_ids)                   # [1, S, d]; the pipeline splices the features in
-    result   = backend.prefill(embeds, image_start, capacity)  # PrefillResult: logits [V], kept tokens, core neurons
-    logits   = backend.decode(token_id)                   # [V], once per generated token after the first
+    backend.vision(pixel_values)                          # the image features stay where the graphs run
+    result = backend.prefill(input_ids, image_start, capacity)  # PrefillResult: logits [V], kept tokens, core neurons
+    logits = backend.decode(token_id)                     # [V], once per generated token after the first
     backend.end_request()                                 # the answer ended, failed or was abandoned
 
-`prefill` fills the backend's KV-cache buffers (one per layer, sized once for `capacity`
-tokens: prompt + the longest answer) and keeps the compacted FFN weights of the request
-on the device; `decode` runs one step against those buffers and writes only the new
-token's cache entries (the decode graph outputs `new.{i}.key/value` [1, n_kv, 1, hd]).
-Nothing copies the whole cache per step.
+The decoder stacks (`decoder`, or `lower` and `upper` around the prefill-only `select`) serve both
+phases, so every weight is held once. The lower stack (or the decoder) embeds the ids and splices
+the image features in itself: no sequence-sized tensor crosses between host and device. `prefill`
+runs the stacks over the prompt against one-slot past buffers (past_length 0), fills the
+backend's KV-cache buffers (one per layer, sized once for `capacity` tokens: prompt + the longest
+answer) with the stacks' `new.{i}.*` outputs, and keeps the request's compacted FFN weights (the
+`neurons` graph's outputs) where the graphs run; `decode` runs the same stacks on one token
+against those buffers, binding the compacted weights to the `ffn.*` inputs the full ones filled
+in prefill, and writes only the token's own cache entries. Nothing copies the whole cache per step.
 
 Backends: `OrtBackend` (ONNX Runtime: TensorRT, CUDA or CPU provider) and `TrtBackend`
 (TensorRT engines of `python -m export engine`).
@@ -53,16 +56,18 @@ class Backend(ABC):
     last_run_seconds: float | None = None
 
     @abstractmethod
-    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        """pixel_values [1, 3, H, W] float32 -> image_features [1, n_img, d]"""
+    def vision(self, pixel_values: np.ndarray) -> None:
+        """pixel_values [1, 3, H, W] float32 -> the request's image features [1, n_img, d], kept where the graphs
+        run for the prefill and every decode step (the lower stack splices them by position)."""
 
     @abstractmethod
-    def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        """input_ids [1, S] int64 -> inputs_embeds [1, S, d]"""
+    def image_features(self) -> np.ndarray:
+        """A host copy of the request's image features [1, n_img, d] (for validation; not on the answer's path)."""
 
     @abstractmethod
-    def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
-        """Runs the prompt; sizes the cache buffers for `capacity` tokens (prompt + answer)."""
+    def prefill(self, input_ids: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
+        """Runs the prompt input_ids [1, S] int64, whose image placeholders start at `image_start`; sizes the
+        cache buffers for `capacity` tokens (prompt + answer)."""
 
     @abstractmethod
     def decode(self, token_id: int) -> np.ndarray:

@@ -1,23 +1,23 @@
 """One request's decode bookkeeping, the same for every backend (ONNX Runtime on CPU or GPU, TensorRT).
 
-The prefill graph gives `present.{i}.key/value` [1, n_kv, L_i, hd] (L_i: the prompt, or the kept
-tokens after the prune layer) and the request-long decode inputs (the compacted FFN weights
-`ffn.*`, a merge's `kept_bias`). Each decode step reads `past.{i}.*` buffers sized once for the
-whole answer, takes `position_ids` (the full layers' length) and `past_kept_length` (the pruned
-layers'), and gives `new.{i}.*` [1, n_kv, 1, hd], the new token's entries only, which the
-backend writes at each buffer's current length. The backends own the storage (host arrays or
-device buffers); this class owns the lengths, capacities and positions, by the names that
-`buildformat.names` declares.
+In prefill the stacks give `new.{i}.key/value` [1, n_kv, L_i, hd] (L_i: the prompt, or the kept tokens
+for the layers after the prune layer), which the backend writes into cache buffers sized once for
+the whole answer. Each decode step runs the same stacks on one token: `input_ids` (the lower stack),
+`position_ids` (the token's position: the full layers' length) and `past_length` (how many entries
+of that stack's buffers hold tokens: the position for the full layers, the kept length for the
+pruned ones), and gets `new.{i}.*` [1, n_kv, 1, hd], which the backend writes at each buffer's
+current length. The backends own the storage (host arrays or device buffers); this class owns the
+lengths, capacities and positions, by the names that `buildformat.names` declares.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from buildformat.names import PAST_KEPT_LENGTH, POSITION_IDS, STEP_INPUTS, new_name, past_name
+from buildformat.names import INPUT_IDS, PAST_LENGTH, POSITION_IDS, new_name, past_name
 from runtime.backend import BackendError
 
 
@@ -26,31 +26,35 @@ class DecodeState:
     lengths: dict[str, int]  # past name -> positions written
     capacity: dict[str, int]  # past name -> positions its buffer holds
     position: int  # the next token's position id: the full layers' cached tokens
-    kept_length: int  # the pruned layers' cached tokens (the full layers' for dense builds)
     image_start: int
 
     @classmethod
     def start(
         cls,
-        present_lengths: Mapping[str, int],
+        new_lengths: Mapping[str, int],
         prompt: int,
         answer: int,
         image_start: int,
         size: Callable[[str, int, int], int] | None = None,
     ) -> DecodeState:
-        """After prefill: `present_lengths` maps each present.* output to its L; `answer` is the
+        """After prefill: `new_lengths` maps each new.* output of the stacks to its L; `answer` is the
         longest answer; `size(past name, L, answer)` is the buffer's capacity (default L + answer)."""
-        if not present_lengths:
+        if not new_lengths:
             raise BackendError("the prefill gave no cache outputs; rebuild the build directory")
-        lengths = {past_name(name): length for name, length in present_lengths.items()}
+        lengths = {past_name(name): length for name, length in new_lengths.items()}
         sizing = size or (lambda _name, length, more: length + more)
         capacity = {name: sizing(name, length, answer) for name, length in lengths.items()}
-        return cls(lengths, capacity, prompt, min(lengths.values()), image_start)
+        return cls(lengths, capacity, prompt, image_start)
 
-    def step_inputs(self, wanted: Iterator[str] | set[str] | list[str]) -> dict[str, np.ndarray]:
-        """The step's position inputs, for those of STEP_INPUTS the decode graph takes."""
-        values = {POSITION_IDS: self.position, PAST_KEPT_LENGTH: self.kept_length}
-        return {name: np.array([values[name]], dtype=np.int64) for name in STEP_INPUTS if name in wanted}
+    def step_inputs(self, token_id: int, pasts: list[str], wanted: Collection[str]) -> dict[str, np.ndarray]:
+        """The inputs of one stack that change every step: the token (the stack with the embedding), its
+        position, and the valid length of the stack's buffers `pasts` (all of one length)."""
+        values = {
+            INPUT_IDS: np.array([[token_id]], dtype=np.int64),
+            POSITION_IDS: np.array([self.position], dtype=np.int64),
+            PAST_LENGTH: np.array([self.lengths[pasts[0]]], dtype=np.int64),
+        }
+        return {name: value for name, value in values.items() if name in wanted}
 
     def check_room(self) -> None:
         """Refuses a step that would write past a buffer's end (the capacity was chosen at prefill)."""
@@ -70,4 +74,3 @@ class DecodeState:
         for name in self.lengths:
             self.lengths[name] += 1
         self.position += 1
-        self.kept_length += 1

@@ -8,8 +8,8 @@
 `Answer` (the generator's return value); `answer(..., on_text=print)` streams through a callback
 and returns the `Answer`.
 
-`generate` is the one generation loop (vision, embed, splice the image features at the prompt's
-`image_start`, prefill, decode steps, end of request): the demo, the server, Triton and the
+`generate` is the one generation loop (vision, prefill, whose first stack embeds the ids and splices
+the image features in at the prompt's `image_start`, decode steps, end of request): the demo, the server, Triton and the
 export's validation all run it. A caller that needs more than the answer, such as the logits each
 token was chosen from, passes a `GenerationTrace` for the loop to fill.
 """
@@ -52,7 +52,7 @@ class Timings:
 
     preprocess: float  # the image decoded and preprocessed (`with_image`)
     vision: float
-    prefill: float  # embed, splice and prefill
+    prefill: float  # the prompt through the stacks (embedding and image splice included)
     decode: tuple[float, ...] = ()  # per decode step, as the caller waited for it
     decode_graph: tuple[float, ...] | None = None  # of which the step's graph itself ran; None: not measured
 
@@ -259,16 +259,15 @@ class Pipeline:
         prompt = prepared.prompt_tokens
 
         start = time.perf_counter()
-        features = self.backend.vision(prepared.pixel_values)  # [1, n_img, d]
+        self.backend.vision(prepared.pixel_values)  # the features stay where the graphs run
         vision_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        embeds = self.backend.embed(ids)  # [1, S, d]
-        embeds[0, image_start : image_start + self.num_image_tokens] = features[0]
-        result = self.backend.prefill(embeds, image_start, prompt + max_new_tokens)
+        # The lower stack embeds the ids and splices the image features in at image_start itself.
+        result = self.backend.prefill(ids, image_start, prompt + max_new_tokens)
         prefill_seconds = time.perf_counter() - start
         if trace is not None:
-            trace.image_features, trace.prefill = features[0], result
+            trace.image_features, trace.prefill = self.backend.image_features()[0], result
 
         sampler = Sampler(sampling or Sampling())
         eos = self.tokenizer.eos_token_ids if stop_at_eos else set()

@@ -5,10 +5,16 @@ generations are supported, picked from `tensorrt.__version__` and logged (`runti
 10.x's named tensors). An engine only runs on the GPU model and TensorRT version that built it; the manifest's
 `engines` section records both and a mismatch is refused before any engine is loaded.
 
-Per request: vision, embed and prefill run on device buffers; the cache buffers (one per layer, sized once
-for the request) receive the prefill's cache with one 2-D copy each; the compacted FFN weights stay where
-the prefill wrote them. The decode context is bound to all of those ONCE per request. A step then moves a
-token id and two integers to the device, runs the embed and decode engines, writes the token's own cache
+One engine per graph of the build (`manifest.graph_names`), each weight held once: the decoder stacks'
+engines (decoder, or lower and upper) have a prefill and a decode optimization profile, and the backend
+makes one execution context per profile from the same engine (docs/tensorrt.md). The full FFN weights of
+the per-request neuron-sparse layers, which no engine holds, are uploaded once from weights.bin.
+
+Everything stays on the device from the image to the logits. `vision` keeps the image features there;
+`prefill` uploads the prompt's ids and positions, runs the stacks (and select, neurons) through device
+buffers, fills the request's cache buffers (one per layer, sized once) with one 2-D copy each, keeps the
+compacted FFN weights and a merge's kept_bias, and binds the decode contexts to all of those ONCE per request.
+A step then moves a token id and a few integers to the device, runs the stacks, writes the token's own cache
 entries with one 2-D copy per buffer, and brings back only the logits.
 """
 
@@ -16,32 +22,47 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from buildformat import GRAPHS, Manifest, ManifestError
+from buildformat import Manifest
 from buildformat.names import (
+    HIDDEN,
     IMAGE_FEATURES,
     IMAGE_START,
     INPUT_IDS,
-    INPUTS_EMBEDS,
+    KEPT_BIAS,
+    KEPT_HIDDEN,
     KEPT_IMAGE_TOKENS,
+    KEPT_POSITIONS,
     LOGITS,
+    PAST_LENGTH,
     PIXEL_VALUES,
+    POSITION_IDS,
+    STACKS,
     STEP_INPUTS,
+    UPPER,
+    VISION_GRAPH,
+    bound_name,
+    core_neurons_layer,
+    is_compact,
     is_past,
-    is_request_input,
-    present_name,
+    new_name,
 )
-from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
+from runtime.backend import Backend, BackendError, PrefillResult
 from runtime.cuda_memory import DeviceBuffer, Stream, write_prefix, write_token
 from runtime.decode_state import DecodeState
 from runtime.trt_io import EngineIO, select_api
 
 log = logging.getLogger(__name__)
+
+PREFILL, DECODE = 0, 1  # the stacks' optimization profiles, in the order `python -m export engine` adds them
+# The upper stack's prefill reads the kept tokens that select gives, under its own input names.
+UPPER_PREFILL_INPUTS = {HIDDEN: KEPT_HIDDEN, POSITION_IDS: KEPT_POSITIONS}
 
 
 # -- what needs no TensorRT: the manifest, the cache sizes -------------------------------
@@ -53,10 +74,10 @@ def engine_files(manifest: Manifest, build_dir: Path) -> dict[str, Path]:
     graphs = manifest.engines.graphs if manifest.engines is not None else {}
     if not graphs:
         raise BackendError(f"{build_dir} has no TensorRT engines: {first}")
-    missing = [g for g in GRAPHS if g not in graphs]
+    missing = [g for g in manifest.graph_names if g not in graphs]
     if missing:
         raise BackendError(f"{build_dir} has no TensorRT engine for {', '.join(missing)}: {first}")
-    files = {g: build_dir / graphs[g] for g in GRAPHS}
+    files = {g: build_dir / graphs[g] for g in manifest.graph_names}
     absent = [str(p) for p in files.values() if not p.is_file()]
     if absent:
         raise BackendError(f"engine file(s) {', '.join(absent)} are missing: {first}")
@@ -81,29 +102,30 @@ def check_target(manifest: Manifest, tensorrt_version: str, gpu_name: str, build
         raise BackendError(f"the engines were built on {built_on}, this machine has {gpu_name}: {rebuild}")
 
 
-def dim_range(manifest: Manifest, graph: str, tensor: str, axis: int) -> tuple[int, int]:
-    """(min, max) of one input axis: the engine's optimization profile, from the manifest's dims."""
-    try:
-        return manifest.dim_range(graph, tensor, axis)
-    except ManifestError as e:
-        raise BackendError(str(e)) from e
-
-
 def cache_size(name: str, prompt_length: int, answer: int, low: int, high: int) -> int:
-    """Positions of one cache buffer: the prompt's and the answer's, clamped into the engine's [low, high].
+    """Positions of one cache buffer: the prompt's and the answer's, clamped into the decode profile's [low, high].
 
     The answer's last token is never written to the cache, so `prompt_length + answer - 1` must fit.
     """
     if prompt_length + answer - 1 > high:
         raise BackendError(
             f"{name} needs {prompt_length + answer - 1} cache positions ({prompt_length} of the prompt, "
-            f"{answer - 1} of the answer) but the decode engine admits {high}: ask for fewer new tokens, or "
+            f"{answer - 1} of the answer) but the decode profile admits {high}: ask for fewer new tokens, or "
             "export the build with a larger --max-sequence"
         )
     size = max(low, min(prompt_length + answer, high))
     if size != prompt_length + answer:
-        log.debug("%s: %d positions (the engine's profile admits %d..%d)", name, size, low, high)
+        log.debug("%s: %d positions (the decode profile admits %d..%d)", name, size, low, high)
     return size
+
+
+def axis_range(io: EngineIO, name: str, axis: int) -> tuple[int, int]:
+    """(min, max) of one axis of an input in the context's profile (the engine's own, not the manifest's)."""
+    if not io.is_dynamic(name):
+        size = io.engine_shape(name)[axis]
+        return size, size
+    low, _, high = io.profile_shape(name)
+    return low[axis], high[axis]
 
 
 def import_tensorrt() -> Any:
@@ -126,24 +148,28 @@ def current_gpu() -> str:
         raise BackendError(str(e)) from e
 
 
+def free_all(*groups: Mapping[str, DeviceBuffer] | list[DeviceBuffer]) -> None:
+    for group in groups:
+        for buffer in group.values() if isinstance(group, Mapping) else group:
+            buffer.free()
+
+
 # -- the backend ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Request:
-    """The device state of one request, freed when the next one starts."""
+    """The device state of one request, freed when it ends (or the next one starts)."""
 
     state: DecodeState
-    cache: dict[str, DeviceBuffer] = field(default_factory=dict)  # past.{i}.key/value
-    # Request-long decode inputs: the compacted weights and a merge's kept_bias (from prefill), image_start.
-    ffn: dict[str, DeviceBuffer] = field(default_factory=dict)
-    outputs: dict[str, DeviceBuffer] = field(default_factory=dict)  # the decode's logits and new.{i}.*
+    cache: dict[str, DeviceBuffer] = field(default_factory=dict)  # past.{i}.key/value [1, n_kv, capacity, hd]
+    # Request-long decode inputs: the compacted FFN weights (by the ffn.* input they fill), kept_bias, image_start.
+    held: dict[str, DeviceBuffer] = field(default_factory=dict)
+    outputs: dict[str, DeviceBuffer] = field(default_factory=dict)  # every decode output (logits, hidden, new.*)
 
     def free(self) -> None:
-        for group in (self.cache, self.ffn, self.outputs):
-            for buffer in group.values():
-                buffer.free()
-            group.clear()
+        free_all(self.cache, self.held, self.outputs)
+        self.cache, self.held, self.outputs = {}, {}, {}
 
 
 class TrtBackend(Backend):
@@ -157,18 +183,28 @@ class TrtBackend(Backend):
         log.info("TensorRT %s: the %s API", trt.__version__, io_class.api)
         self.name = f"tensorrt/{trt.__version__}"
         self.api = io_class.api  # "bindings" (8.6) | "named-tensors" (10.x)
-        self.dtype = activation_dtype(manifest)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)  # must outlive its engines (TensorRT 8.x)
-        self._engines = {graph: self._load(graph, path) for graph, path in files.items()}
-        self._io = {graph: io_class(trt, engine, graph) for graph, engine in self._engines.items()}
         self.stream = Stream()
+        self._engines = {graph: self._load(graph, path) for graph, path in files.items()}
+        self.stacks = [g for g in manifest.graph_names if g in STACKS]  # decoder, or lower then upper
+        # The prefill context of each engine is made first (TensorRT gives the first context profile 0), then the
+        # stacks' decode contexts on profile 1 of the same engines: the weights stay the engine's, held once.
+        self.prefill_io = {g: io_class(trt, e, g, PREFILL, self.stream.handle) for g, e in self._engines.items()}
+        self.decode_io = {g: io_class(trt, self._engines[g], g, DECODE, self.stream.handle) for g in self.stacks}
+        self.stream.synchronize()  # the profile switches are enqueued on the stream
+        self._pasts = {g: [n for n in io.inputs if is_past(n)] for g, io in self.decode_io.items()}
+        self._limits = {n: axis_range(io, n, 2) for g, io in self.decode_io.items() for n in self._pasts[g]}
+        # Each stack's step inputs (token, position, past length), written before every decode step.
+        self._steps = {
+            g: {n: DeviceBuffer((1, 1) if n == INPUT_IDS else (1,), io.dtype(n)) for n in STEP_INPUTS if n in io.inputs}
+            for g, io in self.decode_io.items()
+        }
+        self._zeros: dict[tuple[tuple[int, ...], str], DeviceBuffer] = {}  # the prefill's one-slot past buffers
+        self._bound = self._upload_bound()
+        self._features: DeviceBuffer | None = None  # the request's image features [1, n_img, d]
         self._request: _Request | None = None
-        decode = self._io["decode"]
-        self._limits = {n: dim_range(manifest, "decode", n, 2) for n in decode.inputs if is_past(n)}
-        self._scalars = {n: DeviceBuffer((1,), decode.dtype(n)) for n in STEP_INPUTS if n in decode.inputs}
-        self._prepare_step_embed()
 
     def _load(self, graph: str, path: Path) -> Any:
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -179,37 +215,30 @@ class TrtBackend(Backend):
             )
         return engine
 
-    def _prepare_step_embed(self) -> None:
-        """Device buffers for the decode steps' token id and its embedding, made once.
-
-        The embed engine shares the prompt's dim S, whose profile may start above one token: a step then embeds
-        a row of pad ids with the token first, and decode reads the first row in place. The steps reuse the
-        embed engine's one context (TensorRT gives an optimization profile to one context at a time), bound to
-        these buffers again only after a prompt was embedded.
-        """
-        io = self._io["embed"]
-        low, self._embed_max = dim_range(self.manifest, "embed", INPUT_IDS, 1)
-        self._embed_min = max(1, low)
-        if self._embed_min > 1:
-            log.info("the embed engine's profile starts at %d ids: each decode step embeds that many", low)
-        pad = self.manifest.model.pad_token_id or 0
-        self._step_ids = DeviceBuffer.from_numpy(np.full((1, self._embed_min), pad, io.dtype(INPUT_IDS)), self.stream)
-        if io.is_dynamic(INPUT_IDS):
-            io.set_input_shape(INPUT_IDS, self._step_ids.shape)
-        self._step_embeds = DeviceBuffer(io.output_shape(INPUTS_EMBEDS), io.dtype(INPUTS_EMBEDS))
-        if self._step_embeds.dtype != self._io["decode"].dtype(INPUTS_EMBEDS):
-            raise BackendError("the embed and decode engines disagree on the embeddings' type; rebuild the engines")
-        self._embed_bound_for_steps = False
-
-    def _bind_embed_for_steps(self) -> None:
-        if self._embed_bound_for_steps:
-            return
-        io = self._io["embed"]
-        if io.is_dynamic(INPUT_IDS):
-            io.set_input_shape(INPUT_IDS, self._step_ids.shape)
-        io.bind(INPUT_IDS, self._step_ids.ptr)
-        io.bind(INPUTS_EMBEDS, self._step_embeds.ptr)
-        self._embed_bound_for_steps = True
+    def _upload_bound(self) -> dict[str, DeviceBuffer]:
+        """The full FFN weights of the per-request neuron-sparse layers (weights.bin's `bound` section), on the
+        device once: the stacks read them in prefill, the neurons graph gathers the request's from them."""
+        index = self.manifest.weights
+        wanted = {n for io in self.prefill_io.values() for n in io.inputs}
+        entries = {} if index is None else {n: e for n, e in index.bound.items() if n in wanted}
+        if not entries:
+            return {}
+        assert index is not None
+        mapped = np.memmap(self.build_dir / index.file, dtype=np.uint8, mode="r")
+        bound: dict[str, DeviceBuffer] = {}
+        try:
+            for name, entry in entries.items():
+                if entry.dtype == "int4":  # no numpy type, and no TensorRT engine input takes one
+                    raise BackendError(f"{name} is stored as int4, which TensorRT engines cannot take as an input")
+                view = np.ndarray(entry.shape, np.dtype(entry.dtype), buffer=mapped, offset=entry.offset)
+                bound[name] = DeviceBuffer.from_numpy(view, self.stream)
+            self.stream.synchronize()
+        except BaseException:
+            free_all(bound)
+            raise
+        size = sum(b.nbytes for b in bound.values())
+        log.info("%d bound FFN weights on the device (%.1f MB)", len(bound), size / 1e6)
+        return bound
 
     # -- launches ----------------------------------------------------------------------------------
 
@@ -224,89 +253,126 @@ class TrtBackend(Backend):
                 outputs[name] = DeviceBuffer(shape, io.dtype(name))
                 io.bind(name, outputs[name].ptr)
         except BaseException:
-            for buffer in outputs.values():
-                buffer.free()
+            free_all(outputs)
             raise
         return outputs
 
-    def _launch(
-        self, graph: str, feeds: dict[str, np.ndarray]
-    ) -> tuple[dict[str, DeviceBuffer], dict[str, DeviceBuffer]]:
-        """Uploads `feeds`, runs `graph`; returns (input buffers, output buffers), both the caller's to free."""
-        io = self._io[graph]
-        missing = [n for n in io.inputs if n not in feeds]
+    def _bind(self, io: EngineIO, inputs: Mapping[str, DeviceBuffer]) -> dict[str, DeviceBuffer]:
+        """Sets the shapes and addresses of every input of `io` and gives its outputs buffers (the caller's)."""
+        missing = [n for n in io.inputs if n not in inputs]
         if missing:
-            raise BackendError(f"the {graph} engine needs {', '.join(missing)}; rebuild the engines")
-        inputs: dict[str, DeviceBuffer] = {}
-        outputs: dict[str, DeviceBuffer] = {}
-        try:
-            for name, value in feeds.items():
-                inputs[name] = DeviceBuffer.from_numpy(np.asarray(value, io.dtype(name)), self.stream)
-                if io.is_dynamic(name):
-                    io.set_input_shape(name, inputs[name].shape)
-                io.bind(name, inputs[name].ptr)
-            outputs = self._bind_outputs(io)
-            io.execute(self.stream.handle)
-        except BaseException:
-            for buffer in [*inputs.values(), *outputs.values()]:
-                buffer.free()
-            raise
-        return inputs, outputs
+            raise BackendError(f"nothing gives {', '.join(missing)} to the {io.graph} engine; rebuild the engines")
+        for name in io.inputs:
+            buffer = inputs[name]
+            if buffer.dtype != io.dtype(name):
+                raise BackendError(
+                    f"{name} is {buffer.dtype} but the {io.graph} engine takes {io.dtype(name)}; rebuild the engines"
+                )
+            if io.is_dynamic(name):
+                io.set_input_shape(name, buffer.shape)
+            io.bind(name, buffer.ptr)
+        return self._bind_outputs(io)
 
-    def _run_to_host(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs, outputs = self._launch(graph, feeds)
-        try:
-            return {name: buffer.to_numpy(self.stream) for name, buffer in outputs.items()}
-        finally:
-            for buffer in [*inputs.values(), *outputs.values()]:
-                buffer.free()
+    def _upload(self, io: EngineIO, name: str, value: np.ndarray) -> DeviceBuffer:
+        return DeviceBuffer.from_numpy(np.asarray(value, io.dtype(name)), self.stream)
+
+    def _one_slot(self, io: EngineIO, name: str) -> DeviceBuffer:
+        """A zeroed past buffer of one position [1, n_kv, 1, hd]: the prefill's (masked: past_length is 0)."""
+        shape = (*io.engine_shape(name)[:2], 1, io.engine_shape(name)[3])
+        key = (shape, io.dtype(name).str)
+        if key not in self._zeros:
+            self._zeros[key] = DeviceBuffer(shape, io.dtype(name))
+            self._zeros[key].zero(self.stream)
+        return self._zeros[key]
 
     # -- the Backend interface -------------------------------------------------------------------
 
-    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run_to_host("vision", {PIXEL_VALUES: pixel_values})[IMAGE_FEATURES]
+    def vision(self, pixel_values: np.ndarray) -> None:
+        self.end_request()  # the last request's decode contexts read the features this replaces
+        io = self.prefill_io[VISION_GRAPH]
+        pixels = self._upload(io, PIXEL_VALUES, pixel_values)
+        outputs: dict[str, DeviceBuffer] = {}
+        try:
+            outputs = self._bind(io, {PIXEL_VALUES: pixels})
+            io.execute(self.stream.handle)
+            self.stream.synchronize()
+        except BaseException:
+            free_all(outputs)
+            raise
+        finally:
+            pixels.free()
+        if self._features is not None:
+            self._features.free()
+        self._features = outputs.pop(IMAGE_FEATURES)
+        free_all(outputs)
 
-    def embed(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        length = ids.shape[1]
-        if length > self._embed_max:
-            raise BackendError(f"a prompt of {length} tokens is longer than the engines admit ({self._embed_max})")
-        if length < self._embed_min:  # below the profile: pad, embed, cut
-            pad = self.manifest.model.pad_token_id or 0
-            ids = np.concatenate([ids, np.full((1, self._embed_min - length), pad, ids.dtype)], axis=1)
-        self._embed_bound_for_steps = False  # the prompt takes the embed context's shape and addresses
-        return self._run_to_host("embed", {INPUT_IDS: ids})[INPUTS_EMBEDS][:, :length]
+    def image_features(self) -> np.ndarray:
+        if self._features is None:
+            raise BackendError("no image features: run vision first")
+        return self._features.to_numpy(self.stream)
 
-    def prefill(self, inputs_embeds: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
+    def prefill(self, input_ids: np.ndarray, image_start: int, capacity: int) -> PrefillResult:
         self.end_request()
-        prompt = inputs_embeds.shape[1]
+        if self._features is None:
+            raise BackendError("prefill before vision: run the image first")
+        prompt = input_ids.shape[1]
         if capacity < prompt:
             raise BackendError(f"capacity {capacity} is less than the {prompt}-token prompt")
-        feeds = {INPUTS_EMBEDS: inputs_embeds}
-        if IMAGE_START in self._io["prefill"].inputs:
-            feeds[IMAGE_START] = np.array([image_start])
-        inputs, outputs = self._launch("prefill", feeds)
+        host = {
+            INPUT_IDS: input_ids,
+            IMAGE_START: np.array([image_start]),
+            POSITION_IDS: np.arange(prompt),
+            PAST_LENGTH: np.zeros(1),
+        }
+        values: dict[str, DeviceBuffer] = {IMAGE_FEATURES: self._features, **self._bound}
+        made: list[DeviceBuffer] = []  # this prefill's own buffers: freed at its end, unless a request takes them
         try:
-            logits = outputs[LOGITS].to_numpy(self.stream)[0].astype(np.float32)
-            kept = outputs.get(KEPT_IMAGE_TOKENS)
-            kept_tokens = None if kept is None else [int(i) for i in kept.to_numpy(self.stream)]
-            self._request = self._start_request(outputs, prompt, capacity - prompt, image_start)
+            for graph in self.manifest.graph_names[1:]:  # vision ran already
+                io = self.prefill_io[graph]
+                inputs = {}
+                for name in io.inputs:
+                    if is_past(name):
+                        inputs[name] = self._one_slot(io, name)
+                    elif graph == UPPER and name in UPPER_PREFILL_INPUTS:
+                        inputs[name] = values[UPPER_PREFILL_INPUTS[name]]
+                    elif name in values:
+                        inputs[name] = values[name]
+                    elif name in host:
+                        inputs[name] = self._upload(io, name, host[name])
+                        made.append(inputs[name])
+                outputs = self._bind(io, inputs)
+                made += outputs.values()
+                io.execute(self.stream.handle)
+                values.update(outputs)
+            result = self._result(values)
+            self._request = self._start_request(values, made, prompt, capacity - prompt, image_start)
         finally:
-            self.stream.synchronize()  # the cache copies read the prefill's outputs freed below
-            for buffer in [*inputs.values(), *outputs.values()]:
-                buffer.free()
-        return PrefillResult(logits=logits, kept_image_tokens=kept_tokens)
+            self.stream.synchronize()  # the cache copies read the outputs freed here
+            free_all(made)
+        return result
+
+    def _result(self, values: Mapping[str, DeviceBuffer]) -> PrefillResult:
+        kept = values.get(KEPT_IMAGE_TOKENS)
+        layers = {name: core_neurons_layer(name) for name in values}
+        return PrefillResult(
+            logits=values[LOGITS].to_numpy(self.stream)[0].astype(np.float32),
+            kept_image_tokens=None if kept is None else [int(i) for i in kept.to_numpy(self.stream)],
+            core_neurons={
+                layer: [int(i) for i in values[name].to_numpy(self.stream)]
+                for name, layer in layers.items()
+                if layer is not None
+            },
+        )
 
     def _start_request(
-        self, outputs: dict[str, DeviceBuffer], prompt: int, answer: int, image_start: int = 0
+        self, values: dict[str, DeviceBuffer], made: list[DeviceBuffer], prompt: int, answer: int, image_start: int
     ) -> _Request:
-        """Cache buffers filled from the prefill, compacted weights taken over, the decode context bound once."""
-        decode = self._io["decode"]
-        missing = [name for name in self._limits if present_name(name) not in outputs]
+        """Cache buffers filled from the prefill, its request-long outputs taken over, the decode contexts bound."""
+        missing = [name for name in self._limits if new_name(name) not in values]
         if missing:
-            raise BackendError(f"the prefill engine gives no cache for {missing[0]}; rebuild the engines")
+            raise BackendError(f"the prefill engines give no cache for {missing[0]}; rebuild the engines")
         state = DecodeState.start(
-            {present_name(name): outputs[present_name(name)].shape[2] for name in self._limits},
+            {new_name(name): values[new_name(name)].shape[2] for name in self._limits},
             prompt,
             answer,
             image_start,
@@ -314,31 +380,30 @@ class TrtBackend(Backend):
         )
         request = _Request(state)
         try:
-            for name in [n for n in outputs if is_request_input(n)]:
-                request.ffn[name] = outputs.pop(name)  # stays on the device for the whole answer
-            if IMAGE_START in decode.inputs:
-                request.ffn[IMAGE_START] = DeviceBuffer.from_numpy(
-                    np.array([image_start], decode.dtype(IMAGE_START)), self.stream
-                )
+            for name, buffer in values.items():  # stay on the device for the whole answer
+                if is_compact(name) or name == KEPT_BIAS:
+                    made.remove(buffer)
+                    request.held[bound_name(name) if is_compact(name) else name] = buffer
             for name in self._limits:
-                present = outputs[present_name(name)]
-                num_kv, head_dim = present.shape[1], present.shape[3]
-                if decode.dtype(name) != present.dtype:
-                    raise BackendError(f"prefill and decode disagree on the type of {name}; rebuild the engines")
-                shape = (1, num_kv, state.capacity[name], head_dim)
-                buffer = request.cache[name] = DeviceBuffer(shape, present.dtype)
+                new = values[new_name(name)]
+                shape = (1, new.shape[1], state.capacity[name], new.shape[3])
+                buffer = request.cache[name] = DeviceBuffer(shape, new.dtype)
                 buffer.zero(self.stream)  # the padding is masked in the graph; zeros keep 0 * padding finite
-                write_prefix(buffer, present, self.stream)
-            bound = {**request.cache, **request.ffn, **self._scalars, INPUTS_EMBEDS: self._step_embeds}
-            unbound = [n for n in decode.inputs if n not in bound]
-            if unbound:
-                raise BackendError(f"the decode engine takes {', '.join(unbound)}, which prefill did not give")
-            for name in decode.inputs:
-                if decode.is_dynamic(name):
-                    shape = (1, 1, self._step_embeds.shape[2]) if name == INPUTS_EMBEDS else bound[name].shape
-                    decode.set_input_shape(name, shape)
-                decode.bind(name, bound[name].ptr)  # inputs_embeds: the first row of the step's embeddings
-            request.outputs = self._bind_outputs(decode)
+                write_prefix(buffer, new, self.stream)
+            for graph in self.stacks:  # lower before upper: upper reads lower's hidden output
+                io = self.decode_io[graph]
+                if IMAGE_START in io.inputs:
+                    request.held[f"{graph}.{IMAGE_START}"] = self._upload(io, IMAGE_START, np.array([image_start]))
+                inputs = {
+                    **{n: b for n, b in request.held.items() if n in io.inputs},
+                    IMAGE_START: request.held.get(f"{graph}.{IMAGE_START}"),
+                    IMAGE_FEATURES: self._features,
+                    HIDDEN: request.outputs.get(HIDDEN),
+                    **request.cache,
+                    **self._steps[graph],
+                }
+                outputs = self._bind(io, {n: b for n, b in inputs.items() if b is not None})
+                request.outputs.update(outputs)
         except BaseException:
             request.free()
             raise
@@ -350,13 +415,11 @@ class TrtBackend(Backend):
             raise BackendError("decode before prefill: run a prompt first")
         state = request.state
         state.check_room()
-        # Only the first id changes; the padding after it (if any) stays from construction.
-        self._step_ids.copy_from_numpy(np.array([token_id]), self.stream)
-        self._bind_embed_for_steps()
-        self._io["embed"].execute(self.stream.handle)
-        for name, value in state.step_inputs(self._scalars.keys()).items():
-            self._scalars[name].copy_from_numpy(value, self.stream)
-        self._io["decode"].execute(self.stream.handle)
+        for graph in self.stacks:
+            steps = self._steps[graph]
+            for name, value in state.step_inputs(token_id, self._pasts[graph], steps).items():
+                steps[name].copy_from_numpy(value, self.stream)
+            self.decode_io[graph].execute(self.stream.handle)
         for past, new, index in state.writes():
             write_token(request.cache[past], request.outputs[new], index, self.stream)
         logits = request.outputs[LOGITS].to_numpy(self.stream)  # waits for the step
@@ -374,9 +437,12 @@ class TrtBackend(Backend):
     def close(self) -> None:
         """Frees the device memory now (otherwise it goes with the object); contexts before engines."""
         self.end_request()
-        for buffer in [self._step_ids, self._step_embeds, *self._scalars.values()]:
-            buffer.free()
-        self._io.clear()
+        free_all(self._bound, self._zeros, *self._steps.values())
+        if self._features is not None:
+            self._features.free()
+            self._features = None
+        self.prefill_io.clear()
+        self.decode_io.clear()
         self._engines.clear()
         self.stream.close()
 

@@ -21,31 +21,35 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import buildformat
-from buildformat.names import IMAGE_START, INPUTS_EMBEDS
-from runtime.ort_backend import SharedWeights
+from runtime.ort_backend import OrtBackend
 
 
 def profile(build: Path, tokens: int, runs: int) -> dict[str, float]:
+    """Mean milliseconds per prefill of each operator type, over every graph a prefill runs (the stacks, the
+    selection, the neurons graph): the backend's sessions are remade with ONNX Runtime's profiler on."""
     manifest = buildformat.read(build)
-    weights = SharedWeights(build, manifest, ort)
-    options = weights.options("prefill")
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prefill")
-    session = ort.InferenceSession(str(build / "prefill.onnx"), options, providers=["CPUExecutionProvider"])
-    feeds = {
-        INPUTS_EMBEDS: np.random.default_rng(0).standard_normal(
-            (1, tokens, manifest.model.hidden_size), dtype=np.float32
-        )
-    }
-    if IMAGE_START in [i.name for i in session.get_inputs()]:
-        feeds[IMAGE_START] = np.array([5], dtype=np.int64)
+    backend = OrtBackend(build, manifest, provider="cpu")
+    folder = Path(tempfile.mkdtemp())
+    for name in manifest.graph_names:
+        options = backend._weights.options(name)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(folder / name)
+        path = str(build / manifest.graph(name).file)
+        backend.sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    m = manifest.model
+    ids = rng.integers(3, m.vocab_size - 2, (1, tokens), dtype=np.int64)
+    ids[0, 5 : 5 + m.num_image_tokens] = m.image_token_id
+    backend.vision(rng.standard_normal((1, 3, m.image_size, m.image_size), dtype=np.float32))
     for _ in range(runs):
-        session.run(None, feeds)
-    events = json.loads(Path(session.end_profiling()).read_text())
+        backend.prefill(ids, 5, tokens + 1)
     by_op: collections.Counter[str] = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
+    for name in manifest.graph_names:
+        events = json.loads(Path(backend.sessions[name].end_profiling()).read_text())
+        for event in events:
+            node = event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+            if node and name != "vision":  # the prefill only
+                by_op[event["args"]["op_name"]] += event["dur"]
     return {op: us / runs / 1000 for op, us in by_op.most_common()}
 
 

@@ -44,6 +44,7 @@ def manifest_json(**changes: Any) -> dict[str, Any]:
         "opset": 18,
         "corematching": {"dense": True},
         "dims": {},
+        "decode_dims": {},
         "graphs": {},
         "tensorrt": {"compatible": True, "reason": ""},
         "tokenizer": dict(TOKENIZER),

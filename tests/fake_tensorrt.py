@@ -1,5 +1,12 @@
 """A fake `tensorrt` module for the engine builder's tests: the builder, parser and network calls the
-builder makes, recorded, with the version's API (8.6 bindings or 10.x named tensors) and its failures."""
+builder makes, recorded, with the version's API (8.6 bindings or 10.x named tensors) and its failures.
+
+The parser reads a graph's input shapes from a JSON stand-in (`{"inputs": {name: shape}}`) or from a real
+ONNX file. Like TensorRT, the builder checks the optimization profiles (each gives every dynamic input a
+min <= opt <= max range of the input's rank that keeps its static axes) and fails the build otherwise. Its
+plan is JSON (`plan_json`): the graph's file, its inputs and its profiles, which tests/fake_cuda.py's runtime
+reads back, so an engine "built" here serves exactly the profiles the builder was given.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,27 @@ import json
 import types
 from pathlib import Path
 from typing import Any
+
+
+def network_inputs(path: str) -> dict[str, list[int]]:
+    """Input name -> shape (-1 on dynamic axes) of a JSON stand-in or a real ONNX graph."""
+    try:
+        return json.loads(Path(path).read_text())["inputs"]
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        initializers = {t.name for t in graph.initializer}
+        return {
+            i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
+            for i in graph.input
+            if i.name not in initializers
+        }
+
+
+def plan_json(plan: bytes) -> dict[str, Any]:
+    """A fake plan's content: file (the .onnx), inputs (name -> shape) and profiles (name -> [min, opt, max])."""
+    return json.loads(plan)
 
 
 def fake_trt(
@@ -19,11 +47,11 @@ def fake_trt(
 ) -> types.ModuleType:
     """Just enough of the `tensorrt` module for build_engines; `calls` records what the builder was asked."""
     trt = types.ModuleType("tensorrt")
-    calls: dict[str, list[Any]] = {"networks": [], "configs": [], "builds": []}
+    calls: dict[str, list[Any]] = {"networks": [], "configs": [], "builds": [], "errors": []}
 
     class Network:
         def __init__(self, flags: int) -> None:
-            self.flags, self.inputs = flags, []
+            self.flags, self.inputs, self.file = flags, [], ""
 
         @property
         def num_inputs(self) -> int:
@@ -40,8 +68,9 @@ def fake_trt(
             if not parse_ok:
                 self.errors = ["In node 7 (TopK): K = 4403 exceeds 3840", "network has no outputs"]
                 return False
-            inputs = json.loads(Path(path).read_text())["inputs"]
+            inputs = network_inputs(path)
             self.network.inputs = [types.SimpleNamespace(name=n, shape=tuple(s)) for n, s in inputs.items()]
+            self.network.file = Path(path).name
             return True
 
         @property
@@ -72,6 +101,11 @@ def fake_trt(
             self.flags.add(flag)
 
         def add_optimization_profile(self, profile: Profile) -> int:
+            for lo, opt, hi in profile.shapes.values():  # TensorRT's own partial check: -1 for an invalid profile
+                same_rank = len(lo) == len(opt) == len(hi)
+                ordered = same_rank and all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True))
+                if not ordered:
+                    return -1
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
@@ -95,7 +129,25 @@ def fake_trt(
             calls["builds"].append(network)
             if fail_at == len(calls["builds"]):
                 return None
-            return b"PLAN:" + ",".join(t.name for t in network.inputs).encode()
+            for i, profile in enumerate(config.profiles):
+                for tensor in network.inputs:
+                    if -1 not in tensor.shape:
+                        continue
+                    ranges = profile.shapes.get(tensor.name)
+                    fits = ranges is not None and all(
+                        len(shape) == len(tensor.shape)
+                        and all(d == s for d, s in zip(tensor.shape, shape, strict=True) if d >= 0)
+                        for shape in ranges
+                    )
+                    if not fits:
+                        calls["errors"].append(f"profile {i} gives {tensor.name} no valid range")
+                        return None
+            if any(-1 in t.shape for t in network.inputs) and not config.profiles:
+                calls["errors"].append("a network with dynamic inputs needs an optimization profile")
+                return None
+            profiles = [{n: [list(s) for s in r] for n, r in p.shapes.items()} for p in config.profiles]
+            inputs = {t.name: list(t.shape) for t in network.inputs}
+            return json.dumps({"file": network.file, "inputs": inputs, "profiles": profiles}).encode()
 
     class Logger:
         WARNING = "warning"

@@ -109,7 +109,8 @@ QUANTIZATION_CHECKS = {
 def full_json() -> dict:
     return manifest_json(
         corematching=CM,
-        dims={"B": {"min": 17, "opt": 80, "max": 127}},
+        dims={"B": {"min": 1, "opt": 1, "max": 1}},
+        decode_dims={"B": {"min": 17, "opt": 80, "max": 127}},
         graphs={"decode": GRAPH},
         weights={"file": "weights.bin", "graphs": {"decode.onnx": {"w": [64, "float32", [4, 8]]}}},
         engines={
@@ -132,7 +133,8 @@ def test_json_round_trip_keeps_every_field() -> None:
     assert isinstance(manifest.corematching, CoreMatchingInfo) and manifest.corematching.neuron_layers == (3, 8)
     assert isinstance(manifest.engines, Engines) and manifest.engines.graphs == {"decode": "engines/decode.plan"}
     assert manifest.weights.graphs["decode.onnx"]["w"].shape == (4, 8)
-    assert manifest.max_sequence == 128 and manifest.dim_range("decode", "past.0.key", 2) == (17, 127)
+    assert manifest.max_sequence == 128 and manifest.dim_range("decode", "past.0.key", 2, "decode") == (17, 127)
+    assert manifest.dim_range("decode", "past.0.key", 2) == (1, 1)  # the prefill's one masked slot
     assert Manifest.from_json(manifest.to_json()) == manifest
     assert manifest.to_json()["corematching"] == CM
     dense = Manifest.from_json(manifest_json())
@@ -227,15 +229,38 @@ def test_graph_names_are_the_ones_builds_carry() -> None:
     the literal names that existing builds and docs/architecture.md use."""
     from buildformat import names
 
-    assert names.cache_name(names.PRESENT, 3, "key") == "present.3.key"
-    assert names.past_name("present.3.value") == "past.3.value" and names.new_name("past.3.key") == "new.3.key"
-    assert names.cache_names(names.NEW, 2) == ["new.0.key", "new.0.value", "new.1.key", "new.1.value"]
+    assert names.cache_name(names.PAST, 3, "key") == "past.3.key"
+    assert names.past_name("new.3.value") == "past.3.value" and names.new_name("past.3.key") == "new.3.key"
+    assert names.cache_names(names.NEW, [0, 1]) == ["new.0.key", "new.0.value", "new.1.key", "new.1.value"]
     assert names.ffn_name(5, "down_t") == "ffn.5.down_t" and names.ffn_layer("ffn.12.gate_t.q") == 12
+    assert (
+        names.compact_name("ffn.5.up_t.q") == "compact.5.up_t.q" and names.bound_name("compact.5.up_t") == "ffn.5.up_t"
+    )
     assert names.is_ffn("ffn.5.up_t.scale") and not names.is_ffn("logits")
     assert names.core_neurons_name(7) == "core_neurons.7" and names.core_neurons_layer("core_neurons.7") == 7
     assert (names.VISION.inputs, names.VISION.outputs) == (("pixel_values",), ("image_features",))
-    assert (names.EMBED.inputs, names.EMBED.outputs) == (("input_ids",), ("inputs_embeds",))
-    assert names.STEP_INPUTS == ("position_ids", "past_kept_length")
+    assert names.STEP_INPUTS == ("input_ids", "position_ids", "past_length")
+    assert names.graph_set(True, False) == ("vision", "decoder")
+    assert names.graph_set(False, True) == ("vision", "lower", "select", "upper", "neurons")
+    lower = names.stack_names(
+        [0, 1], embeds=True, head=False, merge=False, bound_layers=[1], act_layers=[1], attention_layer=1
+    )
+    assert lower.inputs[:5] == ("input_ids", "image_features", "image_start", "position_ids", "past_length")
+    assert lower.inputs[-3:] == ("ffn.1.gate_t", "ffn.1.up_t", "ffn.1.down_t")
+    assert lower.outputs == ("hidden", "new.0.key", "new.0.value", "new.1.key", "new.1.value", "act.1", "attn_last.1")
+    upper = names.stack_names(
+        [2], embeds=False, head=True, merge=True, bound_layers=[], act_layers=[], attention_layer=None
+    )
+    assert upper.inputs == (
+        "hidden",
+        "position_ids",
+        "past_length",
+        "image_start",
+        "kept_bias",
+        "past.2.key",
+        "past.2.value",
+    )
+    assert upper.outputs == ("logits", "new.2.key", "new.2.value")
     assert (names.IMAGE_START, names.KEPT_IMAGE_TOKENS, names.KEPT_BIAS) == (
         "image_start",
         "kept_image_tokens",

@@ -1,6 +1,8 @@
 """The TensorRT engine builder without TensorRT or a GPU: fake `tensorrt` modules and hand-made builds.
 
-One test (marked gpu) builds real engines for the build named by COREMATCHING_TEST_BUILD.
+The builds are format 4 (tests/fake_manifests_v4.py): one engine per graph, the decoder stacks' with a
+prefill and a decode optimization profile. One test (marked gpu) builds real engines for the build named by
+COREMATCHING_TEST_BUILD.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_manifests import manifest_json, write_manifest
-from fake_tensorrt import fake_trt
+from fake_manifests_v4 import make_build, manifest_v4_json
+from fake_tensorrt import fake_trt, plan_json
 
 from buildformat import MANIFEST, Dim, Manifest, ManifestError, read, sha256_file, verify, with_files, write
 from export import engine
 from export.engine import (
-    GRAPHS,
+    KNOWN_GRAPHS,
     EngineBuildError,
     EngineConfig,
     EngineError,
     UnsupportedTensorRTError,
     build_engines,
+    engine_profiles,
     profiles_from_manifest,
     record_engines,
     trt_api,
@@ -39,52 +42,7 @@ from runtime.gpu import DeviceInfo, NoGpuError
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIN = DeviceInfo("Orin", "8.7")
-
-# Inputs of each graph as the manifest lists them (the shapes of docs/architecture.md, tiny sizes).
-INPUTS: dict[str, list[tuple[str, str, list[Any]]]] = {
-    "vision": [("pixel_values", "float32", [1, 3, 32, 32])],
-    "embed": [("input_ids", "int64", [1, "S"])],
-    "prefill": [("inputs_embeds", "float32", [1, "S", 64]), ("image_start", "int64", [1])],
-    "decode": [
-        ("inputs_embeds", "float32", [1, 1, 64]),
-        ("position_ids", "int64", [1, 1]),
-        ("past_key_0", "float32", [1, 2, "P", 16]),
-        ("past_key_3", "float32", [1, 2, "Q", 16]),
-    ],
-}
-DIMS = {
-    "S": {"min": 1, "opt": 40, "max": 128},
-    "P": {"min": 1, "opt": 40, "max": 128},
-    "Q": {"min": 0, "opt": 8, "max": 72},
-}
-
-
-def manifest_dict(**changes: Any) -> dict[str, Any]:
-    """The manifest's JSON."""
-    graphs = {
-        g: {
-            "file": f"{g}.onnx",
-            "external_data": "decode.onnx.data" if g == "decode" else None,
-            "inputs": [{"name": n, "dtype": t, "shape": s} for n, t, s in INPUTS[g]],
-            "outputs": [{"name": "out", "dtype": "float32", "shape": [1, 8]}],
-        }
-        for g in GRAPHS
-    }
-    return manifest_json(**({"dims": DIMS, "graphs": graphs} | changes))
-
-
-def make_build(tmp_path: Path, **changes: Any) -> Path:
-    """A build directory whose .onnx files are JSON that the fake parser reads (network input shapes)."""
-    build = tmp_path / "build"
-    build.mkdir()
-    manifest = manifest_dict(**changes)
-    for entry in manifest["graphs"].values():
-        shapes = {s["name"]: [-1 if isinstance(d, str) else d for d in s["shape"]] for s in entry["inputs"]}
-        (build / entry["file"]).write_text(json.dumps({"inputs": shapes}))
-    (build / "decode.onnx.data").write_bytes(b"\0" * 64)
-    (build / "tokenizer.json").write_text("{}")
-    write_manifest(build, manifest, [*(f"{g}.onnx" for g in GRAPHS), "decode.onnx.data", "tokenizer.json"])
-    return build
+CM_GRAPHS = ("vision", "lower", "select", "upper", "neurons")
 
 
 @pytest.fixture
@@ -121,47 +79,70 @@ def snapshot(build: Path) -> dict[str, bytes]:
 
 def test_engine_config_defaults_and_validation(tmp_path: Path) -> None:
     config = EngineConfig(str(tmp_path))  # type: ignore[arg-type]
-    assert config.build_dir == tmp_path and config.graphs == GRAPHS
+    assert config.build_dir == tmp_path and config.graphs is None  # every graph of the build
     assert (config.fp16, config.workspace_mb, config.force) == (False, 4096, False)
-    assert EngineConfig(tmp_path, graphs=["decode", "prefill"]).graphs == ("decode", "prefill")  # type: ignore[arg-type]
+    assert EngineConfig(tmp_path, graphs=["upper", "lower"]).graphs == ("upper", "lower")  # type: ignore[arg-type]
     for bad in (0, -5, True, "4096", 1.5):
         with pytest.raises(ValueError, match="workspace"):
             EngineConfig(tmp_path, workspace_mb=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"unknown graph.*'lm_head'"):
-        EngineConfig(tmp_path, graphs=("prefill", "lm_head"))
+        EngineConfig(tmp_path, graphs=("lower", "lm_head"))
+    with pytest.raises(ValueError, match=r"unknown graph.*'prefill'"):  # the format-3 graphs are gone
+        EngineConfig(tmp_path, graphs=("prefill",))
     with pytest.raises(ValueError, match="no graphs"):
         EngineConfig(tmp_path, graphs=())
     with pytest.raises(ValueError, match="twice"):
-        EngineConfig(tmp_path, graphs=("decode", "decode"))
+        EngineConfig(tmp_path, graphs=("upper", "upper"))
+    # Which graphs: the build's, in its (prefill) order.
+    manifest = Manifest.from_json(manifest_v4_json())
+    assert EngineConfig(tmp_path).graphs_of(manifest) == CM_GRAPHS
+    assert EngineConfig(tmp_path, graphs=("upper", "vision")).graphs_of(manifest) == ("vision", "upper")
+    with pytest.raises(ManifestError, match="no 'decoder' graph"):
+        EngineConfig(tmp_path, graphs=("decoder",)).graphs_of(manifest)
+    assert set(KNOWN_GRAPHS) == {"vision", "decoder", *CM_GRAPHS}
 
 
-def test_profiles_from_manifest() -> None:
-    manifest = Manifest.from_json(manifest_dict())
-    assert profiles_from_manifest(manifest, "prefill") == {
-        "inputs_embeds": ((1, 1, 64), (1, 40, 64), (1, 128, 64)),
-        "image_start": ((1,), (1,), (1,)),
-    }
-    decode = profiles_from_manifest(manifest, "decode")
-    assert decode["past_key_0"] == ((1, 2, 1, 16), (1, 2, 40, 16), (1, 2, 128, 16))
-    assert decode["past_key_3"] == ((1, 2, 0, 16), (1, 2, 8, 16), (1, 2, 72, 16))  # an empty cache is allowed
-    assert decode["position_ids"] == ((1, 1), (1, 1), (1, 1))
+def test_stacks_get_a_prefill_and_a_decode_profile() -> None:
+    manifest = Manifest.from_json(manifest_v4_json())
+    lower = engine_profiles(manifest, "lower")
+    assert list(lower) == ["prefill", "decode"]  # TensorRT numbers them in this order: the runtime selects 0, 1
+    assert lower["prefill"]["input_ids"] == ((1, 17), (1, 20), (1, 64))  # the prompt
+    assert lower["prefill"]["past.0.key"] == ((1, 2, 1, 16),) * 3  # one masked slot
+    assert lower["decode"]["input_ids"] == ((1, 1),) * 3  # one token
+    assert lower["decode"]["past.1.value"] == ((1, 2, 17, 16), (1, 2, 52, 16), (1, 2, 127, 16))  # the cache
+    assert lower["decode"]["image_features"] == ((1, 16, 64),) * 3  # static: the same in both
+    upper = engine_profiles(manifest, "upper")
+    assert upper["prefill"]["hidden"] == ((1, 6, 64), (1, 9, 64), (1, 53, 64))  # the kept tokens
+    assert upper["prefill"]["ffn.2.gate_t"] == ((64, 128),) * 3  # every neuron
+    assert upper["decode"]["ffn.2.down_t"] == ((32, 64),) * 3  # the request's core neurons
+    assert upper["decode"]["past.2.key"] == ((1, 2, 6, 16), (1, 2, 41, 16), (1, 2, 116, 16))
+    for graph in ("vision", "select", "neurons"):  # prefill only: one profile, the manifest's dims
+        assert list(engine_profiles(manifest, graph)) == ["prefill"]
+    assert engine_profiles(manifest, "neurons")["prefill"]["ffn.2.up_t"] == ((64, 128),) * 3
     assert profiles_from_manifest(manifest, "vision") == {"pixel_values": ((1, 3, 32, 32),) * 3}
+    dense = Manifest.from_json(manifest_v4_json(dense=True))
+    assert list(engine_profiles(dense, "decoder")) == ["prefill", "decode"]
+    assert engine_profiles(dense, "decoder")["decode"]["past.3.key"][2] == (1, 2, 127, 16)
 
 
 def test_profiles_reject_unknown_or_bad_dims() -> None:
-    data = manifest_dict()
-    data["graphs"]["prefill"]["inputs"][0]["shape"] = [1, "T", 64]
+    data = manifest_v4_json()
+    data["graphs"]["select"]["inputs"][0]["shape"] = [1, "T", 64]
     with pytest.raises(ManifestError, match="'T'"):
-        profiles_from_manifest(Manifest.from_json(data), "prefill")
+        profiles_from_manifest(Manifest.from_json(data), "select")
     with pytest.raises(ManifestError, match="min <= opt <= max"):
         Dim(64, 8, 128)  # a manifest with such a range does not parse
-    data = manifest_dict()
-    data["graphs"]["embed"]["inputs"][0]["shape"] = [1, -1]
+    data = manifest_v4_json()
+    data["graphs"]["lower"]["inputs"][0]["shape"] = [1, -1]
     manifest = Manifest.from_json(data)
     with pytest.raises(ManifestError, match="invalid dimension -1"):
-        profiles_from_manifest(manifest, "embed")
+        engine_profiles(manifest, "lower")
     with pytest.raises(ManifestError, match="no 'audio' graph"):
         profiles_from_manifest(manifest, "audio")
+    no_decode = Manifest.from_json(manifest_v4_json()).with_(decode_dims={})
+    with pytest.raises(ManifestError, match="no decode_dims for the decode profile of upper"):
+        engine_profiles(no_decode, "upper")
+    assert list(engine_profiles(no_decode, "select")) == ["prefill"]  # prefill-only graphs need none
 
 
 # --- the TensorRT API switch ---------------------------------------------------------------------------------
@@ -223,34 +204,6 @@ def test_cli_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     assert not (build / "engines").exists()
 
 
-def test_detect_gpu_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
-    ok = types.SimpleNamespace(value=0, name="cudaSuccess")
-
-    def runtime(count: int) -> types.SimpleNamespace:
-        prop = types.SimpleNamespace(name=b"NVIDIA TITAN Xp\x00\x00", major=6, minor=1)
-        return types.SimpleNamespace(
-            cudaGetDeviceCount=lambda: (ok if count else types.SimpleNamespace(value=100, name="NoDevice"), count),
-            cudaGetDeviceProperties=lambda i: (ok, prop),
-        )
-
-    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(1))
-    assert gpu.detect_gpu() == DeviceInfo("NVIDIA TITAN Xp", "6.1")
-    assert gpu.detect_gpu().sm == (6, 1)
-    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(0))
-    with pytest.raises(NoGpuError, match="NoDevice"):
-        gpu.detect_gpu()
-
-
-def test_detect_gpu_without_cuda_python_or_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_library(name: str) -> None:
-        raise OSError(f"{name}: cannot open shared object file")
-
-    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: None)
-    monkeypatch.setattr(gpu.ctypes, "CDLL", no_library)
-    with pytest.raises(NoGpuError, match="libcuda"):
-        gpu.detect_gpu()
-
-
 def test_tensorrt_10_refuses_pascal(tmp_path: Path, with_trt, capsys) -> None:
     with_trt("10.3.0", device=DeviceInfo("NVIDIA TITAN Xp", "6.1"))
     assert cli(str(make_build(tmp_path))) == 2
@@ -276,21 +229,41 @@ def test_refuses_tensorrt_incompatible_build(tmp_path: Path, with_trt, capsys) -
 def test_refuses_tampered_graph(tmp_path: Path, with_trt, capsys) -> None:
     build = make_build(tmp_path)
     trt = with_trt()
-    with (build / "decode.onnx.data").open("ab") as f:  # external data counts too
-        f.write(b"x")
-    with pytest.raises(ManifestError, match=r"decode\.onnx\.data does not match its sha256"):
-        build_engines(EngineConfig(build, graphs=("decode",)))
-    build_engines(EngineConfig(build, graphs=("prefill",)))  # only the graphs being built are hashed
+    with (build / "lower.onnx").open("ab") as f:
+        f.write(b" ")
+    with pytest.raises(ManifestError, match=r"lower\.onnx does not match its sha256"):
+        build_engines(EngineConfig(build, graphs=("lower",)))
+    build_engines(EngineConfig(build, graphs=("select",)))  # only the graphs being built are hashed
     assert trt.calls["networks"]
-    assert cli(str(build), "--graphs", "decode", "--force") == 2
-    error_lines(capsys)
+    with (build / "weights.bin").open("ab") as f:  # the weights every graph reads count too
+        f.write(b"x")
+    assert cli(str(build), "--graphs", "select", "--force") == 2
+    (line,) = error_lines(capsys)
+    assert "weights.bin does not match its sha256" in line
+
+
+def test_refuses_graphs_the_build_lacks(tmp_path: Path, with_trt, capsys) -> None:
+    build = make_build(tmp_path, dense=True)
+    trt = with_trt()
+    assert cli(str(build), "--graphs", "vision,upper") == 2
+    (line,) = error_lines(capsys)
+    assert "no 'upper' graph" in line and "vision, decoder" in line
+    assert trt.calls["networks"] == []
+
+
+def test_refuses_a_manifest_without_decode_dims(tmp_path: Path, with_trt) -> None:
+    build = make_build(tmp_path, decode_dims={})
+    trt = with_trt()
+    with pytest.raises(ManifestError, match="no decode_dims"):
+        build_engines(EngineConfig(build))
+    assert trt.calls["networks"] == [] and not (build / "engines").exists()
 
 
 def test_cli_reports_bad_arguments_and_missing_build(tmp_path: Path, capsys) -> None:
     assert cli(str(tmp_path / "nope")) == 2
     (line,) = error_lines(capsys)
     assert "does not exist" in line
-    assert cli(str(tmp_path), "--graphs", "prefill,lm_head") == 2
+    assert cli(str(tmp_path), "--graphs", "lower,lm_head") == 2
     (line,) = error_lines(capsys)
     assert "lm_head" in line
     assert cli(str(tmp_path), "--workspace", "0") == 2
@@ -310,13 +283,14 @@ def fake_engines(build: Path, *graphs: str) -> dict[str, str]:
 def record(build: Path, manifest: Manifest, files: dict[str, str], **changes: Any) -> Manifest:
     info: dict[str, Any] = dict(device=ORIN, tensorrt_version="10.3.0", api="named-tensors", fp16=True)
     info.update(changes)
-    return record_engines(build, manifest, files, workspace_mb=2048, **info)
+    profiles = {g: ("prefill", "decode") if g in ("lower", "upper") else ("prefill",) for g in files}
+    return record_engines(build, manifest, files, workspace_mb=2048, profiles=profiles, **info)
 
 
 def test_record_engines_writes_section_and_hashes(tmp_path: Path) -> None:
     build = make_build(tmp_path)
     manifest = read(build)
-    new = record(build, manifest, fake_engines(build, "prefill", "decode"))
+    new = record(build, manifest, fake_engines(build, "upper", "lower"))
     assert manifest.engines is None  # the caller's manifest is untouched (frozen)
     on_disk = read(build)
     assert on_disk == new
@@ -326,10 +300,14 @@ def test_record_engines_writes_section_and_hashes(tmp_path: Path) -> None:
         "fp16": True,
         "workspace_mb": 2048,
         "device": {"name": "Orin", "compute_capability": "8.7"},
-        "graphs": {"prefill": {"file": "engines/prefill.plan"}, "decode": {"file": "engines/decode.plan"}},
+        "graphs": {  # in the build's order
+            "lower": {"file": "engines/lower.plan", "profiles": ["prefill", "decode"]},
+            "upper": {"file": "engines/upper.plan", "profiles": ["prefill", "decode"]},
+        },
         "note": "an engine runs only on the GPU model and TensorRT version that built it",
     }
-    assert on_disk.files["engines/decode.plan"] == sha256_file(build / "engines/decode.plan")
+    assert on_disk.engines.profiles["upper"] == ("prefill", "decode")
+    assert on_disk.files["engines/upper.plan"] == sha256_file(build / "engines/upper.plan")
     verify(build, on_disk)  # every listed file, old and new, checks out
     assert [p.name for p in build.iterdir() if p.name.startswith(".")] == []  # no temporary manifest left
 
@@ -337,21 +315,22 @@ def test_record_engines_writes_section_and_hashes(tmp_path: Path) -> None:
 def test_record_engines_writes_nothing_on_failure(tmp_path: Path) -> None:
     build = make_build(tmp_path)
     before = (build / MANIFEST).read_bytes()
-    with pytest.raises(ManifestError, match=r"engines/decode\.plan missing"):
-        record(build, read(build), {"decode": "engines/decode.plan"})
+    with pytest.raises(ManifestError, match=r"engines/upper\.plan missing"):
+        record(build, read(build), {"upper": "engines/upper.plan"})
     assert (build / MANIFEST).read_bytes() == before
 
 
 def test_record_engines_keeps_only_engines_of_the_same_target(tmp_path: Path) -> None:
     build = make_build(tmp_path)
-    record(build, read(build), fake_engines(build, "vision", "prefill"))
-    # Same TensorRT, GPU and precision: rebuilding decode keeps vision and prefill listed.
-    kept = record(build, read(build), fake_engines(build, "decode"))
-    assert list(kept.engines.graphs) == ["vision", "prefill", "decode"]
+    record(build, read(build), fake_engines(build, "vision", "lower"))
+    # Same TensorRT, GPU and precision: rebuilding upper keeps vision and lower listed, with their profiles.
+    kept = record(build, read(build), fake_engines(build, "upper"))
+    assert list(kept.engines.graphs) == ["vision", "lower", "upper"]
+    assert kept.engines.profiles["lower"] == ("prefill", "decode")
     # Another TensorRT version: the older engines are unlisted, hashes included.
-    other = record(build, read(build), fake_engines(build, "embed"), tensorrt_version="10.4.0")
-    assert list(other.engines.graphs) == ["embed"]
-    assert "engines/vision.plan" not in other.files and "engines/embed.plan" in other.files
+    other = record(build, read(build), fake_engines(build, "select"), tensorrt_version="10.4.0")
+    assert list(other.engines.graphs) == ["select"] and list(other.engines.profiles) == ["select"]
+    assert "engines/vision.plan" not in other.files and "engines/select.plan" in other.files
 
 
 # --- whole builds through a fake TensorRT --------------------------------------------------------------------
@@ -363,45 +342,64 @@ def test_build_engines_with_fake_tensorrt(tmp_path: Path, with_trt, version: str
     trt = with_trt(version)
     report = build_engines(EngineConfig(build, fp16=True, workspace_mb=512))
     assert (report.api, report.tensorrt_version, report.device) == (api, version, ORIN)
-    assert set(report.engines) == set(GRAPHS)
-    assert (build / "engines/decode.plan").read_bytes() == b"PLAN:inputs_embeds,position_ids,past_key_0,past_key_3"
-    assert [n.flags for n in trt.calls["networks"]] == [flags] * 4
-    configs = dict(zip(GRAPHS, trt.calls["configs"], strict=True))
+    assert tuple(report.engines) == CM_GRAPHS  # one engine per graph, in prefill order
+    assert [n.flags for n in trt.calls["networks"]] == [flags] * len(CM_GRAPHS)
+    configs = dict(zip(CM_GRAPHS, trt.calls["configs"], strict=True))
     assert all(c.pools == {"WORKSPACE": 512 << 20} and c.flags == {"FP16"} for c in configs.values())
     assert configs["vision"].profiles == []  # static: TensorRT's own default profile
-    (decode,) = configs["decode"].profiles
-    assert decode.shapes == {  # only the dynamic inputs get shapes
-        "past_key_0": ((1, 2, 1, 16), (1, 2, 40, 16), (1, 2, 128, 16)),
-        "past_key_3": ((1, 2, 0, 16), (1, 2, 8, 16), (1, 2, 72, 16)),
-    }
+    assert [len(configs[g].profiles) for g in CM_GRAPHS[1:]] == [2, 1, 2, 1]  # the stacks serve both phases
+    prefill, decode = configs["upper"].profiles
     manifest = read(build)
+    dynamic = {s.name for s in manifest.graphs["upper"].inputs if any(isinstance(d, str) for d in s.shape)}
+    assert set(prefill.shapes) == set(decode.shapes) == dynamic  # only the dynamic inputs get shapes, in both
+    assert prefill.shapes["past.3.value"] == ((1, 2, 1, 16),) * 3
+    assert decode.shapes["past.3.value"] == ((1, 2, 6, 16), (1, 2, 41, 16), (1, 2, 116, 16))
+    assert decode.shapes["ffn.2.gate_t"] == ((64, 32),) * 3 and prefill.shapes["ffn.2.gate_t"] == ((64, 128),) * 3
+    plan = plan_json((build / "engines/upper.plan").read_bytes())  # the fake plan keeps what it was built with
+    assert plan["file"] == "upper.onnx" and len(plan["profiles"]) == 2
     assert manifest.engines.api == api and manifest.engines.fp16 is True
+    assert manifest.engines.profiles == {
+        "vision": ("prefill",),
+        "lower": ("prefill", "decode"),
+        "select": ("prefill",),
+        "upper": ("prefill", "decode"),
+        "neurons": ("prefill",),
+    }
     verify(build, manifest)
     assert sorted(p.name for p in build.iterdir() if p.name.startswith(".")) == []
+
+
+def test_dense_and_static_neuron_builds(tmp_path: Path, with_trt) -> None:
+    with_trt()
+    dense = build_engines(EngineConfig(make_build(tmp_path / "dense", dense=True)))
+    assert dense.profiles == {"vision": ("prefill",), "decoder": ("prefill", "decode")}
+    static = make_build(tmp_path / "static", per_request_neurons=False)
+    assert tuple(build_engines(EngineConfig(static)).engines) == ("vision", "lower", "select", "upper")
 
 
 def test_cli_summary_and_force(tmp_path: Path, with_trt, capsys) -> None:
     build = make_build(tmp_path)
     with_trt()
-    assert cli(str(build), "--graphs", "embed,prefill") == 0
+    assert cli(str(build), "--graphs", "upper,select") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["graph", "engine", "size"]
-    assert out[1].split()[:2] == ["embed", "engines/embed.plan"] and out[2].split()[0] == "prefill"
+    assert out[0].split() == ["graph", "engine", "size", "profiles"]
+    assert out[1].split()[:2] == ["select", "engines/select.plan"] and out[1].split()[-1] == "prefill"
+    assert out[2].split()[0] == "upper" and out[2].split()[-1] == "prefill,decode"
     assert "named-tensors" in out[3] and "Orin" in out[3]
     before = snapshot(build)
-    assert cli(str(build), "--graphs", "prefill") == 2  # exists: refused without --force
+    assert cli(str(build), "--graphs", "upper") == 2  # exists: refused without --force
     (line,) = error_lines(capsys)
-    assert "engines/prefill.plan" in line and "--force" in line
+    assert "engines/upper.plan" in line and "--force" in line
     assert snapshot(build) == before
-    assert cli(str(build), "--graphs", "prefill,decode", "--force") == 0  # replaces prefill beside embed
-    assert list(read(build).engines.graphs) == ["embed", "prefill", "decode"]
+    assert cli(str(build), "--graphs", "upper,lower", "--force") == 0  # replaces upper beside select
+    assert list(read(build).engines.graphs) == ["lower", "select", "upper"]
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path, with_trt, capsys) -> None:
     build = make_build(tmp_path)
-    with_trt(fail_at=3)  # prefill, after vision and embed succeeded
+    with_trt(fail_at=3)  # select, after vision and lower succeeded
     before = snapshot(build)
-    with pytest.raises(EngineBuildError, match="failed to build the prefill engine"):
+    with pytest.raises(EngineBuildError, match="failed to build the select engine"):
         build_engines(EngineConfig(build))
     assert snapshot(build) == before and sorted(p.name for p in build.iterdir()) == sorted(before)
     with_trt(parse_ok=False)
@@ -415,23 +413,25 @@ def test_failed_build_leaves_nothing(tmp_path: Path, with_trt, capsys) -> None:
 def test_graph_and_manifest_must_agree_on_dynamic_inputs(tmp_path: Path, with_trt) -> None:
     build = make_build(tmp_path)
     with_trt()
-    (build / "embed.onnx").write_text(json.dumps({"inputs": {"input_ids": [1, -1], "attention_mask": [1, -1]}}))
-    write(build, with_files(build, read(build), ["embed.onnx"]))
+    inputs = {"hidden": [1, -1, 64], "act.1": [-1, 128], "image_start": [1], "attention_mask": [1, -1]}
+    (build / "select.onnx").write_text(json.dumps({"inputs": inputs}))
+    write(build, with_files(build, read(build), ["select.onnx"]))
     with pytest.raises(EngineBuildError, match=r"not in the manifest: \['attention_mask'\]"):
-        build_engines(EngineConfig(build, graphs=("embed",)))
+        build_engines(EngineConfig(build, graphs=("select",)))
 
 
 def test_fp16_on_tensorrt_11_and_on_slow_fp16(tmp_path: Path, with_trt, caplog) -> None:
     build = make_build(tmp_path)
     with_trt("11.4.0", fp16_flag=False)
     with pytest.raises(EngineError, match="removed the fp16 builder flag"):
-        build_engines(EngineConfig(build, fp16=True, graphs=("embed",)))
+        build_engines(EngineConfig(build, fp16=True, graphs=("select",)))
     with_trt("8.6.1", fast_fp16=False, device=DeviceInfo("NVIDIA TITAN Xp", "6.1"))
     with caplog.at_level("INFO", logger="export.engine"):
-        report = build_engines(EngineConfig(build, fp16=True, graphs=("embed",)))
+        report = build_engines(EngineConfig(build, fp16=True, graphs=("upper",)))
     assert report.api == "bindings"
     assert "TITAN Xp has no fast fp16" in caplog.text and "TensorRT 8.6.1 (bindings API)" in caplog.text
-    assert "[1/1] embed engine built" in caplog.text
+    assert "[1/1] building upper engine (fp16, prefill: " in caplog.text and "; decode: " in caplog.text
+    assert "[1/1] upper engine built" in caplog.text
 
 
 # --- torch-free, and one real build --------------------------------------------------------------------------
@@ -475,6 +475,7 @@ def test_real_engine_build(tmp_path: Path) -> None:
     for graph, path in report.engines.items():
         engine_ = runtime.deserialize_cuda_engine(path.read_bytes())
         assert engine_ is not None, graph
+        assert engine_.num_optimization_profiles == len(report.profiles[graph]), graph  # stacks: prefill, decode
         inputs = [i.name for i in manifest.graphs[graph].inputs]
         if report.api == "named-tensors":
             names = [engine_.get_tensor_name(i) for i in range(engine_.num_io_tensors)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from conftest import BACKBONES, CM
 
 from buildformat import read
+from buildformat.graphs import Dim
 from coreMatching import ConfigError, CoreMatchingConfig
 from export.__main__ import main
 from export.build import BuildError, build
@@ -40,11 +42,10 @@ def test_builds_pass_validation(built, name, mode):
     manifest = read(result.out)
     assert manifest.validation == report and manifest.validation.passed is True
     assert manifest.tensorrt_compatible, manifest.tensorrt_reason
+    graphs = ["decoder"] if mode == "dense" else ["lower", "select", "upper", "neurons"]
+    assert manifest.graph_names == ("vision", *graphs)
     assert set(manifest.files) >= {
-        "vision.onnx",
-        "embed.onnx",
-        "prefill.onnx",
-        "decode.onnx",
+        *(f"{name}.onnx" for name in manifest.graph_names),
         "tokenizer.json",
         "chat_template.jinja",
         "preprocessor_config.json",
@@ -55,25 +56,29 @@ def test_builds_pass_validation(built, name, mode):
 SMALL_BUILD = ["--token-budget", "5", "--prune-layer", "1", "--max-prompt-tokens", "64", "--max-sequence", "128"]
 
 
-def test_prefill_holds_core_token_topk_and_gather(built):
+def test_select_holds_core_token_topk_and_gather(built):
     result = built("llama-gqa", "cm")
-    graph = onnx.load(result.out / "prefill.onnx").graph
+    graph = onnx.load(result.out / "select.onnx").graph
     nodes = list(graph.node)
     assert not {"NonZero", "If", "Loop"} & {n.op_type for n in nodes}
+    assert not graph.initializer or all(np.prod(t.dims) < 4096 for t in graph.initializer)  # no weight
     keep_topk = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.keep")]
     assert len(keep_topk) == 2  # select, then restore the order
     # The default selector is greedy: one TopK(1) per kept token, unrolled.
     picks = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.tokens.pick")]
     assert len(picks) == CM.token_budget
-    # The layer after the prune layer starts from the merge's weighted rows (the default merge: nearest).
-    merged = [n for n in nodes if n.op_type == "MatMul" and "cm.merge.weights" in n.input]
-    assert merged, "no MatMul reads the merge weights"
-    assert [i.name for i in graph.input] == ["inputs_embeds", "image_start"]
+    # The upper stack starts from the merge's weighted rows (the default merge: nearest).
+    assert any("cm.merge.weights" in n.input for n in nodes), "nothing reads the merge weights"
+    assert [i.name for i in graph.input] == ["hidden", "act.1", "image_start"]
     outputs = [o.name for o in graph.output]
-    assert {"kept_image_tokens", "kept_bias", "core_neurons.1", "ffn.1.gate_t"} <= set(outputs)
-    assert not any(name.startswith(("act.", "attn_last.")) for name in outputs)
-    decode_inputs = [i.name for i in onnx.load(result.out / "decode.onnx").graph.input]
-    assert decode_inputs[:5] == ["inputs_embeds", "position_ids", "past_kept_length", "image_start", "kept_bias"]
+    assert outputs[:2] == ["kept_hidden", "kept_positions"]
+    # The prune layer's core neurons share the token selection's membership: select gives them.
+    assert {"kept_image_tokens", "kept_bias", "core_neurons.1"} <= set(outputs)
+    neurons = onnx.load(result.out / "neurons.onnx").graph
+    assert "core_neurons.1" in [i.name for i in neurons.input] and "act.1" not in [i.name for i in neurons.input]
+    assert {"core_neurons.2", "compact.1.gate_t", "compact.1.down_t"} <= {o.name for o in neurons.output}
+    upper_inputs = [i.name for i in onnx.load(result.out / "upper.onnx").graph.input]
+    assert upper_inputs[:5] == ["hidden", "position_ids", "past_length", "image_start", "kept_bias"]
 
 
 # Every selector and every merge, each in one build (a build takes seconds on a tiny checkpoint).
@@ -115,26 +120,60 @@ def test_auto_budget_with_a_merge_is_refused(checkpoint, tmp_path):
 
 def test_every_graph_passes_the_full_checker(built):
     result = built("mistral-gqa", "cm")
-    for name in ("vision", "embed", "prefill", "decode"):
+    for name in result.manifest.graph_names:
         onnx.checker.check_model(str(result.out / f"{name}.onnx"), full_check=True)
 
 
-def test_decode_ffn_matmuls_read_compacted_weights(built):
+def test_sparse_ffn_weights_are_bound_inputs_and_gathered_once(built):
     result = built("llama", "cm")
     manifest = result.manifest
-    n, d = manifest.corematching.core_neurons, manifest.model.hidden_size
+    n, d, width = manifest.corematching.core_neurons, manifest.model.hidden_size, manifest.model.intermediate_size
     sparse = range(*manifest.corematching.neuron_layers)
-    assert n < manifest.model.intermediate_size
-    graph = onnx.load(result.out / "decode.onnx").graph
-    shapes = {i.name: [x.dim_value for x in i.type.tensor_type.shape.dim] for i in graph.input}
-    matmul_inputs = {name for node in graph.node if node.op_type == "MatMul" for name in node.input}
+    assert n < width
+    initializers: set[str] = set()
+    for stack in ("lower", "upper"):
+        graph = onnx.load(result.out / f"{stack}.onnx").graph
+        initializers |= {i.name for i in graph.initializer}
+        shapes = {i.name: [x.dim_param or x.dim_value for x in i.type.tensor_type.shape.dim] for i in graph.input}
+        matmul_inputs = {name for node in graph.node if node.op_type == "MatMul" for name in node.input}
+        for layer in [layer for layer in sparse if f"ffn.{layer}.gate_t" in shapes]:
+            # The stack's FFN MatMuls read the bound weight: all of it in prefill, the compacted one in decode.
+            assert shapes[f"ffn.{layer}.gate_t"] == [d, "W"] and shapes[f"ffn.{layer}.down_t"] == ["W", d]
+            assert {f"ffn.{layer}.gate_t", f"ffn.{layer}.up_t", f"ffn.{layer}.down_t"} <= matmul_inputs
+        assert not any(node.op_type == "Gather" and "ffn." in " ".join(node.input) for node in graph.node)
+    assert manifest.decode_dims["W"] == Dim(n, n, n) and manifest.dims["W"] == Dim(width, width, width)
+    neurons = onnx.load(result.out / "neurons.onnx").graph
+    outputs = {o.name: [x.dim_value for x in o.type.tensor_type.shape.dim] for o in neurons.output}
+    bound = manifest.weights.bound
     for layer in sparse:
-        assert shapes[f"ffn.{layer}.gate_t"] == [d, n] and shapes[f"ffn.{layer}.up_t"] == [d, n]
-        assert shapes[f"ffn.{layer}.down_t"] == [n, d]
-        assert {f"ffn.{layer}.gate_t", f"ffn.{layer}.up_t", f"ffn.{layer}.down_t"} <= matmul_inputs
-        # and the full weights of that layer are not in the decode graph at all
-        assert f"decoder.layers.{layer}.mlp.gate_t" not in {i.name for i in graph.initializer}
-    assert not any(node.op_type == "Gather" and "ffn." in " ".join(node.input) for node in graph.node)
+        # The full weights are in no graph: the runtime holds them once, from the weights file.
+        assert f"decoder.layers.{layer}.mlp.gate_t" not in initializers
+        assert bound[f"ffn.{layer}.gate_t"].shape == (d, width) and bound[f"ffn.{layer}.down_t"].shape == (width, d)
+        assert outputs[f"compact.{layer}.gate_t"] == [d, n] and outputs[f"compact.{layer}.down_t"] == [n, d]
+
+
+@pytest.mark.parametrize("mode", ["dense", "cm"])
+def test_no_initializer_is_in_two_graphs(built, mode):
+    """Every weight is held by one graph: no weight's name, and no weight's bytes, appear in two graphs (the
+    exporter's own small constants, shapes and scalars under names like val_12, may)."""
+    result = built("llama-gqa", mode)
+    names: dict[str, str] = {}
+    contents: dict[str, str] = {}
+    for name in result.manifest.graph_names:
+        graph = onnx.load(result.out / f"{name}.onnx").graph
+        for tensor in graph.initializer:
+            data = onnx.numpy_helper.to_array(tensor).tobytes()
+            if len(data) < 1024:  # not a weight: weights.bin takes everything from 1 KiB
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            assert tensor.name not in names, f"{tensor.name} is in {names.get(tensor.name)} and {name}"
+            assert digest not in contents, f"{tensor.name} of {name} holds the bytes of {contents.get(digest)}"
+            names[tensor.name], contents[digest] = name, f"{name}: {tensor.name}"
+    assert any(n.startswith("decoder.layers.") for n in names) and "embed_tokens" in names
+    index = result.manifest.weights
+    offsets = [e.offset for entries in index.graphs.values() for e in entries.values()]
+    offsets += [e.offset for e in index.bound.values()]
+    assert len(offsets) == len(set(offsets))
 
 
 def test_every_ort_optimization_level_gives_the_same_outputs(built):
@@ -180,15 +219,15 @@ def test_chunked_neuron_selection_build(checkpoint, tmp_path):
     result = build(config)
     assert result.validation.passed, result.validation.to_json()
     assert result.manifest.corematching.neuron_chunks == 2
-    graph = onnx.load(result.out / "prefill.onnx").graph
+    graph = onnx.load(result.out / "neurons.onnx").graph
     assert sum(n.op_type == "TopK" and n.name.startswith("cm.l2.neuron_topk") for n in graph.node) == 2
 
 
 def test_exception_half_way_leaves_no_directory(checkpoint, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("simulated failure while tracing decode")
+        raise RuntimeError("simulated failure while tracing a stack")
 
-    monkeypatch.setattr("export.build.trace_decode", broken)
+    monkeypatch.setattr("export.build.trace_stack", broken)
     out = tmp_path / "b"
     with pytest.raises(RuntimeError, match="simulated"):
         build(
@@ -288,12 +327,12 @@ def test_validate_command_passes_and_catches_tampering(built, tmp_path, capsys):
     assert main(["validate", str(good)]) == 0
     graph = tmp_path / "graph"
     shutil.copytree(good, graph)
-    data = bytearray((graph / "decode.onnx").read_bytes())
+    data = bytearray((graph / "upper.onnx").read_bytes())
     data[-10] ^= 0xFF
-    (graph / "decode.onnx").write_bytes(bytes(data))
+    (graph / "upper.onnx").write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["validate", str(graph)]) == 2
-    assert "decode.onnx does not match its sha256" in capsys.readouterr().err
+    assert "upper.onnx does not match its sha256" in capsys.readouterr().err
     manifest_dir = tmp_path / "manifest"
     shutil.copytree(good, manifest_dir)
     manifest = json.loads((manifest_dir / "manifest.json").read_text())
@@ -373,8 +412,8 @@ def test_fp16_build_validates_with_its_criteria(checkpoint, tmp_path):
     report = result.validation
     assert report.passed, report.to_json()
     assert report.precision == "float16" and report.criteria.relative > 0
-    graph = onnx.load(result.out / "decode.onnx").graph
-    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["inputs_embeds"] == onnx.TensorProto.FLOAT16
+    graph = onnx.load(result.out / "lower.onnx").graph
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["image_features"] == onnx.TensorProto.FLOAT16
 
 
 def test_weights_are_stored_once_for_all_graphs(checkpoint, tmp_path, monkeypatch):
@@ -390,12 +429,10 @@ def test_weights_are_stored_once_for_all_graphs(checkpoint, tmp_path, monkeypatc
     index = result.manifest.weights.graphs
     blob = (result.out / "weights.bin").read_bytes()
     unique = {entry.offset: entry for entries in index.values() for entry in entries.values()}
+    unique |= {entry.offset: entry for entry in result.manifest.weights.bound.values()}
     stored = sum(np.prod(e.shape) * np.dtype(e.dtype).itemsize for e in unique.values())
-    assert len(blob) < 1.05 * stored  # decode's weights are prefill's: not stored twice
-    shared = set(index["prefill.onnx"]) & set(index["decode.onnx"])
-    assert "decoder.layers.0.attn.q_t" in shared
-    assert index["prefill.onnx"]["decoder.layers.0.attn.q_t"] == index["decode.onnx"]["decoder.layers.0.attn.q_t"]
-    for name in ("vision", "embed", "prefill", "decode"):
+    assert len(blob) < 1.05 * stored  # each weight once (and the alignment)
+    for name in result.manifest.graph_names:
         assert result.manifest.graphs[name].external_data == "weights.bin"
         assert (result.out / f"{name}.onnx").stat().st_size < 1_000_000  # the graph and its small constants
 

@@ -14,6 +14,7 @@ from coreMatching.merging import prune
 from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
 from coreMatching.selection import elbow_count, keep_indices, prompt_core_neurons, stable_topk, token_core_membership
 from coreMatching.selectors import SELECTORS
+from export.bound import BoundPart
 from export.passes import (
     check_tensorrt,
     insert_core_neuron_selection,
@@ -199,29 +200,26 @@ def test_merge_pass_matches_the_reference_merge(merge, budget):
 def test_ffn_gather_pass_gathers_columns_and_rows():
     d, width, n = 6, 20, 7
     rng = np.random.default_rng(0)
-    weights = {
-        name: rng.standard_normal(shape).astype(np.float32)
-        for name, shape in (("gate_t", (d, width)), ("up_t", (d, width)), ("down_t", (width, d)))
-    }
-    consts = {name: gs.Constant(f"blk.{name}", value) for name, value in weights.items()}
-    x = gs.Variable("x", np.float32, [1, d])
+    shapes = {"gate_t": (d, width), "up_t": (d, width), "down_t": (width, d)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    axes = {"gate_t": 1, "up_t": 1, "down_t": 0}
+    # The bound inputs of a neurons graph: a float weight each, and a scale that passes whole.
+    parts = [BoundPart(0, w, f"ffn.0.{w}", axes[w], shapes[w], np.float32) for w in shapes]
+    parts.append(BoundPart(0, "down_t", "ffn.0.down_t.scale", None, (d,), np.float32))
+    scale = rng.standard_normal(d).astype(np.float32)
     core = gs.Variable("core_neurons.0", np.int64, [n])
-    g, u, a, y = (gs.Variable(name, np.float32) for name in ("g", "u", "a", "y"))
-    nodes = [
-        gs.Node("MatMul", inputs=[x, consts["gate_t"]], outputs=[g]),
-        gs.Node("MatMul", inputs=[x, consts["up_t"]], outputs=[u]),
-        gs.Node("Mul", inputs=[g, u], outputs=[a]),
-        gs.Node("MatMul", inputs=[a, consts["down_t"]], outputs=[y]),
-    ]
-    graph = gs.Graph(nodes=nodes, inputs=[x, core], outputs=[y], opset=18)
-    graph = insert_ffn_gather(graph, 0, "blk")
+    inputs = [gs.Variable(p.name, np.float32, list(p.shape)) for p in parts]
+    graph = gs.Graph(inputs=[core, *inputs], outputs=[], opset=18)
+    graph = insert_ffn_gather(graph, 0, parts)
     idx = np.array([1, 4, 5, 9, 12, 17, 19])
-    out = run(graph, {"x": np.ones((1, d), np.float32), "core_neurons.0": idx})
-    np.testing.assert_array_equal(out["ffn.0.gate_t"], weights["gate_t"][:, idx])
-    np.testing.assert_array_equal(out["ffn.0.up_t"], weights["up_t"][:, idx])
-    np.testing.assert_array_equal(out["ffn.0.down_t"], weights["down_t"][idx])
+    feeds = {"core_neurons.0": idx, **{f"ffn.0.{w}": v for w, v in weights.items()}, "ffn.0.down_t.scale": scale}
+    out = run(graph, feeds)
+    np.testing.assert_array_equal(out["compact.0.gate_t"], weights["gate_t"][:, idx])
+    np.testing.assert_array_equal(out["compact.0.up_t"], weights["up_t"][:, idx])
+    np.testing.assert_array_equal(out["compact.0.down_t"], weights["down_t"][idx])
+    np.testing.assert_array_equal(out["compact.0.down_t.scale"], scale)
     with pytest.raises(KeyError, match="no tensor"):
-        insert_ffn_gather(graph, 1, "blk")
+        insert_ffn_gather(graph, 1, [BoundPart(1, "gate_t", "ffn.1.gate_t", 1, (d, width), np.float32)])
 
 
 def test_tensorrt_check_flags_nonzero_and_large_topk():

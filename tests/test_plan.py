@@ -104,12 +104,25 @@ def test_tiny_geometry_int4_bytes_by_hand(tmp_path: Path) -> None:
     # KV: 256 bytes per token and layer; layers 0..2 hold 64 tokens, layer 3 holds 64 - 4 + 2.
     assert p.dense.kv_cache == 4 * 64 * 256
     assert p.corematching.kv_cache == 256 * (3 * 64 + 62)
-    # TensorRT 10 holds one copy per engine: vision, prefill and decode; prefill and decode share the decoder.
-    decode = embedding + 4 * layer + head
-    assert p.runtime.name == "tensorrt-10" and p.dense.weights == dense + decode
-    assert p.dense.shared_saving == decode and p.dense.unshared_decode_weights == 0
-    shared = plan(replace(p.config, sharing="shared"))
-    assert shared.dense.weights == dense and shared.dense.unshared_decode_weights == decode
+    # TensorRT 10 holds one copy: the decoder is one engine with a prefill and a decode profile, whose two
+    # execution contexts share its weights; separate prefill and decode engines (an opt-in) hold it twice.
+    decoder = embedding + 4 * layer + head
+    assert p.runtime.name == "tensorrt-10" and p.dense.weights == dense
+    assert p.dense.shared_saving == 0 and p.dense.unshared_decode_weights == decoder
+    separate = plan(replace(p.config, sharing="separate"))
+    assert separate.dense.weights == dense + decoder and separate.dense.shared_saving == decoder
+    shared = plan(replace(p.config, sharing="shared")).dense
+    assert replace(shared, sharing="runtime") == p.dense  # the old spelling of one copy
+    # Per-request neurons: the sparse layers' full FFN (layers 1 and 2) is bound, held once in its stored
+    # form whatever the sharing; lower (layers 0..2 with the embedding) and upper (layer 3 with the head).
+    bound = 2 * ffn
+    assert p.corematching.weights == dense
+    assert separate.corematching.weights == dense + decoder - bound
+    groups = load_geometry(model).weight_groups("per-request", b.neuron_sparse_layers, prune_layer=b.prune_layer)
+    assert {g.graph for g in groups} == {"vision", "lower", "upper"}
+    assert sum(g.count for g in groups if g.bound) == 3 * 2 and all(g.graph == "lower" for g in groups if g.bound)
+    # TensorRT's contexts each hold their engine's largest profile: two per stack, one for vision and select.
+    assert p.corematching.activations > p.static.activations
     int8 = plan(PlanConfig(model, "orin-nano-8gb", weights="int8", activations="fp16", token_budget=2, max_sequence=64))
     # int8: 3*d*N bytes + 2*N gathered scales (down's per-output-channel scales are the model's).
     assert int8.corematching.compacted_ffn == 2 * (3 * 64 * 64 + 2 * 64 * 2) == 25088
@@ -182,13 +195,19 @@ def test_fallback_is_planned_at_what_it_runs_at() -> None:
     assert trt10.planned_weights == "int4" and not any("fall back" in n for n in trt10.notes)
 
 
-def test_per_request_int4_needs_a_runtime_with_the_unpacking_ops() -> None:
+def test_per_request_quantized_weights_need_a_runtime_that_dequantizes_inputs() -> None:
     for name in ("tensorrt-10", "tensorrt-8.6"):
-        assert not runtime(name).per_request_int4
-    p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int4", activations="fp16"))
-    assert not p.corematching.runnable and "BitShift" in p.corematching.reason
-    assert p.static.runnable and p.dense.runnable
-    assert plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int8", activations="fp16")).corematching.runnable
+        assert not runtime(name).per_request_quantized
+    for weights in ("int4", "int8"):
+        p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights=weights, activations="fp16", runtime="tensorrt-10"))
+        assert not p.corematching.runnable and "constant weights" in p.corematching.reason
+        assert p.static.runnable and p.dense.runnable
+    fp16 = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="fp16", activations="fp16", runtime="tensorrt-10"))
+    assert fp16.corematching.runnable
+    cuda = plan(
+        PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int8", activations="fp16", runtime="onnxruntime-cuda")
+    )
+    assert cuda.corematching.runnable
 
 
 def test_onnxruntime_cpu_holds_what_was_measured() -> None:
@@ -196,13 +215,21 @@ def test_onnxruntime_cpu_holds_what_was_measured() -> None:
     assert fp32.weights == fp32.weights_stored  # views of one mapped file
     assert fp32.headroom is None and fp32.fits is None and fp32.runtime_overhead == int(0.1 * GIB)
     fp16 = plan_build("llava-7b-width", weights="fp16", activations="fp16", neurons="dense")
-    # fp16 MatMul weights become fp32 copies in each session that reads them (vision 1, prefill and decode 2).
+    # fp16 MatMul weights become one fp32 copy in the one session that reads them.
     g = load_geometry("llava-7b-width")
     groups = g.weight_groups("dense")
-    expected = sum(gr.parameters * (4 * len(gr.graphs) if gr.matmul else 2) for gr in groups)
-    assert fp16.weights == expected and fp16.load_transient == 0
+    assert fp16.weights == sum(gr.parameters * (4 if gr.matmul else 2) for gr in groups) and fp16.load_transient == 0
+    # Per-request neurons: the sparse layers' fp16 FFN is bound as stored (no fp32 copy); a prefill casts one.
+    cm16 = plan_build("llava-7b-width", weights="fp16", activations="fp16", neurons="per-request")
+    b = plan(PlanConfig("llava-7b-width", "cpu", weights="fp16", activations="fp16")).budgets
+    cm_groups = g.weight_groups("per-request", b.neuron_sparse_layers, prune_layer=b.prune_layer)
+    bound = sum(gr.parameters for gr in cm_groups if gr.bound)
+    assert bound > 0
+    assert cm16.weights == fp16.weights - 2 * bound
     int4 = plan_build("llava-7b-width", weights="int4", activations="fp16", neurons="per-request")
     assert int4.weights > int4.weights_stored and int4.load_transient > 0
+    # One pre-packed copy of each constant int4 weight (1.17x), the bound ones as stored (nothing folded).
+    assert int4.weights < 1.17 * int4.weights_stored
     assert (
         int4.total
         == int4.weights
@@ -223,8 +250,10 @@ def test_7b_parameters_match_the_geometry() -> None:
     assert params["projector"] == PROJECTOR
     assert params["total"] == PARAMS_7B == 7_063_427_072
     assert plan(PlanConfig("llava-1.5-7b", "titan-xp", "fp16")).dense.weights_stored == pytest.approx(14.1e9, rel=0.01)
+    g = load_geometry("llava-1.5-7b")
     for neurons in ("dense", "per-request"):
-        assert sum(g.parameters for g in load_geometry("llava-1.5-7b").weight_groups(neurons, 21, N_CORE)) == PARAMS_7B
+        groups = g.weight_groups(neurons, range(6, 27), N_CORE, PRUNE_LAYER)  # type: ignore[arg-type]
+        assert sum(gr.parameters for gr in groups) == PARAMS_7B
 
 
 @pytest.mark.parametrize("name", sorted(FITS_7B_FP16))
@@ -242,8 +271,9 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     assert cm.kv_cache == kv_bytes(PRUNE_LAYER + 1, m) + kv_bytes(L - PRUNE_LAYER - 1, m - N_IMG + k)
     assert (dense.compacted_ffn, static.compacted_ffn) == (0, 0)
     assert cm.compacted_ffn == SPARSE_LAYERS * 3 * N_CORE * D_MODEL * 2  # docs/architecture.md: 2.3 GB
-    # The dense prefill ends holding every layer's prompt KV outputs, on top of one layer's working set.
-    assert kv_bytes(L, s) < dense.activations < kv_bytes(L, s) + 0.2 * GIB
+    # The dense prefill ends holding every layer's prompt KV outputs, on top of one layer's working set; TensorRT
+    # keeps it twice (the decoder engine's prefill and decode contexts, each sized for the prefill profile).
+    assert 2 * kv_bytes(L, s) < dense.activations < 2 * kv_bytes(L, s) + 0.4 * GIB
     assert 0 < cm.activations < dense.activations
     for e in (dense, cm, static):
         assert e.runtime_overhead == overhead and e.load_transient == 0
@@ -258,29 +288,38 @@ def test_7b_fp16_on_each_device(name: str) -> None:
     narrowed = SPARSE_LAYERS * 3 * D_MODEL * (D_FFN - N_CORE) * 2
     assert cm.decode_bytes_last == dense.decode_bytes_last - narrowed - (dense.kv_cache - cm.kv_cache)
     assert static.decode_bytes_first == cm.decode_bytes_first
-    # As TensorRT holds them: one copy per engine, so decode holds its own layers, head and embedding table.
-    engines = plan(replace(config, sharing="runtime")).dense
+    # As TensorRT holds them: one copy (one engine per stack, two profiles); separate engines hold the decoder
+    # (its layers, head and embedding table) twice.
+    assert plan(replace(config, sharing="runtime")).dense.weights == dense.weights
+    engines = plan(replace(config, sharing="separate")).dense
     assert engines.weights == dense.weights + (L * LAYER + D_MODEL + 2 * VOCAB * D_MODEL) * 2
 
 
 def test_sharing_of_the_prefill_and_decode_weights() -> None:
-    decode_weights = (L * LAYER + D_MODEL + 2 * VOCAB * D_MODEL) * 2  # layers, head and embedding table
+    decoder = (L * LAYER + D_MODEL + 2 * VOCAB * D_MODEL) * 2  # layers, head and embedding table
     config = PlanConfig("llava-1.5-7b", "agx-orin-64gb", weights="fp16", activations="fp16")
 
     def dense(runtime_name: str, sharing: str = "runtime") -> Estimate:
         return plan(replace(config, runtime=runtime_name, sharing=sharing)).dense  # type: ignore[arg-type]
 
-    # ONNX Runtime's CUDA provider: one device copy for both sessions; separate sessions are an opt-in.
-    ort, apart = dense("onnxruntime-cuda"), dense("onnxruntime-cuda", "separate")
-    assert ort.weights == 2 * PARAMS_7B and ort.unshared_decode_weights == decode_weights and ort.shared_saving == 0
-    assert apart.weights == ort.weights + decode_weights and apart.total == ort.total_unshared
-    # TensorRT: two engines, each owning its weights, as it runs today; one shared copy is not built.
-    trt = dense("tensorrt-10")
-    assert trt.weights == apart.weights and trt.unshared_decode_weights == 0 and trt.shared_saving == decode_weights
-    assert dense("tensorrt-10", "shared").weights == ort.weights
-    # int4 on the CUDA provider: each session copies the int4 weights to the device.
+    # Every runtime holds one copy: one session, or one engine with two profiles, per graph; separate prefill and
+    # decode sessions or engines are an opt-in that holds the decoder twice.
+    for name in ("onnxruntime-cuda", "tensorrt-8.6", "tensorrt-10"):
+        one, apart = dense(name), dense(name, "separate")
+        assert one.weights == 2 * PARAMS_7B and one.unshared_decode_weights == decoder and one.shared_saving == 0
+        assert apart.weights == one.weights + decoder and apart.shared_saving == decoder
+        # (TensorRT's separate decode engine holds a decode-sized context, not a second prefill-sized one.)
+        assert apart.total <= one.total_unshared
+        assert replace(dense(name, "shared"), sharing="runtime") == one
+    # int4 on the CUDA provider: the one session that reads them copies them to the device, once.
     int4 = plan(replace(config, weights="int4", runtime="onnxruntime-cuda"))
-    assert int4.dense.shared_saving > 0
+    assert int4.dense.weights == int4.dense.weights_stored and int4.dense.shared_saving == 0
+    # The per-request layers' bound FFN weights are held once whatever the sharing.
+    cm = int4.corematching
+    apart = plan(replace(config, weights="int4", runtime="onnxruntime-cuda", sharing="separate")).corematching
+    assert apart.weights == cm.weights + cm.unshared_decode_weights
+    bound = SPARSE_LAYERS * 3 * (D_MODEL * D_FFN // 2 + D_MODEL * D_FFN // 32 * 2)  # int4, fp16 scales
+    assert int4.dense.unshared_decode_weights - cm.unshared_decode_weights == bound
 
 
 def test_7b_fp16_does_not_fit_titan_xp_or_orin_nano() -> None:

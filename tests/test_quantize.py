@@ -3,6 +3,8 @@ and quantized builds (validated against the fake-quant reference, answered by th
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -12,10 +14,12 @@ import torch
 from conftest import CM
 
 from buildformat import Quantization, read
+from buildformat.names import compact_name
 from coreMatching import ConfigError
 from coreMatching.quant import down_projections, fake_quantize_, quantize
 from coreMatching.quant_scheme import Layout, WeightQuant
 from export.__main__ import main
+from export.bound import GATHER_AXES, bound_parts, bound_values
 from export.config import ExportConfig
 from export.passes import insert_ffn_gather
 from export.passes.dequantize import dequantize_input, quantize_weights, stored_form
@@ -123,37 +127,39 @@ def ffn_graph(weights: dict[str, np.ndarray], n: int) -> gs.Graph:
 
 @pytest.mark.parametrize("scheme", [INT8, INT4], ids=["int8", "int4"])
 def test_ffn_gather_takes_stored_rows_and_scales_that_decode_dequantizes(scheme):
-    """Prefill gathers the core neurons' integers and scales (never the dequantized matrix); a decode graph's
-    float input replaced by `dequantize_input` rebuilds exactly the gathered columns (rows of down)."""
+    """The bound weights are stored quantized; the neurons graph gathers the core neurons' integers and scales
+    (never a dequantized matrix); a stack's input replaced by `dequantize_input` (its width "W" symbolic)
+    rebuilds the full weight from the full parts and exactly the gathered columns (rows of down) from them."""
     d, width, n = 64, 96, 7
     weights = {"gate_t": weight(d, width, 1), "up_t": weight(d, width, 2), "down_t": weight(width, d, 3)}
-    axes = {"gate_t": 1, "up_t": 1, "down_t": 0}
-    prefill = ffn_graph(weights, n)
-    quantize_weights(prefill, scheme, {f"blk.{w}": axis for w, axis in axes.items()})
-    prefill = insert_ffn_gather(prefill, 0, "blk")
-    dq_inputs = {t.name for node in prefill.nodes if node.op == "Gather" for t in node.inputs}
-    assert not any(name.endswith(".float") for name in dq_inputs)  # no float copy of the weights is gathered
+    geometry = SimpleNamespace(hidden_size=d, intermediate_size=width)
+    values = bound_values({0: {w: torch.from_numpy(v) for w, v in weights.items()}}, geometry, scheme, np.float32)
+    parts = bound_parts(geometry, SimpleNamespace(neuron_sparse_layers=[0]), scheme, np.float32)
+    assert [p.name for p in parts] == list(values)
+    core = gs.Variable("core_neurons.0", np.int64, [n])
+    inputs = [gs.Variable(p.name, p.dtype, list(p.shape)) for p in parts]
+    neurons = insert_ffn_gather(gs.Graph(inputs=[core, *inputs], outputs=[], opset=21), 0, parts)
+    assert not any(node.op == "DequantizeLinear" for node in neurons.nodes)  # gathered as stored
     idx = np.array([1, 4, 5, 9, 12, 17, 95])
-    x = np.random.default_rng(4).standard_normal((1, d)).astype(np.float32)
-    out = session(prefill).run(None, {"x": x, "core_neurons.0": idx})
-    names = [o.name for o in prefill.outputs]
-    gathered = dict(zip(names, out, strict=True))
+    out = session(neurons).run(None, {"core_neurons.0": idx, **values})
+    gathered = dict(zip([o.name for o in neurons.outputs], out, strict=True))
     suffix = "packed" if scheme.bits == 4 else "q"
-    assert gathered[f"ffn.0.gate_t.{suffix}"].dtype == (np.uint8 if scheme.bits == 4 else np.int8)
+    assert gathered[f"compact.0.gate_t.{suffix}"].dtype == (np.uint8 if scheme.bits == 4 else np.int8)
 
-    for w, axis in axes.items():
+    for w, axis in GATHER_AXES.items():
         full = weights[w]
         form = stored_form(scheme, full.shape, axis)
-        layout = form.layout
-        expected = quantize(torch.from_numpy(full), layout, torch.float32).dequantize().numpy()
-        expected = expected[:, idx] if axis == 1 else expected[idx]
-        compact = list(expected.shape)
-        old = gs.Variable(f"ffn.0.{w}", np.float32, compact)
-        y = gs.Variable("y", np.float32, compact)
-        decode = gs.Graph(nodes=[gs.Node("Identity", inputs=[old], outputs=[y])], inputs=[old], outputs=[y], opset=21)
-        dequantize_input(decode, old, form, compact)
-        feeds = {t.name: gathered[t.name] for t in decode.inputs}
-        np.testing.assert_array_equal(session(decode).run(None, feeds)[0], expected)
+        dequantized = quantize(torch.from_numpy(full), form.layout, torch.float32).dequantize().numpy()
+        shape = [d, "W"] if axis == 1 else ["W", d]
+        old = gs.Variable(f"ffn.0.{w}", np.float32, shape)
+        y = gs.Variable("y", np.float32, shape)
+        stack = gs.Graph(nodes=[gs.Node("Identity", inputs=[old], outputs=[y])], inputs=[old], outputs=[y], opset=21)
+        dequantize_input(stack, old, form, shape)
+        run = session(stack)
+        np.testing.assert_array_equal(run.run(None, {t.name: values[t.name] for t in stack.inputs})[0], dequantized)
+        compact = {t.name: gathered[compact_name(t.name)] for t in stack.inputs}
+        expected = dequantized[:, idx] if axis == 1 else dequantized[idx]
+        np.testing.assert_array_equal(run.run(None, compact)[0], expected)
 
 
 def test_fake_quantize_gives_the_pass_weights():
@@ -225,9 +231,10 @@ def test_quantized_builds_validate_against_the_fake_quant_reference(quantized_bu
     assert manifest.quantization.quantized > 10
     float_build = built("llama", "cm").out
     assert (result.out / "weights.bin").stat().st_size < 0.6 * (float_build / "weights.bin").stat().st_size
-    decode_inputs = {spec.name: spec.dtype for spec in manifest.graph("decode").inputs}
+    upper_inputs = {spec.name: spec.dtype for spec in manifest.graph("upper").inputs}
     suffix, dtype = ("packed", "uint8") if weights == "int4" else ("q", "int8")
-    assert decode_inputs[f"ffn.2.gate_t.{suffix}"] == dtype and "ffn.2.gate_t" not in decode_inputs
+    assert upper_inputs[f"ffn.2.gate_t.{suffix}"] == dtype and "ffn.2.gate_t" not in upper_inputs
+    assert manifest.weights.bound[f"ffn.2.gate_t.{suffix}"].dtype == dtype  # held once, in its stored form
 
 
 def test_int4_build_is_flagged_for_tensorrt_and_answered_by_the_runtime(quantized_builds):
@@ -235,9 +242,12 @@ def test_int4_build_is_flagged_for_tensorrt_and_answered_by_the_runtime(quantize
 
     manifest = read(quantized_builds["int4"].out)
     assert not manifest.tensorrt_compatible and "BitShift" in manifest.tensorrt_reason
-    assert read(quantized_builds["int8"].out).tensorrt_compatible
-    weights = manifest.weights.graphs["prefill.onnx"]
-    assert any(entry.dtype == "int4" for entry in weights.values())  # shared int4 views, not copies
+    # int8 weights bound per request are dequantized from graph inputs, which TensorRT's weight-only
+    # quantization does not take (a static set keeps them constants: test_static_neurons).
+    int8 = read(quantized_builds["int8"].out)
+    assert not int8.tensorrt_compatible and "bound per request" in int8.tensorrt_reason
+    weights = manifest.weights.graphs["upper.onnx"]
+    assert any(entry.dtype == "int4" for entry in weights.values())  # int4 views of the file, not copies
     pipeline = Pipeline.load(quantized_builds["int4"].out, provider="cpu")
     from PIL import Image
 
@@ -276,15 +286,15 @@ def test_cuda_sessions_share_one_device_copy_of_each_weight(built):
 
     manifest = read(built("llama", "cm").out)
     weights = SharedWeights(built("llama", "cm").out, manifest, FakeOrt, device="cuda")
-    prefill, decode = weights.options("prefill"), weights.options("decode")
+    options = {name: weights.options(name) for name in manifest.graph_names}
+    bound = weights.bound()
     assert calls and all(device == ("cuda", 0) for device in calls)
-    shared = set(prefill.added) & set(decode.added)
-    assert shared  # the decoder weights both graphs read
-    index = manifest.weights.graphs
-    for name in shared:
-        assert prefill.added[name] is decode.added[name]  # the same device value, not a second upload
-    offsets = {entry.offset for graph in ("prefill.onnx", "decode.onnx") for entry in index[graph].values()}
-    assert len(calls) == len(offsets)
+    # Each weight is in one graph, so one session holds it; the bound FFN weights are uploaded once more each.
+    added = [name for o in options.values() for name in o.added]
+    assert len(added) == len(set(added)) and not set(added) & set(bound)
+    index = manifest.weights
+    offsets = {entry.offset for graph in index.graphs.values() for entry in graph.values()}
+    assert len(calls) == len(offsets) + len(index.bound) and len(index.bound) == len(bound) > 0
 
 
 def test_manifest_quantization_round_trips_and_names_a_bad_field():

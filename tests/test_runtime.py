@@ -132,22 +132,19 @@ def test_timings_json_is_the_answers_timings_object():
 def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch):
     pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
     backend = pipeline.backend
-    bound: list[str] = []
-    session = backend.sessions["decode"]
-    original = session.io_binding
+    host: list[str] = []  # bound from numpy arrays (the cache buffers, the step's ids and positions)
+    values: list[str] = []  # bound as OrtValues (the features, the FFN weights, the masked prefill pasts)
+    for stack in ("lower", "upper"):
+        session = backend.sessions[stack]
 
-    def counting_binding():
-        binding = original()
-        bind = binding.bind_cpu_input
+        def counting_binding(original=session.io_binding):
+            binding = original()
+            bind_host, bind_value = binding.bind_cpu_input, binding.bind_ortvalue_input
+            binding.bind_cpu_input = lambda name, value: host.append(name) or bind_host(name, value)
+            binding.bind_ortvalue_input = lambda name, value: values.append(name) or bind_value(name, value)
+            return binding
 
-        def record(name, value):
-            bound.append(name)
-            return bind(name, value)
-
-        binding.bind_cpu_input = record
-        return binding
-
-    monkeypatch.setattr(session, "io_binding", counting_binding)
+        monkeypatch.setattr(session, "io_binding", counting_binding)
     tokens = pipeline.stream(EXAMPLE, "What colour is the circle?", max_new_tokens=6, stop_at_eos=False)
     next(tokens), next(tokens)  # prefill and one decode step
     pointers = {key: buffer.ctypes.data for key, buffer in backend._buffers.items()}
@@ -158,9 +155,13 @@ def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch)
     for _ in tokens:
         pass
     assert backend._state is None and not backend._buffers  # the answer's end frees the request's cache
-    ffn = [name for name in bound if name.startswith("ffn.")]
-    assert len(ffn) == len(set(ffn)) == 3 * len(range(*pipeline.manifest.corematching.neuron_layers))
-    assert bound.count("past.0.key") == 1  # the cache buffers are bound once per request, not per step
+    # Each bound FFN input is bound twice per request: the full weight for the prefill, the compacted one for
+    # every decode step.
+    ffn = [name for name in values if name.startswith("ffn.")]
+    assert len(set(ffn)) == 3 * len(range(*pipeline.manifest.corematching.neuron_layers))
+    assert all(ffn.count(name) == 2 for name in ffn)
+    assert host.count("past.0.key") == 1 and host.count("past.3.key") == 1  # once per request, not per step
+    assert values.count("past.0.key") == 1  # the prefill's masked one-slot buffer
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(built):
@@ -298,9 +299,9 @@ def test_demo_refuses_a_missing_or_tampered_build(built, tmp_path):
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
     tampered = tmp_path / "t"
     shutil.copytree(built("llama", "cm").out, tampered)
-    data = bytearray((tampered / "prefill.onnx").read_bytes())
+    data = bytearray((tampered / "lower.onnx").read_bytes())
     data[-3] ^= 1
-    (tampered / "prefill.onnx").write_bytes(bytes(data))
+    (tampered / "lower.onnx").write_bytes(bytes(data))
     done = demo("--build", str(tampered), "--image", str(EXAMPLE), "--question", "What?")
     assert done.returncode == 2 and "sha256" in done.stderr and "Traceback" not in done.stderr
 

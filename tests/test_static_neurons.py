@@ -123,9 +123,10 @@ def test_a_static_build_validates_and_takes_no_compacted_ffn(static_build, built
     static = StaticNeurons.load(static_build.out / record.file)
     assert tuple(static.layers) == record.layers == (2,) and static.size == record.neurons
     assert manifest.corematching.neuron_layers[0] == manifest.corematching.neuron_layers[1]  # none per request
-    decode_inputs = [spec.name for spec in manifest.graph("decode").inputs]
-    assert not any(name.startswith("ffn.") for name in decode_inputs)
-    assert not any(spec.name.startswith("ffn.") for spec in manifest.graph("prefill").outputs)
+    assert manifest.graph_names == ("vision", "lower", "select", "upper")  # no neurons graph: nothing per request
+    for stack in ("lower", "upper"):
+        assert not any(spec.name.startswith("ffn.") for spec in manifest.graph(stack).inputs)
+    assert not manifest.weights.bound
     per_request = built("llama", "cm")
     assert (static_build.out / "weights.bin").stat().st_size < (per_request.out / "weights.bin").stat().st_size
     assert manifest.flops.decode_corematching < per_request.manifest.flops.decode_dense

@@ -2,7 +2,9 @@
 
 `FakeCudart` stands in for cuda-python with host memory (every device access is bounds-checked against
 its allocations), and `fake_tensorrt` for TensorRT 8.6 (bindings, int32 I/O) or 10.x (named tensors), each
-engine running its ONNX graph in ONNX Runtime on the bound addresses (both in tests/fake_cuda.py).
+engine running its ONNX graph in ONNX Runtime on the bound addresses and checking its optimization profiles
+(both in tests/fake_cuda.py). The whole-request test builds its engines with `build_engines` through the
+fake builder (tests/fake_tensorrt.py), whose plans carry the profiles the fake runtime then enforces.
 One test (marked gpu) runs the real thing.
 """
 
@@ -19,13 +21,18 @@ from typing import Any
 import numpy as np
 import pytest
 from fake_cuda import FakeCudart, fake_tensorrt
-from fake_manifests import manifest_json
+from fake_manifests_v4 import manifest_v4_json
+from fake_tensorrt import fake_trt
 
 import buildformat
 from buildformat import Engines, Manifest
-from runtime import cuda_memory, trt_backend
+from buildformat.names import STACKS, is_ffn
+from export import engine
+from export.engine import EngineConfig, build_engines
+from runtime import cuda_memory, gpu, trt_backend
 from runtime.backend import Backend, BackendError
 from runtime.cuda_memory import Copy2D, DeviceBuffer, prefix_copy, token_copy, write_prefix, write_token
+from runtime.gpu import DeviceInfo, NoGpuError
 from runtime.ort_backend import OrtBackend
 from runtime.pipeline import GenerationTrace, Pipeline, Prompt
 from runtime.trt_backend import TrtBackend
@@ -143,9 +150,10 @@ def test_unsupported_tensorrt_versions_are_refused(version: str) -> None:
         select_api(types.SimpleNamespace(__version__=version))
 
 
-def _engine_manifest(build: Path, version: str = "8.6.1", gpu: str = GPU_NAME) -> Engines:
+def _engine_manifest(build: Path, manifest: Manifest, version: str = "8.6.1", gpu: str = GPU_NAME) -> Engines:
+    """An engines section (and stand-in engine files) for every graph of `manifest`."""
     (build / "engines").mkdir(parents=True, exist_ok=True)
-    for graph in trt_backend.GRAPHS:
+    for graph in manifest.graph_names:
         (build / "engines" / f"{graph}.plan").write_bytes(graph.encode())
     return Engines(
         tensorrt_version=version,
@@ -153,12 +161,13 @@ def _engine_manifest(build: Path, version: str = "8.6.1", gpu: str = GPU_NAME) -
         fp16=False,
         workspace_mb=1024,
         device={"name": gpu, "compute_capability": "8.7"},
-        graphs={g: f"engines/{g}.plan" for g in trt_backend.GRAPHS},
+        graphs={g: f"engines/{g}.plan" for g in manifest.graph_names},
+        profiles={g: ("prefill", "decode") if g in STACKS else ("prefill",) for g in manifest.graph_names},
     )
 
 
-def _with_engines(engines: Engines | None) -> Manifest:
-    return Manifest.from_json(manifest_json()).with_(engines=engines)
+def _manifest(**changes: Any) -> Manifest:
+    return Manifest.from_json(manifest_v4_json(**changes))
 
 
 def _no_tensorrt() -> Any:
@@ -167,15 +176,25 @@ def _no_tensorrt() -> Any:
 
 def test_build_without_engines_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trt_backend, "import_tensorrt", _no_tensorrt)
+    manifest = _manifest()
     with pytest.raises(BackendError) as error:
-        TrtBackend(tmp_path, _with_engines(None))
+        TrtBackend(tmp_path, manifest)
     assert str(error.value) == (
         f"{tmp_path} has no TensorRT engines: run `python -m export engine {tmp_path}` on this machine first"
     )
-    engines = _engine_manifest(tmp_path)
-    partial = dataclasses.replace(engines, graphs={g: f for g, f in engines.graphs.items() if g != "decode"})
-    with pytest.raises(BackendError, match="no TensorRT engine for decode: run `python -m export engine"):
-        TrtBackend(tmp_path, _with_engines(partial))
+    engines = _engine_manifest(tmp_path, manifest)
+    partial = dataclasses.replace(engines, graphs={g: f for g, f in engines.graphs.items() if g != "upper"})
+    with pytest.raises(BackendError, match="no TensorRT engine for upper: run `python -m export engine"):
+        TrtBackend(tmp_path, manifest.with_(engines=partial))
+    (tmp_path / "engines" / "neurons.plan").unlink()
+    with pytest.raises(BackendError, match=r"engine file\(s\) .*neurons\.plan are missing"):
+        TrtBackend(tmp_path, manifest.with_(engines=engines))
+    # A build without per-request neurons has no neurons graph, so needs no neurons engine.
+    static = _manifest(per_request_neurons=False)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(trt_backend, "current_gpu", lambda: GPU_NAME)
+    with pytest.raises(BackendError, match=r"built with TensorRT 8\.6\.1"):  # past the engine files, to the version
+        TrtBackend(tmp_path, static.with_(engines=engines))
 
 
 @pytest.mark.parametrize(
@@ -190,18 +209,47 @@ def test_engines_of_another_tensorrt_or_gpu_are_refused(
 ) -> None:
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.3.0"))
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: GPU_NAME)
+    manifest = _manifest()
     with pytest.raises(BackendError) as error:
-        TrtBackend(tmp_path, _with_engines(_engine_manifest(tmp_path, built_with, built_on)))
+        TrtBackend(tmp_path, manifest.with_(engines=_engine_manifest(tmp_path, manifest, built_with, built_on)))
     message = str(error.value)
     assert expected in message and "\n" not in message
     assert "an engine only runs on the GPU and TensorRT version that built it" in message
+
+
+def test_detect_gpu_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = types.SimpleNamespace(value=0, name="cudaSuccess")
+
+    def runtime(count: int) -> types.SimpleNamespace:
+        prop = types.SimpleNamespace(name=b"NVIDIA TITAN Xp\x00\x00", major=6, minor=1)
+        return types.SimpleNamespace(
+            cudaGetDeviceCount=lambda: (ok if count else types.SimpleNamespace(value=100, name="NoDevice"), count),
+            cudaGetDeviceProperties=lambda i: (ok, prop),
+        )
+
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(1))
+    assert gpu.detect_gpu() == DeviceInfo("NVIDIA TITAN Xp", "6.1")
+    assert gpu.detect_gpu().sm == (6, 1)
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: runtime(0))
+    with pytest.raises(NoGpuError, match="NoDevice"):
+        gpu.detect_gpu()
+
+
+def test_detect_gpu_without_cuda_python_or_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_library(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(gpu, "_cuda_runtime", lambda: None)
+    monkeypatch.setattr(gpu.ctypes, "CDLL", no_library)
+    with pytest.raises(NoGpuError, match="libcuda"):
+        gpu.detect_gpu()
 
 
 def test_cache_sizes_are_clamped_to_the_profile() -> None:
     assert trt_backend.cache_size("past.0.key", 30, 10, 17, 127) == 40
     assert trt_backend.cache_size("past.0.key", 3, 2, 17, 127) == 17  # up to the profile's minimum
     assert trt_backend.cache_size("past.0.key", 100, 28, 17, 127) == 127  # the last token needs no slot
-    with pytest.raises(BackendError, match=r"needs 128 cache positions .* admits 127"):
+    with pytest.raises(BackendError, match=r"needs 128 cache positions .* decode profile admits 127"):
         trt_backend.cache_size("past.0.key", 100, 29, 17, 127)
 
 
@@ -242,53 +290,128 @@ def cm_build(built: Any) -> tuple[Path, Manifest]:
     return Path(result.out), result.manifest
 
 
+@pytest.fixture(scope="module")
+def builds(built: Any) -> Any:
+    """builds("cm" | "dense") -> the build directory of a tiny build (conftest's, shared with the export tests)."""
+    return lambda mode: Path(built("llama-gqa", mode).out)
+
+
+def engines_for(build: Path, version: str, monkeypatch: pytest.MonkeyPatch) -> Manifest:
+    """`python -m export engine` on the fake builder (a plan keeps the profiles it was given); the new manifest."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt(version))
+    monkeypatch.setattr(engine, "detect_gpu", lambda: DeviceInfo(GPU_NAME, "8.7"))
+    build_engines(EngineConfig(build, workspace_mb=256))
+    return buildformat.read(build)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["8.6.1", "10.3.0"])
+@pytest.mark.parametrize(("mode", "version"), [("cm", "8.6.1"), ("cm", "10.3.0"), ("dense", "10.3.0")])
 def test_request_on_fake_engines_matches_onnxruntime(
-    cm_build: tuple[Path, Manifest],
+    builds: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     cudart: FakeCudart,
+    mode: str,
     version: str,
 ) -> None:
-    source, manifest = cm_build
-    build = Path(shutil.copytree(source, tmp_path / "build"))
-    manifest = manifest.with_(engines=_engine_manifest(build, version))
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_tensorrt(version, build, manifest, cudart))
+    build = Path(shutil.copytree(builds(mode), tmp_path / "build"))
+    manifest = engines_for(build, version, monkeypatch)
+    trt = fake_tensorrt(version, build, cudart)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: GPU_NAME)
     reference = traced(build, manifest, OrtBackend(build, manifest, "cpu"))  # ONNX Runtime's CPU provider
-    ids = prompt(manifest)[0]
 
     backend = TrtBackend(build, manifest)
+    # One engine per graph, loaded once; each stack's two contexts share it (its weights), one per profile.
+    assert [e.file for e in trt.engines] == [manifest.graph(g).file for g in manifest.graph_names]
     io_class = BindingsIO if version.startswith("8") else NamedTensorsIO
-    assert isinstance(backend._io["decode"], io_class)
-    binds: list[str] = []
+    for graph in backend.stacks:
+        prefill, decode = backend.prefill_io[graph], backend.decode_io[graph]
+        assert isinstance(decode, io_class) and prefill.engine is decode.engine
+        assert prefill.engine.num_optimization_profiles == 2
+        assert (prefill.context.active_optimization_profile, decode.context.active_optimization_profile) == (0, 1)
+    assert set(backend.decode_io) == set(backend.stacks) == {g for g in manifest.graph_names if g in STACKS}
+    binds: list[tuple[str, int, str, int]] = []
     bind = io_class.bind
-    monkeypatch.setattr(io_class, "bind", lambda self, name, ptr: (binds.append(self.graph), bind(self, name, ptr)))
+    monkeypatch.setattr(
+        io_class, "bind", lambda io, name, ptr: (binds.append((io.graph, io.profile, name, ptr)), bind(io, name, ptr))
+    )
+    decode_bindings = sum(len(io.inputs) + len(io.outputs) for io in backend.decode_io.values())
+    layers = manifest.model.num_layers
     for _ in range(2):  # a second request on the same backend gives the same answer
-        before = cudart.copies_2d
+        before, binds[:] = cudart.copies_2d, []
+        transfers = len(cudart.transfers)
         got = traced(build, manifest, backend)
         assert got.tokens == reference.tokens
         np.testing.assert_allclose(got.step_logits, reference.step_logits, atol=1e-4)
         assert got.kept_image_tokens == reference.kept_image_tokens
-        layers = manifest.model.num_layers
+        assert got.core_neurons == reference.core_neurons
         assert cudart.copies_2d - before == 2 * layers * STEPS  # the prefix once, then one write per step
-    decode_binds = binds.count("decode")
-    assert decode_binds == 2 * len(backend._io["decode"].inputs + backend._io["decode"].outputs)  # per request
+        # The decode contexts are bound once per request, the compacted weights to the ffn.* inputs that the full
+        # ones (uploaded once) fill in prefill.
+        assert sum(1 for g, p, _, _ in binds if p == 1) == decode_bindings
+        ffn = {(p, n): ptr for g, p, n, ptr in binds if is_ffn(n) and g in STACKS}
+        assert bool(ffn) == (mode == "cm")  # the dense build has no neuron-sparse layer
+        assert all(ptr == backend._bound[n].ptr for (p, n), ptr in ffn.items() if p == 0)
+        assert all(ptr != backend._bound[n].ptr for (p, n), ptr in ffn.items() if p == 1)
+        # Only ids, positions and lengths go up (the pixels once), only logits and the prefill's results come down.
+        moved = cudart.transfers[transfers:]
+        pixels = prompt(manifest)[1].nbytes
+        assert max(n for kind, n in moved if kind == "up") == pixels
+        assert sorted({n for kind, n in moved if kind == "up"})[-2] <= prompt(manifest)[0].nbytes
+        vocab = manifest.model.vocab_size * np.dtype(np.float32).itemsize
+        features = manifest.model.num_image_tokens * manifest.model.hidden_size * np.dtype(np.float32).itemsize
+        assert vocab in {n for kind, n in moved if kind == "down"}  # no cache entry ever comes back
+        assert max(n for kind, n in moved if kind == "down") <= max(vocab, features)
 
     # The cache is sized for the request: one token more than it holds is refused, so is a longer request.
-    embeds = backend.embed(ids)
-    backend.prefill(embeds, 4, ids.shape[1] + 2)
+    ids, pixels, _ = prompt(manifest)
+    backend.vision(pixels)
+    backend.prefill(ids, 4, ids.shape[1] + 2)
     backend.decode(1)
     backend.decode(1)
     with pytest.raises(BackendError, match="outgrew the cache"):
         backend.decode(1)
     limit = manifest.max_sequence
     with pytest.raises(BackendError, match="cache positions"):
-        backend.prefill(embeds, 4, limit + 1)
-    backend.prefill(embeds, 4, limit)  # the build's longest sequence fits
+        backend.prefill(ids, 4, limit + 1)
+    backend.prefill(ids, 4, limit)  # the build's longest sequence fits
+    np.testing.assert_allclose(backend.image_features(), reference.image_features[None], atol=1e-5)
     backend.close()
     assert not cudart.blocks  # every device buffer was freed
+
+
+@pytest.mark.slow
+def test_profiles_are_enforced(
+    cm_build: tuple[Path, Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cudart: FakeCudart
+) -> None:
+    """What the fakes check, as TensorRT does: a profile serves one live context; shapes stay in its ranges; on 8.6
+    a context takes only its own profile's bindings."""
+    build = Path(shutil.copytree(cm_build[0], tmp_path / "build"))
+    manifest = engines_for(build, "8.6.1", monkeypatch)
+    trt = fake_tensorrt("8.6.1", build, cudart)
+    stack = next(g for g in manifest.graph_names if g in STACKS)
+    plan = (build / manifest.engines.graphs[stack]).read_bytes()
+    eng = trt.Runtime(None).deserialize_cuda_engine(plan)
+    prefill = BindingsIO(trt, eng, stack, 0)
+    decode = BindingsIO(trt, eng, stack, 1)
+    with pytest.raises(BackendError, match="optimization profile 1"):  # profile 1 is decode's while it lives
+        BindingsIO(trt, eng, stack, 1)
+    with pytest.raises(BackendError, match="has 2 optimization profile"):
+        BindingsIO(trt, eng, stack, 2)
+    per = eng.num_bindings // 2
+    assert eng.get_binding_name(per).endswith(" [profile 1]")
+    past = next(n for n in decode.inputs if n.startswith("past."))
+    assert decode._index(past) == prefill._index(past) + per
+    low, _, high = decode.profile_shape(past)
+    assert (low[2], high[2]) == (manifest.decode_dims["B"].min, manifest.decode_dims["B"].max)
+    assert prefill.profile_shape(past)[2][2] == 1  # prefill: one masked slot
+    with pytest.raises(BackendError, match="outside its optimization profile"):
+        prefill.set_input_shape(past, low)  # a decode shape in the prefill profile
+    decode.set_input_shape(past, high)
+    assert not decode.context.set_binding_shape(prefill._index(past), high)  # another profile's binding
+    del decode
+    BindingsIO(trt, eng, stack, 1)  # free again once its context is gone
 
 
 # -- the real thing -----------------------------------------------------------------------------------------
@@ -296,9 +419,6 @@ def test_request_on_fake_engines_matches_onnxruntime(
 
 @pytest.mark.gpu
 def test_tensorrt_engines_match_onnxruntime(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from export import engine
-    from runtime import gpu
-
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     try:
         cuda_memory.load_cudart()
@@ -310,7 +430,7 @@ def test_tensorrt_engines_match_onnxruntime(request: pytest.FixtureRequest, tmp_
         pytest.skip(str(e))
     source, _ = request.getfixturevalue("cm_build")  # after the skips: the build takes seconds
     build = Path(shutil.copytree(source, tmp_path / "build"))
-    engine.build_engines(engine.EngineConfig(build, workspace_mb=1024))
+    build_engines(EngineConfig(build, workspace_mb=1024))
     manifest = buildformat.read(build)
     reference = traced(build, manifest, OrtBackend(build, manifest, "cpu"))  # ONNX Runtime's CPU provider
     with TrtBackend(build, manifest) as backend:

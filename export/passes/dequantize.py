@@ -127,8 +127,9 @@ def _unpack(ops: Ops, packed: gs.Tensor, axis: int, shape: list[int]) -> gs.Vari
     low = ops("Unsqueeze", [low, axes], "low3", dtype=np.uint8)
     high = ops("Unsqueeze", [high, axes], "high3", dtype=np.uint8)
     pairs = ops("Concat", [low, high], "pairs", dtype=np.uint8, attrs={"axis": axis + 1})
-    # [K/2, 2, N] or [K, N/2, 2] -> [K, N]; N is static in every graph (the core-neuron count included).
-    target = ops.const("shape", [-1, shape[1]], np.int64)
+    # [K/2, 2, N] or [K, N/2, 2] -> [K, N]; the packed axis's length is static (a bound weight's other axis
+    # is "W": every neuron in prefill, the core neurons in decode).
+    target = ops.const("shape", [shape[0], -1] if axis == 0 else [-1, shape[1]], np.int64)
     return ops("Reshape", [pairs, target], "values", dtype=np.uint8, shape=shape)
 
 
