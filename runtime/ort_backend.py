@@ -263,6 +263,7 @@ class OrtBackend(Backend):
         self._one_slot: dict[tuple[Any, ...], Any] = {}  # the prefill's masked past buffers, by shape
         self._features: Any = None
         self._bindings: dict[str, Any] = {}
+        self._steps: dict[str, dict[str, np.ndarray]] = {}  # each stack's bound step inputs
         self.last_run_seconds = 0.0
         self._request: list[Any] = []  # what a request holds: cache buffers, step outputs, compacted weights
         self._buffers: dict[str, np.ndarray] = {}  # host cache buffers (CPU provider)
@@ -371,6 +372,12 @@ class OrtBackend(Backend):
                     binding.bind_ortvalue_output(name, self._ort.OrtValue.ortvalue_from_numpy(self._logits))
                 elif not is_new(name):  # activations the prefill-only graphs read: unused in decode
                     binding.bind_output(name, self._where)
+            # The step's ids and positions: bound once, written in place every step (ONNX Runtime reads a
+            # bound host array where it lies), so a step makes no binding calls.
+            steps = state.step_inputs(0, self._pasts[stack], self._inputs[stack])
+            for name, value in steps.items():
+                binding.bind_cpu_input(name, value)
+            self._steps[stack] = steps
             self._bindings[stack] = binding
 
     def _bind_cache(self, binding: Any, key: str, present: Any, capacity: int) -> None:
@@ -411,7 +418,7 @@ class OrtBackend(Backend):
         self._release()
 
     def _release(self) -> None:
-        self._bindings = {}
+        self._bindings, self._steps = {}, {}
         for buffer in self._device.values():
             buffer.free()
         self._device, self._buffers, self._new, self._request = {}, {}, {}, []
@@ -424,7 +431,7 @@ class OrtBackend(Backend):
         state.check_room()
         for stack in self.stacks:
             for name, value in state.step_inputs(token_id, self._pasts[stack], self._inputs[stack]).items():
-                self._bindings[stack].bind_cpu_input(name, value)
+                self._steps[stack][name][...] = value
         start = time.perf_counter()
         for stack in self.stacks:
             self.sessions[stack].run_with_iobinding(self._bindings[stack])
