@@ -91,17 +91,6 @@ class Manifest:
             raise ManifestError(f"the build has no {name!r} graph; rebuild it with `python -m export build`")
         return self.graphs[name]
 
-    def dim_range(self, graph: str, tensor: str, axis: int, profile: str = "prefill") -> tuple[int, int]:
-        """(min, max) of one input axis of a graph in a phase ("prefill": `dims`; "decode", the stacks' second
-        profile: `decode_dims`), where the axis is symbolic."""
-        axis_dim = self.graph(graph).input(tensor).shape[axis]
-        if isinstance(axis_dim, int):
-            return axis_dim, axis_dim
-        dims, where = (self.dims, "dims") if profile == "prefill" else (self.decode_dims, "decode_dims")
-        if axis_dim not in dims:
-            raise fail(where, f"lacks {axis_dim!r}, which {graph}.{tensor} uses")
-        return dims[axis_dim].min, dims[axis_dim].max
-
     def with_(self, **changes: Any) -> Manifest:
         """A copy with some fields replaced (the manifest is frozen; a build fills it in stages)."""
         return replace(self, **changes)

@@ -255,7 +255,7 @@ def _tensorrt_problems(
     problems = []
     for name in names:
         problems += [f"{name}: {p}" for p in check_tensorrt(gs.import_onnx(onnx.load(build / f"{name}.onnx")))]
-    if bound_quantized and not any("BitShift" in p for p in problems):
+    if bound_quantized:
         problems.append(
             "quantized FFN weights bound per request (TensorRT dequantizes constant weights only): "
             "use --static-neurons or float weights"

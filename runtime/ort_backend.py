@@ -129,9 +129,9 @@ def choose_providers(requested: str, available: list[str], build_dir: Path, fp16
 class SharedWeights:
     """The build's weights.bin, memory-mapped once and given to every session as views.
 
-    The prefill and decode graphs share most weights; loaded separately they would be held twice
-    (and once more pre-packed). Each session gets `add_initializer` views of the same mapped pages,
-    and pre-packing is off, so the process holds each weight once (the pages are the file's).
+    Each weight is in one graph: its session gets an `add_initializer` view of the mapped pages (float
+    builds: pre-packing off, so the pages are the one copy; quantized builds: the session pre-packs its
+    `MatMulNBits` weights once), and the bound FFN weights are views of the same file (`bound`).
     """
 
     def __init__(
@@ -416,6 +416,7 @@ class OrtBackend(Backend):
 
     def end_request(self) -> None:
         self._release()
+        self._features = None  # the image's too: an idle pipeline holds only its weights
 
     def _release(self) -> None:
         self._bindings, self._steps = {}, {}
