@@ -73,10 +73,34 @@ def random_checkpoint(config: BenchConfig) -> tuple[Path, Any]:
 
     preset = from_name(config.preset) if isinstance(config.preset, str) else config.preset
     path = config.work / f"checkpoint-{preset.name}"
-    if not (path / "config.json").exists():
+    if not _checkpoint_matches(path, preset):  # absent, or written for an earlier form of the preset
         log.info("writing a random-weight %s checkpoint to %s", preset.name, path)
         write_checkpoint(path, preset, seed=0)
     return path, preset
+
+
+def _checkpoint_matches(path: Path, preset: Any) -> bool:
+    """Whether `path` holds a checkpoint of the preset's decoder geometry."""
+    import json
+
+    try:
+        text = json.loads((path / "config.json").read_text())["text_config"]
+    except (OSError, KeyError, ValueError):
+        return False
+    wanted = (preset.hidden_size, preset.intermediate_size, preset.num_hidden_layers, preset.vocab_size)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    return tuple(text.get(key) for key in keys) == wanted
+
+
+def same_geometry(manifest: Manifest, preset: Any) -> bool:
+    """Whether a build in the work folder was made from the preset as it is now (a reused build must be)."""
+    m = manifest.model
+    return (m.hidden_size, m.intermediate_size, m.num_layers, m.vocab_size) == (
+        preset.hidden_size,
+        preset.intermediate_size,
+        preset.num_hidden_layers,
+        preset.vocab_size,
+    )
 
 
 def _build(config: BenchConfig, checkpoint: Path, preset: Any, budget: int | None, name: str) -> Path:
@@ -89,7 +113,7 @@ def _build(config: BenchConfig, checkpoint: Path, preset: Any, budget: int | Non
         made = buildformat.read(out)
     except buildformat.ManifestError:
         made = None  # not built yet, or from an older format: build it
-    if made is not None and made.weights is not None:
+    if made is not None and made.weights is not None and same_geometry(made, preset):
         cm = made.corematching
         if (budget is None and cm is None) or (budget is not None and cm is not None and cm.token_budget == budget):
             return out

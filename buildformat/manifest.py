@@ -54,6 +54,9 @@ class Manifest:
     graphs: Mapping[str, GraphInfo]  # in the order a prefill runs them (`buildformat.names.graph_set`)
     tokenizer: TokenizerInfo
     decode_dims: Mapping[str, Dim] = field(default_factory=dict)  # the stacks' dims in decode (their second profile)
+    # Stack -> its ONNX Runtime form (fused contrib operators; `buildformat.names.fused_graph`), which the ONNX
+    # Runtime CPU provider reads in place of `graphs[stack]`; TensorRT and the GPU providers read `graphs`.
+    fused: Mapping[str, GraphInfo] = field(default_factory=dict)
     tensorrt_compatible: bool = True
     tensorrt_reason: str = ""
     flops: Flops | None = None
@@ -86,7 +89,10 @@ class Manifest:
         """The build's graphs, in the order a prefill runs them."""
         return tuple(self.graphs)
 
-    def graph(self, name: str) -> GraphInfo:
+    def graph(self, name: str, fused: bool = False) -> GraphInfo:
+        """A graph of the build; with `fused`, a stack's ONNX Runtime form where the build has one."""
+        if fused and name in self.fused:
+            return self.fused[name]
         if name not in self.graphs:
             raise ManifestError(f"the build has no {name!r} graph; rebuild it with `python -m export build`")
         return self.graphs[name]
@@ -111,6 +117,10 @@ class Manifest:
             dims=dims,
             decode_dims=_dims(section(data, "decode_dims"), "decode_dims"),
             graphs={name: GraphInfo.from_json(g, f"graphs.{name}") for name, g in section(data, "graphs").items()},
+            fused={
+                name: GraphInfo.from_json(g, f"fused_graphs.{name}")
+                for name, g in (data.get("fused_graphs") or {}).items()
+            },
             tokenizer=TokenizerInfo.from_json(section(data, "tokenizer")),
             tensorrt_compatible=bool(trt.get("compatible", True)),
             tensorrt_reason=str(trt.get("reason", "")),
@@ -139,6 +149,7 @@ class Manifest:
             "dims": {name: {"min": d.min, "opt": d.opt, "max": d.max} for name, d in self.dims.items()},
             "decode_dims": {name: {"min": d.min, "opt": d.opt, "max": d.max} for name, d in self.decode_dims.items()},
             "graphs": {name: g.to_json() for name, g in self.graphs.items()},
+            "fused_graphs": {name: g.to_json() for name, g in self.fused.items()},
             "tensorrt": {"compatible": self.tensorrt_compatible, "reason": self.tensorrt_reason},
             "tokenizer": {f.name: getattr(self.tokenizer, f.name) for f in fields(self.tokenizer)},
         }

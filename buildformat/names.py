@@ -37,6 +37,9 @@ STEP_INPUTS = (INPUT_IDS, POSITION_IDS, PAST_LENGTH)
 
 PAST = "past"  # stacks in: [1, n_kv, B, hd], a buffer of B positions of which past_length hold tokens
 NEW = "new"  # stacks out: [1, n_kv, S, hd], the new tokens' entries, which the caller writes at past_length
+# Fused stacks out: [1, n_kv, B, hd], the past buffer with the new entries written at past_length; the runtime
+# binds it to the past buffer's own memory, so nothing is copied.
+PRESENT = "present"
 CACHE_KINDS = ("key", "value")
 
 
@@ -56,8 +59,19 @@ def new_name(past: str) -> str:
 
 
 def past_name(new: str) -> str:
-    """new.3.key -> past.3.key: the buffer that a new-entries output is written into."""
-    return PAST + new[len(NEW) :]
+    """new.3.key (or present.3.key) -> past.3.key: the buffer that an output's entries are written into."""
+    role = PRESENT if new.startswith(f"{PRESENT}.") else NEW
+    return PAST + new[len(role) :]
+
+
+def present_name(past: str) -> str:
+    """past.3.key -> present.3.key: a fused stack's output that is that buffer."""
+    return PRESENT + past[len(PAST) :]
+
+
+def is_present(name: str) -> bool:
+    """A fused stack's buffer output."""
+    return name.startswith(f"{PRESENT}.")
 
 
 def is_past(name: str) -> bool:
@@ -74,7 +88,11 @@ def is_new(name: str) -> bool:
 
 CORE_NEURONS = "core_neurons"
 FFN = "ffn"
-FFN_WEIGHTS = ("gate_t", "up_t", "down_t")  # [d, N], [d, N], [N, d]: the MatMul layout (x @ w_t)
+# The bound FFN weights, neuron-major: every one is [W, d] (W the layer's neurons: all D in prefill, the request's
+# N core neurons in decode), so that gathering core neurons copies whole contiguous rows. `gate` and `up` are the
+# HF projections' own `weight` (the stacks multiply x @ w^T); `down_t` is down_proj.weight transposed (x @ w).
+FFN_GATE, FFN_UP, FFN_DOWN = "gate", "up", "down_t"
+FFN_WEIGHTS = (FFN_GATE, FFN_UP, FFN_DOWN)
 
 
 def core_neurons_name(layer: int) -> str:
@@ -113,12 +131,12 @@ COMPACT = "compact"
 
 
 def compact_name(ffn: str) -> str:
-    """ffn.3.gate_t(.q) -> compact.3.gate_t(.q): the neurons graph's output that decode binds to that input."""
+    """ffn.3.gate(.q) -> compact.3.gate(.q): the neurons graph's output that decode binds to that input."""
     return COMPACT + ffn[len(FFN) :]
 
 
 def bound_name(compact: str) -> str:
-    """compact.3.gate_t(.q) -> ffn.3.gate_t(.q): the stack input a compacted weight is bound to."""
+    """compact.3.gate(.q) -> ffn.3.gate(.q): the stack input a compacted weight is bound to."""
     return FFN + compact[len(COMPACT) :]
 
 
@@ -133,7 +151,7 @@ QUANT_DATA, QUANT_PACKED, QUANT_SCALE = "q", "packed", "scale"
 
 
 def part_name(name: str, part: str) -> str:
-    """ffn.3.gate_t, q -> ffn.3.gate_t.q: one stored part of a quantized tensor."""
+    """ffn.3.gate, q -> ffn.3.gate.q: one stored part of a quantized tensor."""
     return f"{name}.{part}"
 
 
@@ -170,6 +188,14 @@ NEURONS = "neurons"  # per-request neuron-sparse layers, prefill only, weightles
 # TensorRT engines have a profile for each phase.
 STACKS = (DECODER, LOWER, UPPER)
 PROFILES = ("prefill", "decode")
+# A stack's ONNX Runtime form (fused contrib operators, `present.*` outputs) is `{stack}{FUSED_SUFFIX}`; the
+# portable form, which TensorRT reads, is the stack's own name.
+FUSED_SUFFIX = ".fused"
+
+
+def fused_graph(stack: str) -> str:
+    """lower -> lower.fused: the graph name of a stack's ONNX Runtime form."""
+    return f"{stack}{FUSED_SUFFIX}"
 
 
 def graph_set(dense: bool, per_request_neurons: bool) -> tuple[str, ...]:
@@ -199,19 +225,20 @@ def stack_names(
     bound_layers: Iterable[int],
     act_layers: Iterable[int],
     attention_layer: int | None,
+    fused: bool = False,
 ) -> GraphNames:
     """A decoder stack over `layers`. In: the new tokens (ids, the image features and their start, with the
     embedding; hidden states without), their positions, the valid length of the past buffers, a merge's
     image start and kept bias (the upper stack), the past buffers, the bound FFN weights. Out: the logits
     (with the head) or the hidden states, the new tokens' cache entries, the activations and attention the
-    prefill-only graphs read."""
+    prefill-only graphs read. The fused form outputs the buffers themselves (present.*) for the new entries."""
     layers = list(layers)
     inputs = [INPUT_IDS, IMAGE_FEATURES, IMAGE_START] if embeds else [HIDDEN]
     inputs += [POSITION_IDS, PAST_LENGTH]
     if merge:
         inputs += [IMAGE_START, KEPT_BIAS]
     inputs += cache_names(PAST, layers) + ffn_names(bound_layers)
-    outputs = [LOGITS if head else HIDDEN, *cache_names(NEW, layers)]
+    outputs = [LOGITS if head else HIDDEN, *cache_names(PRESENT if fused else NEW, layers)]
     outputs += [activation_name(i) for i in act_layers]
     if attention_layer is not None:
         outputs.append(attention_name(attention_layer))

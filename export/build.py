@@ -28,14 +28,14 @@ import torch
 import buildformat
 from buildformat import Manifest, Quantization, SkippedValidation, ValidationRecord
 from buildformat.geometry import Geometry
-from buildformat.names import FFN_WEIGHTS, NEURONS, SELECT, VISION_GRAPH, graph_set
+from buildformat.names import FFN_WEIGHTS, NEURONS, SELECT, VISION_GRAPH, fused_graph, graph_set
 from coreMatching.config import Budgets
 from coreMatching.errors import ConfigError
 from coreMatching.static_neurons import FILE as STATIC_FILE
 from export.bound import BoundPart, bound_parts, bound_values
 from export.config import ExportConfig
-from export.manifest import make_manifest
-from export.modules import Decoder, embed_weight, stack_plans
+from export.manifest import graph_info, make_manifest
+from export.modules import Decoder, StackPlan, embed_weight, stack_plans
 from export.passes import check_tensorrt
 from export.passes.membership import TOPK_LIMIT
 from export.quantize_graphs import quantize_graphs
@@ -119,9 +119,11 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         trace_vision(traced_model, geometry, tmp / "vision.onnx", config.opset, dtype)
         stage("trace decoder")
         plans = stack_plans(geometry.num_layers, budgets)
-        for name, plan in plans.items():
+        fused = fused_plans(plans, config, geometry)
+        for name, plan in (plans | fused).items():
             embed = embed_weight(traced_model) if plan.embeds else None
-            trace_stack(decoder, plan, embed, geometry, budgets, tmp / f"{name}.onnx", config.opset, dtype)
+            positions = config.max_sequence if plan.fused else 0
+            trace_stack(decoder, plan, embed, geometry, budgets, tmp / f"{name}.onnx", config.opset, dtype, positions)
         ffn = {
             i: dict(zip(FFN_WEIGHTS, _ffn_weights(decoder, i), strict=True)) for p in plans.values() for i in p.bound
         }
@@ -138,13 +140,15 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         quantization = None
         if quant is not None:
             counts = quantize_graphs(tmp, quant, geometry, plans)
+            quantize_graphs(tmp, quant, geometry, fused, vision=False)  # the same weights: counted once
             quantization = Quantization(quant.name, quant.block_size if quant.bits == 4 else None, **counts)
         names = graph_set(budgets is None, bool(parts))
         assert set(names) == {VISION_GRAPH, *plans, *graphs}, (names, plans, graphs)
         trt_problems = _tensorrt_problems(tmp, names, budgets, quant is not None and bool(parts))
-        weights = share_weights(tmp, [f"{name}.onnx" for name in names], bound)
+        weights = share_weights(tmp, [f"{name}.onnx" for name in (*names, *fused)], bound)
         _copy_tokenizer(model_dir, processor, tmp)
         manifest = make_manifest(config, model, processor, model_dir, geometry, budgets, tmp, trt_problems, names)
+        manifest = manifest.with_(fused={name: graph_info(tmp, fused_graph(name)) for name in plans if fused})
         files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != OWNER)
         static_record = None if static is None else static_info(static)
         manifest = manifest.with_(weights=weights, quantization=quantization, static_neurons=static_record)
@@ -176,6 +180,23 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(out=out, manifest=manifest, validation=report, seconds=time.perf_counter() - started)
+
+
+def fused_plans(plans: dict[str, StackPlan], config: ExportConfig, geometry: Geometry) -> dict[str, StackPlan]:
+    """The stacks' ONNX Runtime form (export.fused_ops), by graph name, where the build can have one: not
+    when a selector reads the prune layer's attention (the fused kernel does not output it), not for float16
+    activations (GPU builds, whose providers read the portable form), and not for heads whose size is not a
+    multiple of 16 (GroupQueryAttention's CPU kernel refuses them)."""
+    reasons = {
+        "float16 activations": config.fp16,
+        "a selector reads the attention": any(plan.attention is not None for plan in plans.values()),
+        f"head size {geometry.head_dim} is not a multiple of 16": geometry.head_dim % 16 != 0,
+    }
+    why = [reason for reason, applies in reasons.items() if applies]
+    if why:
+        log.info("no fused stacks (%s): ONNX Runtime reads the portable form", "; ".join(why))
+        return {}
+    return {fused_graph(name): dataclasses.replace(plan, fused=True) for name, plan in plans.items()}
 
 
 def _budgets(config: ExportConfig, geometry: Geometry) -> Budgets | None:

@@ -14,6 +14,14 @@ SUPPORTED_OPSETS = range(18, 24)
 INT4_OPSET = 21  # int4 and block_size in DequantizeLinear
 
 
+# No fused int4 kernel (MatMulNBits) takes weights gathered per request: measured 3-9x slower decode steps than
+# a static set (docs/benchmarks/precisions.md), so the combination is refused (planner.runtimes says the same).
+INT4_PER_REQUEST = (
+    "--weights int4 with per-request core neurons has no fused kernel: every decode step would dequantize the "
+    "request's compacted FFN (3-9x slower than a static set); add --static-neurons, or use --weights int8 or fp32"
+)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What `python -m export build` builds.
@@ -69,6 +77,10 @@ class ExportConfig:
                 f"--weights {self.weights} with {activations} activations: float weights follow the activations "
                 f"(add or drop --fp16), or quantize them with --weights int8 or int4"
             )
+        cm = self.corematching
+        sparse = cm is not None and (cm.neuron_layers is None or cm.neuron_layers[0] < cm.neuron_layers[1])
+        if self.weights == "int4" and sparse and not self.static_neurons:
+            raise ConfigError(INT4_PER_REQUEST)
         if self.opset is None:
             object.__setattr__(self, "opset", INT4_OPSET if self.weights == "int4" else 18)
         if self.weights == "int4" and self.opset < INT4_OPSET:  # type: ignore[operator]

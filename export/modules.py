@@ -48,6 +48,7 @@ from buildformat.names import (
 from coreMatching.backbones import backbone_of
 from coreMatching.config import Budgets
 from coreMatching.selectors import SELECTORS
+from export.fused_ops import group_query_attention, key_bias, rotary_embedding
 
 
 def _t(linear: nn.Linear) -> nn.Parameter:
@@ -69,6 +70,12 @@ class RMSNorm(nn.Module):
         x = h.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(h.dtype)
+
+    def fusable(self, h: Tensor) -> Tensor:
+        """The same norm (fp32 activations) in the operator pattern that ONNX Runtime's optimizer fuses into
+        SimplifiedLayerNormalization, and with the residual Add before it into SkipSimplifiedLayerNormalization:
+        Pow, ReduceMean, Add, Sqrt, Div, Mul (x * rsqrt(...) is not matched: 7 nodes per norm stay)."""
+        return (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight
 
 
 class Attention(nn.Module):
@@ -138,6 +145,35 @@ class Attention(nn.Module):
         return out, k, v, last.reshape(heads, seq)
 
 
+def fused_attention(
+    attn: Attention,
+    x: Tensor,
+    past: tuple[Tensor, Tensor],
+    lengths: tuple[Tensor, Tensor],
+    caches: tuple[Tensor, Tensor],
+    positions: Tensor,
+    bias: Tensor | None,
+    gapped: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The stacks' ONNX Runtime form of `Attention`: one GroupQueryAttention node (export.fused_ops) that
+    rotates, writes the new entries into the buffers at the used length and attends over the used length only.
+    x: [1, S, d]; past: the key and value buffers [1, n_kv, B, hd]; lengths: seqlens_k [1] and total (int32,
+    the used length after the run); caches: cos, sin [P, hd/2]; positions: [S]; bias: a merge's key bias [1, 1,
+    S, total] or None; gapped: a prefill's positions may not be 0..S-1 (the kept tokens'), so q and k are
+    rotated before the kernel, which rotates a first prompt at 0..S-1 whatever the positions (export.fused_ops).
+    -> the output [1, S, d] and the buffers (present) [1, n_kv, B, hd]."""
+    q, k, v = (attn._proj(x, w, b) for w, b in ((attn.q_t, attn.q_b), (attn.k_t, attn.k_b), (attn.v_t, attn.v_b)))
+    heads, kv_heads = attn.q_t.shape[1] // attn.head_dim, attn.k_t.shape[1] // attn.head_dim
+    if gapped:
+        q = rotary_embedding(q, positions[None], caches[0], caches[1], heads)
+        k = rotary_embedding(k, positions[None], caches[0], caches[1], kv_heads)
+    out, present_k, present_v = group_query_attention(
+        q, k, v, past[0], past[1], lengths[0], lengths[1], caches[0], caches[1], positions[None], bias,
+        heads, kv_heads, attn.scale, not gapped,
+    )  # fmt: skip
+    return attn._proj(out, attn.o_t, attn.o_b), present_k, present_v
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -147,11 +183,20 @@ class FFN(nn.Module):
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.act = mlp.act_fn
-        # Named as FFN_WEIGHTS: the traced initializers are `{ffn_prefix(i)}.{weight}`.
+        # The traced initializers are `{ffn_prefix(i)}.gate_t` ... (the quantization and the static neuron set
+        # look them up); a per-request neuron-sparse layer takes its weights as inputs instead (`bound`).
         self.gate_t, self.up_t, self.down_t = _t(mlp.gate_proj), _t(mlp.up_proj), _t(mlp.down_proj)
         self.gate_b, self.up_b, self.down_b = _bias(mlp.gate_proj), _bias(mlp.up_proj), _bias(mlp.down_proj)
 
+    @staticmethod
+    def bound(gate: Tensor, up: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The bound weights (FFN_WEIGHTS, each neuron-major [W, d]) in the layout `activation` and `down`
+        take: gate and up transposed to [d, W]. ONNX Runtime fuses each Transpose into its MatMul (FusedMatMul
+        with transB), so no transposed copy is made in any step."""
+        return gate.transpose(0, 1), up.transpose(0, 1), down_t
+
     def activation(self, x: Tensor, gate_t: Tensor, up_t: Tensor) -> Tensor:
+        """x: [1, S, d]; gate_t, up_t: [d, W] -> [1, S, W]"""
         g, u = x @ gate_t, x @ up_t
         if self.gate_b is not None and gate_t is self.gate_t:
             g = g + self.gate_b
@@ -178,6 +223,11 @@ class Rope(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    def caches(self, positions: int) -> tuple[Tensor, Tensor]:
+        """cos, sin [positions, hd/2]: the rotary tables GroupQueryAttention reads (fp32)."""
+        freqs = torch.arange(positions, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        return freqs.cos() * self.scaling, freqs.sin() * self.scaling
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # positions: [T] int64 -> cos, sin: [1, 1, T, hd]
@@ -226,9 +276,11 @@ class StackPlan:
     bound: tuple[int, ...] = ()
     acts: tuple[int, ...] = ()
     attention: int | None = None
+    fused: bool = False  # the ONNX Runtime form (`fused_attention`): present.* outputs, no attention output
 
     def __post_init__(self) -> None:
         assert set(self.bound) <= set(self.layers) and set(self.acts) <= set(self.layers), self
+        assert not (self.fused and self.attention is not None), "the fused form has no attention output"
 
     @property
     def names(self) -> GraphNames:
@@ -240,6 +292,7 @@ class StackPlan:
             bound_layers=self.bound,
             act_layers=self.acts,
             attention_layer=self.attention,
+            fused=self.fused,
         )
 
 
@@ -275,19 +328,29 @@ class Stack(nn.Module):
     """A decoder stack for S new tokens against cache buffers: prefill (the prompt, empty buffers) and decode
     (one token) alike. Inputs and outputs: `StackPlan.names` (buildformat.names.stack_names)."""
 
-    def __init__(self, decoder: Decoder, plan: StackPlan, embed: Tensor | None = None) -> None:
+    def __init__(self, decoder: Decoder, plan: StackPlan, embed: Tensor | None = None, positions: int = 0) -> None:
+        """positions: the rotary tables' length in the fused form (`plan.fused`; 0 for the portable one)."""
         super().__init__()
         self.decoder = decoder
         self.plan = plan
         assert (embed is not None) == plan.embeds
         # Traced as the initializer `embed_tokens` (EMBED_TABLE).
         self.embed_tokens = None if embed is None else nn.Parameter(embed.detach().clone(), requires_grad=False)
+        self.fused = plan.fused
+        assert self.fused == (positions > 0)
+        if self.fused:
+            dtype = decoder.lm_head_t.dtype
+            cos, sin = (t.to(dtype) for t in decoder.rope.caches(positions))
+            self.cos_cache = nn.Parameter(cos, requires_grad=False)  # [P, hd/2]
+            self.sin_cache = nn.Parameter(sin, requires_grad=False)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         plan = self.plan
         named = dict(zip(plan.names.inputs, inputs, strict=True))
         positions, valid = named[POSITION_IDS], named[PAST_LENGTH]  # [S], [1]
         h = self._embed(named) if plan.embeds else named[HIDDEN]  # [1, S, d]
+        if self.fused:
+            return self._fused(named, h)
         cos, sin = self.decoder.rope(positions, h.dtype)
         past = named[cache_name(PAST, plan.layers[0], "key")] if plan.layers else None
         masks = None if past is None else key_masks(past.shape[2], h.shape[1], valid, self._groups(), h.dtype)
@@ -308,17 +371,55 @@ class Stack(nn.Module):
             new_kv += [attn[1], attn[2]]
             attention += list(attn[3:])
             h = h + attn[0]
-            x = layer.post_norm(h)
-            mlp = layer.mlp
-            weights = (mlp.gate_t, mlp.up_t, mlp.down_t)
-            if index in plan.bound:
-                weights = tuple(named[ffn_name(index, w)] for w in FFN_WEIGHTS)
-            a = mlp.activation(x, weights[0], weights[1])  # [1, S, W]
-            if index in plan.acts:
-                acts.append(a[0])
-            h = h + mlp.down(a, weights[2])
+            h = self._ffn(named, index, h, acts)
         out = self.decoder.logits(h[:, -1]) if plan.head else h
         return (out, *new_kv, *acts, *attention)
+
+    def _ffn(self, named: dict[str, Tensor], index: int, h: Tensor, acts: list[Tensor]) -> Tensor:
+        """h + the layer's FFN of its post-attention norm; the activation [S, W] appended to `acts` where the
+        plan outputs it."""
+        layer = self.decoder.layers[index]
+        x = layer.post_norm.fusable(h) if self.fused else layer.post_norm(h)
+        mlp = layer.mlp
+        weights = (mlp.gate_t, mlp.up_t, mlp.down_t)  # [d, W], [d, W], [W, d]
+        if index in self.plan.bound:
+            weights = mlp.bound(*(named[ffn_name(index, w)] for w in FFN_WEIGHTS))
+        a = mlp.activation(x, weights[0], weights[1])  # [1, S, W]
+        if index in self.plan.acts:
+            acts.append(a[0])
+        return h + mlp.down(a, weights[2])
+
+    def _fused(self, named: dict[str, Tensor], h: Tensor) -> tuple[Tensor, ...]:
+        """The ONNX Runtime form: attention by `fused_attention`, the buffers returned with the new entries
+        written (present.{i}.*, the past buffers' memory where the runtime binds them so)."""
+        plan = self.plan
+        positions, valid = named[POSITION_IDS], named[PAST_LENGTH]  # [S], [1]
+        seq = h.shape[1]
+        # What GroupQueryAttention reads of the lengths, made once for every layer: total - 1 and total.
+        lengths = ((valid + seq - 1).to(torch.int32), (valid + seq).to(torch.int32).reshape(()))
+        bias = None
+        if plan.merge:
+            past = named[cache_name(PAST, plan.layers[0], "key")]
+            slots = torch.arange(past.shape[2], device=h.device)  # [B]
+            new = valid + torch.arange(seq, device=h.device)  # [S]
+            start, kept_bias = named[IMAGE_START], named[KEPT_BIAS]
+            slot_bias = (_slot_bias(p, start, kept_bias).to(h.dtype) for p in (slots, new))  # [B], [S]
+            bias = key_bias(*slot_bias, lengths[1])  # [1, 1, S, total]
+        caches = (self.cos_cache, self.sin_cache)
+        present: list[Tensor] = []
+        acts: list[Tensor] = []
+        for index in plan.layers:
+            layer = self.decoder.layers[index]
+            past = tuple(named[cache_name(PAST, index, kind)] for kind in ("key", "value"))
+            x = layer.input_norm.fusable(h)
+            # The stack that embeds runs a prompt at 0..S-1; the other takes the kept tokens at their positions.
+            out, present_k, present_v = fused_attention(
+                layer.attn, x, past, lengths, caches, positions, bias, gapped=not plan.embeds
+            )
+            present += [present_k, present_v]
+            h = self._ffn(named, index, h + out, acts)
+        out = self.decoder.norm.fusable(h[:, -1]) @ self.decoder.lm_head_t if plan.head else h
+        return (out, *present, *acts)
 
     def _groups(self) -> int:
         """Query heads per KV head."""

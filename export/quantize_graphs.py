@@ -26,11 +26,13 @@ from export.trace import save_model
 log = logging.getLogger(__name__)
 
 
-def quantize_graphs(build: Path, quant: WeightQuant, geometry: Geometry, plans: dict[str, StackPlan]) -> dict[str, int]:
-    """Quantizes vision.onnx and the stacks in `build`. -> counts of the 2-D MatMul weights {"quantized",
-    "kept_float"}, the bound ones included"""
+def quantize_graphs(
+    build: Path, quant: WeightQuant, geometry: Geometry, plans: dict[str, StackPlan], vision: bool = True
+) -> dict[str, int]:
+    """Quantizes vision.onnx (with `vision`) and the stacks in `build` (`plans` by graph name). -> counts of the
+    2-D MatMul weights {"quantized", "kept_float"}, the bound ones included"""
     counts = {"quantized": 0, "kept_float": 0}
-    for name in (VISION_GRAPH, *plans):
+    for name in (VISION_GRAPH, *plans) if vision else plans:
         path = build / f"{name}.onnx"
         graph = gs.import_onnx(onnx.load(path))
         done = quantize_weights(graph, quant, {})

@@ -23,6 +23,7 @@ import torch
 from buildformat.geometry import Geometry
 from buildformat.names import (
     CACHE_KINDS,
+    FFN_WEIGHTS,
     HIDDEN,
     IMAGE_FEATURES,
     IMAGE_START,
@@ -36,6 +37,7 @@ from buildformat.names import (
     ffn_name,
 )
 from coreMatching.config import Budgets
+from export import fused_ops
 from export.modules import Decoder, Stack, StackPlan, Vision
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def _export(
     outputs: list[str],
     dynamic: tuple[Any, ...],
     opset: int,
+    translations: dict[Any, Any] | None = None,
 ) -> None:
     # The exporter reports its progress on stdout and warns about torchvision ops it skips:
     # keep both out of the user's terminal (they go to the debug log).
@@ -67,9 +70,10 @@ def _export(
             external_data=False,
             optimize=True,
             verbose=False,
+            custom_translation_table=translations,
         )
     log.debug("exporter output for %s:\n%s", path.name, buffer.getvalue())
-    model = program.model_proto
+    model = fused_ops.contrib_names(program.model_proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path)
 
@@ -128,11 +132,11 @@ def stack_examples(
             records[cache_name(PAST, layer, kind)] = GraphInput(
                 torch.zeros(1, kv_heads, 5, hd, dtype=dtype), {2: length}
             )
+    # The bound FFN weights: every one neuron-major [W, d] (export.bound), W all neurons or the core ones.
     width = geometry.intermediate_size
-    shapes = {"gate_t": ((d, width), 1), "up_t": ((d, width), 1), "down_t": ((width, d), 0)}
     for layer in plan.bound:
-        for weight, (shape, axis) in shapes.items():
-            records[ffn_name(layer, weight)] = GraphInput(torch.zeros(*shape, dtype=dtype), {axis: "W"})
+        for weight in FFN_WEIGHTS:
+            records[ffn_name(layer, weight)] = GraphInput(torch.zeros(width, d, dtype=dtype), {0: "W"})
     return records
 
 
@@ -145,9 +149,11 @@ def trace_stack(
     path: Path,
     opset: int,
     dtype: torch.dtype,
+    positions: int = 0,
 ) -> None:
-    """One decoder stack (`export.modules.Stack`), serving prefill and decode."""
-    module = Stack(decoder, plan, None if embed is None else embed.to(dtype))
+    """One decoder stack (`export.modules.Stack`), serving prefill and decode; the fused form (`plan.fused`)
+    with rotary tables of `positions` positions."""
+    module = Stack(decoder, plan, None if embed is None else embed.to(dtype), positions)
     names = plan.names
     examples = stack_examples(plan, geometry, budgets, dtype)
     records = [examples[name] for name in names.inputs]
@@ -155,4 +161,5 @@ def trace_stack(
     axes = tuple({axis: dims[dim] for axis, dim in r.axes.items()} for r in records)
     args = tuple(r.example for r in records)
     # The module takes (*inputs): their shapes go as one nested tuple.
-    _export(module, args, path, [*names.inputs], [*names.outputs], (axes,), opset)
+    translations = fused_ops.translations() if plan.fused else None
+    _export(module, args, path, [*names.inputs], [*names.outputs], (axes,), opset, translations)

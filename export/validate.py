@@ -149,10 +149,14 @@ def runtime_pipeline(
     manifest: Manifest,
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     accuracy_level: int = 1,
+    fused: bool = True,
 ) -> Pipeline:
     """The build as the runtime runs it: `Pipeline` on `OrtBackend`, CPU provider, at an ONNX Runtime graph
-    optimization level (and MatMulNBits' accuracy level, for quantized builds)."""
-    backend = OrtBackend(build_dir, manifest, provider="cpu", optimization_level=level, accuracy_level=accuracy_level)
+    optimization level (and MatMulNBits' accuracy level, for quantized builds); `fused`: the stacks' ONNX
+    Runtime form where the build has one (else the portable form, which TensorRT reads)."""
+    backend = OrtBackend(
+        build_dir, manifest, provider="cpu", optimization_level=level, accuracy_level=accuracy_level, fused=fused
+    )
     return Pipeline(Path(build_dir), manifest, backend)
 
 
@@ -184,21 +188,26 @@ def validate_build(
     references: dict[str, tuple] | None = None,
 ) -> ValidationRecord:
     """Runs every case through the build (the runtime's pipeline, ONNX Runtime, CPU) and through the
-    reference; compares. accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the
+    reference; compares. A build with fused stacks is run in both forms, the portable one's cases named
+    `{case} (portable)`. accuracy_level: MatMulNBits' (quantized builds); criteria: None takes the
     precision's; references: the reference's results per case name when the caller already has them
     (`_reference`)."""
     config = corematching_from_manifest(manifest)
     precision = manifest.precision
     criteria = criteria or CRITERIA[precision]
-    pipeline = runtime_pipeline(build_dir, manifest, level, accuracy_level)
+    references = dict(references or {})
     cases = []
-    for name, image, question in validation_cases(manifest.model.image_size):
-        inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
-        ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
-        reference = references[name] if references is not None else _reference(model, config, ids, pixels, steps)
-        got = greedy_trace(pipeline, processor_prompt(manifest, ids.numpy(), pixels.float().numpy(), steps))
-        cases.append(_compare(name, question, int(ids.shape[1]), steps, criteria, got, reference))
-        log.info("validation %s: %s", name, "passed" if cases[-1].passed else "; ".join(cases[-1].problems))
+    for fused in (True, False) if manifest.fused else (True,):
+        pipeline = runtime_pipeline(build_dir, manifest, level, accuracy_level, fused=fused)
+        for name, image, question in validation_cases(manifest.model.image_size):
+            inputs = processor(images=image, text=build_prompt(processor, question), return_tensors="pt")
+            ids, pixels = inputs["input_ids"], inputs["pixel_values"].to(model.dtype)
+            if name not in references:
+                references[name] = _reference(model, config, ids, pixels, steps)
+            got = greedy_trace(pipeline, processor_prompt(manifest, ids.numpy(), pixels.float().numpy(), steps))
+            label = name if fused else f"{name} (portable)"
+            cases.append(_compare(label, question, int(ids.shape[1]), steps, criteria, got, references[name]))
+            log.info("validation %s: %s", label, "passed" if cases[-1].passed else "; ".join(cases[-1].problems))
     return ValidationRecord(
         reference="transformers" if config is None else "coreMatching",
         precision=precision,

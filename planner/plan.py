@@ -53,6 +53,7 @@ from planner.footprint import (
 from planner.runtimes import (
     DEFAULT_BLOCK_SIZE,
     FLOAT_BYTES,
+    INT4_PER_REQUEST_REASON,
     ActivationPrecision,
     Runtime,
     UnknownRuntimeError,
@@ -333,7 +334,10 @@ def plan(config: PlanConfig) -> Plan:
         total = weights_held + kv_cache + per_request + max(activations, held.load) + overhead
         step = held.decode_read + per_request + row
         first, last = step + kv_first, step + kv_cache
+        int4_per_request = neurons == "per-request" and planned == "int4"  # refused by every build
         runnable = neurons != "per-request" or planned not in ("int8", "int4") or rt.per_request_quantized
+        runnable = runnable and not int4_per_request
+        why = INT4_PER_REQUEST_REASON if int4_per_request else f"{rt.name}: {rt.per_request_quantized_reason}"
         return Estimate(
             weights=weights_held,
             weights_stored=held.stored,
@@ -353,7 +357,7 @@ def plan(config: PlanConfig) -> Plan:
             decode_ms_first=first / bandwidth * 1e3,
             decode_ms_last=last / bandwidth * 1e3,
             runnable=runnable,
-            reason="" if runnable else f"{rt.name}: {rt.per_request_quantized_reason}",
+            reason="" if runnable else why,
             sharing=config.sharing,
         )
 

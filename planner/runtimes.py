@@ -203,6 +203,12 @@ _TRT_SCRATCH = Fact(
     "tensorrt/latest/_static/python-api/infer/Core/RuntimeConfig.html (ExecutionContextAllocationStrategy.STATIC: "
     "the maximum size across all profiles); the sizes are the planner's working-set estimates, not TensorRT's",
 )
+# Every runtime: the build refuses this combination (export.config.INT4_PER_REQUEST).
+INT4_PER_REQUEST_REASON = (
+    "int4 weights with per-request core neurons are refused by the build: no fused int4 kernel takes weights "
+    "gathered per request, so every decode step would dequantize them (3-9x slower than a static set, "
+    "docs/benchmarks/precisions.md); plan int4 with static neurons"
+)
 _NO_BOUND_DEQUANTIZE = (
     "the per-request path binds the sparse layers' quantized FFN weights as inputs: TensorRT's weight-only "
     "quantization takes constant weights, and int4's nibble pairs are unpacked with BitShift, which the ONNX "

@@ -51,157 +51,16 @@ from buildformat.names import (
     is_ffn,
     is_new,
     is_past,
+    is_present,
     new_name,
+    past_name,
+    present_name,
 )
 from runtime.backend import Backend, BackendError, PrefillResult, activation_dtype
 from runtime.decode_state import DecodeState
+from runtime.ort_sessions import ACCURACY_LEVELS, PROVIDERS, SharedWeights, _import_ort, choose_providers
 
 log = logging.getLogger(__name__)
-
-PROVIDERS = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-# What "auto" tries, best first.
-AUTO_ORDER = ("tensorrt", "cuda", "cpu")
-INT4 = 22  # onnx.TensorProto.INT4 (the runtime does not import onnx)
-# MatMulNBits' accuracy levels (quantized builds): 1 multiplies in fp32 (the reference's arithmetic, what
-# validation checks, the default here); 4 (ONNX Runtime's own default) with activations quantized to
-# int8 per block, faster but measured to change greedy answers (docs/quantization.md).
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-TRT_CACHE = "trt_cache"
-
-
-class ProviderError(BackendError):
-    """An execution provider asked for by name is not available."""
-
-
-def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BackendError(
-            "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu "
-            "(NVIDIA GPU; on a Jetson the wheel built for your JetPack)"
-        ) from e
-    return onnxruntime
-
-
-def choose_providers(requested: str, available: list[str], build_dir: Path, fp16: bool) -> tuple[list[Any], list[str]]:
-    """(providers for InferenceSession, warnings). `requested`: auto, tensorrt, cuda or cpu.
-
-    Under "auto" the best available provider leads and the others follow as fallbacks (with a
-    warning when no GPU provider is there); a provider asked for by name must be available.
-    """
-    if requested != "auto" and requested not in PROVIDERS:
-        raise ProviderError(f"unknown provider {requested!r}; use auto, {', '.join(PROVIDERS)}")
-    have = [key for key in AUTO_ORDER if PROVIDERS[key] in available]
-    warnings = []
-    if requested == "auto":
-        chosen = have
-        if chosen[:1] == ["cpu"]:
-            warnings.append("no GPU execution provider in this onnxruntime (install onnxruntime-gpu): using the CPU")
-    elif requested in have:
-        chosen = AUTO_ORDER[AUTO_ORDER.index(requested) :]
-        chosen = [key for key in chosen if key in have]
-    else:
-        names = ", ".join(key for key in have) or "none"
-        raise ProviderError(
-            f"execution provider {requested!r} is not available in this onnxruntime (it has: {names}); "
-            "install onnxruntime-gpu for cuda/tensorrt, or choose --provider auto"
-        )
-    providers: list[Any] = []
-    for key in chosen:
-        if key == "tensorrt":
-            # Engines built by the provider are cached next to the build, so later runs start fast.
-            options = {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(build_dir / TRT_CACHE),
-                "trt_fp16_enable": fp16,
-            }
-            providers.append((PROVIDERS[key], options))
-        else:
-            providers.append(PROVIDERS[key])
-    return providers, warnings
-
-
-class SharedWeights:
-    """The build's weights.bin, memory-mapped once and given to every session as views.
-
-    Each weight is in one graph: its session gets an `add_initializer` view of the mapped pages (float
-    builds: pre-packing off, so the pages are the one copy; quantized builds: the session pre-packs its
-    `MatMulNBits` weights once), and the bound FFN weights are views of the same file (`bound`).
-    """
-
-    def __init__(
-        self,
-        build_dir: Path,
-        manifest: Manifest,
-        ort: Any,
-        level: Any = None,
-        accuracy_level: int = 1,
-        device: str = "cpu",
-    ) -> None:
-        self.device = device  # "cpu": views of the mapped file; "cuda": one device copy of each weight
-        self.ort = ort
-        self.level = level
-        self.index = manifest.weights
-        self.quantized = manifest.quantization is not None
-        self.accuracy_level = accuracy_level
-        self.shared: dict[int, Any] = {}  # weights.bin offset -> its OrtValue (must outlive the sessions)
-        self.mapped = None
-        if self.index:
-            self.mapped = np.memmap(build_dir / self.index.file, dtype=np.uint8, mode="r")
-
-    def options(self, graph: str) -> Any:
-        options = self.ort.SessionOptions()
-        options.log_severity_level = 3
-        if self.level is not None:
-            options.graph_optimization_level = self.level
-        # No CPU arena: it keeps every peak allocation for the life of the session (measured: 120 MB
-        # more at the same speed on the llava-7b-shape benchmark).
-        options.enable_cpu_mem_arena = False
-        # A build runs several sessions one after another (the stacks, then the next step's): a finished
-        # session's threads must not spin on for work while the next one's need the same cores (measured on 2
-        # cores, a llava-7b-shape decode step: 82 ms spinning on, 50 ms stopped after each run).
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        if self.mapped is None:
-            return options
-        if self.quantized:
-            # MatMulNBits (the fused form of a quantized weight's DequantizeLinear + MatMul) runs its fast
-            # kernels on pre-packed weights only: measured 130 ms vs 0.9 ms for a 4096 x 11008 int4 matmul.
-            # ONNX Runtime's Python API has no cross-session pre-packed container, so each session packs
-            # its own copy of what it reads (docs/quantization.md, memory).
-            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
-        else:
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        for name, entry in self.index.graphs[f"{graph}.onnx"].items():
-            # One value per stored weight, given to every session that reads it (weights.bin holds each once).
-            if entry.offset not in self.shared:
-                self.shared[entry.offset] = self._value(entry)
-            options.add_initializer(name, self.shared[entry.offset])
-        return options
-
-    def bound(self) -> dict[str, Any]:
-        """The full FFN weights the stacks take as inputs in prefill (per-request neuron-sparse layers), one
-        value each: views of the mapped file, or one device copy."""
-        return {name: self._value(entry) for name, entry in (self.index.bound if self.index else {}).items()}
-
-    def _value(self, entry: Any) -> Any:
-        if entry.dtype != "int4":
-            view = np.ndarray(entry.shape, dtype=np.dtype(entry.dtype), buffer=self.mapped, offset=entry.offset)
-            if self.device == "cuda":
-                return self.ort.OrtValue.ortvalue_from_numpy(view, "cuda", 0)  # copied to the device once
-            return self.ort.OrtValue.ortvalue_from_numpy(view)
-        # int4 on the CUDA provider: ONNX Runtime's Python API makes int4 values on the host only, so each
-        # session copies them to the device (docs/quantization.md).
-        # numpy has no int4: ONNX Runtime takes the logical shape from the array and reads the packed
-        # bytes (two values per byte) from its data pointer, so the array is a zero-stride view of the
-        # shape over the first packed byte (nothing is copied; the bytes stay the mapped file's).
-        first = np.ndarray((1,), dtype=np.uint8, buffer=self.mapped, offset=entry.offset)
-        view = np.lib.stride_tricks.as_strided(first, shape=entry.shape, strides=(0,) * len(entry.shape))
-        return self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, INT4)
 
 
 class OrtBackend(Backend):
@@ -212,9 +71,11 @@ class OrtBackend(Backend):
         provider: str = "auto",
         optimization_level: Any = None,
         accuracy_level: int = 1,
+        fused: bool = True,
     ) -> None:
         """`optimization_level`: an onnxruntime.GraphOptimizationLevel (default: ONNX Runtime's, all);
-        `accuracy_level`: MatMulNBits' for quantized builds (`ACCURACY_LEVELS`)."""
+        `accuracy_level`: MatMulNBits' for quantized builds (`ACCURACY_LEVELS`); `fused`: on the CPU provider,
+        run the stacks' ONNX Runtime form where the build has one (False: the portable form, as TensorRT)."""
         if accuracy_level not in ACCURACY_LEVELS:
             raise BackendError(f"accuracy level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
         ort = _import_ort()
@@ -232,11 +93,14 @@ class OrtBackend(Backend):
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         device = "cuda" if first == PROVIDERS["cuda"] else "cpu"
         self._weights = SharedWeights(self.build_dir, manifest, ort, optimization_level, accuracy_level, device=device)
+        # The fused form's GroupQueryAttention writes the cache in place on the host (CPU provider).
+        self.fused = fused and first == PROVIDERS["cpu"] and bool(manifest.fused)
+        self.graphs = {name: manifest.graph(name, fused=self.fused) for name in manifest.graph_names}
         self.sessions = {
             name: ort.InferenceSession(
-                str(self.build_dir / manifest.graph(name).file), self._weights.options(name), providers=providers
+                str(self.build_dir / graph.file), self._weights.options(graph.file), providers=providers
             )
-            for name in manifest.graph_names
+            for name, graph in self.graphs.items()
         }
         self.stacks = [name for name in manifest.graph_names if name in STACKS]  # decoder, or lower and upper
         used = self.sessions[self.stacks[-1]].get_providers()[0]
@@ -274,7 +138,8 @@ class OrtBackend(Backend):
     # -- running one graph --------------------------------------------------------------
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
-        """Runs `graph` on numpy arrays or OrtValues; -> every output, an OrtValue where the session runs."""
+        """Runs `graph` on numpy arrays or OrtValues; -> every output, an OrtValue where the session runs. A
+        fused stack's present.* outputs are its past buffers' own memory (`_bind_present`)."""
         session = self.sessions[graph]
         binding = session.io_binding()
         for name in self._inputs[graph]:
@@ -285,9 +150,27 @@ class OrtBackend(Backend):
                 binding.bind_ortvalue_input(name, value)
         names = [o.name for o in session.get_outputs()]
         for name in names:
-            binding.bind_output(name, self._where)
+            if is_present(name):
+                self._bind_present(binding, name)
+            else:
+                binding.bind_output(name, self._where)
         session.run_with_iobinding(binding)
         return dict(zip(names, binding.get_outputs(), strict=True))
+
+    def _bind_present(self, binding: Any, present: str) -> None:
+        """A fused stack writes the new entries into the past buffer itself: its output is bound to the
+        buffer's memory (GroupQueryAttention then writes only the new tokens' entries)."""
+        buffer = self._buffers[past_name(present)]
+        binding.bind_output(present, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+
+    def _fused_buffers(self, stack: str, capacity: int) -> dict[str, np.ndarray]:
+        """A fused stack's cache buffers of `capacity` positions, made before its prefill (which fills them in
+        place). Zeroed lazily by the OS: only the written pages are touched."""
+        m = self.manifest.model
+        shape = (1, m.num_kv_heads, capacity, m.head_dim)
+        for past in self._pasts[stack]:
+            self._buffers[past] = np.zeros(shape, self.dtype)
+        return {past: self._buffers[past] for past in self._pasts[stack]}
 
     def vision(self, pixel_values: np.ndarray) -> None:
         self._features = self._run(VISION_GRAPH, {PIXEL_VALUES: pixel_values.astype(self.dtype)})[IMAGE_FEATURES]
@@ -308,15 +191,19 @@ class OrtBackend(Backend):
         start, zero = np.array([image_start], dtype=np.int64), np.array([0], dtype=np.int64)
         request = {IMAGE_FEATURES: self._features, IMAGE_START: start, PAST_LENGTH: zero, **self._full}
         first = self.stacks[0]
+        answer = capacity - prompt
         ids = {INPUT_IDS: input_ids.astype(np.int64), POSITION_IDS: np.arange(prompt, dtype=np.int64)}
-        out = self._run(first, request | ids | self._masked_pasts(first))
+        out = self._run(first, request | ids | self._pasts_for(first, prompt + answer))
+        new_lengths = dict.fromkeys((present_name(p) for p in self._pasts[first] if self.fused), prompt)
         if SELECT in self.sessions:
             out |= self._run(SELECT, out | {IMAGE_START: start})
             kept = {HIDDEN: out[KEPT_HIDDEN], POSITION_IDS: out[KEPT_POSITIONS]}
-            out |= self._run(UPPER, request | out | kept | self._masked_pasts(UPPER))
+            kept_length = out[KEPT_HIDDEN].shape()[1]
+            out |= self._run(UPPER, request | out | kept | self._pasts_for(UPPER, kept_length + answer))
+            new_lengths |= dict.fromkeys((present_name(p) for p in self._pasts[UPPER] if self.fused), kept_length)
         if NEURONS in self.sessions:
             out |= self._run(NEURONS, request | out)
-        new_lengths = {name: value.shape()[2] for name, value in out.items() if is_new(name)}
+        new_lengths |= {name: value.shape()[2] for name, value in out.items() if is_new(name)}
         state = DecodeState.start(new_lengths, prompt, capacity - prompt, image_start)
         self._bind_decode(out, state, start)
         self._state = state
@@ -327,6 +214,10 @@ class OrtBackend(Backend):
             kept_image_tokens=None if kept_tokens is None else kept_tokens.numpy().tolist(),
             core_neurons={layer: out[name].numpy().tolist() for name, layer in layers.items() if layer is not None},
         )
+
+    def _pasts_for(self, stack: str, capacity: int) -> dict[str, Any]:
+        """A stack's past inputs in prefill: its cache buffers (fused form), or one masked slot each."""
+        return self._fused_buffers(stack, capacity) if self.fused else self._masked_pasts(stack)
 
     def _masked_pasts(self, stack: str) -> dict[str, Any]:
         """One-slot zero buffers for a stack's past inputs: a prefill has no cached tokens (past_length 0
@@ -351,7 +242,11 @@ class OrtBackend(Backend):
         for stack in self.stacks:
             binding = self.sessions[stack].io_binding()
             for past in self._pasts[stack]:
-                self._bind_cache(binding, past, out[new_name(past)], state.capacity[past])
+                if self.fused:  # filled in place by the prefill: the step reads and writes the same buffer
+                    binding.bind_cpu_input(past, self._buffers[past])
+                    self._bind_present(binding, present_name(past))
+                else:
+                    self._bind_cache(binding, past, out[new_name(past)], state.capacity[past])
             for name in self._inputs[stack]:
                 if name == IMAGE_FEATURES:
                     binding.bind_ortvalue_input(name, self._features)
@@ -370,7 +265,7 @@ class OrtBackend(Backend):
                     binding.bind_ortvalue_output(name, hidden)
                 elif name == LOGITS:
                     binding.bind_ortvalue_output(name, self._ort.OrtValue.ortvalue_from_numpy(self._logits))
-                elif not is_new(name):  # activations the prefill-only graphs read: unused in decode
+                elif not is_new(name) and not is_present(name):  # activations for the prefill-only graphs
                     binding.bind_output(name, self._where)
             # The step's ids and positions: bound once, written in place every step (ONNX Runtime reads a
             # bound host array where it lies), so a step makes no binding calls.
@@ -437,7 +332,7 @@ class OrtBackend(Backend):
         for stack in self.stacks:
             self.sessions[stack].run_with_iobinding(self._bindings[stack])
         self.last_run_seconds = time.perf_counter() - start  # the graphs alone: the rest is Python overhead
-        for past, new, index in state.writes():
+        for past, new, index in () if self.fused else state.writes():  # a fused stack wrote its own
             if self._cuda is None:
                 self._buffers[past][:, :, index] = self._new[past][:, :, 0]  # the token's own entries only
             else:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="fp32,fp16,int8,int4")
     parser.add_argument("--neurons", default="per-request,static")
     parser.add_argument("--before", type=Path, default=None, help="an earlier precisions.json to set beside")
-    parser.add_argument("--block-size", type=int, default=16, help="int4's block (llava-7b-shape: D = 2064)")
+    parser.add_argument("--block-size", type=int, default=32, help="int4's block (default 32)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("builds/bench-precision"))

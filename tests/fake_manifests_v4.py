@@ -73,7 +73,7 @@ def _shape(name: str, seq: str, past: str) -> tuple[str, list[Any]]:
     if name.startswith("act."):
         return "float32", [seq, "W" if int(name.split(".")[1]) == SPARSE else FFN]
     if names.is_ffn(name):
-        return "float32", ["W", D] if name.endswith("down_t") else [D, "W"]
+        return "float32", ["W", D]  # neuron-major, every one
     raise AssertionError(name)
 
 
@@ -139,10 +139,9 @@ def graphs_v4(dense: bool = False, per_request_neurons: bool = True) -> dict[str
         ffn = names.ffn_names(sparse)
         graphs["neurons"] = _graph(
             "neurons.onnx",
-            [(names.activation_name(SPARSE), "float32", ["S_kept", FFN])]
-            + [(n, "float32", [FFN, D] if n.endswith("down_t") else [D, FFN]) for n in ffn],
+            [(names.activation_name(SPARSE), "float32", ["S_kept", FFN])] + [(n, "float32", [FFN, D]) for n in ffn],
             [(names.core_neurons_name(SPARSE), "int64", [CORE])]
-            + [(names.compact_name(n), "float32", [CORE, D] if n.endswith("down_t") else [D, CORE]) for n in ffn],
+            + [(names.compact_name(n), "float32", [CORE, D]) for n in ffn],
         )
     return graphs
 

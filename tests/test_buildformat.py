@@ -245,7 +245,7 @@ def test_graph_names_are_the_ones_builds_carry() -> None:
         [0, 1], embeds=True, head=False, merge=False, bound_layers=[1], act_layers=[1], attention_layer=1
     )
     assert lower.inputs[:5] == ("input_ids", "image_features", "image_start", "position_ids", "past_length")
-    assert lower.inputs[-3:] == ("ffn.1.gate_t", "ffn.1.up_t", "ffn.1.down_t")
+    assert lower.inputs[-3:] == ("ffn.1.gate", "ffn.1.up", "ffn.1.down_t")
     assert lower.outputs == ("hidden", "new.0.key", "new.0.value", "new.1.key", "new.1.value", "act.1", "attn_last.1")
     upper = names.stack_names(
         [2], embeds=False, head=True, merge=True, bound_layers=[], act_layers=[], attention_layer=None

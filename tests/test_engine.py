@@ -113,12 +113,12 @@ def test_stacks_get_a_prefill_and_a_decode_profile() -> None:
     assert lower["decode"]["image_features"] == ((1, 16, 64),) * 3  # static: the same in both
     upper = engine_profiles(manifest, "upper")
     assert upper["prefill"]["hidden"] == ((1, 6, 64), (1, 9, 64), (1, 53, 64))  # the kept tokens
-    assert upper["prefill"]["ffn.2.gate_t"] == ((64, 128),) * 3  # every neuron
+    assert upper["prefill"]["ffn.2.gate"] == ((128, 64),) * 3  # every neuron
     assert upper["decode"]["ffn.2.down_t"] == ((32, 64),) * 3  # the request's core neurons
     assert upper["decode"]["past.2.key"] == ((1, 2, 6, 16), (1, 2, 41, 16), (1, 2, 116, 16))
     for graph in ("vision", "select", "neurons"):  # prefill only: one profile, the manifest's dims
         assert list(engine_profiles(manifest, graph)) == ["prefill"]
-    assert engine_profiles(manifest, "neurons")["prefill"]["ffn.2.up_t"] == ((64, 128),) * 3
+    assert engine_profiles(manifest, "neurons")["prefill"]["ffn.2.up"] == ((128, 64),) * 3
     assert profiles_from_manifest(manifest, "vision") == {"pixel_values": ((1, 3, 32, 32),) * 3}
     dense = Manifest.from_json(manifest_v4_json(dense=True))
     assert list(engine_profiles(dense, "decoder")) == ["prefill", "decode"]
@@ -354,7 +354,7 @@ def test_build_engines_with_fake_tensorrt(tmp_path: Path, with_trt, version: str
     assert set(prefill.shapes) == set(decode.shapes) == dynamic  # only the dynamic inputs get shapes, in both
     assert prefill.shapes["past.3.value"] == ((1, 2, 1, 16),) * 3
     assert decode.shapes["past.3.value"] == ((1, 2, 6, 16), (1, 2, 41, 16), (1, 2, 116, 16))
-    assert decode.shapes["ffn.2.gate_t"] == ((64, 32),) * 3 and prefill.shapes["ffn.2.gate_t"] == ((64, 128),) * 3
+    assert decode.shapes["ffn.2.gate"] == ((32, 64),) * 3 and prefill.shapes["ffn.2.gate"] == ((128, 64),) * 3
     plan = plan_json((build / "engines/upper.plan").read_bytes())  # the fake plan keeps what it was built with
     assert plan["file"] == "upper.onnx" and len(plan["profiles"]) == 2
     assert manifest.engines.api == api and manifest.engines.fp16 is True

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from buildformat.names import FFN_WEIGHTS
 from coreMatching import Budgets
 from coreMatching.merging import prune
 from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
@@ -197,29 +198,31 @@ def test_merge_pass_matches_the_reference_merge(merge, budget):
         np.testing.assert_allclose(out["kept_bias"], ref.image_bias.numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_ffn_gather_pass_gathers_columns_and_rows():
+def test_ffn_gather_pass_gathers_rows_and_their_scales():
     d, width, n = 6, 20, 7
     rng = np.random.default_rng(0)
-    shapes = {"gate_t": (d, width), "up_t": (d, width), "down_t": (width, d)}
-    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    axes = {"gate_t": 1, "up_t": 1, "down_t": 0}
-    # The bound inputs of a neurons graph: a float weight each, and a scale that passes whole.
-    parts = [BoundPart(0, w, f"ffn.0.{w}", axes[w], shapes[w], np.float32) for w in shapes]
+    # The bound inputs of a neurons graph, neuron-major [W, d] (export.bound): a float weight each, a per-row
+    # scale gathered with its rows, and a per-column scale that passes whole.
+    weights = {w: rng.standard_normal((width, d)).astype(np.float32) for w in FFN_WEIGHTS}
+    parts = [BoundPart(0, w, f"ffn.0.{w}", 0, (width, d), np.float32) for w in FFN_WEIGHTS]
+    parts.append(BoundPart(0, "gate", "ffn.0.gate.scale", 0, (width,), np.float32))
     parts.append(BoundPart(0, "down_t", "ffn.0.down_t.scale", None, (d,), np.float32))
-    scale = rng.standard_normal(d).astype(np.float32)
+    scales = {w: rng.standard_normal(size).astype(np.float32) for w, size in (("gate", width), ("down_t", d))}
     core = gs.Variable("core_neurons.0", np.int64, [n])
     inputs = [gs.Variable(p.name, np.float32, list(p.shape)) for p in parts]
     graph = gs.Graph(inputs=[core, *inputs], outputs=[], opset=18)
     graph = insert_ffn_gather(graph, 0, parts)
+    assert {node.attrs["axis"] for node in graph.nodes if node.op == "Gather"} == {0}  # whole rows only
     idx = np.array([1, 4, 5, 9, 12, 17, 19])
-    feeds = {"core_neurons.0": idx, **{f"ffn.0.{w}": v for w, v in weights.items()}, "ffn.0.down_t.scale": scale}
+    feeds = {"core_neurons.0": idx, **{f"ffn.0.{w}": v for w, v in weights.items()}}
+    feeds |= {f"ffn.0.{w}.scale": v for w, v in scales.items()}
     out = run(graph, feeds)
-    np.testing.assert_array_equal(out["compact.0.gate_t"], weights["gate_t"][:, idx])
-    np.testing.assert_array_equal(out["compact.0.up_t"], weights["up_t"][:, idx])
-    np.testing.assert_array_equal(out["compact.0.down_t"], weights["down_t"][idx])
-    np.testing.assert_array_equal(out["compact.0.down_t.scale"], scale)
+    for w in FFN_WEIGHTS:
+        np.testing.assert_array_equal(out[f"compact.0.{w}"], weights[w][idx])
+    np.testing.assert_array_equal(out["compact.0.gate.scale"], scales["gate"][idx])
+    np.testing.assert_array_equal(out["compact.0.down_t.scale"], scales["down_t"])
     with pytest.raises(KeyError, match="no tensor"):
-        insert_ffn_gather(graph, 1, [BoundPart(1, "gate_t", "ffn.1.gate_t", 1, (d, width), np.float32)])
+        insert_ffn_gather(graph, 1, [BoundPart(1, "gate", "ffn.1.gate", 0, (width, d), np.float32)])
 
 
 def test_tensorrt_check_flags_nonzero_and_large_topk():

@@ -14,12 +14,13 @@ import torch
 from conftest import CM
 from PIL import Image
 
+import buildformat
 from buildformat import ManifestError
 from coreMatching import CoreMatchingLlava
 from models import load_llava
 from models.answer import build_prompt
 from runtime import GenerationError, Pipeline, PromptError, Sampling
-from runtime.ort_backend import ProviderError, choose_providers
+from runtime.ort_sessions import ProviderError, choose_providers
 from runtime.pipeline import GenerationTrace, Prompt, Timings
 from runtime.text import PromptTokenizer
 
@@ -129,9 +130,15 @@ def test_timings_json_is_the_answers_timings_object():
         Timings(0.1, -0.2, 0.3)
 
 
-def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch):
-    pipeline = Pipeline.load(built("llama", "cm").out, provider="cpu")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "portable"])
+def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch, fused):
+    from runtime.ort_backend import OrtBackend
+
+    out = built("llama", "cm").out
+    manifest = buildformat.read(out)
+    pipeline = Pipeline(out, manifest, OrtBackend(out, manifest, provider="cpu", fused=fused))
     backend = pipeline.backend
+    assert backend.fused == fused and bool(manifest.fused)
     host: list[str] = []  # bound from numpy arrays (the cache buffers, the step's ids and positions)
     values: list[str] = []  # bound as OrtValues (the features, the FFN weights, the masked prefill pasts)
     for stack in ("lower", "upper"):
@@ -160,8 +167,11 @@ def test_decode_reuses_the_bound_cache_and_compacted_weights(built, monkeypatch)
     ffn = [name for name in values if name.startswith("ffn.")]
     assert len(set(ffn)) == 3 * len(range(*pipeline.manifest.corematching.neuron_layers))
     assert all(ffn.count(name) == 2 for name in ffn)
-    assert host.count("past.0.key") == 1 and host.count("past.3.key") == 1  # once per request, not per step
-    assert values.count("past.0.key") == 1  # the prefill's masked one-slot buffer
+    # Once per request, not per step: the fused prefill binds the same buffers again (it writes the prompt's
+    # entries into them); the portable one runs on a masked one-slot buffer and its outputs are copied in.
+    per_request = 2 if fused else 1
+    assert host.count("past.0.key") == per_request and host.count("past.3.key") == per_request
+    assert values.count("past.0.key") == (0 if fused else 1)
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(built):
@@ -369,7 +379,7 @@ def test_demo_interactive_loop_until_empty_line(built):
 def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
     """The GPU provider's path (device buffers bound by pointer, one strided copy per tensor and step),
     run on host memory: a fake cudart allocates real host blocks, which ONNX Runtime's CPU provider
-    reads and writes through the same pointer bindings."""
+    reads and writes through the same pointer bindings. Its tokens are the fused form's."""
     from test_trt_backend import FakeCudart
 
     from runtime import cuda_memory
@@ -378,7 +388,11 @@ def test_device_cache_path_gives_the_same_tokens(built, monkeypatch):
     expected = Pipeline.load(out, provider="cpu").answer(EXAMPLE, "What?", 10, stop_at_eos=False).token_ids
     fake = FakeCudart()
     monkeypatch.setattr(cuda_memory, "_CUDART", fake)
-    pipeline = Pipeline.load(out, provider="cpu")
+    from runtime.ort_backend import OrtBackend
+
+    manifest = buildformat.read(out)
+    # A GPU provider reads the portable form (the fused one writes its cache in place on the host).
+    pipeline = Pipeline(out, manifest, OrtBackend(out, manifest, provider="cpu", fused=False))
     pipeline.backend._cuda, pipeline.backend._device_type = cuda_memory, "cpu"
     copies = []
     original = cuda_memory.memcpy2d

@@ -215,3 +215,4 @@ def test_an_int4_static_build_is_tensorrt_compatible(checkpoint, tmp_path) -> No
     manifest = result.manifest
     assert manifest.tensorrt_compatible, manifest.tensorrt_reason
     assert manifest.static_neurons.neurons % 16 == 0 and manifest.quantization.kept_float == 0
+    assert any(entry.dtype == "int4" for entry in manifest.weights.graphs["upper.onnx"].values())  # views, not copies

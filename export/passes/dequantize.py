@@ -4,14 +4,16 @@ Before: MatMul(x, W) with W a 2-D float initializer [K, N].
 After:  MatMul(x, DequantizeLinear(Wq, scale)), the dequantized tensor keeping W's name, so that the
 later passes (the FFN gather) find it:
 
-- int8: `{W}.q` int8 [K, N], `{W}.scale` [N], axis 1 (per output channel);
+- int8: `{W}.q` int8 [K, N], `{W}.scale` [N], axis 1 (per output channel). A bound gate or up weight
+  (`export.bound`) is held transposed, [N, K], with its scale [N] along axis 0, so that a gathered row of
+  integers carries its own scale;
 - int4: `{W}.q` int4 [K, N] (ONNX packs two values per byte), `{W}.scale` [K/B, N], axis 0,
   block_size B (opset 21). ONNX Runtime fuses this form into MatMulNBits; TensorRT 10 reads it as
   weight-only INT4.
 - int4 weights that a request gathers (`gathered`: the neuron-sparse layers' FFN): ONNX has no Gather
   of int4, so they are stored as uint8 nibble pairs along the axis that is not gathered
   (`{W}.packed`), unpacked by BitwiseAnd/BitShift into uint8 0..15 and dequantized with zero point 8.
-  Columns gathered (gate, up): pairs and blocks along K; rows gathered (down): along N.
+  Pairs and blocks lie along the axis that is not gathered (the bound weights' rows are).
 
 The integers and scales come from `coreMatching.quant.quantize`, the arithmetic the reference's
 fake-quant path uses, so a build and its reference dequantize to the same weights.
@@ -165,7 +167,7 @@ def stored_shapes(form: Stored, shape: list[int]) -> tuple[list[int], list[int]]
     else:
         data = [k, n]
     if layout.block_size is None:
-        scale = [n]
+        scale = [shape[layout.axis]]  # per output channel: axis 1, or axis 0 of a bound gate or up held [N, K]
     elif layout.axis == 0:
         scale = [k // layout.block_size, n]
     else:

@@ -1,16 +1,17 @@
 """Pass: compacted FFN weights of one neuron-sparse layer, gathered once per request (docs/architecture.md).
 
-Before: the `neurons` graph takes the layer's full FFN weights as inputs (`ffn.{layer}.gate_t` [d, D],
-`ffn.{layer}.up_t` [d, D], `ffn.{layer}.down_t` [D, d], bound by the runtime) and outputs
-`core_neurons.{layer}` [N].
-After:  it also outputs `compact.{layer}.gate_t` [d, N], `compact.{layer}.up_t` [d, N] and
-`compact.{layer}.down_t` [N, d]: the core neurons' columns (rows of down), which decode binds to the
-stacks' `ffn.{layer}.*` inputs for the whole answer. A decode step then reads N of D neurons'
-weights and never gathers again.
+Before: the `neurons` graph takes the layer's full FFN weights as inputs, each neuron-major (`ffn.{layer}.gate`,
+`ffn.{layer}.up`, `ffn.{layer}.down_t`, all [D, d], bound by the runtime) and outputs `core_neurons.{layer}`
+[N].
+After:  it also outputs `compact.{layer}.gate`, `.up` and `.down_t` [N, d]: the core neurons' rows (whole
+contiguous rows: a Gather along axis 0 copies N blocks of d values), which decode binds to the stacks'
+`ffn.{layer}.*` inputs for the whole answer. A decode step then reads N of D neurons' weights and never
+gathers again.
 
 Quantized weights are gathered in their stored form, never dequantized: the inputs are
 `ffn.{layer}.{w}.q` (or `.packed`) and `.scale`, and the outputs the core neurons' integers and
-their scales (a per-output-channel scale of down, whose columns are not gathered, passes whole).
+their scales (gate's and up's per-row scales [D] gathered with their rows; down's per-output-channel
+scale [d], whose channels are not gathered, passes whole).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def insert_ffn_gather(graph: gs.Graph, layer: int, parts: list[BoundPart]) -> gs
         tensor = find_tensor(graph, part.name)
         if tensor not in graph.inputs:
             raise ValueError(f"{part.name} is not a graph input; the FFN-gather pass gathers the bound weights")
-        # 3. Gather the core neurons' columns (or rows) into graph outputs.
-        short = part.name.split(".", 2)[2]  # gate_t, or gate_t.q and gate_t.scale
+        # 3. Gather the core neurons' rows (or their scales) into graph outputs.
+        short = part.name.split(".", 2)[2]  # gate, or gate.q and gate.scale
         if part.axis is None:  # a scale that the gather does not touch
             out = ops("Identity", [tensor], short, dtype=tensor.dtype, shape=list(tensor.shape))
         else:

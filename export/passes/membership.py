@@ -29,25 +29,20 @@ def membership(graph: gs.Graph, act: gs.Variable, layer: int, tokens_per_set: in
         return existing
     ops = Ops(graph, f"cm.l{layer}")
     dtype = act.dtype or np.float32
-    # 1. The k_tok-th largest activation of every token (TopK keeps the top values sorted).
+    # 1. The k_tok-th largest activation of every token: the least of its k_tok largest. Unsorted, TopK skips
+    # ordering them (the same values, so exactly the same threshold; the indices, which alone could differ
+    # on ties, are not read). ONNX Runtime CPU, [623, 2048], medians of 20 with the sorted TopK + Slice:
+    # k 52: 8.2 -> 7.3 ms on one thread, 18 -> 14 ms on two; k 205: 27 -> 21 ms, 48 -> 36 ms.
     values, _ = ops(
         "TopK",
         [act, ops.const("k_tok", [tokens_per_set], np.int64)],
         "token_topk",
-        attrs={"axis": -1, "largest": 1, "sorted": 1},
+        attrs={"axis": -1, "largest": 1, "sorted": 0},
         outputs=2,
-    )
+    )  # [T, k_tok]
     values.dtype = dtype
     threshold = ops(
-        "Slice",
-        [
-            values,
-            ops.const("last", [-1], np.int64),
-            ops.const("end", [tokens_per_set], np.int64),
-            ops.const("axis", [1], np.int64),
-        ],
-        "threshold",
-        dtype=dtype,
+        "ReduceMin", [values, ops.const("axis1", [1], np.int64)], "threshold", dtype=dtype, attrs={"keepdims": 1}
     )  # [T, 1]
     # 2. At or above the threshold, and positive.
     at_least = ops("GreaterOrEqual", [act, threshold], "at_least", dtype=np.bool_)
