@@ -1,7 +1,11 @@
 """`python -m bench`: latency, FLOPs and memory of CoreMatching builds against dense (bench/measure.py).
 
-A missed target is reported in the report (bench.md), not as the command's exit code; a bad flag is
-one `error:` line and exit code 2.
+With `--llama-cpp DIR` it also times llama.cpp (the tools built in DIR) on the same model, side by side with
+the project's builds (bench/peer/, llama-cpp.md); `--peer-only` runs that comparison alone.
+
+A missed target is reported in the report (bench.md, llama-cpp.md), not as the command's exit code; a bad flag
+or a missing llama.cpp tool is one `error:` line and exit code 2; llama.cpp failing, or disagreeing with the
+PyTorch model, is one `error:` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("builds/bench"), help="checkpoint and builds (reused)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report directory")
     p.add_argument("--no-torch", action="store_true", help="skip transformers and the PyTorch reference")
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="DIR",
+        help="also time llama.cpp on the same model: DIR holds llama-bench, llama-quantize and libllama "
+        "(a llama.cpp build's bin directory; docs/benchmarks/llama-cpp.md)",
+    )
+    p.add_argument(
+        "--peer-only", action="store_true", help="with --llama-cpp: run only the llama.cpp comparison, not bench.md's"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p
 
@@ -34,9 +48,20 @@ def run(args: argparse.Namespace) -> int:
 
     from bench.config import BenchConfig
     from bench.measure import run_bench
+    from bench.peer.check import LlamaCppMismatch, ProbeBuildError
+    from bench.peer.config import PeerConfig
+    from bench.peer.llamacpp import LlamaCppError
+    from bench.peer.run import run_peer
 
     console = Console(stderr=True)
     try:
+        if args.peer_only and args.llama_cpp is None:
+            raise ValueError("--peer-only needs --llama-cpp DIR")
+        peer = None
+        if args.llama_cpp is not None:
+            peer = PeerConfig(
+                llama_cpp=args.llama_cpp, preset=args.preset, repeats=args.repeats, work=args.work, out=args.out
+            )
         config = BenchConfig(
             preset=args.preset,
             budgets=tuple(int(k) for k in args.budgets.split(",")),
@@ -47,11 +72,19 @@ def run(args: argparse.Namespace) -> int:
             torch_baselines=not args.no_torch,
         )
         with console.status("benchmark") as status:
-            run_bench(config, lambda name: status.update(name))
+            if not args.peer_only:
+                run_bench(config, lambda name: status.update(name))
+            if peer is not None:
+                run_peer(peer, lambda name: status.update(f"llama.cpp comparison: {name}"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((args.out / "bench.md").read_text())
+    except (LlamaCppError, LlamaCppMismatch, ProbeBuildError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 1
+    for report, ran in (("bench.md", not args.peer_only), ("llama-cpp.md", peer is not None)):
+        if ran:
+            print((args.out / report).read_text())
     return 0  # a missed target is reported (bench.md), not an error of the command
 
 

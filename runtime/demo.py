@@ -44,6 +44,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "onnxruntime", "tensorrt"],
         help="auto uses the build's TensorRT engines when they run here",
     )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=(1, 4),
+        default=1,
+        help="quantized builds on ONNX Runtime: 1 multiplies in fp32, as validated (default); 4 quantizes the "
+        "activations to int8 (faster; the build's validation record gives its logit difference)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.core_tokens and args.core_tokens.exists() and not args.force:
             raise ImageError(f"{args.core_tokens} already exists; pass --force to overwrite it")
         Sampling(args.temperature, args.top_p, args.seed)  # settings are checked before loading
-        pipeline = Pipeline.load(args.build, provider=args.provider, backend=args.backend)
+        pipeline = Pipeline.load(
+            args.build, provider=args.provider, backend=args.backend, accuracy_level=args.accuracy_level
+        )
         if args.image and args.question is not None:
             ask(pipeline, args, args.image, args.question)
             return 0

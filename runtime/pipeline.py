@@ -170,8 +170,12 @@ class Pipeline:
         self.max_sequence = manifest.max_sequence
 
     @classmethod
-    def load(cls, build_dir: str | Path, provider: str = "auto", backend: str = "auto") -> Pipeline:
-        """Checks the manifest (format version, sha256 of every file) before loading anything."""
+    def load(
+        cls, build_dir: str | Path, provider: str = "auto", backend: str = "auto", accuracy_level: int = 1
+    ) -> Pipeline:
+        """Checks the manifest (format version, sha256 of every file) before loading anything. accuracy_level:
+        ONNX Runtime's MatMulNBits arithmetic for quantized builds (1: fp32, what the build validated; 4: int8
+        activations, faster, measured beside it in the build's validation record)."""
         build = Path(build_dir)
         manifest = buildformat.read(build)
         buildformat.verify(build, manifest)
@@ -191,7 +195,7 @@ class Pipeline:
                 )
         from runtime.ort_backend import OrtBackend
 
-        return cls(build, manifest, OrtBackend(build, manifest, provider))
+        return cls(build, manifest, OrtBackend(build, manifest, provider, accuracy_level=accuracy_level))
 
     def encode(self, question: str, max_new_tokens: int | None = 64) -> tuple[EncodedPrompt, int]:
         """The question's prompt (input_ids [1, S] and where the image goes) and the answer length, checked
