@@ -198,10 +198,13 @@ def test_fallback_is_planned_at_what_it_runs_at() -> None:
 def test_per_request_quantized_weights_need_a_runtime_that_dequantizes_inputs() -> None:
     for name in ("tensorrt-10", "tensorrt-8.6"):
         assert not runtime(name).per_request_quantized
-    for weights in ("int4", "int8"):
+    for weights, reason in (("int4", "refused by the build"), ("int8", "constant weights")):
         p = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights=weights, activations="fp16", runtime="tensorrt-10"))
-        assert not p.corematching.runnable and "constant weights" in p.corematching.reason
+        assert not p.corematching.runnable and reason in p.corematching.reason
         assert p.static.runnable and p.dense.runnable
+    # int4 with per-request neurons is refused on every runtime (the build refuses it).
+    cuda_int4 = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="int4", runtime="onnxruntime-cuda"))
+    assert not cuda_int4.corematching.runnable and "static neurons" in cuda_int4.corematching.reason
     fp16 = plan(PlanConfig("llava-1.5-7b", "orin-nx-16gb", weights="fp16", activations="fp16", runtime="tensorrt-10"))
     assert fp16.corematching.runnable
     cuda = plan(

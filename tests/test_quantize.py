@@ -186,12 +186,15 @@ def test_fake_quantize_gives_the_pass_weights():
 
 
 def test_export_config_checks_precisions(tmp_path):
-    assert ExportConfig(out=tmp_path / "b", weights="int4").opset == 21
+    assert ExportConfig(out=tmp_path / "b", weights="int4", static_neurons=True).opset == 21
+    assert ExportConfig(out=tmp_path / "b", weights="int4", corematching=None).opset == 21  # dense int4
+    with pytest.raises(ConfigError, match="--static-neurons"):  # per-request neurons: no fused int4 kernel
+        ExportConfig(out=tmp_path / "b", weights="int4")
     assert ExportConfig(out=tmp_path / "b", fp16=True).weights == "fp16"
     with pytest.raises(ConfigError, match="float weights follow the activations"):
         ExportConfig(out=tmp_path / "b", weights="fp16")
     with pytest.raises(ConfigError, match="needs --opset 21"):
-        ExportConfig(out=tmp_path / "b", weights="int4", opset=18)
+        ExportConfig(out=tmp_path / "b", weights="int4", static_neurons=True, opset=18)
 
 
 def test_cli_rejects_a_bad_block_size_in_one_line(tmp_path, capsys):
