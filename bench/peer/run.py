@@ -87,22 +87,7 @@ def _our_row(spec: BuildSpec, build: Path, times: PipelineTimes, bandwidth: floa
     manifest = buildformat.read(build)
     weights = decode_weight_bytes(build, manifest)
     kv = kv_cache_bytes(manifest, times.prompt_tokens)
-    floor = (weights + kv) / bandwidth
-    return PeerRow(
-        name=spec.name,
-        engine="onnxruntime",
-        weights=spec.weights,
-        correct=passed_validation(manifest),
-        vision_ms=times.vision * 1e3,
-        prefill_ms=times.prefill * 1e3,
-        decode_step_ms=times.decode_step * 1e3,
-        end_to_end_ms=tuple(t * 1e3 for t in times.end_to_end),
-        decode_step_samples_ms=tuple(t * 1e3 for t in times.decode_step_samples),
-        step_weight_bytes=weights,
-        step_kv_bytes=kv,
-        floor_ms=floor * 1e3,
-        step_over_floor=times.decode_step / floor,
-    )
+    return _row(spec.name, "onnxruntime", spec.weights, passed_validation(manifest), times, weights, kv, bandwidth)
 
 
 def _llama_row(gguf: _Gguf, times: LlamaTimes, geometry: DecoderGeometry, prompt: int, bandwidth: float) -> PeerRow:
@@ -110,13 +95,28 @@ def _llama_row(gguf: _Gguf, times: LlamaTimes, geometry: DecoderGeometry, prompt
     kv = llama_cpp_kv_bytes(
         geometry.num_layers, geometry.num_kv_heads * geometry.head_dim, prompt, times.type_k, times.type_v
     )
+    # check_gguf raised before timing where llama.cpp disagreed: a timed file is correct.
+    return _row(f"llama.cpp {gguf.kind}", "llama.cpp", gguf.kind, True, times, weights, kv, bandwidth)
+
+
+def _row(
+    name: str,
+    engine: str,
+    weights_name: str,
+    correct: bool,
+    times: PipelineTimes | LlamaTimes,
+    weights: int,
+    kv: int,
+    bandwidth: float,
+) -> PeerRow:
+    """One row: the times in ms, and the step's floor (the bytes it reads / the measured bandwidth)."""
     floor = (weights + kv) / bandwidth
     return PeerRow(
-        name=f"llama.cpp {gguf.kind}",
-        engine="llama.cpp",
-        weights=gguf.kind,
-        correct=True,  # check_gguf raised otherwise
-        vision_ms=None,
+        name=name,
+        engine=engine,
+        weights=weights_name,
+        correct=correct,
+        vision_ms=times.vision * 1e3 if isinstance(times, PipelineTimes) else None,  # llama.cpp runs no vision
         prefill_ms=times.prefill * 1e3,
         decode_step_ms=times.decode_step * 1e3,
         end_to_end_ms=tuple(t * 1e3 for t in times.end_to_end),
