@@ -115,8 +115,14 @@ def _build(config: BenchConfig, checkpoint: Path, preset: Any, budget: int | Non
         made = None  # not built yet, or from an older format: build it
     if made is not None and made.weights is not None and same_geometry(made, preset):
         cm = made.corematching
-        if (budget is None and cm is None) or (budget is not None and cm is not None and cm.token_budget == budget):
-            return out
+        wanted = None if budget is None else CoreMatchingConfig(token_budget=budget)
+        if (wanted is None and cm is None) or (
+            wanted is not None
+            and cm is not None
+            and (cm.token_budget, cm.token_selector, cm.token_merge)
+            == (budget, wanted.token_selector, wanted.token_merge)
+        ):
+            return out  # the same budget with today's default selector and merge
     corematching = None if budget is None else CoreMatchingConfig(token_budget=budget)
     sequence = min(2048, preset.max_position_embeddings)
     # Correctness is the tests' and the build's business; the build of the target budget is validated

@@ -196,9 +196,12 @@ class Budgets:
         activations the token selectors read in prefill (`coreMatching.static_neurons`)."""
         return [layer for layer in self.neuron_sparse_layers if layer != self.prune_layer]
 
-    def static_width(self, align: int = 1) -> int:
-        """A static set's neurons per layer: N rounded up to a multiple of `align` (int4's block), at most D."""
-        return min(self.intermediate_size, math.ceil(self.core_neurons / align) * align)
+    def static_width(self, align: int = 1, ratio: float = 1.0) -> int:
+        """A static set's neurons per layer: ceil(N * ratio) (a static recipe's width ratio, >= 1) rounded up
+        to a multiple of `align` (int4's block), at most D."""
+        # round() first: N * ratio lands a hair above an integer in binary (100 * 1.1), which ceil would bump.
+        wanted = math.ceil(round(self.core_neurons * ratio, 9))
+        return min(self.intermediate_size, math.ceil(wanted / align) * align)
 
     def is_neuron_sparse(self, layer: int) -> bool:
         return self.neuron_layers[0] <= layer < self.neuron_layers[1]

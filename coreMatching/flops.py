@@ -92,17 +92,19 @@ def selection_flops(geometry: Geometry, prompt_tokens: int, budgets: Budgets) ->
     """The matrix products of the token selector and the merge at the prune layer (static budgets).
 
     core-coverage: k steps of [n_img, D] @ [D]; max-min: the [n_img, n_img] cosines, then k steps
-    of a minimum; the score rules: at most one [n_img, D] product. nearest: the [n_img, k]
+    of a minimum; the score rules: at most one [n_img, D] product. nearest and mass: the [n_img, k]
     core-neuron overlaps and the [S', S] @ [S, d] weighted sum; summary: the weighted sum.
     """
     n, width, k = budgets.num_image_tokens, geometry.intermediate_size, _k(budgets)
     rules = {
         "core-coverage": 2 * k * n * width,
         "max-min": 2 * n * n * width + k * n,
+        # cosines, relevance, kernel; step t projects on the t earlier picks: n * k^2 in all
+        "conditional-dpp": 2 * n * n * width + 2 * n * width + 2 * n * n + n * k * k + 6 * k * n,
     }
     total = rules.get(budgets.token_selector, 2 * n * width)
     rows = kept_length(prompt_tokens, budgets)
-    if budgets.token_merge == "nearest":
+    if budgets.token_merge in ("nearest", "mass"):
         total += 2 * n * k * width + 2 * rows * prompt_tokens * geometry.hidden_size
     elif budgets.token_merge == "summary":
         total += 2 * rows * prompt_tokens * geometry.hidden_size

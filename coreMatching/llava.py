@@ -33,7 +33,7 @@ from coreMatching.layers import CompactFFN, LayerKV, attention, ffn_dense
 from coreMatching.merging import prune
 from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
 from coreMatching.selection import elbow_count, prompt_core_neurons, stable_topk, token_core_membership
-from coreMatching.selectors import SELECTORS
+from coreMatching.selectors import GROUPING_MERGES, SELECTORS
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class CoreMatchingLlava:
             if index == budgets.prune_layer:
                 view = PruneLayerView(a[0], span, budgets, probs, self.config.seed)
                 kept, scores = self._select_image_tokens(view)
-                groups = merge_group_scores(view, kept) if budgets.token_merge == "nearest" else None
+                groups = merge_group_scores(view, kept) if budgets.token_merge in GROUPING_MERGES else None
                 pruned = prune(h, span, kept, budgets.token_merge, groups)  # physically drop (or merge) the rest
                 h, positions, key_bias, image_bias = pruned.hidden, pruned.positions, pruned.key_bias, pruned.image_bias
 

@@ -7,7 +7,11 @@ layers after the prune layer compute and cache:
 - `summary`: the same plus one token right after the kept image tokens, the mean of the pruned
   tokens' hidden states at the floor of their mean position, with key bias log(m) for m pruned;
 - `nearest`: every pruned image token joins the kept token whose core neurons it shares most (ties:
-  the lower kept index); a kept token becomes the mean of its group, with key bias log(group size).
+  the lower kept index); a kept token becomes the mean of its group, with key bias log(group size);
+- `mass`: the same groups, but a kept token keeps its own hidden state: only its weight, the key
+  bias log(group size), says how many tokens it stands for. Averaging blurs a kept object token
+  with the background patches it absorbs; here its content stays its own while the attention mass
+  the group drew stays with it.
 
 A key bias log(m) makes a key weigh in every later softmax (prefill and decode) as m copies of
 itself: the attention the pruned tokens drew stays with their representative instead of moving to
@@ -36,7 +40,7 @@ class Pruned:
 
 def prune(hidden: Tensor, span: tuple[int, int], kept: Tensor, merge: str, groups: Tensor | None = None) -> Pruned:
     """hidden: [1, S, d] after the prune layer; kept: [k] ascending image-token indices; groups: for
-    `nearest`, [n_img, k] the core-neuron overlap of every image token with every kept one."""
+    `nearest` and `mass`, [n_img, k] the core-neuron overlap of every image token with every kept one."""
     start, stop = span
     n_img, seq = stop - start, hidden.shape[1]
     keep = keep_indices(start, n_img, seq, kept)  # [S - n_img + k]
@@ -58,16 +62,17 @@ def prune(hidden: Tensor, span: tuple[int, int], kept: Tensor, merge: str, group
         h = torch.cat([kept_h[:, :slot], summary[None, None].to(kept_h.dtype), kept_h[:, slot:]], dim=1)
         pos = torch.cat([keep[:slot], torch.tensor([where], device=keep.device), keep[slot:]])
         return Pruned(h, pos, bias, bias[start : start + k + 1].clone())
-    if merge == "nearest":
-        assert groups is not None, "the nearest merge needs the overlaps of the image tokens with the kept ones"
+    if merge in ("nearest", "mass"):
+        assert groups is not None, f"the {merge} merge needs the overlaps of the image tokens with the kept ones"
         owner = torch.argmax(groups, dim=1)  # [n_img] the first maximum: the lower kept index on ties
         owner[kept] = torch.arange(k, device=owner.device)  # a kept token heads its own group
         member = torch.zeros(k, n_img, dtype=hidden.dtype, device=hidden.device)
         member[owner, torch.arange(n_img, device=owner.device)] = 1.0  # [k, n_img]
         size = member.sum(dim=1)  # [k] >= 1
-        means = (member @ hidden[0, start:stop]) / size[:, None]  # [k, d]
-        h = kept_h.clone()
-        h[0, start : start + k] = means
+        h = kept_h
+        if merge == "nearest":
+            h = kept_h.clone()
+            h[0, start : start + k] = (member @ hidden[0, start:stop]) / size[:, None]  # [k, d] the group means
         bias = torch.zeros(keep.numel(), device=hidden.device)
         bias[start : start + k] = torch.log(size.float())
         return Pruned(h, keep, bias, bias[start : start + k].clone())

@@ -159,6 +159,59 @@ def max_min(view: PruneLayerView, k: int) -> Tensor:
     return picks_as_scores(picks, n, dist.device)
 
 
+# conditional-dpp: a token's quality is exp(DPP_RELEVANCE * share of its core neurons that are the query's);
+# the similarity is the cosine to the power DPP_SHARPNESS (a Schur power of a PSD kernel stays PSD): squared
+# cosines tell near-copies (cos ~ 1) from merely similar patches more sharply than the cosines.
+DPP_RELEVANCE = 1.0
+DPP_SHARPNESS = 2
+
+
+def dpp_relevance(view: PruneLayerView) -> Tensor:
+    """r_j = exp(DPP_RELEVANCE * |C(j) ∩ C(q)| / k_tok), q the last prompt token. -> [n]"""
+    member = view.membership.float()  # [S, D]
+    overlap = view.image(member) @ member[-1]  # [n] integer counts, exact
+    return torch.exp(DPP_RELEVANCE * overlap / view.budgets.tokens_per_neuron_set)
+
+
+def dpp_kernel(view: PruneLayerView) -> Tensor:
+    """L = diag(r) K diag(r): K the squared cosines of the image tokens' FFN activations, r their relevance.
+    -> [n, n]"""
+    x = view.image(view.activations).float()  # [n, D]
+    unit = x / x.pow(2).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+    cos = unit @ unit.T
+    similarity = cos * cos if DPP_SHARPNESS == 2 else cos.pow(DPP_SHARPNESS)
+    relevance = dpp_relevance(view)  # [n]
+    return relevance[:, None] * similarity * relevance[None, :]
+
+
+@rule("conditional-dpp")
+def conditional_dpp(view: PruneLayerView, k: int) -> Tensor:
+    """Greedy MAP of a conditional DPP (CDPruner): each step keeps the token that adds the most
+    log-determinant to the kept set's kernel, i.e. the largest residual d_j^2 of its kernel row once
+    projected off the kept ones (the incremental Cholesky form of Chen et al., 2018). Quality (relevance
+    to the query) and diversity (cosine of the activations) multiply in the kernel, so a token is kept
+    for being both relevant and unlike what is kept already."""
+    kernel = dpp_kernel(view)  # [n, n]
+    n = kernel.shape[0]
+    # d^2 starts at L_jj = r_j^2 exactly (a cosine with itself is 1): the kernel's computed diagonal is
+    # 1 +- rounding, which would let the summation order of a MatMul decide between equally relevant tokens.
+    relevance = dpp_relevance(view)
+    residual = relevance * relevance  # [n]
+    basis = torch.zeros(n, k, device=kernel.device)  # the Cholesky columns of the kept tokens
+    taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
+    picks: list[int] = []
+    for step in range(k):
+        j = int(torch.argmax(torch.where(taken, -1.0, residual)))  # the first maximum: the lower index on ties
+        picks.append(j)
+        taken[j] = True
+        if step == k - 1:
+            break
+        e = (kernel[j] - basis[:, :step] @ basis[j, :step]) / residual[j].clamp_min(1e-12).sqrt()  # [n]
+        basis[:, step] = e
+        residual = residual - e * e
+    return picks_as_scores(picks, n, kernel.device)
+
+
 def token_scores(selector: str, view: PruneLayerView, k: int) -> Tensor:
     """The scores of a registered selector. -> float32 [n_img]"""
     try:

@@ -122,7 +122,20 @@ register(
     )
 )
 
-MergeName = Literal["none", "summary", "nearest"]
+register(
+    TokenSelector(
+        "conditional-dpp",
+        "greedy",
+        "paper",
+        False,
+        "CDPruner-style conditional DPP: greedy MAP of a kernel that is the cosine similarity of the prune layer's "
+        "FFN activations scaled by each token's relevance to the query (the share of its core neurons that are "
+        "the query token's)",
+        exact=False,
+    )
+)
+
+MergeName = Literal["none", "summary", "nearest", "mass"]
 
 # What happens to the image tokens a selector did not keep. Pruning them outright changes every later
 # softmax's denominator: the kept tokens then draw the attention the background drew, which is what a
@@ -134,8 +147,13 @@ MERGES: dict[str, str] = {
     "mean position, weighing as many tokens as were pruned",
     "nearest": "each pruned token is folded into the kept image token whose core neurons it shares most; a kept "
     "token becomes the mean of its group and weighs as many tokens as the group holds",
+    "mass": "each pruned token gives its weight to the kept image token whose core neurons it shares most; a kept "
+    "token keeps its own state and weighs as many tokens as its group holds",
 }
 
+# Merges that group the pruned tokens by their owner (the kept token sharing most core neurons).
+GROUPING_MERGES = frozenset({"nearest", "mass"})
+
 # The project's measured best (docs/evaluation/selection.md: chosen on the validation split).
-DEFAULT_SELECTOR = "core-coverage"
-DEFAULT_MERGE: MergeName = "nearest"
+DEFAULT_SELECTOR = "conditional-dpp"
+DEFAULT_MERGE: MergeName = "mass"

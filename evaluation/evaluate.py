@@ -29,6 +29,7 @@ import numpy as np
 from coreMatching.config import CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.selectors import DEFAULT_MERGE, MERGES, SELECTORS
+from coreMatching.static_neurons import DEFAULT_STATIC_CRITERION, StaticRecipe
 from vqadata.data import Item, is_correct
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,13 @@ class EvalConfig:
     seed: int = 0  # of the random selector
     static_calibration: int = 0  # > 0: each pruning setting also runs with a static neuron set counted over
     # that many validation items (evaluation.static); 0: per-request neurons only
+    static_criterion: str = DEFAULT_STATIC_CRITERION  # how those sets rank each layer's neurons
+    static_width_ratio: float = 1.0  # their neurons per layer, as a multiple of N
 
     def __post_init__(self) -> None:
         if self.static_calibration < 0:
             raise ConfigError(f"static_calibration must be 0 or more, got {self.static_calibration}")
+        StaticRecipe(self.static_criterion, self.static_width_ratio)  # refuses an unknown criterion, a bad ratio
         for method in self.methods:
             if method not in SELECTORS:
                 raise ConfigError(f"unknown method {method!r}; known: {', '.join(SELECTORS)}")
@@ -80,6 +84,10 @@ class EvalConfig:
                 raise ConfigError(f"budgets must be positive integers or 'auto', got {budget!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+    @property
+    def static_recipe(self) -> StaticRecipe:
+        return StaticRecipe(self.static_criterion, self.static_width_ratio)
 
     def settings(self, num_image_tokens: int) -> list[Setting]:
         """dense first, then every selector with every merge at every budget it supports ('auto': the
@@ -192,7 +200,7 @@ class ReferenceEvaluator:
 
                 cm = config.corematching(s, self.num_image_tokens)
                 self.references[s.label], _ = static_reference(
-                    model, processor, cm, self.num_image_tokens, config.static_calibration
+                    model, processor, cm, self.num_image_tokens, config.static_calibration, config.static_recipe
                 )
 
     def _alias(self, setting: Setting) -> str | None:

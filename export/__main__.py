@@ -19,6 +19,9 @@ from coreMatching.cli import add_config_arguments, config_from_args
 
 # Commands that moved out of the export: the old spelling names the new one.
 MOVED = {"plan": "planner", "bench": "bench", "triton": "serving.triton"}
+# coreMatching.static_neurons.CRITERIA's names, spelled out: that module imports torch, and `engine` shares this
+# parser on boards without it (tests/test_static_neurons.py checks that the two agree, and the default).
+STATIC_CRITERIA = ("frequency", "fluctuation")
 
 
 def _build_parser(sub: Any) -> None:
@@ -64,6 +67,20 @@ def _build_parser(sub: Any) -> None:
         help="JSONL of image and question lines for --static-neurons (default: the shapes validation split)",
     )
     p.add_argument("--calibration-count", type=int, default=64, help="calibration prompts counted (default 64)")
+    p.add_argument(
+        "--static-criterion",
+        choices=STATIC_CRITERIA,
+        default=None,
+        help="how --static-neurons ranks each layer's neurons: frequency (most often among a prompt's core "
+        "neurons) or fluctuation (largest Var(a_n) * ||W_down[:, n]||^2 over the calibration prefills) "
+        "(default frequency)",
+    )
+    p.add_argument(
+        "--static-width-ratio",
+        type=float,
+        default=1.0,
+        help="neurons --static-neurons keeps per layer, as a multiple of the per-request N, in [1, 4] (default 1.0)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-validate", action="store_true", help="skip the validation against PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -88,6 +105,7 @@ def run_build(args: argparse.Namespace) -> int:
     from export.build import STAGES, BuildError, build
     from export.config import ExportConfig
     from export.manifest import PromptFormatError
+    from export.static import static_recipe
     from export.summary import print_summary
     from export.validate import ValidationError
     from models import ModelLoadError
@@ -112,6 +130,7 @@ def run_build(args: argparse.Namespace) -> int:
             static_neurons=args.static_neurons,
             calibration=args.calibration,
             calibration_count=args.calibration_count,
+            static_recipe=static_recipe(args.static_criterion, args.static_width_ratio),
         )
         with console.status("building") as status:
 

@@ -109,7 +109,9 @@ def build(config: ExportConfig, on_stage: Callable[[str], None] | None = None) -
             assert config.corematching is not None and budgets is not None  # checked by ExportConfig
             cm = config.corematching.with_(neuron_chunks=budgets.neuron_chunks)
             align = config.block_size if config.weights == "int4" else 1  # narrowed rows fill whole int4 blocks
-            static, budgets = bake(model, processor, cm, budgets, config.calibration, config.calibration_count, align)
+            static, budgets = bake(
+                model, processor, cm, budgets, config.calibration, config.calibration_count, align, config.static_recipe
+            )
             static.save(tmp / STATIC_FILE)
         dtype = torch.float16 if config.fp16 else torch.float32
         np_dtype = np.float16 if config.fp16 else np.float32

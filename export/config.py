@@ -8,6 +8,7 @@ from pathlib import Path
 from coreMatching.config import CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.quant_scheme import WeightPrecision, WeightQuant
+from coreMatching.static_neurons import DEFAULT_STATIC_RECIPE, StaticRecipe
 
 # The dynamo exporter of torch 2.13 writes opset 18 and later.
 SUPPORTED_OPSETS = range(18, 24)
@@ -38,7 +39,8 @@ class ExportConfig:
         where N is beyond TopK's K < 3840).
     static_neurons: bake a static neuron set (counted over `calibration_count` prompts of `calibration`,
         a JSONL file of image and question, or None: the shapes validation split) into narrower FFN
-        weights in every graph, instead of selecting core neurons per request (docs/method.md).
+        weights in every graph, instead of selecting core neurons per request (docs/method.md);
+        static_recipe: how that set ranks each layer's neurons and how wide it is (a multiple of N).
     """
 
     out: Path
@@ -56,12 +58,19 @@ class ExportConfig:
     static_neurons: bool = False
     calibration: Path | None = None
     calibration_count: int = 64
+    static_recipe: StaticRecipe = DEFAULT_STATIC_RECIPE
 
     def __post_init__(self) -> None:
         if self.static_neurons and self.corematching is None:
             raise ConfigError("--static-neurons narrows CoreMatching's neuron-sparse layers; drop --dense")
         if not self.static_neurons and self.calibration is not None:
             raise ConfigError("--calibration is the static neuron set's calibration data; add --static-neurons")
+        if not isinstance(self.static_recipe, StaticRecipe):
+            raise ConfigError(f"static_recipe must be a StaticRecipe, got {type(self.static_recipe).__name__}")
+        if not self.static_neurons and not self.static_recipe.is_default:
+            raise ConfigError(
+                "--static-criterion/--static-width-ratio shape the static neuron set; add --static-neurons"
+            )
         if self.calibration is not None and not self.calibration.is_file():
             raise ConfigError(
                 f"--calibration {self.calibration}: no such file; pass a JSONL file of image and question lines"

@@ -1,7 +1,8 @@
 """`python -m export build --static-neurons`: calibrate a static neuron set and bake it into the model.
 
 The set is counted with the per-request reference over a calibration set (a
-JSONL file of image + question, or the shapes validation split), then the
+JSONL file of image + question, or the shapes validation split), ranked by the
+recipe's criterion and as wide as its ratio says (`StaticRecipe`), then the
 model's FFN is narrowed in place (`coreMatching.static_neurons`) before tracing,
 so every graph carries the narrower weights and the decode graph takes no
 compacted FFN; the build's validation runs the same narrowed model.
@@ -19,8 +20,11 @@ from coreMatching import CoreMatchingLlava
 from coreMatching.config import Budgets, CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.static_neurons import (
+    DEFAULT_STATIC_CRITERION,
+    DEFAULT_STATIC_RECIPE,
     FILE,
     StaticNeurons,
+    StaticRecipe,
     calibrate,
     narrow_ffn_,
     per_request_off,
@@ -28,6 +32,11 @@ from coreMatching.static_neurons import (
 from export.calibration import calibration_items, calibration_prompts
 
 log = logging.getLogger(__name__)
+
+
+def static_recipe(criterion: str | None, width_ratio: float) -> StaticRecipe:
+    """The recipe of `--static-criterion` (None: the default criterion) and `--static-width-ratio`."""
+    return StaticRecipe(DEFAULT_STATIC_CRITERION if criterion is None else criterion, width_ratio)
 
 
 def bake(
@@ -38,6 +47,7 @@ def bake(
     calibration: Path | None,
     count: int,
     align: int = 1,
+    recipe: StaticRecipe = DEFAULT_STATIC_RECIPE,
 ) -> tuple[StaticNeurons, Budgets]:
     """Calibrates the set of `budgets`' neuron-sparse layers (but the prune layer) and narrows `model` to
     it, in place. -> (the set, the budgets the narrowed model is built with: no per-request layers)"""
@@ -48,10 +58,19 @@ def bake(
             f"{budgets.neuron_layers[1] - 1} hold only the prune layer); widen --neuron-layers"
         )
     items, where = calibration_items(calibration, count)
-    size = budgets.static_width(align)
-    log.info("calibrating %d static neurons of %d in layers %s over %s", size, budgets.intermediate_size, layers, where)
+    size = budgets.static_width(align, recipe.width_ratio)
+    log.info(
+        "calibrating %d static neurons of %d (%s, width ratio %g) in layers %s over %s",
+        size,
+        budgets.intermediate_size,
+        recipe.criterion,
+        recipe.width_ratio,
+        layers,
+        where,
+    )
     reference = CoreMatchingLlava(model, config)
-    static = calibrate(reference, calibration_prompts(processor, model.dtype, items), layers, size, where)
+    prompts = calibration_prompts(processor, model.dtype, items)
+    static = calibrate(reference, prompts, layers, size, where, recipe.criterion)
     coverage = static.coverage()
     log.info(
         "static set keeps %s of the calibration's core-neuron picks", {k: round(v, 3) for k, v in coverage.items()}

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from coreMatching.errors import ConfigError
+from coreMatching.static_neurons import CRITERIA
 from evaluation.evaluate import EvalConfig
 from evaluation.job import OUTPUTS, EvalJob, default_onnx_settings, parse_setting
 
@@ -76,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         help="also run every pruning setting with a static neuron set counted over this many validation "
         "items (0: per-request neurons only; default 0)",
     )
+    parser.add_argument(
+        "--static-criterion",
+        choices=tuple(CRITERIA),
+        default=defaults.static_criterion,
+        help="how those static sets rank each layer's neurons: "
+        + "; ".join(f"{c.name}: {c.help}" for c in CRITERIA.values())
+        + f" (default {defaults.static_criterion})",
+    )
+    parser.add_argument(
+        "--static-width-ratio",
+        type=float,
+        default=defaults.static_width_ratio,
+        help="their neurons per layer, as a multiple of the per-request N, in [1, 4] "
+        f"(default {defaults.static_width_ratio:g})",
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("docs/evaluation"))
     parser.add_argument("--force", action="store_true", help="replace existing outputs in --out-dir")
     args = parser.parse_args(argv)
@@ -94,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             neuron_ratio=args.neuron_ratio,
             max_new_tokens=args.max_new_tokens,
             static_calibration=args.static_calibration,
+            static_criterion=args.static_criterion,
+            static_width_ratio=args.static_width_ratio,
         )
         onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
         job = EvalJob(

@@ -36,7 +36,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--budgets",
         "576,64,auto",
         "--onnx",
-        "core-coverage+nearest@64",
+        "conditional-dpp+mass@64",
         "--onnx-count",
         "3",
         "--grid",
@@ -54,8 +54,8 @@ def test_outputs_are_written(evaluated: Path) -> None:
     for name in ("results.json", "answers.jsonl", "accuracy.md", "accuracy.png", "core_tokens.png"):
         assert (evaluated / name).stat().st_size > 0, name
     table = (evaluated / "accuracy.md").read_text()
-    assert "| core-coverage+nearest |" in table and "| fastv |" in table and "| max-min+nearest |" in table
-    assert "## Targets" in table and "core-coverage+nearest@64 [onnx]" in table
+    assert "| conditional-dpp+mass |" in table and "| fastv |" in table and "| max-min+mass |" in table
+    assert "## Targets" in table and "conditional-dpp+mass@64 [onnx]" in table
     assert "## Decode fidelity" in table and "| 0.4 |" in table
 
 
@@ -79,9 +79,9 @@ def test_accuracy_agrees_with_a_direct_count(evaluated: Path, default_loaded) ->
     items = list(shapes_items("test", SLICE))
     configs = {
         "dense": CoreMatchingConfig.keep_all(576),
-        "core-coverage+nearest@64": CoreMatchingConfig(token_budget=64),
+        "conditional-dpp+mass@64": CoreMatchingConfig(token_budget=64),
         "fastv@64": CoreMatchingConfig(token_budget=64, token_selector="fastv", token_merge="none"),
-        "random+nearest@64": CoreMatchingConfig(token_budget=64, token_selector="random"),
+        "random+mass@64": CoreMatchingConfig(token_budget=64, token_selector="random"),
         "query-overlap@auto": CoreMatchingConfig(
             token_budget="auto", token_selector="query-overlap", token_merge="none"
         ),
@@ -113,7 +113,7 @@ def test_summaries_are_counted_from_the_answers(evaluated: Path) -> None:
     # Every selector at every token is one model (answered once): the same answers.
     first = [r["prediction"] for r in records if r["setting"] == "core-coverage@576"]
     assert first and [r["prediction"] for r in records if r["setting"] == "fastv@576"] == first
-    assert not any(r["setting"] == "fastv+nearest@576" for r in records)  # nothing to merge at 576
+    assert not any(r["setting"] == "fastv+mass@576" for r in records)  # nothing to merge at 576
 
 
 def test_existing_outputs_need_force(evaluated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,3 +236,28 @@ def test_choose_default_applies_the_written_rule(tmp_path: Path, capsys: pytest.
     assert "choice: core-coverage with merge nearest" in capsys.readouterr().out
     assert choose_default.main([str(path), "--tie", "0.05"]) == 0
     assert "choice: max-min with merge summary" in capsys.readouterr().out
+
+
+def test_choose_default_weighs_budgets_and_joins_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import choose_default  # scripts/choose_default.py
+
+    def summary(method: str, merge: str, budget: int, accuracy: float) -> dict:
+        return {
+            "setting": {"method": method, "merge": merge, "budget": budget, "backend": "reference"},
+            "accuracy": accuracy,
+        }
+
+    # core-coverage leads at 192/128/32, conditional-dpp at 64 by 4 points: equal means, but k = 64 counts twice.
+    first = [summary("core-coverage", "nearest", k, a) for k, a in ((192, 0.95), (128, 0.94), (64, 0.84), (32, 0.76))]
+    second = [summary("conditional-dpp", "mass", k, a) for k, a in ((192, 0.94), (128, 0.93), (64, 0.88), (32, 0.74))]
+    second += [summary("max-min", "mass", k, 0.99) for k in (192, 128, 64, 32)]  # not a candidate below
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, rows in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps({"summaries": rows}))
+    args = [str(p) for p in paths] + ["--selectors", "core-coverage,conditional-dpp", "--tie", "0.5"]
+    assert choose_default.main(args) == 0  # equal weights: a tie within 0.5, and exact scores win
+    assert "choice: core-coverage with merge nearest" in capsys.readouterr().out
+    assert choose_default.main([*args, "--weights", "192:1,128:1,64:2,32:1"]) == 0
+    out = capsys.readouterr().out
+    assert "choice: conditional-dpp with merge mass" in out and "max-min" not in out
+    assert choose_default.main([*args, "--selectors", "nope"]) == 2

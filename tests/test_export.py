@@ -18,6 +18,7 @@ from conftest import BACKBONES, CM
 from buildformat import read
 from buildformat.graphs import Dim
 from coreMatching import ConfigError, CoreMatchingConfig
+from coreMatching.selectors import MERGES, SELECTORS
 from export.__main__ import main
 from export.build import BuildError, build
 from export.config import ExportConfig
@@ -89,7 +90,13 @@ SELECTOR_BUILDS = [
     ("random", "none"),
     ("max-min", "nearest"),
     ("core-coverage", "summary"),
+    ("conditional-dpp", "mass"),
 ]
+
+
+def test_the_builds_cover_every_selector_and_merge():
+    assert {s for s, _ in SELECTOR_BUILDS} == set(SELECTORS)
+    assert {m for _, m in SELECTOR_BUILDS} == set(MERGES)
 
 
 @pytest.mark.parametrize(("selector", "merge"), SELECTOR_BUILDS)

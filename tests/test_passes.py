@@ -12,7 +12,7 @@ import torch
 from buildformat.names import FFN_WEIGHTS
 from coreMatching import Budgets
 from coreMatching.merging import prune
-from coreMatching.rules import PruneLayerView, merge_group_scores, token_scores
+from coreMatching.rules import PruneLayerView, dpp_kernel, dpp_relevance, merge_group_scores, token_scores
 from coreMatching.selection import elbow_count, keep_indices, prompt_core_neurons, stable_topk, token_core_membership
 from coreMatching.selectors import SELECTORS
 from export.bound import BoundPart
@@ -173,7 +173,27 @@ def merge_graph(width: int, layer: int) -> gs.Graph:
     )
 
 
-@pytest.mark.parametrize("merge", ["summary", "nearest"])
+def test_conditional_dpp_pass_builds_the_reference_kernel():
+    # Equal picks on small cases could hide a wrong kernel: compare the kernel and the first residuals.
+    width, n_img, budget = 32, 12, 4
+    b = budgets_for("conditional-dpp", budget, n_img=n_img, width=width)
+    graph = token_graph(width, 1)
+    graph = insert_core_token_selection(graph, b, insert_token_scores(graph, b))
+    tensors = graph.tensors()
+    graph.outputs += [tensors["cm.tokens.kernel"], tensors["cm.tokens.residual0"], tensors["cm.tokens.residual1"]]
+    for seed, (before, after) in enumerate([(3, 5), (0, 7)]):
+        _, a, _, h = selection_case(seed, before, after, n_img, width)
+        out = run(graph, {"act_in": a, "h": h, "image_start": np.array([before])})
+        view = PruneLayerView(torch.from_numpy(a), (before, before + n_img), b)
+        kernel = dpp_kernel(view).numpy()
+        np.testing.assert_allclose(out["cm.tokens.kernel"], kernel, rtol=1e-5, atol=1e-6)
+        start = (dpp_relevance(view) ** 2).numpy()
+        np.testing.assert_array_equal(out["cm.tokens.residual0"], start)  # exactly r^2: ties go to the lower index
+        j = int(np.argmax(start))
+        np.testing.assert_allclose(out["cm.tokens.residual1"], start - kernel[j] ** 2 / start[j], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", ["summary", "nearest", "mass"])
 @pytest.mark.parametrize("budget", [1, 5, 11])
 def test_merge_pass_matches_the_reference_merge(merge, budget):
     width, n_img = 32, 12
@@ -190,7 +210,7 @@ def test_merge_pass_matches_the_reference_merge(merge, budget):
         span = (before, before + n_img)
         view = PruneLayerView(torch.from_numpy(a), span, b)
         kept = stable_topk(token_scores("core-coverage", view, budget), budget).sort().values
-        groups = merge_group_scores(view, kept) if merge == "nearest" else None
+        groups = merge_group_scores(view, kept) if merge in ("nearest", "mass") else None
         ref = prune(torch.from_numpy(h)[None], span, kept, merge, groups)
         np.testing.assert_allclose(out["h_next"], ref.hidden[0].numpy(), rtol=1e-6, atol=1e-6)
         assert out["pos_out"].tolist() == ref.positions.tolist()

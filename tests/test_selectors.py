@@ -10,7 +10,15 @@ import torch
 from coreMatching import ConfigError, CoreMatchingConfig
 from coreMatching.layers import LayerKV, attention
 from coreMatching.merging import prune
-from coreMatching.rules import RULES, PruneLayerView, core_coverage, max_min, picks_as_scores
+from coreMatching.rules import (
+    RULES,
+    PruneLayerView,
+    conditional_dpp,
+    core_coverage,
+    dpp_kernel,
+    max_min,
+    picks_as_scores,
+)
 from coreMatching.selection import stable_topk
 from coreMatching.selectors import DEFAULT_MERGE, DEFAULT_SELECTOR, MERGES, SELECTORS
 from export.passes import GRAPH_RULES
@@ -85,6 +93,38 @@ def test_max_min_picks_the_farthest_points():
     assert stable_topk(max_min(view, 3), 3).tolist() == [4, 0, 2]
 
 
+def test_conditional_dpp_trades_relevance_against_redundancy():
+    # Tokens 0 and 1 point nearly the same way; 2 and 3 too, orthogonal to the first two. The query
+    # (row 4) shares no core neuron with them (k_tok = 1: each row's largest), so the relevance is
+    # uniform and the kernel is the cosines: diversity alone decides.
+    a = torch.tensor(
+        [
+            [4.0, 3.0, 0.0, 0.0],
+            [4.0, 3.5, 0.0, 0.0],
+            [0.0, 0.0, 4.0, 3.0],
+            [0.0, 0.0, 4.0, 3.2],
+            [0.0, 3.0, 0.0, 3.0],
+        ]
+    )
+    view = PruneLayerView(a, (0, 4), _budgets(4, 4, 2, k_tok=1))
+    kernel = dpp_kernel(view)
+    assert torch.allclose(kernel, kernel.T) and torch.all(torch.linalg.eigvalsh(kernel) > -1e-5)  # a valid DPP kernel
+    picks = stable_topk(conditional_dpp(view, 2), 2).tolist()
+    # One of each direction: never the two near-copies together.
+    assert sorted(picks) in ([0, 2], [0, 3], [1, 2], [1, 3])
+    # Each pick is the largest residual: the first is the largest diagonal entry of the kernel.
+    assert picks[0] == int(torch.argmax(torch.diagonal(kernel)))
+
+
+def test_conditional_dpp_prefers_the_query_relevant_copy():
+    # Two identical directions; only token 1 shares the query's core neuron, so it is kept first.
+    a = torch.tensor([[0.0, 5.0, 1.0], [5.0, 0.0, 1.0], [0.0, 0.0, 9.0], [5.0, 0.0, 0.0]])
+    view = PruneLayerView(a, (0, 3), _budgets(3, 3, 1, k_tok=1))
+    relevance = torch.diagonal(dpp_kernel(view)).sqrt()  # r_j (the cosines' diagonal is 1)
+    assert relevance[1] > relevance[0] == relevance[2]
+    assert stable_topk(conditional_dpp(view, 1), 1).tolist() == [1]
+
+
 def test_summary_merge_adds_the_mean_after_the_kept_image_tokens():
     hidden = torch.arange(8 * 2, dtype=torch.float32).view(1, 8, 2)  # S = 8, d = 2; image at 2..6
     out = prune(hidden, (2, 7), torch.tensor([1, 3]), "summary")
@@ -105,6 +145,17 @@ def test_nearest_merge_folds_each_pruned_token_into_its_closest_kept_one():
     torch.testing.assert_close(out.hidden[0, 1], hidden[0, [1, 2]].mean(dim=0))  # image 0 with image 1
     torch.testing.assert_close(out.hidden[0, 2], hidden[0, [3, 4]].mean(dim=0))  # image 2 with image 3
     assert out.key_bias.tolist() == pytest.approx([0, math.log(2), math.log(2), 0])
+
+
+def test_mass_merge_keeps_the_kept_states_and_weighs_the_groups():
+    hidden = torch.randn(1, 6, 3, generator=torch.Generator().manual_seed(0))  # image at 1..4 (4 tokens)
+    kept = torch.tensor([0, 2])
+    groups = torch.tensor([[5.0, 0], [2.0, 2.0], [0.0, 5], [1.0, 3.0]])
+    mass = prune(hidden, (1, 5), kept, "mass", groups)
+    nearest = prune(hidden, (1, 5), kept, "nearest", groups)
+    assert mass.positions.tolist() == nearest.positions.tolist() == [0, 1, 3, 5]
+    torch.testing.assert_close(mass.hidden, hidden[:, [0, 1, 3, 5]])  # every kept state is its own
+    assert mass.key_bias.tolist() == nearest.key_bias.tolist() == pytest.approx([0, math.log(2), math.log(2), 0])
 
 
 def test_no_merge_when_every_token_is_kept():

@@ -83,7 +83,7 @@ def test_calibration_counts_the_per_request_core_neurons() -> None:
     prompts = [make_inputs(model, seed=s) for s in range(3)]
     static = calibrate(reference, prompts, [2], size=7, calibration="three prompts")
     budgets = reference.budgets(int(prompts[0][0].eq(model.config.image_token_id).sum()))
-    assert static.prompts == 3 and static.size == 7
+    assert static.prompts == 3 and static.size == 7 and static.criterion == "frequency"
     assert sum(static.counts[2]) == 3 * budgets.core_neurons  # every prompt counts its N core neurons once
     per_prompt = [set(reference.prefill(*p).core_neurons[2].tolist()) for p in prompts]
     common = set.intersection(*per_prompt)
@@ -186,6 +186,9 @@ def test_calibration_from_a_jsonl_file(checkpoint, tmp_path) -> None:
         (["--calibration", "x.jsonl"], "add --static-neurons"),
         (["--static-neurons", "--calibration-count", "0"], "at least 1"),
         (["--static-neurons", "--calibration", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--static-criterion", "fluctuation"], "add --static-neurons"),
+        (["--static-width-ratio", "1.5"], "add --static-neurons"),
+        (["--static-neurons", "--static-width-ratio", "0.5"], "pass --static-width-ratio between 1"),
     ],
 )
 def test_static_flag_errors_are_one_line(flags, message, tmp_path, capsys) -> None:

@@ -13,6 +13,8 @@ key bias of the image slots (the decode graph adds it to the pruned layers' cach
 - nearest: S'' = S'. Every pruned image token joins the kept token whose core neurons it shares
   most (integer overlaps, exact; ties: the lower kept index); a kept slot's row averages its group,
   its bias is log(group size).
+- mass: S'' = S'. The same groups, but every row stays the plain one-hot row of its kept position
+  (a kept token keeps its own state); only the bias, log(group size), carries the group.
 
 Equal-and-Cast builds the one-hot rows (no OneHot, no NonZero); everything is static given S.
 """
@@ -89,10 +91,21 @@ def insert_token_merge(graph: gs.Graph, budgets: Budgets) -> gs.Graph:
         weights, keep_positions, key_bias, kept_bias = _summary(
             ops, keep, image_start, positions, is_image, slot, one_hot, is_kept, n_img, k
         )
-    elif budgets.token_merge == "nearest":
+    elif budgets.token_merge in ("nearest", "mass"):
         member = membership(graph, act, budgets.prune_layer, budgets.tokens_per_neuron_set)  # [S, D]
         weights, keep_positions, key_bias, kept_bias = _nearest(
-            ops, member, keep, kept, image_start, is_image, slot, one_hot, is_kept, n_img, k
+            ops,
+            member,
+            keep,
+            kept,
+            image_start,
+            is_image,
+            slot,
+            one_hot,
+            is_kept,
+            n_img,
+            k,
+            average=budgets.token_merge == "nearest",
         )
     else:
         raise ValueError(f"no merge pass for {budgets.token_merge!r}")
@@ -203,7 +216,10 @@ def _summary(ops, keep, image_start, positions, is_image, slot, one_hot, is_kept
     return weights, keep_positions, key_bias, kept_bias
 
 
-def _nearest(ops, member, keep, kept, image_start, is_image, slot, one_hot, is_kept, n_img: int, k: int):
+def _nearest(
+    ops, member, keep, kept, image_start, is_image, slot, one_hot, is_kept, n_img: int, k: int, average: bool = True
+):
+    """The groups of `nearest` and `mass`; average=False (mass): the rows stay one-hot, only the bias groups."""
     # 1. Each image token's owner: the kept token sharing most core neurons (exact integer overlaps).
     image = ops(
         "Gather",
@@ -246,10 +262,38 @@ def _nearest(ops, member, keep, kept, image_start, is_image, slot, one_hot, is_k
     size = ops(
         "ReduceSum", [groups, ops.const("ax1b", [1], np.int64)], "size", dtype=np.float32, attrs={"keepdims": 1}
     )  # [k, 1] >= 1
+    # 3. The kept sequence's image slot rows (image_start .. image_start + k) and their bias.
+    image_row, row_slot = _image_rows(ops, keep, image_start, k)  # [S'] bool, [S'] slot
+    log_size = ops(
+        "Log",
+        [ops("Squeeze", [size, ops.const("a1b", [1], np.int64)], "size_k", dtype=np.float32)],
+        KEPT_BIAS,
+        dtype=np.float32,
+    )  # [k]
+    key_bias = ops(
+        "Where",
+        [
+            image_row,
+            ops("Gather", [log_size, row_slot], "bias_spread", dtype=np.float32, attrs={"axis": 0}),
+            ops.const("zb", 0.0, np.float32),
+        ],
+        KEY_BIAS,
+        dtype=np.float32,
+    )  # [S']
+    if not average:
+        return one_hot, keep, key_bias, log_size  # mass: each kept token keeps its own state
+    # nearest: an image slot's row averages its group.
     mean = ops("Div", [groups, size], "mean", dtype=np.float32)  # [k, n_img]
     spread = ops("Gather", [mean, slot], "mean_spread", dtype=np.float32, attrs={"axis": 1})  # [k, S]
     merged = ops("Where", [is_image, spread, ops.const("zf", 0.0, np.float32)], "merged", dtype=np.float32)
-    # 3. The kept sequence: image slot rows (image_start .. image_start + k) average their group.
+    picked = ops("Gather", [merged, row_slot], "picked_rows", dtype=np.float32, attrs={"axis": 0})  # [S', S]
+    image_row_2d = ops("Unsqueeze", [image_row, ops.const("a1", [1], np.int64)], "image_row_col", dtype=np.bool_)
+    weights = ops("Where", [image_row_2d, picked, one_hot], "weights", dtype=np.float32)  # [S', S]
+    return weights, keep, key_bias, log_size
+
+
+def _image_rows(ops: Ops, keep: gs.Variable, image_start: gs.Variable, k: int) -> tuple[gs.Variable, gs.Variable]:
+    """Which rows of the kept sequence [S'] are image slots, and each row's slot (clipped to 0..k-1)."""
     rows = ops(
         "Range",
         [
@@ -278,23 +322,4 @@ def _nearest(ops, member, keep, kept, image_start, is_image, slot, one_hot, is_k
     row_slot = ops(
         "Clip", [row_off, ops.const("lo", 0, np.int64), ops.const("hi", k - 1, np.int64)], "row_slot", dtype=np.int64
     )
-    picked = ops("Gather", [merged, row_slot], "picked_rows", dtype=np.float32, attrs={"axis": 0})  # [S', S]
-    image_row_2d = ops("Unsqueeze", [image_row, ops.const("a1", [1], np.int64)], "image_row_col", dtype=np.bool_)
-    weights = ops("Where", [image_row_2d, picked, one_hot], "weights", dtype=np.float32)  # [S', S]
-    log_size = ops(
-        "Log",
-        [ops("Squeeze", [size, ops.const("a1b", [1], np.int64)], "size_k", dtype=np.float32)],
-        KEPT_BIAS,
-        dtype=np.float32,
-    )  # [k]
-    key_bias = ops(
-        "Where",
-        [
-            image_row,
-            ops("Gather", [log_size, row_slot], "bias_spread", dtype=np.float32, attrs={"axis": 0}),
-            ops.const("zb", 0.0, np.float32),
-        ],
-        KEY_BIAS,
-        dtype=np.float32,
-    )  # [S']
-    return weights, keep, key_bias, log_size
+    return image_row, row_slot

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from buildformat.names import IMAGE_START, activation_name, attention_name
 from coreMatching.config import Budgets
-from coreMatching.rules import COVERAGE_FLOOR_HALVINGS, COVERAGE_QUERY_WEIGHT
+from coreMatching.rules import COVERAGE_FLOOR_HALVINGS, COVERAGE_QUERY_WEIGHT, DPP_RELEVANCE, DPP_SHARPNESS
 from coreMatching.selection import random_scores
 from export.passes.membership import core_neurons, membership
 from export.passes.ops import Ops, drop_output, find_tensor
@@ -213,27 +213,7 @@ def max_min(layer: PruneLayer) -> gs.Variable:
     ops, b = layer.ops, layer.budgets
     assert b.token_budget != "auto", "greedy selectors take a static budget"
     k, n = int(b.token_budget), b.num_image_tokens
-    x = layer.image(layer.act, "img_act")  # [n_img, D]
-    square = ops(
-        "ReduceSum",
-        [ops("Mul", [x, x], "sq", dtype=np.float32), ops.const("ax1", [1], np.int64)],
-        "sq_sum",
-        dtype=np.float32,
-        attrs={"keepdims": 1},
-    )  # [n_img, 1]
-    norm = ops(
-        "Max",
-        [ops("Sqrt", [square], "norm_raw", dtype=np.float32), ops.const("eps", 1e-12, np.float32)],
-        "norm",
-        dtype=np.float32,
-    )
-    unit = ops("Div", [x, norm], "unit", dtype=np.float32)
-    cos = ops(
-        "MatMul",
-        [unit, ops("Transpose", [unit], "unit_t", dtype=np.float32, attrs={"perm": [1, 0]})],
-        "cos",
-        dtype=np.float32,
-    )  # [n_img, n_img]
+    cos = _cosines(layer)  # [n_img, n_img]
     dist = ops("Sub", [ops.const("one_f", 1.0, np.float32), cos], "dist", dtype=np.float32)
     off = ops(
         "Where",
@@ -254,4 +234,99 @@ def max_min(layer: PruneLayer) -> gs.Variable:
             break
         row = ops("Gather", [dist, picked], f"dist_row{step}", dtype=np.float32, attrs={"axis": 0})  # [n_img]
         closest = row if closest is None else ops("Min", [closest, row], f"closest{step}", dtype=np.float32)
+    return scores
+
+
+def _cosines(layer: PruneLayer) -> gs.Variable:
+    """The cosines of the image tokens' FFN activations (`coreMatching.rules.cosine_distance`). -> [n_img, n_img]"""
+    ops = layer.ops
+    x = layer.image(layer.act, "img_act")  # [n_img, D]
+    square = ops(
+        "ReduceSum",
+        [ops("Mul", [x, x], "sq", dtype=np.float32), ops.const("ax1", [1], np.int64)],
+        "sq_sum",
+        dtype=np.float32,
+        attrs={"keepdims": 1},
+    )  # [n_img, 1]
+    norm = ops(
+        "Max",
+        [ops("Sqrt", [square], "norm_raw", dtype=np.float32), ops.const("eps", 1e-12, np.float32)],
+        "norm",
+        dtype=np.float32,
+    )
+    unit = ops("Div", [x, norm], "unit", dtype=np.float32)
+    return ops(
+        "MatMul",
+        [unit, ops("Transpose", [unit], "unit_t", dtype=np.float32, attrs={"perm": [1, 0]})],
+        "cos",
+        dtype=np.float32,
+    )
+
+
+@graph_rule("conditional-dpp")
+def conditional_dpp(layer: PruneLayer) -> gs.Variable:
+    """`coreMatching.rules.conditional_dpp` unrolled for k steps: the kernel L = r cos^2 r, then each step
+    the largest residual, its Cholesky column e = (L[j] - B B[j]) / sqrt(d_j^2), and d^2 -= e^2."""
+    ops, b = layer.ops, layer.budgets
+    assert b.token_budget != "auto", "greedy selectors take a static budget"
+    k, n = int(b.token_budget), b.num_image_tokens
+    member = layer.member()  # [S, D] 0/1
+    overlap = ops(
+        "MatMul", [layer.image(member, "img_member"), layer.last(member, "query_member")], "overlap", dtype=np.float32
+    )  # [n_img] integer counts
+    scaled = ops("Mul", [ops.const("dpp_scale", DPP_RELEVANCE, np.float32), overlap], "rel_scaled", dtype=np.float32)
+    relevance = ops(
+        "Exp",
+        [
+            ops(
+                "Div",
+                [scaled, ops.const("k_tok", float(b.tokens_per_neuron_set), np.float32)],
+                "rel_share",
+                dtype=np.float32,
+            )
+        ],
+        "relevance",
+        dtype=np.float32,
+    )  # [n_img]
+    column = ops("Unsqueeze", [relevance, ops.const("a1", [1], np.int64)], "rel_col", dtype=np.float32)  # [n, 1]
+    assert DPP_SHARPNESS == 2, "the graph rule squares the cosines"
+    cos = _cosines(layer)
+    similarity = ops("Mul", [cos, cos], "cos_sq", dtype=np.float32)  # [n, n]
+    kernel = ops(
+        "Mul", [ops("Mul", [column, similarity], "rel_sim", dtype=np.float32), relevance], "kernel", dtype=np.float32
+    )  # [n, n]
+    residual = ops("Mul", [relevance, relevance], "residual0", dtype=np.float32)  # [n] d^2 = L_jj = r_j^2 exactly
+    taken = ops.const("taken0", np.zeros(n, dtype=bool), np.bool_)
+    scores = ops.const("scores0", np.zeros(n), np.float32)
+    basis = None  # [n, step] the Cholesky columns of the picks so far
+    for step in range(k):
+        picked = _pick(ops, residual, taken, step)
+        taken, scores = _record(ops, picked, taken, scores, step, k, n)
+        if step == k - 1:
+            break
+        row = ops("Gather", [kernel, picked], f"kernel_row{step}", dtype=np.float32, attrs={"axis": 0})  # [n]
+        if basis is not None:
+            mine = ops("Gather", [basis, picked], f"basis_row{step}", dtype=np.float32, attrs={"axis": 0})  # [step]
+            projected = ops("MatMul", [basis, mine], f"projected{step}", dtype=np.float32)  # [n]
+            row = ops("Sub", [row, projected], f"off_span{step}", dtype=np.float32)
+        pivot = ops("Gather", [residual, picked], f"pivot{step}", dtype=np.float32, attrs={"axis": 0})  # scalar
+        scale = ops(
+            "Sqrt",
+            [ops("Max", [pivot, ops.const("tiny", 1e-12, np.float32)], f"pivot_floor{step}", dtype=np.float32)],
+            f"pivot_sqrt{step}",
+            dtype=np.float32,
+        )
+        e = ops("Div", [row, scale], f"e{step}", dtype=np.float32)  # [n]
+        e_col = ops("Unsqueeze", [e, ops.const("a1", [1], np.int64)], f"e_col{step}", dtype=np.float32)
+        basis = (
+            e_col
+            if basis is None
+            else ops("Concat", [basis, e_col], f"basis{step}", dtype=np.float32, attrs={"axis": 1})
+        )
+        residual = ops(
+            "Sub",
+            [residual, ops("Mul", [e, e], f"e_sq{step}", dtype=np.float32)],
+            f"residual{step + 1}",
+            dtype=np.float32,
+        )
     return scores
