@@ -14,6 +14,10 @@ from typing import Literal
 from coreMatching.errors import ConfigError
 from coreMatching.selectors import DEFAULT_MERGE, DEFAULT_SELECTOR, MERGES, SELECTORS
 
+# A static neuron set keeps this many times the per-request N neurons per layer (chosen on validation,
+# docs/evaluation/selection.md: 1.25 with the fluctuation criterion came closest to the per-request set).
+DEFAULT_STATIC_WIDTH_RATIO = 1.25
+
 # The neuron-sparse range of the paper for a 32-layer model: layers 6..26,
 # written as the half-open range [6, 27); other depths scale in proportion.
 _PAPER_LAYERS = 32
@@ -196,7 +200,7 @@ class Budgets:
         activations the token selectors read in prefill (`coreMatching.static_neurons`)."""
         return [layer for layer in self.neuron_sparse_layers if layer != self.prune_layer]
 
-    def static_width(self, align: int = 1, ratio: float = 1.0) -> int:
+    def static_width(self, align: int = 1, ratio: float = DEFAULT_STATIC_WIDTH_RATIO) -> int:
         """A static set's neurons per layer: ceil(N * ratio) (a static recipe's width ratio, >= 1) rounded up
         to a multiple of `align` (int4's block), at most D."""
         # round() first: N * ratio lands a hair above an integer in binary (100 * 1.1), which ceil would bump.

@@ -36,12 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from coreMatching.backbones import backbone_of
-from coreMatching.config import Budgets, CoreMatchingConfig
+from coreMatching.config import DEFAULT_STATIC_WIDTH_RATIO, Budgets, CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.selection import stable_topk
 
 FILE = "static_neurons.json"  # the set, next to the graphs of a build that bakes one
-DEFAULT_STATIC_CRITERION = "frequency"  # the one place the default criterion is chosen
+DEFAULT_STATIC_CRITERION = "fluctuation"  # the one place the default criterion is chosen (docs/evaluation/selection.md)
 LEGACY_CRITERION = "frequency"  # what a set written before criteria were recorded was ranked by
 MAX_WIDTH_RATIO = 4.0  # a bound on typos: at the default beta (0.4) a ratio of 2.5 already keeps the whole FFN
 
@@ -139,7 +139,7 @@ class StaticRecipe:
     multiple of the per-request N (`Budgets.static_width`; docs/method.md, "Static neuron set")."""
 
     criterion: str = DEFAULT_STATIC_CRITERION
-    width_ratio: float = 1.0
+    width_ratio: float = DEFAULT_STATIC_WIDTH_RATIO
 
     def __post_init__(self) -> None:
         criterion_of(self.criterion)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coreMatching.config import CoreMatchingConfig
+from coreMatching.config import DEFAULT_STATIC_WIDTH_RATIO, CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.selectors import DEFAULT_MERGE, MERGES, SELECTORS
 from coreMatching.static_neurons import DEFAULT_STATIC_CRITERION, StaticRecipe
@@ -67,7 +67,7 @@ class EvalConfig:
     static_calibration: int = 0  # > 0: each pruning setting also runs with a static neuron set counted over
     # that many validation items (evaluation.static); 0: per-request neurons only
     static_criterion: str = DEFAULT_STATIC_CRITERION  # how those sets rank each layer's neurons
-    static_width_ratio: float = 1.0  # their neurons per layer, as a multiple of N
+    static_width_ratio: float = DEFAULT_STATIC_WIDTH_RATIO  # their neurons per layer, as a multiple of N
 
     def __post_init__(self) -> None:
         if self.static_calibration < 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from coreMatching.cli import add_config_arguments, config_from_args
+from coreMatching.config import DEFAULT_STATIC_WIDTH_RATIO
 
 # Commands that moved out of the export: the old spelling names the new one.
 MOVED = {"plan": "planner", "bench": "bench", "triton": "serving.triton"}
@@ -73,13 +74,14 @@ def _build_parser(sub: Any) -> None:
         default=None,
         help="how --static-neurons ranks each layer's neurons: frequency (most often among a prompt's core "
         "neurons) or fluctuation (largest Var(a_n) * ||W_down[:, n]||^2 over the calibration prefills) "
-        "(default frequency)",
+        "(default fluctuation)",
     )
     p.add_argument(
         "--static-width-ratio",
         type=float,
-        default=1.0,
-        help="neurons --static-neurons keeps per layer, as a multiple of the per-request N, in [1, 4] (default 1.0)",
+        default=None,
+        help="neurons --static-neurons keeps per layer, as a multiple of the per-request N, in [1, 4] "
+        f"(default {DEFAULT_STATIC_WIDTH_RATIO:g})",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-validate", action="store_true", help="skip the validation against PyTorch")

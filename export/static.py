@@ -20,7 +20,6 @@ from coreMatching import CoreMatchingLlava
 from coreMatching.config import Budgets, CoreMatchingConfig
 from coreMatching.errors import ConfigError
 from coreMatching.static_neurons import (
-    DEFAULT_STATIC_CRITERION,
     DEFAULT_STATIC_RECIPE,
     FILE,
     StaticNeurons,
@@ -34,9 +33,13 @@ from export.calibration import calibration_items, calibration_prompts
 log = logging.getLogger(__name__)
 
 
-def static_recipe(criterion: str | None, width_ratio: float) -> StaticRecipe:
-    """The recipe of `--static-criterion` (None: the default criterion) and `--static-width-ratio`."""
-    return StaticRecipe(DEFAULT_STATIC_CRITERION if criterion is None else criterion, width_ratio)
+def static_recipe(criterion: str | None, width_ratio: float | None) -> StaticRecipe:
+    """The recipe of `--static-criterion` and `--static-width-ratio` (None: the defaults)."""
+    default = StaticRecipe()
+    return StaticRecipe(
+        default.criterion if criterion is None else criterion,
+        default.width_ratio if width_ratio is None else width_ratio,
+    )
 
 
 def bake(

@@ -95,6 +95,7 @@ class PlanConfig:
     runtime: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     sharing: Sharing = "runtime"
+    static_neurons: int | None = None  # a built static set's width per layer (None: the default recipe's)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, Path)) or not str(self.model).strip():
@@ -103,6 +104,10 @@ class PlanConfig:
             raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision is not None and (self.weights or self.activations):
             raise PlanError("give --weights/--activations or the deprecated --precision, not both")
+        if self.static_neurons is not None and (
+            not isinstance(self.static_neurons, int) or isinstance(self.static_neurons, bool) or self.static_neurons < 1
+        ):
+            raise PlanError(f"static-neurons must be a positive integer, got {self.static_neurons!r}")
         if self.sharing not in SHARINGS:
             raise PlanError(f"--sharing must be one of {', '.join(SHARINGS)}, got {self.sharing!r}")
         for name in ("token_budget", "max_sequence", "prompt_tokens", "block_size"):
@@ -261,7 +266,7 @@ def plan(config: PlanConfig) -> Plan:
     d, n = g.hidden_size, budgets.core_neurons
     planned = rt.handling(weights).precision(weights, act)
     block = config.block_size
-    static_n = budgets.static_width(block if weights == "int4" else 1)
+    static_n = config.static_neurons or budgets.static_width(block if weights == "int4" else 1)
 
     def kv(tokens: int, pruned: bool) -> int:
         """All layers' cache for `tokens`; `pruned`: the layers after the prune layer hold the kept ones."""
@@ -398,6 +403,7 @@ def plan_build(
     block_size: int = DEFAULT_BLOCK_SIZE,
     device_name: str = "cpu",
     runtime_name: str | None = None,
+    static_neurons: int | None = None,
 ) -> Estimate:
     """The planner's figure for one built configuration: `model` a preset or a llava-hf directory, `neurons`
     "dense", "per-request" (CoreMatching) or "static". On the default "cpu" device (ONNX Runtime on the CPU,
@@ -412,6 +418,7 @@ def plan_build(
         activations=activations,
         runtime=runtime_name,
         block_size=block_size,
+        static_neurons=static_neurons,
     )
     p = plan(config)
     return {"dense": p.dense, "per-request": p.corematching, "static": p.static}[neurons]
@@ -445,4 +452,6 @@ def plan_manifest(
         block_size=(quant.block_size or DEFAULT_BLOCK_SIZE) if quant is not None else DEFAULT_BLOCK_SIZE,
         device_name=device_name,
         runtime_name=runtime_name,
+        # a baked set is planned at the width it was built with, whatever today's default recipe is
+        static_neurons=manifest.static_neurons.neurons if manifest.static_neurons is not None else None,
     )

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"SELECTOR+MERGE,... (first: the floor, {FLOOR})")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "selectors.md")
+    parser.add_argument("--build-only", action="store_true", help="make the builds and stop (time them later)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {selector}+{merge} ...", flush=True)
         path = build(checkpoint, out, args.budget, selector, merge, preset)
         rows.append((selector, merge, path))
+    if args.build_only:
+        return 0
     measured = {}
     for selector, merge, path in rows:  # timed after every build, on a quiet machine
         measured[(selector, merge)] = prefill_ms(path, args.repeats)

@@ -47,7 +47,7 @@ def test_7b_targets() -> None:
     """llava-1.5-7b, CoreMatching at k = 64, cache for 2048 tokens: what the planner says of the targets, with every
     weight held once (one graph per weight; one session, or one engine with two profiles, per graph)."""
     margin = MARGIN_BYTES
-    # Orin Nano 8 GB: int4 weights with a static neuron set on TensorRT 10 fit with >= 0.5 GiB (1.03 GiB).
+    # Orin Nano 8 GB: int4 weights with a static neuron set on TensorRT 10 fit with >= 0.5 GiB (0.88 GiB).
     nano = recommend("llava-1.5-7b", "orin-nano-8gb")
     c = nano.choice
     assert nano.status == "recommended" and c is not None
@@ -62,7 +62,7 @@ def test_7b_targets() -> None:
     assert not ort.runnable and ort.headroom < 0 and ort.weights == ort.weights_stored
     # Titan Xp 12 GB: int8 weights fit with >= 0.5 GiB on ONNX Runtime's CUDA provider (one device copy), per-request
     # neurons, fp16 activations (1.80 GiB); with the Titan Xp's fast fp32 activations per-request neurons are tight
-    # (0.38 GiB: the sessions' arenas and a dequantized bound FFN weight) and a static set fits (3.38 GiB). TensorRT
+    # (0.38 GiB: the sessions' arenas and a dequantized bound FFN weight) and a static set fits (3.11 GiB). TensorRT
     # 8.6 folds int8 weights back into fp32 ones, which do not fit.
     titan = recommend("llava-1.5-7b", "titan-xp")
     c = titan.choice
@@ -227,8 +227,21 @@ def test_plan_build_and_plan_manifest() -> None:
         static_neurons=None,
     )
     assert plan_manifest(manifest, max_sequence=640) == e
-    static = SimpleNamespace(**{**vars(manifest), "static_neurons": SimpleNamespace(neurons=4416)})
+    # A default-recipe int4 set: ceil(1.25 N) = 5505 neurons in whole blocks of 32.
+    static = SimpleNamespace(**{**vars(manifest), "static_neurons": SimpleNamespace(neurons=5536)})
     assert plan_manifest(static, max_sequence=640) == p.static
+    # A set built at another width (an older build, or --static-width-ratio 1) is planned at its own width.
+    narrow = SimpleNamespace(**{**vars(manifest), "static_neurons": SimpleNamespace(neurons=4416)})
+    planned = plan_manifest(narrow, max_sequence=640)
+    assert planned.weights_stored < p.static.weights_stored
+    assert (
+        planned
+        == plan(
+            PlanConfig(
+                "llava-7b-width", "cpu", weights="int4", activations="fp16", max_sequence=640, static_neurons=4416
+            )
+        ).static
+    )
     dense = SimpleNamespace(
         model=manifest.model, precision="float32", quantization=None, corematching=None, static_neurons=None
     )

@@ -49,7 +49,9 @@ def test_an_empty_neuron_range_selects_no_neurons_per_request() -> None:
         CoreMatchingConfig(neuron_layers=(4, 3))
     paper = CoreMatchingConfig().resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576)
     assert paper.narrowable_layers == list(range(6, 27))  # the prune layer (2) is not among them
-    assert paper.static_width() == 4404 and paper.static_width(32) == 4416  # int4: whole blocks
+    assert paper.core_neurons == 4404
+    assert paper.static_width(1, 1.0) == 4404 and paper.static_width(32, 1.0) == 4416  # int4: whole blocks
+    assert paper.static_width() == 5505 and paper.static_width(32) == 5536  # the default ratio: ceil(1.25 N)
     early = CoreMatchingConfig(prune_layer=6).resolve(num_layers=32, intermediate_size=11008, num_image_tokens=576)
     assert early.narrowable_layers == list(range(7, 27))
 
@@ -81,7 +83,7 @@ def test_calibration_counts_the_per_request_core_neurons() -> None:
     config = CoreMatchingConfig(token_budget=5, prune_layer=1, neuron_layers=(1, 3))
     reference = CoreMatchingLlava(model, config)
     prompts = [make_inputs(model, seed=s) for s in range(3)]
-    static = calibrate(reference, prompts, [2], size=7, calibration="three prompts")
+    static = calibrate(reference, prompts, [2], size=7, calibration="three prompts", criterion="frequency")
     budgets = reference.budgets(int(prompts[0][0].eq(model.config.image_token_id).sum()))
     assert static.prompts == 3 and static.size == 7 and static.criterion == "frequency"
     assert sum(static.counts[2]) == 3 * budgets.core_neurons  # every prompt counts its N core neurons once
@@ -186,7 +188,7 @@ def test_calibration_from_a_jsonl_file(checkpoint, tmp_path) -> None:
         (["--calibration", "x.jsonl"], "add --static-neurons"),
         (["--static-neurons", "--calibration-count", "0"], "at least 1"),
         (["--static-neurons", "--calibration", "missing.jsonl"], "missing.jsonl: no such file"),
-        (["--static-criterion", "fluctuation"], "add --static-neurons"),
+        (["--static-criterion", "frequency"], "add --static-neurons"),  # not the default criterion
         (["--static-width-ratio", "1.5"], "add --static-neurons"),
         (["--static-neurons", "--static-width-ratio", "0.5"], "pass --static-width-ratio between 1"),
     ],

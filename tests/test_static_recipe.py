@@ -12,6 +12,7 @@ import torch
 from conftest import CM, make_inputs, tiny_model
 
 from coreMatching import ConfigError, CoreMatchingConfig, CoreMatchingLlava
+from coreMatching.config import DEFAULT_STATIC_WIDTH_RATIO
 from coreMatching.static_neurons import (
     CRITERIA,
     DEFAULT_STATIC_CRITERION,
@@ -52,7 +53,8 @@ def test_fluctuation_keeps_the_largest_activation_variance_times_the_down_column
 
     static = calibrate(reference, prompts, [LAYER], size=9, calibration="three prompts", criterion="fluctuation")
     assert static.criterion == "fluctuation" and static.neurons[LAYER] == expected
-    frequency = calibrate(reference, prompts, [LAYER], size=9, calibration="three prompts")
+    frequency = calibrate(reference, prompts, [LAYER], size=9, calibration="three prompts", criterion="frequency")
+    assert frequency.criterion == "frequency"
     assert static.counts == frequency.counts  # counted whatever the criterion: coverage reads them
     assert static.neurons != frequency.neurons  # a different rule (on this model: checked, not assumed)
     assert not any(d._forward_pre_hooks or d._forward_hooks for d in _down_projs(model))
@@ -84,8 +86,9 @@ def test_a_constant_neuron_is_dropped_and_the_hooks_go_even_when_a_prompt_fails(
 def test_the_width_ratio_widens_the_set_in_whole_blocks_up_to_d() -> None:
     budgets = CoreMatchingConfig().resolve(num_layers=32, intermediate_size=512, num_image_tokens=576)
     assert budgets.core_neurons == 205
-    assert budgets.static_width() == 205 and budgets.static_width(32) == 224  # unchanged without a ratio
+    assert budgets.static_width(1, 1.0) == 205 and budgets.static_width(32, 1.0) == 224  # N at a ratio of 1
     assert budgets.static_width(1, 1.25) == 257 and budgets.static_width(align=32, ratio=1.25) == 288
+    assert budgets.static_width() == 257 and budgets.static_width(32) == 288  # the default ratio: 1.25
     assert budgets.static_width(1, 2.6) == 512 and budgets.static_width(32, 4.0) == 512  # at most D
     tenth = CoreMatchingConfig(neuron_ratio=0.25).resolve(num_layers=32, intermediate_size=400, num_image_tokens=576)
     assert tenth.static_width(1, 1.1) == 110  # N * ratio an integer: not bumped by binary rounding
@@ -108,8 +111,9 @@ def test_a_recipe_refuses_unknown_criteria_and_ratios_outside_1_to_4(kwargs, mes
 
 
 def test_the_recipe_defaults() -> None:
-    assert StaticRecipe() == StaticRecipe(DEFAULT_STATIC_CRITERION, 1.0) and StaticRecipe().is_default
-    assert not StaticRecipe("fluctuation").is_default and not StaticRecipe(width_ratio=1.25).is_default
+    assert DEFAULT_STATIC_CRITERION == "fluctuation" and DEFAULT_STATIC_WIDTH_RATIO == 1.25
+    assert StaticRecipe() == StaticRecipe("fluctuation", 1.25) and StaticRecipe().is_default
+    assert not StaticRecipe("frequency").is_default and not StaticRecipe(width_ratio=1.0).is_default
     assert StaticRecipe(width_ratio=1).width_ratio == 1 and StaticRecipe(width_ratio=4.0).width_ratio == 4.0
     assert set(CRITERIA) == {"frequency", "fluctuation"}
 
@@ -136,7 +140,7 @@ def test_calibration_prompts_start_after_the_questions_the_recipe_is_chosen_on()
 
 
 def test_an_export_config_takes_a_recipe_only_with_static_neurons(tmp_path) -> None:
-    recipe = StaticRecipe("fluctuation", 1.25)
+    recipe = StaticRecipe("frequency", 1.0)  # not the default recipe (fluctuation, 1.25)
     assert ExportConfig(out=tmp_path, static_neurons=True, static_recipe=recipe).static_recipe == recipe
     assert ExportConfig(out=tmp_path).static_recipe.is_default
     with pytest.raises(ConfigError, match="--static-criterion/--static-width-ratio shape the static neuron set; add"):
@@ -159,12 +163,13 @@ def test_the_build_flags_reach_the_config(monkeypatch, tmp_path) -> None:
         raise _Stop
 
     monkeypatch.setattr(export.build, "build", fake_build)
-    flags = ["--static-neurons", "--static-criterion", "fluctuation", "--static-width-ratio", "1.25"]
+    flags = ["--static-neurons", "--static-criterion", "frequency", "--static-width-ratio", "1.5"]  # not the defaults
     with pytest.raises(_Stop):
         main(["build", "--out", str(tmp_path / "b"), *flags])
     with pytest.raises(_Stop):
         main(["build", "--out", str(tmp_path / "b"), "--static-neurons"])
-    assert got[0].static_recipe == StaticRecipe("fluctuation", 1.25) and got[1].static_recipe.is_default
+    assert got[0].static_recipe == StaticRecipe("frequency", 1.5) and got[1].static_recipe.is_default
+    assert got[1].static_recipe == StaticRecipe("fluctuation", 1.25)  # the flags' defaults: the recipe's
 
 
 def test_the_build_flags_name_every_criterion_and_the_default(capsys) -> None:
@@ -188,8 +193,8 @@ def _evaluate_script():
 def test_the_evaluation_takes_the_recipe(monkeypatch, tmp_path, capsys) -> None:
     from evaluation.evaluate import EvalConfig
 
-    config = EvalConfig(static_calibration=4, static_criterion="fluctuation", static_width_ratio=1.25)
-    assert config.static_recipe == StaticRecipe("fluctuation", 1.25)
+    config = EvalConfig(static_calibration=4, static_criterion="frequency", static_width_ratio=1.5)
+    assert config.static_recipe == StaticRecipe("frequency", 1.5)  # not the default recipe
     assert EvalConfig().static_recipe.is_default
     with pytest.raises(ConfigError, match="unknown static criterion"):
         EvalConfig(static_criterion="magnitude")
@@ -204,9 +209,9 @@ def test_the_evaluation_takes_the_recipe(monkeypatch, tmp_path, capsys) -> None:
         raise ValueError("stop here")
 
     monkeypatch.setattr(script, "EvalJob", fake_job)
-    flags = ["--static-calibration", "4", "--static-criterion", "fluctuation", "--static-width-ratio", "1.25"]
+    flags = ["--static-calibration", "4", "--static-criterion", "frequency", "--static-width-ratio", "1.5"]
     assert script.main([*flags, "--out-dir", str(tmp_path)]) == 2
-    assert got[0].static_recipe == StaticRecipe("fluctuation", 1.25) and got[0].static_calibration == 4
+    assert got[0].static_recipe == StaticRecipe("frequency", 1.5) and got[0].static_calibration == 4
     assert script.main(["--static-width-ratio", "5", "--out-dir", str(tmp_path)]) == 2
     assert "--static-width-ratio" in capsys.readouterr().err
 
