@@ -88,7 +88,8 @@ def selector_costs(geometry: Geometry, prompt: int, config: CoreMatchingConfig, 
         f"## The token selector and the merge at k = {k}",
         "",
         f"The selection and merge FLOPs run once per prompt, at the prune layer; the KV cache is the prompt's "
-        f"(fp16; dense: {dense_kv / 2**20:.1f} MiB).",
+        f"(fp16; dense: {dense_kv / 2**20:.1f} MiB). Their measured milliseconds in a pruned prefill (ONNX Runtime, "
+        "CPU, `llava-7b-shape`): [benchmarks/selectors.md](benchmarks/selectors.md).",
         "",
         "| selector | merge | selection + merge (GFLOPs) | share of the pruned prefill | prompt KV cache (MiB) |",
         "|---|---|---:|---:|---:|",
