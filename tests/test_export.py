@@ -17,6 +17,7 @@ from conftest import BACKBONES, CM
 
 from buildformat import read
 from buildformat.graphs import Dim
+from buildformat.names import KEPT_BIAS
 from coreMatching import ConfigError, CoreMatchingConfig
 from coreMatching.selectors import MERGES, SELECTORS
 from export.__main__ import main
@@ -68,8 +69,10 @@ def test_select_holds_core_token_topk_and_gather(built):
     # The default selector is greedy: one TopK(1) per kept token, unrolled.
     picks = [n for n in nodes if n.op_type == "TopK" and n.name.startswith("cm.tokens.pick")]
     assert len(picks) == CM.token_budget
-    # The upper stack starts from the merge's weighted rows (the default merge: nearest).
-    assert any("cm.merge.weights" in n.input for n in nodes), "nothing reads the merge weights"
+    # The upper stack starts from the kept rows (the default merge, mass, keeps each kept state its own) and the
+    # key bias that weighs each kept token as its group.
+    assert any("cm.merge.rows" in n.input for n in nodes), "nothing reads the kept rows"
+    assert any(n.op_type == "Log" and n.name.startswith("cm.merge") and KEPT_BIAS in n.output for n in nodes)
     assert [i.name for i in graph.input] == ["hidden", "act.1", "image_start"]
     outputs = [o.name for o in graph.output]
     assert outputs[:2] == ["kept_hidden", "kept_positions"]

@@ -240,7 +240,9 @@ def max_min(layer: PruneLayer) -> gs.Variable:
 def _cosines(layer: PruneLayer) -> gs.Variable:
     """The cosines of the image tokens' FFN activations (`coreMatching.rules.cosine_distance`). -> [n_img, n_img]"""
     ops = layer.ops
-    x = layer.image(layer.act, "img_act")  # [n_img, D]
+    # A float16 build's activations are cast first: the cosines (and every rule on them) run in float32.
+    act = ops("Cast", [layer.act], "act_f32", dtype=np.float32, attrs={"to": 1})
+    x = layer.image(act, "img_act")  # [n_img, D]
     square = ops(
         "ReduceSum",
         [ops("Mul", [x, x], "sq", dtype=np.float32), ops.const("ax1", [1], np.int64)],
