@@ -104,36 +104,42 @@ def same_geometry(manifest: Manifest, preset: Any) -> bool:
 
 
 def _build(config: BenchConfig, checkpoint: Path, preset: Any, budget: int | None, name: str) -> Path:
-    """A build per configuration, reused when an earlier run made the same one."""
+    """A build per budget with today's default selector and merge (dense: None), reused when an earlier run
+    made the same one. Correctness is the tests' and the build's business; the build of the target budget is
+    validated here too, so the report shows the measured graphs equal the reference."""
+    corematching = None if budget is None else CoreMatchingConfig(token_budget=budget)
+    return build_once(config.work / name, checkpoint, preset, corematching, validate=budget == config.target_budget)
+
+
+def build_once(
+    out: Path, checkpoint: Path, preset: Any, corematching: CoreMatchingConfig | None, validate: bool
+) -> Path:
+    """The preset's checkpoint built at `out` with `corematching` (None: dense), unless `out` already holds a
+    build of the same geometry, budget, selector and merge."""
     from export.build import build
     from export.config import ExportConfig
 
-    out = config.work / name
     try:
         made = buildformat.read(out)
     except buildformat.ManifestError:
         made = None  # not built yet, or from an older format: build it
     if made is not None and made.weights is not None and same_geometry(made, preset):
         cm = made.corematching
-        wanted = None if budget is None else CoreMatchingConfig(token_budget=budget)
-        if (wanted is None and cm is None) or (
-            wanted is not None
+        if (corematching is None and cm is None) or (
+            corematching is not None
             and cm is not None
             and (cm.token_budget, cm.token_selector, cm.token_merge)
-            == (budget, wanted.token_selector, wanted.token_merge)
+            == (corematching.token_budget, corematching.token_selector, corematching.token_merge)
         ):
-            return out  # the same budget with today's default selector and merge
-    corematching = None if budget is None else CoreMatchingConfig(token_budget=budget)
+            return out
     sequence = min(2048, preset.max_position_embeddings)
-    # Correctness is the tests' and the build's business; the build of the target budget is validated
-    # here too, so the report shows the measured graphs equal the reference.
     build(
         ExportConfig(
             out=out,
             model_dir=checkpoint,
             corematching=corematching,
             force=True,
-            validate=budget == config.target_budget,
+            validate=validate,
             max_prompt_tokens=sequence // 2,
             max_sequence=sequence,
         )

@@ -160,10 +160,9 @@ def max_min(view: PruneLayerView, k: int) -> Tensor:
 
 
 # conditional-dpp: a token's quality is exp(DPP_RELEVANCE * share of its core neurons that are the query's);
-# the similarity is the cosine to the power DPP_SHARPNESS (a Schur power of a PSD kernel stays PSD): squared
-# cosines tell near-copies (cos ~ 1) from merely similar patches more sharply than the cosines.
+# the similarity is the squared cosine (a Schur power of a PSD kernel stays PSD): it tells near-copies (cos ~ 1)
+# from merely similar patches more sharply than the cosine.
 DPP_RELEVANCE = 1.0
-DPP_SHARPNESS = 2
 
 
 def dpp_relevance(view: PruneLayerView) -> Tensor:
@@ -173,15 +172,14 @@ def dpp_relevance(view: PruneLayerView) -> Tensor:
     return torch.exp(DPP_RELEVANCE * overlap / view.budgets.tokens_per_neuron_set)
 
 
-def dpp_kernel(view: PruneLayerView) -> Tensor:
-    """L = diag(r) K diag(r): K the squared cosines of the image tokens' FFN activations, r their relevance.
-    -> [n, n]"""
+def dpp_kernel(view: PruneLayerView, relevance: Tensor | None = None) -> Tensor:
+    """L = diag(r) K diag(r): K the squared cosines of the image tokens' FFN activations, r their relevance
+    (`dpp_relevance`, computed here when not given). -> [n, n]"""
     x = view.image(view.activations).float()  # [n, D]
     unit = x / x.pow(2).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
     cos = unit @ unit.T
-    similarity = cos * cos if DPP_SHARPNESS == 2 else cos.pow(DPP_SHARPNESS)
-    relevance = dpp_relevance(view)  # [n]
-    return relevance[:, None] * similarity * relevance[None, :]
+    r = dpp_relevance(view) if relevance is None else relevance  # [n]
+    return r[:, None] * (cos * cos) * r[None, :]
 
 
 @rule("conditional-dpp")
@@ -191,11 +189,11 @@ def conditional_dpp(view: PruneLayerView, k: int) -> Tensor:
     projected off the kept ones (the incremental Cholesky form of Chen et al., 2018). Quality (relevance
     to the query) and diversity (cosine of the activations) multiply in the kernel, so a token is kept
     for being both relevant and unlike what is kept already."""
-    kernel = dpp_kernel(view)  # [n, n]
+    relevance = dpp_relevance(view)  # [n]
+    kernel = dpp_kernel(view, relevance)  # [n, n]
     n = kernel.shape[0]
     # d^2 starts at L_jj = r_j^2 exactly (a cosine with itself is 1): the kernel's computed diagonal is
     # 1 +- rounding, which would let the summation order of a MatMul decide between equally relevant tokens.
-    relevance = dpp_relevance(view)
     residual = relevance * relevance  # [n]
     basis = torch.zeros(n, k, device=kernel.device)  # the Cholesky columns of the kept tokens
     taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)

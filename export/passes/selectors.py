@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from buildformat.names import IMAGE_START, activation_name, attention_name
 from coreMatching.config import Budgets
-from coreMatching.rules import COVERAGE_FLOOR_HALVINGS, COVERAGE_QUERY_WEIGHT, DPP_RELEVANCE, DPP_SHARPNESS
+from coreMatching.rules import COVERAGE_FLOOR_HALVINGS, COVERAGE_QUERY_WEIGHT, DPP_RELEVANCE
 from coreMatching.selection import random_scores
 from export.passes.membership import core_neurons, membership
 from export.passes.ops import Ops, drop_output, find_tensor
@@ -291,7 +291,6 @@ def conditional_dpp(layer: PruneLayer) -> gs.Variable:
         dtype=np.float32,
     )  # [n_img]
     column = ops("Unsqueeze", [relevance, ops.const("a1", [1], np.int64)], "rel_col", dtype=np.float32)  # [n, 1]
-    assert DPP_SHARPNESS == 2, "the graph rule squares the cosines"
     cos = _cosines(layer)
     similarity = ops("Mul", [cos, cos], "cos_sq", dtype=np.float32)  # [n, n]
     kernel = ops(
