@@ -6,7 +6,8 @@
 
 `stream(...)` yields (token id, new text) as the answer is generated and returns the finished
 `Answer` (the generator's return value); `answer(..., on_text=print)` streams through a callback
-and returns the `Answer`.
+and returns the `Answer`. Where a question goes, a whole `Conversation` (runtime/chat.py: a system
+prompt, earlier turns, the image in one user turn) may go instead; `stop` strings end an answer early.
 
 `generate` is the one generation loop (vision, prefill, whose first stack embeds the ids and splices
 the image features in at the prompt's `image_start`, decode steps, end of request): the demo, the server, Triton and the
@@ -28,8 +29,10 @@ import numpy as np
 import buildformat
 from buildformat import Manifest, ManifestError
 from runtime.backend import Backend, BackendError, PrefillResult
+from runtime.chat import Conversation
 from runtime.preprocess import ImageProcessor, load_image
 from runtime.sampling import Sampler, Sampling
+from runtime.stops import StopText
 from runtime.text import EncodedPrompt, PromptError, PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -83,10 +86,14 @@ class Answer:
     prompt_tokens: int
     backend: str
     timings: Timings
+    # "stop": the model ended the answer (an end-of-sequence token) or a stop string did; "length": the
+    # token limit did.
+    finish_reason: str = "length"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "answer": self.text,
+            "finish_reason": self.finish_reason,
             "token_ids": self.token_ids,
             "kept_image_tokens": self.kept_image_tokens,
             "timings": self.timings.to_json(),
@@ -197,10 +204,10 @@ class Pipeline:
 
         return cls(build, manifest, OrtBackend(build, manifest, provider, accuracy_level=accuracy_level))
 
-    def encode(self, question: str, max_new_tokens: int | None = 64) -> tuple[EncodedPrompt, int]:
-        """The question's prompt (input_ids [1, S] and where the image goes) and the answer length, checked
-        against the cache. max_new_tokens None: all the room the prompt leaves. Raises PromptError /
-        GenerationError.
+    def encode(self, question: str | Conversation, max_new_tokens: int | None = 64) -> tuple[EncodedPrompt, int]:
+        """The question's (or conversation's) prompt (input_ids [1, S] and where the image goes) and the
+        answer length, checked against the cache. max_new_tokens None: all the room the prompt leaves.
+        Raises PromptError / GenerationError.
         """
         if max_new_tokens is not None and max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -231,7 +238,9 @@ class Pipeline:
             preprocess_seconds=time.perf_counter() - start,
         )
 
-    def prepare(self, image: Any, question: str, max_new_tokens: int = 64, max_pixels: int | None = None) -> Prompt:
+    def prepare(
+        self, image: Any, question: str | Conversation, max_new_tokens: int = 64, max_pixels: int | None = None
+    ) -> Prompt:
         """Decodes and checks the image and the question (every user error is raised here, nothing runs)."""
         encoded, max_new_tokens = self.encode(question, max_new_tokens)
         return self.with_image(image, encoded, max_new_tokens, max_pixels)
@@ -239,13 +248,14 @@ class Pipeline:
     def stream(
         self,
         image: Any,
-        question: str,
+        question: str | Conversation,
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
         stop_at_eos: bool = True,
+        stop: tuple[str, ...] = (),
     ) -> Generator[tuple[int, str], None, Answer]:
         """Yields (token id, new text) as tokens come; returns the finished Answer."""
-        return self.generate(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos)
+        return self.generate(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos, stop=stop)
 
     def generate(
         self,
@@ -253,12 +263,16 @@ class Pipeline:
         sampling: Sampling | None = None,
         stop_at_eos: bool = True,
         trace: GenerationTrace | None = None,
+        stop: tuple[str, ...] = (),
     ) -> Generator[tuple[int, str], None, Answer]:
         """Runs a prepared prompt: yields (token id, new text) as tokens come; returns the finished Answer.
 
         Closing the generator early (`close()`) stops the answer before the next decode step. `trace`, when
-        given, is filled with the image features, the prefill's result and every token's logits.
+        given, is filled with the image features, the prefill's result and every token's logits. `stop`:
+        up to 4 strings; the answer ends before the first of them (finish_reason "stop"), and the text that
+        might begin one is held back until the next token settles it.
         """
+        stops = StopText(stop) if stop else None  # checked before anything runs
         ids, max_new_tokens, image_start = prepared.input_ids, prepared.max_new_tokens, prepared.image_start
         prompt = prepared.prompt_tokens
 
@@ -280,7 +294,9 @@ class Pipeline:
         decode: list[float] = []  # seconds per decode step, as the caller waits for it
         graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
         logits = result.logits  # [V]
-        shown = False  # whether any text was yielded yet
+        shown = False  # whether the answer's text has begun (its leading whitespace is dropped)
+        emitted: list[str] = []  # what was yielded, where a stop string may cut the answer
+        finish = "length"
         try:
             while True:
                 token = sampler(logits)
@@ -288,13 +304,20 @@ class Pipeline:
                 if trace is not None:
                     trace.record(token, logits)
                 if token in eos:
+                    finish = "stop"
                     break
                 piece = text.push(token)
                 if not shown:  # the answer's text is stripped: so is its stream's start
                     piece = piece.lstrip()
                     shown = bool(piece)
+                if stops is not None:
+                    piece = stops.push(piece)
+                    emitted.append(piece)
                 if piece:
                     yield token, piece  # a caller that closes the generator here stops the answer
+                if stops is not None and stops.stopped:
+                    finish = "stop"
+                    break
                 if len(tokens) == max_new_tokens:
                     break
                 start = time.perf_counter()
@@ -306,7 +329,13 @@ class Pipeline:
             # Finished, failed or abandoned: the request's cache and compacted weights go now, not at
             # the next prefill, so an idle pipeline holds only its weights.
             self.backend.end_request()
-        tail = text.flush() if shown else text.flush().lstrip()
+        cut = stops is not None and stops.stopped
+        tail = "" if cut else text.flush() if shown else text.flush().lstrip()
+        if stops is not None and not cut:
+            tail = stops.push(tail)
+            finish = "stop" if stops.stopped else finish
+            tail += "" if stops.stopped else stops.flush()
+            emitted.append(tail)
         if tail:
             yield tokens[-1], tail
         timings = Timings(
@@ -316,9 +345,18 @@ class Pipeline:
             decode=tuple(decode),
             decode_graph=tuple(graph) if graph else None,
         )
-        text_out = self.tokenizer.decode(tokens).strip()
+        # Cut by a stop string: the text as streamed; otherwise the whole answer decoded at once.
+        cut = stops is not None and stops.stopped
+        text_out = "".join(emitted).strip() if cut else self.tokenizer.decode(tokens).strip()
         return Answer(
-            text_out, tokens, result.kept_image_tokens, self.num_image_tokens, prompt, self.backend.name, timings
+            text_out,
+            tokens,
+            result.kept_image_tokens,
+            self.num_image_tokens,
+            prompt,
+            self.backend.name,
+            timings,
+            finish,
         )
 
     def run(
@@ -328,9 +366,10 @@ class Pipeline:
         stop_at_eos: bool = True,
         on_text: Callable[[str], None] | None = None,
         trace: GenerationTrace | None = None,
+        stop: tuple[str, ...] = (),
     ) -> Answer:
         """`generate` to its end: the Answer; `on_text` gets each new piece of text as it comes."""
-        tokens = self.generate(prepared, sampling, stop_at_eos, trace)
+        tokens = self.generate(prepared, sampling, stop_at_eos, trace, stop)
         while True:
             try:
                 _token, piece = next(tokens)
@@ -342,13 +381,14 @@ class Pipeline:
     def answer(
         self,
         image: Any,
-        question: str,
+        question: str | Conversation,
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
         on_text: Callable[[str], None] | None = None,
         stop_at_eos: bool = True,
+        stop: tuple[str, ...] = (),
     ) -> Answer:
-        return self.run(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos, on_text)
+        return self.run(self.prepare(image, question, max_new_tokens), sampling, stop_at_eos, on_text, stop=stop)
 
 
 __all__ = [

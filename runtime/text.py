@@ -1,11 +1,13 @@
 """Prompt tokenization and streaming detokenization for the torch-free runtime (tokenizers only).
 
-The build's manifest holds the checkpoint's chat template already rendered around a `{question}`
-marker, so no Jinja is needed: the question replaces the marker, the single image token is repeated
-`num_image_tokens` times (as transformers' LlavaProcessor expands it), and tokenizer.json, whose
-post-processor prepends `<s>`, tokenizes the result. The ids equal the transformers processor's
-`input_ids` for the same prompt. The tokenizer's character offsets give where the image's tokens
-begin (`EncodedPrompt.image_start`): the prompt builder placed them, so nothing searches for them.
+A conversation (runtime/chat.py) is rendered with the checkpoint's chat template, which the build
+carries; the single image token is repeated `num_image_tokens` times (as transformers' LlavaProcessor
+expands it), and tokenizer.json, whose post-processor prepends `<s>`, tokenizes the result. The ids
+equal the transformers processor's `input_ids` for the same conversation. The tokenizer's character
+offsets give where the image's tokens begin (`EncodedPrompt.image_start`): the template placed them,
+so nothing searches the ids for them. The build's manifest also records the one-turn prompt that
+transformers rendered around a `{question}` marker; the Jinja rendering is checked against it when
+the tokenizer loads, so a template this runtime renders differently fails then, not in an answer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from buildformat import Manifest
+from runtime.chat import ChatTemplate, Conversation
 
 QUESTION_MARKER = "{question}"
 REPLACEMENT_CHAR = "\ufffd"
@@ -56,33 +59,20 @@ class PromptTokenizer:
     def __init__(
         self,
         tokenizer: Tokenizer,
-        prompt: str,
+        template: ChatTemplate,
         image_token: str,
         image_token_id: int,
         num_image_tokens: int,
         max_prompt_tokens: int,
         eos_token_ids: Sequence[int],
     ) -> None:
-        if prompt.count(QUESTION_MARKER) != 1 or prompt.count(image_token) != 1:
-            raise ValueError(
-                f"the build's prompt format {prompt!r} needs one {QUESTION_MARKER} and one {image_token}; rebuild it"
-            )
         self.tokenizer = tokenizer
-        self.prompt = prompt
+        self.template = template
         self.image_token = image_token
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self._eos_token_ids = tuple(eos_token_ids)
-        # Expand the image token in the template only: a question is never searched for it.
-        before, after = prompt.split(QUESTION_MARKER)
-        expanded = image_token * num_image_tokens
-        self._before = before.replace(image_token, expanded)
-        self._after = after.replace(image_token, expanded)
-        # Where the expanded image run begins in the prompt's text: an offset into the text before the
-        # question, or into the text after it (then shifted by the question's length).
-        self._image_in_before = image_token in before
-        self._image_char = (before if self._image_in_before else after).index(image_token)
 
     @classmethod
     def from_build(cls, build_dir: str | Path, manifest: Manifest) -> PromptTokenizer:
@@ -90,9 +80,9 @@ class PromptTokenizer:
         path = Path(build_dir) / section.tokenizer
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the build is incomplete, rebuild it")
-        prompt, image_token = section.prompt, section.image_token
-        if prompt is None or image_token is None or "S" not in manifest.dims:
-            raise ValueError("the build's manifest has no prompt format or no prompt length; rebuild it")
+        image_token = section.image_token
+        if image_token is None or "S" not in manifest.dims:
+            raise ValueError("the build's manifest has no image token or no prompt length; rebuild it")
         image_token_id, num_image_tokens = model.image_token_id, model.num_image_tokens
         max_prompt_tokens = manifest.dims["S"].max
         eos_ids = sorted(model.eos_token_ids)
@@ -102,26 +92,43 @@ class PromptTokenizer:
                 f"{path} gives {image_token} the id {tokenizer.token_to_id(image_token)}, the model expects "
                 f"{image_token_id}; rebuild the build directory"
             )
-        return cls(tokenizer, prompt, image_token, image_token_id, num_image_tokens, max_prompt_tokens, eos_ids)
+        template = ChatTemplate.from_build(build_dir, section.chat_template)
+        if section.prompt is not None:
+            # The one-turn prompt transformers rendered at build time: the Jinja rendering must agree.
+            rendered = template.render(Conversation.question(QUESTION_MARKER))
+            if rendered != section.prompt:
+                raise ValueError(
+                    f"the build's chat template renders {rendered!r} here, but transformers rendered "
+                    f"{section.prompt!r} at build time; rebuild with this project's version"
+                )
+        return cls(tokenizer, template, image_token, image_token_id, num_image_tokens, max_prompt_tokens, eos_ids)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         """The ids that end an answer (the manifest's eos_token_id, one or several)."""
         return self._eos_token_ids
 
-    def encode(self, question: str) -> EncodedPrompt:
-        """The prompt for a question: input_ids [1, S] int64 and where its image's tokens begin."""
-        question = question.strip()
-        if not question:
-            raise PromptError("the question is empty; ask something about the image")
-        if self.image_token in question:
-            # transformers refuses it too (more image tokens than images); the model takes one image.
-            raise PromptError(f"the question contains the image token {self.image_token}; remove it")
-        # Concatenation, not str.format: braces in a question are ordinary text.
-        text = self._before + question + self._after
+    def encode(self, conversation: Conversation | str) -> EncodedPrompt:
+        """The prompt for a conversation (or one question about the image): input_ids [1, S] int64 and
+        where its image's tokens begin."""
+        if isinstance(conversation, str):
+            if not conversation.strip():
+                raise PromptError("the question is empty; ask something about the image")
+            conversation = Conversation.question(conversation)
+        for message in conversation.messages:
+            if self.image_token in message.text:
+                # transformers refuses it too (more image tokens than images); the model takes one image.
+                raise PromptError(f"a {message.role} message contains the image token {self.image_token}; remove it")
+        text = self.template.render(conversation)
+        if text.count(self.image_token) != 1:
+            raise PromptError(
+                f"the chat template rendered {text.count(self.image_token)} image tokens for one image; "
+                "rebuild the build directory with the checkpoint's template"
+            )
+        image_char = text.index(self.image_token)
+        text = text.replace(self.image_token, self.image_token * self.num_image_tokens)
         encoding = self.tokenizer.encode(text, add_special_tokens=True)
         ids = encoding.ids
-        image_char = self._image_char + (0 if self._image_in_before else len(self._before) + len(question))
         start = encoding.char_to_token(image_char)  # an added token: one token whose offsets are exact
         images = sum(1 for i in ids if i == self.image_token_id)
         n = self.num_image_tokens
@@ -131,10 +138,13 @@ class PromptTokenizer:
                 "rephrase the question or rebuild the build directory"
             )
         if len(ids) > self.max_prompt_tokens:
+            turns = len(conversation.messages)
             raise PromptTooLong(
-                f"the prompt is {len(ids)} tokens ({self.num_image_tokens} of them for the image), longer than the "
-                f"build's maximum of {self.max_prompt_tokens}; ask a shorter question, or rebuild with a larger "
-                "--max-prompt-tokens (python -m export build --max-prompt-tokens N)"
+                f"the prompt is {len(ids)} tokens ({self.num_image_tokens} of them for the image"
+                + (f", {turns} messages" if turns > 1 else "")
+                + f"), longer than the build's maximum of {self.max_prompt_tokens}; "
+                + ("drop earlier turns or " if turns > 1 else "ask a shorter question, or ")
+                + "rebuild with a larger --max-prompt-tokens (python -m export build --max-prompt-tokens N)"
             )
         return EncodedPrompt(np.asarray([ids], dtype=np.int64), start)
 

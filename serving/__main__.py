@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from buildformat import ManifestError
 from runtime.backend import BackendError
 from serving.http.config import ServeConfig, ServeConfigError
+
+API_KEY_ENV = "COREMATCHING_API_KEY"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +39,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-image-pixels", type=int, default=50_000_000, help="largest image (default 50 Mpx)")
     parser.add_argument("--default-max-tokens", type=int, default=64, help="answer length without max_tokens")
     parser.add_argument("--model-name", help="the model id clients send (default: the build directory's name)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require Authorization: Bearer KEY on every request but /health and the page (default: ${API_KEY_ENV}; "
+        "the variable keeps the key out of the process list)",
+    )
+    parser.add_argument("--metrics-open", action="store_true", help="serve /metrics without the API key")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser.parse_args(argv)
 
@@ -66,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
             default_max_tokens=args.default_max_tokens,
             model_name=args.model_name,
+            api_key=args.api_key,
+            metrics_open=args.metrics_open,
         )
+        if config.api_key is None and not config.loopback:
+            print(
+                f"warning: listening on {config.host} without an API key: anyone who reaches this port can use the "
+                f"model; set --api-key or {API_KEY_ENV}",
+                file=sys.stderr,
+            )
         app = create_app(config)  # loads and checks the build before the port is taken
     except (ServeConfigError, ManifestError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)

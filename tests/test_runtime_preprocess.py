@@ -23,6 +23,7 @@ import runtime.preprocess
 from buildformat import Manifest
 from models import default_model_dir, load_llava
 from models.answer import build_prompt
+from runtime.chat import Conversation
 from runtime.preprocess import ImageError, ImageProcessor, load_image
 from runtime.text import PromptError, PromptTokenizer, TextStream
 
@@ -48,7 +49,7 @@ def processor() -> Any:
 def build(processor: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
     """A build directory with only what preprocessing and tokenization read (no graphs)."""
     out = tmp_path_factory.mktemp("build")
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
         shutil.copy2(default_model_dir() / name, out / name)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
     crop = processor.image_processor.crop_size
@@ -242,7 +243,9 @@ def test_bad_questions(tokenizer: PromptTokenizer) -> None:
     with pytest.raises(PromptError, match="--max-prompt-tokens") as error:
         tokenizer.encode(question)
     image = tokenizer.image_token
-    prompt = tokenizer.prompt.replace(image, image * tokenizer.num_image_tokens).replace("{question}", question.strip())
+    prompt = tokenizer.template.render(Conversation.question(question)).replace(
+        image, image * tokenizer.num_image_tokens
+    )
     length = len(tokenizer.tokenizer.encode(prompt).ids)
     assert length > MAX_PROMPT_TOKENS
     assert f"{length} tokens" in str(error.value) and f"maximum of {MAX_PROMPT_TOKENS}" in str(error.value)

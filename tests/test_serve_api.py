@@ -59,8 +59,8 @@ class Paced:
     def release(self, n: int = 1) -> None:
         self._steps.release(n)
 
-    def generate(self, prompt, sampling=None, stop_at_eos=True):
-        inner = self._pipeline.generate(prompt, sampling, stop_at_eos)
+    def generate(self, prompt, sampling=None, stop_at_eos=True, stop=()):
+        inner = self._pipeline.generate(prompt, sampling, stop_at_eos, stop=stop)
         count = 0
         self.started.set()
         try:
@@ -274,12 +274,45 @@ BAD_REQUESTS = {
     "max_tokens zero": (_body(max_tokens=0), None, 400, "invalid_value"),
     "a string temperature": (_body(temperature="hot"), None, 400, "invalid_type"),
     "top_p out of range": (_body(top_p=1.5), None, 400, "invalid_value"),
-    "two turns": (
+    "an image in two turns": (
         _body(messages=[*message(), {"role": "assistant", "content": "red"}, *message()]),
+        None,
+        400,
+        "too_many_images",
+    ),
+    "a tool message": (
+        _body(messages=[*message(), {"role": "tool", "content": "42", "tool_call_id": "a"}]),
         None,
         400,
         "unsupported_messages",
     ),
+    "the assistant last": (
+        _body(messages=[*message(), {"role": "assistant", "content": "red"}]),
+        None,
+        400,
+        "invalid_messages",
+    ),
+    "an image from the assistant": (
+        _body(
+            messages=[
+                {"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}]},
+                {"role": "user", "content": QUESTION},
+            ]
+        ),
+        None,
+        400,
+        "invalid_messages",
+    ),
+    "a conversation too long": (
+        _body(messages=[*message(), *[{"role": "user", "content": "word " * 100}] * 4]),
+        None,
+        400,
+        "prompt_too_long",
+    ),
+    "five stop strings": (_body(stop=["a", "b", "c", "d", "e"]), None, 400, "invalid_value"),
+    "an empty stop string": (_body(stop=[""]), None, 400, "invalid_value"),
+    "a numeric stop": (_body(stop=7), None, 400, "invalid_type"),
     "n of 2": (_body(n=2), None, 400, "unsupported_parameter"),
     "a body over the limit": (_body(padding="x" * 1_200_000), None, 413, "body_too_large"),
 }

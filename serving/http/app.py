@@ -3,11 +3,14 @@
     app = create_app(ServeConfig(build=Path("builds/default")))   # uvicorn.run(app, ...)
 
 Routes: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health, GET /metrics, GET / (page).
+With an API key, every route but /health and the page (and /metrics with metrics_open) needs
+`Authorization: Bearer KEY`; the key is compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -17,7 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -96,6 +99,23 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         else:
             log.info("refused (%d %s): %s", error.status, error.code, error.message)
         return _error_response(error)
+
+    expected = None if config.api_key is None else config.api_key.encode()
+
+    async def authorized(request: Request) -> None:
+        """Refuses (401, OpenAI's shape) a request without the server's key; nothing to check without one."""
+        if expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            message = "no API key: send the header Authorization: Bearer KEY (the server's --api-key)"
+        elif hmac.compare_digest(given.strip().encode(), expected):
+            return
+        else:
+            message = "the API key is wrong: send the server's --api-key as Authorization: Bearer KEY"
+        raise ApiError(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    protected = [Depends(authorized)]
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -176,7 +196,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
                 metrics.errors.labels("client_disconnected").inc()
                 log.info("client disconnected mid-stream; generation stopped")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=protected)
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
         chat = parse_chat(await _read_json(request, config.max_body_bytes), model_id, config.allow_local_files)
@@ -198,7 +218,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         except BaseException:
             scheduler.unreserve()
             raise
-        job = Job(prompt, chat.sampling, loop, config.timeout, arrived=arrived)
+        job = Job(prompt, chat.sampling, loop, config.timeout, arrived=arrived, stop=chat.stop)
         scheduler.submit(job)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if chat.stream:
@@ -225,11 +245,11 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             scheduler.abandon(job)
             raise
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=protected)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(model_id, created, pipeline, config)]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", dependencies=protected)
     async def model(name: str) -> dict[str, Any]:
         if name != model_id:
             raise ApiError(
@@ -247,7 +267,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             "busy": scheduler.busy,
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if config.metrics_open else protected)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
@@ -34,6 +35,11 @@ class ServeConfig:
     default_max_tokens: int = 64
     # The id clients send as `model`; None: the build directory's name.
     model_name: str | None = None
+    # Requests must carry `Authorization: Bearer <api_key>` (not /health, not the page); None: open.
+    # Kept out of repr so that no log or error message shows it.
+    api_key: str | None = field(default=None, repr=False)
+    # /metrics without the key (for a Prometheus scraper on a trusted network).
+    metrics_open: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -50,8 +56,20 @@ class ServeConfig:
             raise ServeConfigError(f"--max-body-mb is too small ({self.max_body_bytes} bytes); allow at least 1 KB")
         if self.max_image_pixels < 1:
             raise ServeConfigError(f"--max-image-pixels must be positive, got {self.max_image_pixels}")
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
+            raise ServeConfigError("--api-key must be non-empty and have no surrounding whitespace")
         if self.default_max_tokens < 1:
             raise ServeConfigError(f"--default-max-tokens must be at least 1, got {self.default_max_tokens}")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `host` is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to any interface
+            return False
 
     @property
     def model_id(self) -> str:

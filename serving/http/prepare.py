@@ -1,10 +1,11 @@
-"""A request's question and image made ready for the pipeline; user errors -> 400 with their codes."""
+"""A request's conversation and image made ready for the pipeline; user errors -> 400 with their codes."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
 from runtime import AnswerTooLong, GenerationError, ImageError, ImageTooLarge, Pipeline, PromptError, PromptTooLong
+from runtime.chat import ConversationError
 from runtime.pipeline import Prompt
 from runtime.text import EncodedPrompt
 from serving.http.config import ServeConfig
@@ -25,11 +26,13 @@ class Preparer:
         """The prompt (its ids, where the image goes) and the answer length (cheap: run before the queue
         admits the request)."""
         try:
-            encoded, tokens = self.pipeline.encode(chat.question, chat.max_tokens)  # None: all the room
+            encoded, tokens = self.pipeline.encode(chat.conversation, chat.max_tokens)  # None: all the room
         except PromptTooLong as e:
-            raise bad_request(str(e), "prompt_too_long", "messages.content") from None
+            raise bad_request(str(e), "prompt_too_long", "messages") from None
         except PromptError as e:
-            raise bad_request(str(e), "invalid_prompt", "messages.content") from None
+            raise bad_request(str(e), "invalid_prompt", "messages") from None
+        except ConversationError as e:  # the chat template's own refusal
+            raise bad_request(str(e), "invalid_messages", "messages") from None
         except AnswerTooLong as e:
             raise bad_request(str(e), "max_tokens_too_large", "max_tokens") from None
         except GenerationError as e:

@@ -1,7 +1,9 @@
 """An OpenAI chat-completions request body -> a typed `ChatRequest`, or an ApiError naming the field.
 
-The server answers one user message holding one question and one image, as the build's prompt
-format does (a single turn; the build carries its own system prompt).
+`messages` is the whole conversation, as chat clients send it with every request: system (or
+developer), user and assistant messages, rendered with the checkpoint's chat template. The one image
+(LLaVA-1.5 takes one per conversation) is an `image_url` part of any user message; the answer is
+for the last message, a user's. Every refusal is listed in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -13,23 +15,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.chat import MAX_IMAGES, Conversation, ConversationError, Message
 from runtime.sampling import Sampling, SamplingError
+from runtime.stops import MAX_STOPS
 from serving.http.errors import ApiError, bad_request
 
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 # Fields OpenAI defines whose non-default values this server cannot honour.
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "response_format", "stop", "logprobs")
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "response_format", "logprobs", "top_logprobs")
+# OpenAI's `developer` role is its newer name for `system`.
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
-    question: str
+    conversation: Conversation
     image: bytes | Path  # the encoded image (a data: URL's bytes) or, with --allow-local-files, a path
     max_tokens: int | None  # None: the server's default
     sampling: Sampling
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
 
 
 def _integer(body: dict[str, Any], key: str, low: int) -> int | None:
@@ -101,46 +108,87 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return content
 
 
-def _question_and_image(messages: Any, allow_local_files: bool) -> tuple[str, bytes | Path]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", "invalid_messages", "messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise bad_request("each message must be an object with role and content", "invalid_messages", "messages")
-    roles = [m.get("role") for m in messages]
-    if roles != ["user"]:
+def _message(index: int, message: Any, images: list[Any]) -> Message:
+    """One message: its role and its text parts joined; its image_url parts go to `images`."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object with role and content", "invalid_messages", param)
+    role = message.get("role")
+    if role not in _ROLES:
         raise bad_request(
-            f"send one user message with the question and the image (got roles {roles}); this build answers a "
-            "single turn with its own system prompt",
+            f"{param} has the role {role!r}; this server takes system, developer, user and assistant messages "
+            "(no tool calls)",
             "unsupported_messages",
-            "messages",
+            f"{param}.role",
         )
+    if message.get("tool_calls") or message.get("function_call"):
+        raise bad_request(f"{param} holds tool calls; this server has no tools", "unsupported_messages", param)
     texts: list[str] = []
-    images: list[Any] = []
-    for part in _parts(messages[0].get("content")):
+    before = len(images)
+    for part in _parts(message.get("content")):
         kind = part.get("type")
         if kind == "text":
             if not isinstance(part.get("text"), str):
-                raise bad_request("a text part needs a string text", "invalid_content", "messages.content")
+                raise bad_request("a text part needs a string text", "invalid_content", f"{param}.content")
             texts.append(part["text"])
         elif kind == "image_url":
             image_url = part.get("image_url")
             images.append(image_url.get("url") if isinstance(image_url, dict) else image_url)
         else:
             raise bad_request(
-                f"unknown content part type {kind!r}; use text and image_url", "invalid_content", "messages.content"
+                f"unknown content part type {kind!r}; use text and image_url", "invalid_content", f"{param}.content"
             )
-    if not images:
-        raise bad_request("the message has no image; add one image_url part", "missing_image", "messages.content")
-    if len(images) > 1:
+    has_image = len(images) > before
+    if has_image and role != "user":
         raise bad_request(
-            f"the message has {len(images)} images; this model takes one image per request",
-            "too_many_images",
-            "messages.content",
+            f"{param} is a {role} message with an image; put the image in a user message",
+            "invalid_messages",
+            f"{param}.content",
         )
-    question = " ".join(t.strip() for t in texts if t.strip())
-    if not question:
-        raise bad_request("the question is empty; add a text part", "empty_prompt", "messages.content")
-    return question, decode_image_url(images[0], allow_local_files)
+    return Message(_ROLES[role], " ".join(t.strip() for t in texts if t.strip()), image=has_image)
+
+
+def _conversation_and_image(messages: Any, allow_local_files: bool) -> tuple[Conversation, bytes | Path]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", "invalid_messages", "messages")
+    images: list[Any] = []
+    parsed = [_message(i, m, images) for i, m in enumerate(messages)]
+    if len(images) > MAX_IMAGES:
+        raise bad_request(
+            f"the conversation has {len(images)} images; LLaVA-1.5 takes at most {MAX_IMAGES} image per "
+            "conversation: start a new conversation for another image",
+            "too_many_images",
+            "messages",
+        )
+    if not images:
+        raise bad_request(
+            "the conversation has no image; add one image_url part to a user message", "missing_image", "messages"
+        )
+    if parsed[-1].role == "user" and not parsed[-1].text:
+        raise bad_request(
+            "the last user message has no text; add a text part with the question",
+            "empty_prompt",
+            f"messages[{len(parsed) - 1}].content",
+        )
+    try:
+        conversation = Conversation(tuple(parsed))
+    except ConversationError as e:
+        raise bad_request(str(e), "invalid_messages", "messages") from None
+    return conversation, decode_image_url(images[0], allow_local_files)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request(f"stop must be a string or a list of strings, got {value!r}", "invalid_type", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad_request(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "invalid_value", "stop")
+    if any(not s for s in stops):
+        raise bad_request("stop strings must not be empty", "invalid_value", "stop")
+    return tuple(stops)
 
 
 def parse_chat(body: Any, model_id: str, allow_local_files: bool) -> ChatRequest:
@@ -177,5 +225,8 @@ def parse_chat(body: Any, model_id: str, allow_local_files: bool) -> ChatRequest
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "invalid_type", "stream_options")
-    question, image = _question_and_image(body.get("messages"), allow_local_files)
-    return ChatRequest(model, question, image, max_tokens, sampling, stream, bool(options.get("include_usage")))
+    stop = _stop(body)
+    conversation, image = _conversation_and_image(body.get("messages"), allow_local_files)
+    return ChatRequest(
+        model, conversation, image, max_tokens, sampling, stream, bool(options.get("include_usage")), stop
+    )

@@ -53,9 +53,9 @@ class Completion:
 
     @property
     def finish_reason(self) -> str:
+        """ "stop" (the model's end of sequence, or a stop string) or "length" (the token limit)."""
         assert self.answer is not None
-        eos = self.pipeline.tokenizer.eos_token_ids
-        return "stop" if self.answer.token_ids and self.answer.token_ids[-1] in eos else "length"
+        return self.answer.finish_reason
 
     def finish(self, answer: Answer, job: Any) -> None:
         self.answer = answer

@@ -61,6 +61,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     timeout: float  # seconds from arrival, 0: none
     arrived: float = field(default_factory=time.monotonic)
+    stop: tuple[str, ...] = ()  # the request's stop strings (Pipeline.generate cuts the answer there)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     abandoned: threading.Event = field(default_factory=threading.Event)
     state: str = "waiting"  # waiting -> running -> finished, or waiting -> abandoned
@@ -168,7 +169,7 @@ class Scheduler:
         if time.monotonic() > job.deadline:
             job.emit(Failed(timeout_error(job.timeout)))
             return
-        tokens = self.pipeline.generate(job.prompt, job.sampling)
+        tokens = self.pipeline.generate(job.prompt, job.sampling, stop=job.stop)
         try:
             while True:
                 try:
