@@ -20,6 +20,7 @@ from coreMatching import CoreMatchingLlava
 from models import load_llava
 from models.answer import build_prompt
 from runtime import GenerationError, Pipeline, PromptError, Sampling
+from runtime.chat import ChatTemplate
 from runtime.ort_sessions import ProviderError, choose_providers
 from runtime.pipeline import GenerationTrace, Prompt, Timings
 from runtime.text import PromptTokenizer
@@ -103,7 +104,13 @@ def test_the_prompt_builder_says_where_the_image_goes(built):
         assert encoded.image_start == first and room == pipeline.max_sequence - encoded.prompt_tokens
         assert pipeline.with_image(EXAMPLE, encoded, 4).image_start == first
     base = pipeline.tokenizer
-    after = PromptTokenizer(base.tokenizer, "USER: {question}\n<image> ASSISTANT:", "<image>", image_id, 16, 64, [2])
+    # A template that renders the image after the question.
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] if c['type'] == 'text' %}"
+        "{{ c['text'] }}{% endfor %}{% for c in m['content'] if c['type'] == 'image' %}\n<image>{% endfor %} "
+        "{% endfor %}ASSISTANT:"
+    )
+    after = PromptTokenizer(base.tokenizer, template, "<image>", image_id, 16, 64, [2])
     for question in ("What?", "Which shape is red?"):
         encoded = after.encode(question)
         assert encoded.image_start == int(np.flatnonzero(encoded.input_ids[0] == image_id)[0]) > 3
