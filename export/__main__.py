@@ -33,7 +33,13 @@ def _build_parser(sub: Any) -> None:
         "decode, every weight in one graph) with in-graph core-token and core-neuron selection, validate them "
         "against PyTorch, and write a build directory.",
     )
-    p.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR|HUB_ID",
+        help="a local llava-hf directory or a hub id in the local Hugging Face cache (owner/name[@revision], "
+        "never downloaded; default: the embedded model)",
+    )
     p.add_argument("--out", type=Path, default=Path("builds/default"), help="build directory (default builds/default)")
     add_config_arguments(p)
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (GPU builds)")
@@ -93,9 +99,10 @@ def _validate_parser(sub: Any) -> None:
     p.add_argument("build", type=Path, help="the build directory")
     p.add_argument(
         "--model",
-        type=Path,
         default=None,
-        help="the checkpoint the build was made from (default: the one its manifest names)",
+        metavar="DIR|HUB_ID",
+        help="the checkpoint the build was made from: a local llava-hf directory or a hub id in the local "
+        "Hugging Face cache (default: the one its manifest names)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
 
@@ -111,6 +118,7 @@ def run_build(args: argparse.Namespace) -> int:
     from export.summary import print_summary
     from export.validate import ValidationError
     from models import ModelLoadError
+    from models.hub import resolve_model
 
     console = Console(stderr=True)
     try:
@@ -119,7 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
             corematching = config_from_args(args).with_(neuron_chunks=args.neuron_chunks)
         config = ExportConfig(
             out=args.out,
-            model_dir=args.model,
+            model_dir=resolve_model(args.model),
             corematching=corematching,
             fp16=args.fp16,
             weights=args.weights,
@@ -158,12 +166,16 @@ def run_validate(args: argparse.Namespace) -> int:
     from coreMatching.errors import CoreMatchingError
     from export.summary import print_validation
     from models import ModelLoadError, default_model_dir, load_llava
+    from models.hub import resolve_model
 
     try:
         manifest = buildformat.read(args.build)
         buildformat.verify(args.build, manifest)
         source = manifest.model.source
-        model_dir = args.model or (default_model_dir() if source == "embedded default" else Path(source))
+        # A build from the hub cache names its checkpoint owner/name@commit, which resolves to that snapshot.
+        model_dir = resolve_model(args.model) or (
+            default_model_dir() if source == "embedded default" else resolve_model(source)
+        )
         model, processor = load_llava(model_dir)
         from export.validate_quant import revalidate
 

@@ -31,6 +31,7 @@ from export.config import ExportConfig
 from export.weights import WEIGHTS
 from models import default_model_dir
 from models.answer import build_prompt
+from models.hub import hub_source
 
 # The text of a typical question, for the FLOPs figures of the summary.
 QUESTION_TOKENS = 40
@@ -38,6 +39,14 @@ QUESTION_TOKENS = 40
 
 class PromptFormatError(ValueError):
     """The checkpoint's chat template does not render one question and one image token."""
+
+
+def model_source(model_dir: Path) -> str:
+    """The manifest's `model.source`: "embedded default", owner/name@commit for a snapshot of the Hugging Face
+    cache (the checkpoint's name on any machine, where the snapshot's path is this machine's), else the path."""
+    if model_dir == default_model_dir().resolve():
+        return "embedded default"
+    return hub_source(model_dir) or str(model_dir)
 
 
 def make_manifest(
@@ -61,7 +70,7 @@ def make_manifest(
     return Manifest(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=ModelInfo(
-            source="embedded default" if model_dir == default_model_dir().resolve() else str(model_dir),
+            source=model_source(model_dir),
             text_model_type=text.model_type,
             hidden_size=geometry.hidden_size,
             intermediate_size=geometry.intermediate_size,

@@ -22,6 +22,7 @@ from coreMatching.errors import ConfigError
 from coreMatching.static_neurons import CRITERIA
 from evaluation.evaluate import EvalConfig
 from evaluation.job import OUTPUTS, EvalJob, default_onnx_settings, parse_setting
+from models.hub import resolve_model
 
 log = logging.getLogger("evaluate")
 
@@ -33,7 +34,13 @@ def _budget(text: str) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     defaults = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="llava-hf directory (default: the embedded model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR|HUB_ID",
+        help="a local llava-hf directory or a hub id in the local Hugging Face cache (owner/name[@revision], "
+        "never downloaded; default: the embedded model)",
+    )
     parser.add_argument("--data", type=Path, default=None, help="JSONL file of real data (default: shapes test split)")
     parser.add_argument("--split", default="test", help="shapes split: test or validation")
     parser.add_argument("--count", type=int, default=1000, help="questions to evaluate")
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         onnx = () if args.onnx == "none" else tuple(parse_setting(s) for s in args.onnx.split(","))
         job = EvalJob(
-            model_dir=args.model,
+            model_dir=resolve_model(args.model),
             data=args.data,
             split=args.split,
             count=args.count,

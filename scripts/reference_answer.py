@@ -25,9 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     from coreMatching.errors import CoreMatchingError
     from models import ModelLoadError, default_model_dir, load_llava, num_image_tokens
     from models.answer import ImageError, answer, load_image
+    from models.hub import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="a local llava-hf directory (default: embedded model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR|HUB_ID",
+        help="a local llava-hf directory or a hub id in the local Hugging Face cache (owner/name[@revision], "
+        "never downloaded; default: the embedded model)",
+    )
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the image (default: a shipped example)")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help=f"the question (default {DEFAULT_QUESTION!r})")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # Settings and the image are checked before the (possibly large) model is loaded.
         config = None if args.dense else config_from_args(args)
         image = load_image(args.image)
-        model, processor = load_llava(args.model or default_model_dir())
+        model, processor = load_llava(resolve_model(args.model) or default_model_dir())
         if config is None:
             config = config_from_args(args, num_image_tokens=num_image_tokens(model.config))
         stream = None if args.json else lambda text: print(text, end="", flush=True)
