@@ -314,6 +314,8 @@ BAD_REQUESTS = {
     "an empty stop string": (_body(stop=[""]), None, 400, "invalid_value"),
     "a numeric stop": (_body(stop=7), None, 400, "invalid_type"),
     "n of 2": (_body(n=2), None, 400, "unsupported_parameter"),
+    "a presence penalty": (_body(presence_penalty=0.5), None, 400, "unsupported_parameter"),
+    "logprobs": (_body(logprobs=True), None, 400, "unsupported_parameter"),
     "a body over the limit": (_body(padding="x" * 1_200_000), None, 413, "body_too_large"),
 }
 

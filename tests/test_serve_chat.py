@@ -204,3 +204,19 @@ def test_listening_beyond_loopback_without_a_key_warns(tmp_path) -> None:
         quiet = run(*flags)
         assert "warning" not in quiet.stderr and quiet.returncode == 2
         assert KEY not in quiet.stderr
+
+
+def test_fields_at_their_defaults_are_accepted(server, config) -> None:
+    """Chat clients send the refused fields at their defaults; those change nothing and pass."""
+    body = {
+        "model": config.model_id,
+        "messages": [_user(QUESTIONS[0], True)],
+        "max_tokens": 2,
+        "n": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logprobs": False,
+        "user": "someone",
+        "stop": None,
+    }
+    assert httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).status_code == 200

@@ -22,7 +22,18 @@ from serving.http.errors import ApiError, bad_request
 
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 # Fields OpenAI defines whose non-default values this server cannot honour.
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "logit_bias", "response_format", "logprobs", "top_logprobs")
+# (0, False and empty values pass: clients send the defaults.)
+_UNSUPPORTED = (
+    "tools",
+    "functions",
+    "tool_choice",
+    "logit_bias",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+)
 # OpenAI's `developer` role is its newer name for `system`.
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
