@@ -2,9 +2,10 @@
 
     python -m bench.triton.client --url 127.0.0.1:8001 --model corematching --concurrency 2 < requests.json
 
-stdin: a JSON list of {"image": path, "question": text, "max_tokens": n}; stdout: a JSON list, in
-the same order, of {"pieces": [...], "result": {...} | null, "error": str | null, "seconds": s,
-"first_token_seconds": s}. Each concurrent worker holds its own stream.
+stdin: a JSON list of {"image": path, "question": text, "max_tokens": n}, where "messages" (a list of
+chat messages, sent as MESSAGES) may replace "question" and "stop" (a list of strings, sent as STOP)
+may come too; stdout: a JSON list, in the same order, of {"pieces": [...], "result": {...} | null,
+"error": str | null, "seconds": s, "first_token_seconds": s}. Each concurrent worker holds its own stream.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def ask(client: Any, model: str, item: dict[str, Any], responses: queue.Queue) -
         t.set_data_from_numpy(value)
         return t
 
-    inputs = [
-        tensor("IMAGE", np.array([Path(item["image"]).read_bytes()], dtype=np.object_), "BYTES"),
-        tensor("QUESTION", np.array([item["question"].encode()], dtype=np.object_), "BYTES"),
-    ]
+    inputs = [tensor("IMAGE", np.array([Path(item["image"]).read_bytes()], dtype=np.object_), "BYTES")]
+    if "question" in item:
+        inputs.append(tensor("QUESTION", np.array([item["question"].encode()], dtype=np.object_), "BYTES"))
+    if "messages" in item:
+        messages = json.dumps(item["messages"]).encode()
+        inputs.append(tensor("MESSAGES", np.array([messages], dtype=np.object_), "BYTES"))
+    if "stop" in item:
+        inputs.append(tensor("STOP", np.array([s.encode() for s in item["stop"]], dtype=np.object_), "BYTES"))
     if "max_tokens" in item:
         inputs.append(tensor("MAX_TOKENS", np.array([item["max_tokens"]], dtype=np.int32), "INT32"))
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.triton.interface import interface
 from serving.triton.local import TritonInstall, local_triton
 from serving.triton.repository import ROOT, TritonConfig, write_repository
 
@@ -110,7 +111,14 @@ def measure(config: ThroughputConfig) -> list[dict[str, Any]]:
 
 def render(config: ThroughputConfig, rows: list[dict[str, Any]], command: str) -> str:
     lines = [
-        "# Triton throughput",
+        "# Triton Inference Server",
+        "",
+        "The model that `python -m serving.triton` writes ([docs/serving.md](../serving.md)): what it takes and "
+        "answers, then its throughput.",
+        "",
+        interface("corematching").strip(),  # the name measure() gives the model
+        "",
+        "## Throughput",
         "",
         f"Made by `{command}`: the build `{config.build.name}` in a repository of `python -m serving.triton`, "
         f"on the nvidia-pytriton wheel's tritonserver (CPU, ONNX Runtime's CPU provider), {config.requests} "

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.chat import MAX_IMAGES, Conversation, ConversationError, Message
+from runtime.chat import Conversation, ConversationError, MissingImage, TooManyImages
+from runtime.messages import EmptyQuestion, InvalidContent, UnsupportedMessage, parse_messages
 from runtime.sampling import Sampling, SamplingError
 from runtime.stops import MAX_STOPS
 from serving.http.errors import ApiError, bad_request
@@ -34,8 +35,6 @@ _UNSUPPORTED = (
     "presence_penalty",
     "frequency_penalty",
 )
-# OpenAI's `developer` role is its newer name for `system`.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -107,85 +106,25 @@ def decode_image_url(url: Any, allow_local_files: bool) -> bytes | Path:
     return Path(url.removeprefix("file://"))
 
 
-def _parts(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
-        raise bad_request(
-            "a message's content must be a string or a list of {type: text | image_url} parts",
-            "invalid_content",
-            "messages.content",
-        )
-    return content
-
-
-def _message(index: int, message: Any, images: list[Any]) -> Message:
-    """One message: its role and its text parts joined; its image_url parts go to `images`."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise bad_request(f"{param} must be an object with role and content", "invalid_messages", param)
-    role = message.get("role")
-    if role not in _ROLES:
-        raise bad_request(
-            f"{param} has the role {role!r}; this server takes system, developer, user and assistant messages "
-            "(no tool calls)",
-            "unsupported_messages",
-            f"{param}.role",
-        )
-    if message.get("tool_calls") or message.get("function_call"):
-        raise bad_request(f"{param} holds tool calls; this server has no tools", "unsupported_messages", param)
-    texts: list[str] = []
-    before = len(images)
-    for part in _parts(message.get("content")):
-        kind = part.get("type")
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise bad_request("a text part needs a string text", "invalid_content", f"{param}.content")
-            texts.append(part["text"])
-        elif kind == "image_url":
-            image_url = part.get("image_url")
-            images.append(image_url.get("url") if isinstance(image_url, dict) else image_url)
-        else:
-            raise bad_request(
-                f"unknown content part type {kind!r}; use text and image_url", "invalid_content", f"{param}.content"
-            )
-    has_image = len(images) > before
-    if has_image and role != "user":
-        raise bad_request(
-            f"{param} is a {role} message with an image; put the image in a user message",
-            "invalid_messages",
-            f"{param}.content",
-        )
-    return Message(_ROLES[role], " ".join(t.strip() for t in texts if t.strip()), image=has_image)
+# A message-list fault's code, by its class (the most specific one that matches).
+_MESSAGE_CODES: dict[type[Exception], str] = {
+    TooManyImages: "too_many_images",
+    MissingImage: "missing_image",
+    UnsupportedMessage: "unsupported_messages",
+    InvalidContent: "invalid_content",
+    EmptyQuestion: "empty_prompt",
+    ConversationError: "invalid_messages",
+}
 
 
 def _conversation_and_image(messages: Any, allow_local_files: bool) -> tuple[Conversation, bytes | Path]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", "invalid_messages", "messages")
-    images: list[Any] = []
-    parsed = [_message(i, m, images) for i, m in enumerate(messages)]
-    if len(images) > MAX_IMAGES:
-        raise bad_request(
-            f"the conversation has {len(images)} images; LLaVA-1.5 takes at most {MAX_IMAGES} image per "
-            "conversation: start a new conversation for another image",
-            "too_many_images",
-            "messages",
-        )
-    if not images:
-        raise bad_request(
-            "the conversation has no image; add one image_url part to a user message", "missing_image", "messages"
-        )
-    if parsed[-1].role == "user" and not parsed[-1].text:
-        raise bad_request(
-            "the last user message has no text; add a text part with the question",
-            "empty_prompt",
-            f"messages[{len(parsed) - 1}].content",
-        )
     try:
-        conversation = Conversation(tuple(parsed))
+        parsed = parse_messages(messages, "messages", "an image_url part with a data:image/...;base64 URL")
     except ConversationError as e:
-        raise bad_request(str(e), "invalid_messages", "messages") from None
-    return conversation, decode_image_url(images[0], allow_local_files)
+        code = next(code for kind, code in _MESSAGE_CODES.items() if isinstance(e, kind))
+        raise bad_request(str(e), code, getattr(e, "param", "messages")) from None
+    url = parsed.image.get("url") if isinstance(parsed.image, dict) else parsed.image
+    return parsed.conversation, decode_image_url(url, allow_local_files)
 
 
 def _stop(body: dict[str, Any]) -> tuple[str, ...]:

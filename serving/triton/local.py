@@ -25,10 +25,13 @@ from serving.http.process import free_port
 
 log = logging.getLogger(__name__)
 
+# What the model imports in the stub's Python beside the wheel (jinja2: the build's chat template).
+MODEL_IMPORTS = ("numpy", "onnxruntime", "tokenizers", "PIL", "jinja2")
 _PROBE = (
-    "import json, pathlib, sys, pytriton; root = pathlib.Path(pytriton.__file__).parent; "
+    "import importlib.util, json, pathlib, sys, pytriton; root = pathlib.Path(pytriton.__file__).parent; "
     "print(json.dumps({'server': str(root / 'tritonserver'), 'libs': str(root.parent / 'nvidia_pytriton.libs'), "
-    "'version': f'{sys.version_info.major}.{sys.version_info.minor}'}))"
+    "'version': f'{sys.version_info.major}.{sys.version_info.minor}', "
+    f"'missing': [m for m in {MODEL_IMPORTS!r} if importlib.util.find_spec(m) is None]}}))"
 )
 
 
@@ -38,7 +41,7 @@ class TritonUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class TritonInstall:
-    python: Path  # the environment's interpreter (nvidia-pytriton, onnxruntime, tokenizers, Pillow)
+    python: Path  # the environment's interpreter (nvidia-pytriton and MODEL_IMPORTS)
     server: Path  # pytriton/tritonserver: bin/, backends/python, python_backend_stubs/
     libs: Path  # the wheel's bundled shared libraries (the stub links its CUDA runtime)
     version: str  # the environment's Python, whose backend stub runs the models
@@ -51,6 +54,11 @@ class TritonInstall:
         if done.returncode != 0:
             raise TritonUnavailable(f"{python} has no nvidia-pytriton ({done.stderr.strip().splitlines()[-1:]})")
         found = json.loads(done.stdout)
+        if found["missing"]:
+            raise TritonUnavailable(
+                f"{python} lacks {', '.join(found['missing'])}, which the model imports; "
+                "pip install -e '.[ort,triton]' there"
+            )
         install = cls(python, Path(found["server"]), Path(found["libs"]), found["version"])
         if not (install.server / "bin" / "tritonserver").exists():
             raise TritonUnavailable(f"no tritonserver binary in {install.server}")

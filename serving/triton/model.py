@@ -2,9 +2,10 @@
 
 It runs inside Triton's Python stub, not in this project's process: it imports the runtime
 packages copied next to it and the build in `1/build` (the manifest and every file's sha256 are
-checked when an instance loads). Each request streams one response per token (the model is
-decoupled), then a final one with the kept image tokens and a JSON result; a bad request gets a
-Triton error and the instance goes on.
+checked when an instance loads). A request asks a QUESTION, or sends a whole conversation in
+MESSAGES (chat_messages.py, copied beside this file, parses it), about its IMAGE. Each request
+streams one response per token (the model is decoupled), then a final one with the kept image
+tokens and a JSON result; a bad request gets a Triton error and the instance goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # the runtime and buildformat packages copied next to this file
+sys.path.insert(0, str(HERE))  # the runtime and buildformat packages and chat_messages.py, copied next to this file
+
+from chat_messages import parse_stop, request_prompt  # noqa: E402
 
 from runtime import REQUEST_ERRORS, USER_ERRORS, GenerationError, ImageError, Pipeline, Sampling  # noqa: E402
 
@@ -36,6 +39,12 @@ def _scalar(request, name: str, default):
     if values.size != 1:
         raise GenerationError(f"{name} must hold one value, got {values.size}")
     return values[0].item() if hasattr(values[0], "item") else values[0]
+
+
+def _elements(request, name: str) -> list | None:
+    """Every element of an optional input (None when the request leaves it out)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else list(tensor.as_numpy().reshape(-1))
 
 
 def _image(data: bytes) -> bytes:
@@ -59,6 +68,13 @@ def _outputs(text: str, token: int, kept: list[int], result: str) -> list:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        try:
+            import jinja2  # noqa: F401 - the build's chat template renders with it; say so here, not in a traceback
+        except ImportError:
+            raise pb_utils.TritonModelException(
+                "jinja2 is missing from the Python that runs the backend (the chat template needs it); "
+                "pip install 'jinja2>=3.1.6' there"
+            ) from None
         config = json.loads(args["model_config"])
         provider = config.get("parameters", {}).get("provider", {}).get("string_value", "auto")
         try:
@@ -79,8 +95,9 @@ class TritonPythonModel:
     def _answer(self, request, sender) -> None:
         pipeline = self.pipeline
         image = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0]
-        question = pb_utils.get_input_tensor_by_name(request, "QUESTION").as_numpy().reshape(-1)[0]
-        question = question.decode() if isinstance(question, bytes) else str(question)
+        # QUESTION or MESSAGES (a JSON message list): a str or a Conversation, which the pipeline takes alike.
+        question = request_prompt(_scalar(request, "QUESTION", None), _scalar(request, "MESSAGES", None))
+        stop = parse_stop(_elements(request, "STOP"))
         max_tokens = int(_scalar(request, "MAX_TOKENS", self.default_max_tokens))
         sampling = Sampling(
             float(_scalar(request, "TEMPERATURE", 0.0)),
@@ -88,7 +105,7 @@ class TritonPythonModel:
             None if (seed := _scalar(request, "SEED", None)) is None else int(seed),
         )
         prompt = pipeline.prepare(_image(bytes(image)), question, max_tokens)
-        tokens = pipeline.generate(prompt, sampling)
+        tokens = pipeline.generate(prompt, sampling, stop=stop)
         try:
             while True:
                 try:

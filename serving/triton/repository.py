@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import buildformat
+from serving.triton.interface import interface
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the checkout: the runtime packages copied into the repository live here
 PACKAGES = ("runtime", "buildformat")
+# The model's own files, copied beside the packages: model.py imports chat_messages.py from there.
+MODEL_FILES = ("model.py", "chat_messages.py")
 PROVIDERS = ("auto", "tensorrt", "cuda", "cpu")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
@@ -61,7 +64,11 @@ max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 input [
   {{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] }},  # the encoded PNG / JPEG (or its base64)
-  {{ name: "QUESTION" data_type: TYPE_STRING dims: [ 1 ] }},
+  # One of QUESTION (one question) and MESSAGES (a JSON list of chat messages, the image's place marked).
+  {{ name: "QUESTION" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "MESSAGES" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  # Up to 4 stop strings, one per element (a list tensor, as TensorRT-LLM's stop_words).
+  {{ name: "STOP" data_type: TYPE_STRING dims: [ -1 ] optional: true }},
   {{ name: "MAX_TOKENS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "TEMPERATURE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
   {{ name: "TOP_P" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
@@ -82,7 +89,8 @@ parameters: {{ key: "provider" value: {{ string_value: "{config.provider}" }} }}
 def _readme(config: TritonConfig, engines: bool) -> str:
     text = (HERE / "README.template.md").read_text()
     return (
-        text.replace("{name}", config.name)
+        text.replace("{interface}", interface(config.name).strip())
+        .replace("{name}", config.name)
         .replace("{instances}", str(config.instances))
         .replace("{engines}", "its TensorRT engines" if engines else "ONNX Runtime (the build has no engines)")
     )
@@ -101,7 +109,8 @@ def write_repository(config: TritonConfig) -> Path:
         version = staging / config.name / "1"
         version.mkdir(parents=True)
         (staging / config.name / "config.pbtxt").write_text(config_pbtxt(config))
-        shutil.copy2(HERE / "model.py", version / "model.py")
+        for name in MODEL_FILES:
+            shutil.copy2(HERE / name, version / name)
         for package in PACKAGES:
             shutil.copytree(ROOT / package, version / package, ignore=shutil.ignore_patterns("__pycache__", "serve"))
         if config.link:
