@@ -1,11 +1,13 @@
-"""Screenshot the server's web page answering an example question (docs/serving/page.png).
+"""Screenshot the server's web page holding a conversation about an example image (docs/serving/page.png).
 
     python scripts/serve_screenshot.py [--build builds/default] [--out docs/serving/page.png] [--force]
+                                       [--image IMAGE] [--question Q1 --question Q2 ...]
 
 Starts `python -m serving` on the build (a free port on 127.0.0.1), opens the page in headless
 Chromium (the distribution's /usr/bin/chromium and /usr/bin/chromedriver; selenium-manager is never
-used, it would try to download a browser), asks the question about the image through the page's own
-file input and Ask button, waits for the answer and the kept-token overlay, and saves the window.
+used, it would try to download a browser), chooses the image through the page's own file input, asks
+the questions one after the other (each a follow-up in the same conversation) with its Ask button,
+waits for each answer and the latest answer's kept-token overlay, and saves the window.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from serving.http.process import ServerStartError, serve_subprocess  # noqa: E40
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# Three turns about examples/shapes_mixed.png (examples/questions.json): the history and a follow-up show.
+QUESTIONS = (
+    "How many squares are there?",
+    "What colour is the triangle?",
+    "Is the blue star above or below the white square?",
+)
 
 
 class ScreenshotError(RuntimeError):
@@ -59,12 +67,20 @@ def screenshot(args: argparse.Namespace) -> None:
             server.wait_ready(args.timeout)
         except ServerStartError as e:
             raise ScreenshotError(str(e).splitlines()[0]) from None
-        answer, kept = drive(args, server.url)
-    print(f"wrote {args.out} ({args.question!r} -> {answer!r}, {kept})")
+        turns, kept = drive(args, server.url)
+    shown = "; ".join(f"{q!r} -> {a!r}" for q, a in turns)
+    print(f"wrote {args.out} ({shown}; {kept})")
 
 
-def drive(args: argparse.Namespace, url: str) -> tuple[str, str]:
-    """Ask through the page and save the screenshot; -> (the answer, the kept-tokens line)."""
+def answered(driver) -> int:
+    """The turns of the page's history with a complete answer (their figures line is filled in)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#history .turn-meta')].filter((e) => e.textContent).length"
+    )
+
+
+def drive(args: argparse.Namespace, url: str) -> tuple[list[tuple[str, str]], str]:
+    """Hold the conversation through the page and save the screenshot; -> ([(question, answer)], kept line)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -72,17 +88,24 @@ def drive(args: argparse.Namespace, url: str) -> tuple[str, str]:
     try:
         driver.get(f"{url}/")
         driver.find_element(By.ID, "image-input").send_keys(str(args.image.resolve()))
-        driver.find_element(By.ID, "question").send_keys(args.question)
-        driver.find_element(By.ID, "ask").click()
-        # The page sets data-state on <body>: "done" once the answer and the overlay are drawn.
-        WebDriverWait(driver, args.timeout).until(lambda d: page_state(d) in ("done", "error"))
-        if page_state(driver) == "error":
-            raise ScreenshotError(f"the page shows an error: {driver.find_element(By.ID, 'error').text}")
+        for turn, question in enumerate(args.question or QUESTIONS):
+            driver.find_element(By.ID, "question").send_keys(question)
+            driver.find_element(By.ID, "ask").click()
+            # The page sets data-state on <body>: "done" once this turn's answer and the overlay are drawn.
+            WebDriverWait(driver, args.timeout).until(
+                lambda d, turn=turn: page_state(d) == "error" or (page_state(d) == "done" and answered(d) > turn)
+            )
+            if page_state(driver) == "error":
+                raise ScreenshotError(f"the page shows an error: {driver.find_element(By.ID, 'error').text}")
         driver.execute_script("document.activeElement.blur()")  # no focus ring or caret in the picture
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if not driver.save_screenshot(str(args.out)):
             raise ScreenshotError(f"the browser could not write {args.out}")
-        return driver.find_element(By.ID, "answer").text, driver.find_element(By.ID, "kept").text
+        turns = [
+            (t.find_element(By.CLASS_NAME, "question").text, t.find_element(By.CLASS_NAME, "answer").text)
+            for t in driver.find_elements(By.CSS_SELECTOR, "#history .turn")
+        ]
+        return turns, driver.find_element(By.ID, "kept").text
     finally:
         driver.quit()
 
@@ -93,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "serving" / "page.png", help="the PNG to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--image", type=Path, default=REPO / "examples" / "shapes_mixed.png", help="image to ask about")
-    parser.add_argument("--question", default="How many squares are there?", help="the question")
+    parser.add_argument(
+        "--question",
+        action="append",
+        help="a question; repeat it for follow-ups in the same conversation (default: three about the default image)",
+    )
     parser.add_argument("--width", type=int, default=1200, help="window width (default 1200)")
-    parser.add_argument("--height", type=int, default=900, help="window height (default 900)")
+    parser.add_argument("--height", type=int, default=1000, help="window height (default 1000)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server and the answer")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:

@@ -2,140 +2,52 @@
 
 The page is served by `python -m serving` on the embedded default model, built once for the module
 (the one model whose answers mean something), and used as a person would: the file input, the question,
-the Ask button. The browser and its driver are the distribution's (/usr/bin/chromium and
-/usr/bin/chromedriver), passed to Selenium explicitly: selenium-manager would try to download them.
+the Ask button, follow-up questions, "New conversation", the API key form. Its answers are checked
+against the runtime's own (`Pipeline.answer` on the same conversation). The browser and its driver are
+the distribution's (/usr/bin/chromium and /usr/bin/chromedriver), passed to Selenium explicitly:
+selenium-manager would try to download them.
 """
 
+# ruff: noqa: F811 (the fixtures imported from page_browser are test parameters by name)
 from __future__ import annotations
 
 import base64
-import json
-import urllib.request
-from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-EXAMPLE = REPO / "examples" / "shapes_red_circle.png"
-QUESTION = "What colour is the circle?"
-WAIT = 60  # seconds the page may take to reach a state (a deadline for waiting, not an assertion)
-
-
-def _missing() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not path.exists():
-            return f"{path} is missing (the distribution's {package} package)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"no browser for the page's tests: {_missing()}")
-
-
-@pytest.fixture(scope="module")
-def build_dir(default_build) -> Path:
-    """The embedded default model's build (tests/conftest.py), named `default` as served."""
-    return default_build
+from page_browser import (  # noqa: F401 (the fixtures, found by name)
+    API_KEY,
+    CONVERSATION,
+    EXAMPLE,
+    OTHER_IMAGE,
+    QUESTION,
+    STUB_FETCH,
+    _ask,
+    _data_url,
+    _element,
+    _enter_key,
+    _history,
+    _outlined,
+    _pixel,
+    _reference,
+    _script_errors,
+    _send,
+    _sent,
+    _settle,
+    _state,
+    _wait,
+    browser,
+    build_dir,
+    keyed_server,
+    page,
+    pytestmark,
+    reference,
+    server,
+)
 
 
-@pytest.fixture(scope="module")
-def server(build_dir):
-    """The base URL of the server on the build, once GET /health answers; stopped after the module."""
-    from serving.http.process import serve_subprocess
-
-    # The CPU provider: the page is the subject, and every machine answers the same on it.
-    with serve_subprocess(build_dir, ["--provider", "cpu"]) as child:
-        child.wait_ready(WAIT)
-        yield child.url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for _script_errors
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture
-def page(browser, server):
-    """The page, freshly loaded (state "idle"), with its model card read."""
-    _script_errors(browser)  # drops what earlier tests logged
-    browser.get(f"{server}/")
-    _wait(browser, lambda d: "default" in _element(d, "model").text)
-    assert _state(browser) == "idle"
-    return browser
-
-
-def _element(driver, element_id: str):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
-
-
-def _state(driver) -> str:
-    return driver.execute_script("return document.body.dataset.state")
-
-
-def _wait(driver, condition) -> None:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(driver, WAIT).until(condition)
-
-
-def _ask(driver, image: Path, question: str) -> str:
-    """Choose the image and ask through the page's controls; -> the state the page settles in."""
-    _element(driver, "image-input").send_keys(str(image.resolve()))
-    _element(driver, "question").send_keys(question)
-    _element(driver, "ask").click()
-    _wait(driver, lambda d: _state(d) in ("done", "error"))
-    return _state(driver)
-
-
-def _pixel(driver, x: int, y: int) -> tuple[int, int, int]:
-    rgba = driver.execute_script(
-        "return Array.from(document.getElementById('overlay').getContext('2d').getImageData(arguments[0], "
-        "arguments[1], 1, 1).data)",
-        x,
-        y,
-    )
-    return tuple(rgba[:3])
-
-
-def _script_errors(driver) -> list[str]:
-    """The console's errors since the last call (uncaught exceptions, failed loads)."""
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-
-
-def _kept_tokens(server: str) -> list[int]:
-    """The kept image tokens of the page's question, asked of the API directly (greedy: the same answer)."""
-    url = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
-    content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]
-    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": content}]}).encode()
-    request = urllib.request.Request(
-        f"{server}/v1/chat/completions", body, {"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=WAIT) as response:
-        return json.load(response)["corematching"]["kept_image_tokens"]
-
-
-def test_page_streams_the_answer_and_draws_the_kept_tokens(page, server):
+def test_page_streams_the_answer_and_draws_the_kept_tokens(page, reference):
     state = _ask(page, EXAMPLE, QUESTION)
     assert state == "done", _element(page, "error").text
-    assert _element(page, "answer").text == "red"
+    assert _history(page) == [[QUESTION, "red"]]
     assert _script_errors(page) == []
     assert not _element(page, "error").is_displayed()
     assert "kept 64 of 576 image tokens" in _element(page, "kept").text
@@ -157,7 +69,7 @@ def test_page_streams_the_answer_and_draws_the_kept_tokens(page, server):
 
     original = Image.open(EXAMPLE).convert("RGB")
     assert original.size == (336, 336)
-    kept = set(_kept_tokens(server))
+    kept = set(_reference(reference, EXAMPLE, [], QUESTION).kept_image_tokens)
     assert len(kept) == 64
 
     def centre(p: int) -> tuple[int, int]:
@@ -176,9 +88,7 @@ def test_page_streams_the_answer_and_draws_the_kept_tokens(page, server):
     drawn, before = _pixel(page, *centre(kept_patch)), source(kept_patch)
     # The browser's resampling differs from Pillow's by a few levels: a margin, far from 65 % darker.
     assert all(abs(a - b) <= 32 for a, b in zip(drawn, before, strict=True)), (kept_patch, drawn, before)
-    x, y = centre(kept_patch)
-    edge = _pixel(page, x - cell // 2, y)  # the outline's left side
-    assert all(abs(a - b) <= 8 for a, b in zip(edge, (255, 200, 0), strict=True)), (kept_patch, edge)
+    assert _outlined(page, kept_patch)
 
 
 def test_a_file_that_is_not_an_image_shows_an_error(page, tmp_path):
@@ -188,7 +98,7 @@ def test_a_file_that_is_not_an_image_shows_an_error(page, tmp_path):
     error = _element(page, "error")
     assert error.is_displayed()
     assert "not an image" in error.text
-    assert _element(page, "answer").text == ""
+    assert _history(page) == []
 
 
 def test_the_servers_error_message_is_shown(page, tmp_path):
@@ -203,7 +113,8 @@ def test_the_servers_error_message_is_shown(page, tmp_path):
     assert error.is_displayed()
     # The server's own message (runtime/preprocess.py), not a generic one of the page's.
     assert "is not an image Pillow can read" in error.text
-    assert _element(page, "answer").text == ""
+    assert _history(page) == []  # a failed question is not part of the conversation
+    assert _element(page, "question").get_property("value") == QUESTION  # back in the box, to ask again
 
 
 def test_an_image_dropped_on_the_drop_zone_is_asked_about(page):
@@ -221,123 +132,105 @@ def test_an_image_dropped_on_the_drop_zone_is_asked_about(page):
     )
     _wait(page, lambda d: _element(d, "overlay").is_displayed())
     assert EXAMPLE.name in _element(page, "file-name").text
-    _element(page, "question").send_keys(QUESTION)
-    _element(page, "ask").click()
-    _wait(page, lambda d: _state(d) in ("done", "error"))
-    assert _state(page) == "done", _element(page, "error").text
-    assert _element(page, "answer").text == "red"
+    assert _settle(page, _send(page, QUESTION)) == "done", _element(page, "error").text
+    assert _history(page) == [[QUESTION, "red"]]
 
 
-# -- the page's stream reading, against a stand-in for the chat completions response --------------------
-
-# Replaces the page's fetch() for /v1/chat/completions only (the page and /v1/models stay the real server's):
-# the response is the given server-sent events text, delivered in 7-byte pieces so that events, JSON and
-# UTF-8 characters are cut across reads. It records the request body and how often #answer changed.
-STUB_FETCH = """
-const text = arguments[0];
-const realFetch = window.fetch;
-window.answerChanges = 0;
-new MutationObserver((records) => { window.answerChanges += records.length; })
-  .observe(document.getElementById("answer"), { childList: true, characterData: true, subtree: true });
-window.fetch = async (url, init) => {
-  if (!String(url).endsWith("/v1/chat/completions")) return realFetch(url, init);
-  window.sentBody = JSON.parse(init.body);
-  const bytes = new TextEncoder().encode(text);
-  let at = 0;
-  const body = new ReadableStream({
-    pull(controller) {
-      if (at >= bytes.length) return controller.close();
-      controller.enqueue(bytes.slice(at, at + 7));
-      at += 7;
-    },
-  });
-  return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
-};
-"""
+# -- conversations -----------------------------------------------------------------------------------------
 
 
-def _event(body: dict, newline: str = "\n") -> str:
-    return f"data: {json.dumps(body)}{newline}{newline}"
+# Wraps the page's fetch() for /v1/chat/completions (the page and /v1/models stay the real server's): it
+# records each request's body (window.sentBodies) and how often the history changed. Given a list of
+# server-sent events texts, the Nth request gets the Nth (the last one again after the list) in place of
+# the server's answer, in 7-byte pieces so that events, JSON and UTF-8 characters are cut across reads;
+# given null, the server answers.
+def test_a_three_turn_conversation_answers_as_the_runtime(page, reference):
+    page.execute_script(STUB_FETCH, None)
+    _element(page, "image-input").send_keys(str(EXAMPLE))
+    turns, kept = [], []
+    for question in CONVERSATION:
+        expected = _reference(reference, EXAMPLE, turns, question)
+        assert _settle(page, _send(page, question)) == "done", _element(page, "error").text
+        turns.append([question, expected.text])
+        assert _history(page) == turns  # every turn so far, in order, with the runtime's answers
+        kept.append(set(expected.kept_image_tokens))
+        assert _element(page, "overlay").get_attribute("data-kept-count") == str(len(kept[-1]))
+    assert _script_errors(page) == []
+
+    # The whole history went each time, the answers back as assistant messages (every message checked:
+    # test_follow_ups_send_the_history_and_the_system_prompt).
+    assert [len(body["messages"]) for body in _sent(page)] == [1, 3, 5]
+    assert [m["content"] for m in _sent(page)[-1]["messages"][1::2]] == [turns[0][1], turns[1][1]]
+    # The overlay is the latest answer's: the tokens the third answer kept and the first did not are
+    # outlined, and the other way round dimmed.
+    assert kept[2] != kept[0]
+    assert all(_outlined(page, p) for p in kept[2] - kept[0])
+    assert not any(_outlined(page, p) for p in kept[0] - kept[2])
 
 
-def _delta(content: str) -> dict:
-    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}
-
-
-DENSE_EXTRA = {
-    "kept_image_tokens": None,
-    "num_kept_image_tokens": 576,
-    "num_image_tokens": 576,
-    "backend": "stand-in",
-    "timings": {
-        "time_to_first_token": 0.0123,
-        "total": 1.5,
-        "preprocess": 0.001,
-        "vision": 0.002,
-        "prefill": 0.25,
-        "decode": 0.1,
-        "decode_steps": 3,
-        "decode_tokens_per_second": 30.0,
-    },
-}
-
-
-def test_a_dense_answer_streams_in_pieces_and_every_token_is_kept(page, tmp_path):
-    """Several tokens (one non-ASCII, one event with CRLF line ends), kept_image_tokens null, a wide image."""
-    from PIL import Image, ImageOps
-
-    # 600 x 300: the model's view is the middle 300 x 300 (resized to 336), four colours; the red and blue
-    # sides are cropped away.
-    wide = Image.new("RGB", (600, 300), (220, 30, 30))
-    wide.paste((30, 30, 220), (450, 0, 600, 300))
-    for (x, y), colour in zip(
-        ((150, 0), (300, 0), (150, 150), (300, 150)),
-        ((40, 180, 60), (250, 250, 250), (20, 20, 20), (240, 200, 40)),
-        strict=True,
-    ):
-        wide.paste(colour, (x, y, x + 150, y + 150))
-    path = tmp_path / "wide.png"
-    wide.save(path)
-    view = ImageOps.fit(wide, (336, 336), Image.Resampling.BICUBIC)
-
-    pieces = ["ro", "ug", "e é", "!"]
-    events = _event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-    events += "".join(_event(_delta(p), "\r\n" if i == 1 else "\n") for i, p in enumerate(pieces))
-    events += _event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "corematching": DENSE_EXTRA})
-    events += "data: [DONE]\n\n"
-    page.execute_script(STUB_FETCH, events)
-    assert _ask(page, path, QUESTION) == "done", _element(page, "error").text
-
-    assert _element(page, "answer").text == "rouge é!"
-    assert page.execute_script("return window.answerChanges") >= len(pieces)  # the answer grew piece by piece
-    sent = page.execute_script("return window.sentBody")
-    assert sent["model"] == "default" and sent["stream"] is True
-    [message] = sent["messages"]
-    assert message["role"] == "user"
-    text, image = message["content"]
-    assert text == {"type": "text", "text": QUESTION}
-    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/png;base64,")
-    assert base64.b64decode(image["image_url"]["url"].split(",", 1)[1]) == path.read_bytes()
-
-    kept = _element(page, "kept").text
-    assert "kept 576 of 576 image tokens" in kept and "every token was kept" in kept
-    timings = _element(page, "timings").text
-    for shown in ("12 ms", "250 ms", "30.0 tokens/s", "1.50 s"):
-        assert shown in timings
-    canvas = _element(page, "overlay")
-    assert (canvas.get_attribute("data-kept-count"), canvas.get_attribute("data-dimmed-count")) == ("576", "0")
-    side = int(canvas.get_property("width"))
-    for fx, fy in ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)):
-        x, y = int(fx * side) + 3, int(fy * side) + 3  # off the outlines at the cell edges
-        expected = view.getpixel((x * 336 // side, y * 336 // side))
-        drawn = _pixel(page, x, y)
-        assert all(abs(a - b) <= 8 for a, b in zip(drawn, expected, strict=True)), ((fx, fy), drawn, expected)
-
-
-def test_an_error_event_inside_the_stream_is_shown(page):
-    error = {"message": "the request took longer than 1 s; retry", "type": "server_error", "code": "timeout"}
-    events = _event(_delta("re")) + _event({"error": error})
-    page.execute_script(STUB_FETCH, events)
-    assert _ask(page, EXAMPLE, QUESTION) == "error"
-    assert _element(page, "error").text == error["message"]
+def test_new_conversation_and_a_new_image_start_over(page, reference):
+    page.execute_script(STUB_FETCH, None)
+    _element(page, "image-input").send_keys(str(EXAMPLE))
+    for question in CONVERSATION[:2]:
+        assert _settle(page, _send(page, question)) == "done", _element(page, "error").text
+    _element(page, "new-conversation").click()
+    assert _history(page) == []
     assert _element(page, "kept").text == ""
+    assert _element(page, "overlay").get_attribute("data-kept-count") is None  # the image, without an overlay
+    assert EXAMPLE.name in _element(page, "file-name").text  # "New conversation" keeps the image
+
+    # The next question is a one-turn request again, answered as the runtime answers it alone.
+    expected = _reference(reference, EXAMPLE, [], CONVERSATION[2])
+    assert _settle(page, _send(page, CONVERSATION[2])) == "done", _element(page, "error").text
+    assert _history(page) == [[CONVERSATION[2], expected.text]]
+    [message] = _sent(page)[-1]["messages"]
+    assert message["content"][1]["image_url"]["url"] == _data_url(EXAMPLE)
+
+    # Another image starts another conversation: the history goes, the new image goes with the question.
+    _element(page, "image-input").send_keys(str(OTHER_IMAGE))
+    _wait(page, lambda d: OTHER_IMAGE.name in _element(d, "file-name").text)
+    assert _history(page) == []
+    question = "How many squares are there?"
+    expected = _reference(reference, OTHER_IMAGE, [], question)
+    assert _settle(page, _send(page, question)) == "done", _element(page, "error").text
+    assert _history(page) == [[question, expected.text]]
+    [message] = _sent(page)[-1]["messages"]
+    assert message["content"][1]["image_url"]["url"] == _data_url(OTHER_IMAGE)
+    assert _script_errors(page) == []
+
+
+def test_the_page_asks_for_the_api_key(browser, keyed_server, reference):
+    _script_errors(browser)
+    browser.get(f"{keyed_server}/")
+    # /v1/models got 401: the page asks for the key in its own form and waits.
+    _wait(browser, lambda d: _state(d) == "key")
+    assert "no API key" in _element(browser, "key-message").text
+    _enter_key(browser, "not-the-key")
+    _wait(browser, lambda d: "API key is wrong" in _element(d, "key-message").text)  # the server's message
+    _enter_key(browser, API_KEY)
+    _wait(browser, lambda d: "default" in _element(d, "model").text)
+    assert not _element(browser, "key-form").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('corematching.apiKey')") == API_KEY
+
+    expected = _reference(reference, EXAMPLE, [], QUESTION)
+    assert _ask(browser, EXAMPLE, QUESTION) == "done", _element(browser, "error").text
+    assert _history(browser) == [[QUESTION, expected.text]]
+
+    # A key that stops working (the server restarted with another): the chat request gets 401, the page
+    # asks again and sends the question once the key is in.
+    browser.execute_script("sessionStorage.setItem('corematching.apiKey', 'an-old-key')")
+    before = _send(browser, CONVERSATION[1])
+    _enter_key(browser, API_KEY)
+    assert _settle(browser, before) == "done", _element(browser, "error").text
+    follow_up = _reference(reference, EXAMPLE, [[QUESTION, expected.text]], CONVERSATION[1])
+    assert _history(browser) == [[QUESTION, expected.text], [CONVERSATION[1], follow_up.text]]
+
+    # The key lasts for the tab: a reload goes straight to the model.
+    browser.get(f"{keyed_server}/")
+    _wait(browser, lambda d: "default" in _element(d, "model").text)
+    assert not _element(browser, "key-form").is_displayed()
+    # The console holds only the browser's own notes of the three 401 answers.
+    assert all("401" in e for e in _script_errors(browser))
+
+
+# -- the page's stream reading, against stand-in answers ------------------------------------------------
