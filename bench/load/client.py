@@ -32,6 +32,19 @@ class Outcome:
     ttft: float | None = None  # seconds from sending to the first content chunk (non-streamed: to the response)
     total: float | None = None  # seconds from sending to the end of the answer (or of the refusal)
     server_ttft: float | None = None  # the server's own corematching.timings.time_to_first_token
+    started: float | None = None  # seconds from the start of the load to sending (soak and kill runs)
+
+    @property
+    def connection_error(self) -> bool:
+        """The connection failed or broke: refused, reset, or closed before the answer was whole."""
+        return self.result == "failed" and (
+            (self.detail.startswith("transport_") and "Timeout" not in self.detail)
+            or self.detail == "stream_ended_without_done"
+        )
+
+    @property
+    def server_error(self) -> bool:
+        return self.result == "failed" and self.status is not None and self.status >= 500
 
 
 def openai_error(body: Any) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ from typing import Any
 
 from bench.load.config import LoadConfig, LoadError
 
-# The mix, by weight: streamed answers, non-streamed answers, bad requests, streams cut by their client.
-MIX = (("stream", 3), ("json", 2), ("bad", 2), ("disconnect", 1))
-VALID_KINDS = ("stream", "json", "disconnect")
+# The mix, by weight: streamed answers, non-streamed answers, bad requests, streams cut by their client,
+# and whole conversations (a system prompt, the image in the first user turn, an assistant answer, a
+# follow-up question), streamed or not.
+MIX = (("stream", 3), ("json", 2), ("bad", 2), ("disconnect", 1), ("conversation", 2))
+VALID_KINDS = ("stream", "json", "disconnect", "conversation")
 # Each bad request and the status the server must refuse it with.
 BAD_KINDS: dict[str, int] = {
     "malformed_json": 400,
@@ -27,6 +30,8 @@ BAD_KINDS: dict[str, int] = {
     "wrong_content_type": 415,
     "question_too_long": 400,
     "max_tokens_too_large": 400,
+    "last_turn_assistant": 400,  # a conversation must end with the user's question
+    "too_many_stops": 400,  # `stop` takes at most 4 strings
 }
 # Faults the server finds only when it decodes the image, which it does after the queue admitted the
 # request (so a burst of requests never decodes many images at once): with a full queue these get
@@ -34,6 +39,7 @@ BAD_KINDS: dict[str, int] = {
 FOUND_AFTER_ADMISSION = frozenset({"not_an_image", "truncated_png"})
 LONG_QUESTION_WORDS = 3000  # over any build's prompt limit (1024 tokens by default)
 BEYOND_CACHE_TOKENS = 100_000  # over any build's max sequence (2048 by default)
+SYSTEM_PROMPT = "Answer in one word."
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,13 @@ class Planned:
     """One request of the mix."""
 
     index: int
-    kind: str  # stream | json | disconnect | one of BAD_KINDS
+    kind: str  # stream | json | disconnect | conversation | one of BAD_KINDS
     image: str  # an image of the examples
-    question: str
+    question: str  # the last user turn's
     stream: bool
+    # A conversation's system prompt and earlier (question, answer) turns, the image in the first one.
+    system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
 
     @property
     def bad(self) -> bool:
@@ -56,12 +65,20 @@ class Planned:
 
     @property
     def key(self) -> str:
-        """The valid request it is (or is built from): image and question."""
-        return request_key(self.image, self.question)
+        """The valid request it is (or is built from): image, conversation and question."""
+        return request_key(self.image, self.question, self.system, self.history)
+
+    def alone(self) -> Planned:
+        """The same valid request as the reference pass sends it: alone, not streamed."""
+        kind = "conversation" if self.history else "json"
+        return Planned(-1, kind, self.image, self.question, False, self.system, self.history)
 
 
-def request_key(image: str, question: str) -> str:
-    return f"{image}: {question}"
+def request_key(image: str, question: str, system: str | None = None, history: tuple[tuple[str, str], ...] = ()) -> str:
+    if not history and system is None:
+        return f"{image}: {question}"
+    turns = "".join(f"{q} -> {a} / " for q, a in history)
+    return f"{image}: [{system or ''}] {turns}{question}"
 
 
 def example_pairs(examples: Path) -> list[tuple[str, str]]:
@@ -77,6 +94,27 @@ def example_pairs(examples: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def example_conversations(examples: Path) -> list[Planned]:
+    """Two-turn conversations of the examples: the image and a question with its expected answer, then
+    the next question about the same image (file order, wrapping round), under SYSTEM_PROMPT."""
+    path = examples / "questions.json"
+    try:
+        items = [(str(i["image"]), str(i["question"]), str(i["answer"])) for i in json.loads(path.read_text())]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"cannot read the example questions and answers {path} ({e})") from None
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for image, question, answer in items:
+        by_image.setdefault(image, []).append((question, answer))
+    conversations = []
+    for image, turns in by_image.items():
+        for i, (question, answer) in enumerate(turns):
+            follow_up = turns[(i + 1) % len(turns)][0]
+            conversations.append(
+                Planned(-1, "conversation", image, follow_up, False, SYSTEM_PROMPT, ((question, answer),))
+            )
+    return conversations
+
+
 def _apportion(total: int, weights: tuple[tuple[str, int], ...]) -> dict[str, int]:
     """`total` split by weight, remainders to the largest fractions (ties in MIX order)."""
     whole = sum(w for _, w in weights)
@@ -88,39 +126,62 @@ def _apportion(total: int, weights: tuple[tuple[str, int], ...]) -> dict[str, in
     return counts
 
 
-def plan_requests(config: LoadConfig, pairs: list[tuple[str, str]]) -> list[Planned]:
-    """The mix of `config.requests` requests, the same for the same --seed.
+def plan_requests(
+    config: LoadConfig, pairs: list[tuple[str, str]], conversations: list[Planned] | None = None
+) -> list[Planned]:
+    """The mix of `config.request_count` requests, the same for the same --seed.
 
-    Valid requests cycle through the example pairs and bad ones through every bad kind (each appears
+    Single questions cycle through the example pairs, conversations through `conversations` (without
+    any, their share goes to single questions) and bad requests through every bad kind (each appears
     once before any repeats), then the whole list is shuffled.
     """
     rng = random.Random(config.seed)
-    counts = _apportion(config.requests, MIX)
+    mix = MIX if conversations else tuple((name, w) for name, w in MIX if name != "conversation")
+    counts = _apportion(config.request_count, mix)
     order = pairs[:]
     rng.shuffle(order)
+    talks = list(conversations or [])
+    rng.shuffle(talks)
     bad_order = list(BAD_KINDS)
     rng.shuffle(bad_order)
-    items: list[tuple[str, str, str, bool]] = []
-    valid = [kind for kind in VALID_KINDS for _ in range(counts[kind])]
+    items: list[Planned] = []
+    valid = [kind for kind in VALID_KINDS if kind != "conversation" for _ in range(counts[kind])]
     rng.shuffle(valid)  # so that each kind meets every pair, not a fixed slice of them
     for i, kind in enumerate(valid):
         image, question = order[i % len(order)]
-        items.append((kind, image, question, kind != "json"))
+        items.append(Planned(-1, kind, image, question, kind != "json"))
+    for i in range(counts.get("conversation", 0)):
+        talk = talks[i % len(talks)]
+        # Half of them streamed: a conversation's answer must not depend on how it is delivered.
+        items.append(Planned(-1, "conversation", talk.image, talk.question, i % 2 == 1, talk.system, talk.history))
     for i in range(counts["bad"]):
         image, question = rng.choice(pairs)
         # Streamed or not, a bad request is refused before any stream starts: both must get JSON.
-        items.append((bad_order[i % len(bad_order)], image, question, rng.random() < 0.5))
+        items.append(Planned(-1, bad_order[i % len(bad_order)], image, question, rng.random() < 0.5))
     rng.shuffle(items)
-    return [Planned(i, kind, image, question, stream) for i, (kind, image, question, stream) in enumerate(items)]
+    return [dataclasses.replace(item, index=i) for i, item in enumerate(items)]
 
 
-def _body(question: str, urls: list[str], model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [{"type": "text", "text": question}]
-    content += [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+def _messages(item: Planned, question: str, urls: list[str]) -> list[dict[str, Any]]:
+    """A single question: one user message, its text then its image(s). A conversation: the system
+    prompt, the image before the first question (as OpenAI's examples put it), the assistant's answers
+    as plain strings, the follow-up last."""
+    images = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    if not item.history:
+        return [{"role": "user", "content": [{"type": "text", "text": question}, *images]}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": item.system}] if item.system else []
+    for turn, (asked, answered) in enumerate(item.history):
+        content = [*images, {"type": "text", "text": asked}] if turn == 0 else asked
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answered}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def _body(item: Planned, question: str, urls: list[str], model: str, max_tokens: int) -> dict[str, Any]:
     return {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "stream": stream,
+        "messages": _messages(item, question, urls),
+        "stream": item.stream,
         "max_tokens": max_tokens,
         "temperature": 0,
     }
@@ -159,7 +220,12 @@ def encode_request(
         question = " ".join(words[i % len(words)] for i in range(LONG_QUESTION_WORDS))
     elif kind == "max_tokens_too_large":
         tokens = BEYOND_CACHE_TOKENS
-    body = json.dumps(_body(question, [url] if urls is None else urls, model, tokens, item.stream)).encode()
+    fields = _body(item, question, [url] if urls is None else urls, model, tokens)
+    if kind == "last_turn_assistant":
+        fields["messages"].append({"role": "assistant", "content": "red"})
+    elif kind == "too_many_stops":
+        fields["stop"] = [".", "!", "?", "\n", ";"]
+    body = json.dumps(fields).encode()
     if kind == "malformed_json":
         body = body[: len(body) // 2]  # cut mid-way, as a client that died while sending
     return body, headers

@@ -1,4 +1,4 @@
-"""A run's report (LoadReport), its figures and its checks."""
+"""A standard run's report (LoadReport), its figures, and the checks every mode shares."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from bench.load.client import Outcome
 from bench.load.config import MIB, LoadConfig
+from bench.load.phases import Environment
 from bench.load.plan import BAD_KINDS, VALID_KINDS
 
 # Statuses the server counts before it answers (ApiError), so /metrics must match the client's count.
@@ -23,18 +24,29 @@ class Check:
     detail: str
 
 
+def config_json(config: LoadConfig) -> dict[str, Any]:
+    """The settings as JSON: paths as strings, an API key masked."""
+    out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    if out.get("api_key"):
+        out["api_key"] = "***"
+    return out
+
+
 @dataclass
 class LoadReport:
     config: LoadConfig
     server: dict[str, Any]
-    environment: dict[str, Any]
+    environment: Environment
     references: dict[str, str]
     warmup: list[Outcome]
     outcomes: list[Outcome]
     not_sent: int
     final: Outcome | None
     rss_reference: int  # after the sequential reference pass
-    rss_before: int  # after the warm-up bursts: the level the load is measured against
+    # The highest reading after the warm-up bursts (each drained): the level the load is measured
+    # against. The highest, not the last: what is live at a quiet moment varies by ~10 MiB with the
+    # order the burst's requests ran in, and a dip at "before" would read as growth after the load.
+    rss_before: int
     rss_after: int
     load_seconds: float
     queue_depth_max: int
@@ -47,14 +59,19 @@ class LoadReport:
     def passed(self) -> bool:
         return all(check.passed for check in self.checks.values())
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        return figure_rows(self)
+
+    def markdown(self, command: str | None = None) -> str:
+        return render_markdown(self, command)
+
     def to_json(self, command: str | None = None) -> dict[str, Any]:
-        config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
         return {
             "command": command,
             "finished_at": self.finished_at,
             "passed": self.passed,
-            "config": config,
-            "environment": self.environment,
+            "config": config_json(self.config),
+            "environment": asdict(self.environment),
             "server": self.server,
             "figures": self.figures,
             "checks": {name: asdict(check) for name, check in self.checks.items()},
@@ -132,71 +149,199 @@ def _listed(outcomes: list[Outcome], show: int = 5) -> str:
     )
 
 
-def checks(report: LoadReport, drained: bool, end_health: dict[str, Any] | None) -> dict[str, Check]:
-    outcomes, refs = report.outcomes, report.references
-    result: dict[str, Check] = {}
-
-    answered = [o for o in report.warmup + outcomes if o.result == "completed"] + (
-        [report.final] if report.final else []
-    )
-    cut = [o for o in outcomes if o.result == "disconnected"]
-    wrong = [o for o in answered if o.answer != refs.get(o.key)]
-    # A disconnected stream's text must still be the start of the reference (the same greedy tokens).
-    wrong += [o for o in cut if not refs.get(o.key, "").startswith(o.answer or "")]
-    final_failed = [report.final] if report.final is not None and report.final.result != "completed" else []
-    result["answers_match_reference"] = Check(
+def check_answers(answered: list[Outcome], references: dict[str, str], final: Outcome | None) -> Check:
+    """Every complete answer (and the final request's) equals the same request's answer alone; a stream
+    its client cut after the first chunk got the reference's start (the same greedy tokens)."""
+    done = [o for o in answered if o.result == "completed"] + ([final] if final else [])
+    cut = [o for o in answered if o.result == "disconnected"]
+    wrong = [o for o in done if o.answer != references.get(o.key)]
+    wrong += [o for o in cut if not references.get(o.key, "").startswith(o.answer or "")]
+    final_failed = [final] if final is not None and final.result != "completed" else []
+    return Check(
         not wrong and not final_failed,
-        f"{len(answered) + len(cut) - len(wrong)} of {len(answered) + len(cut)} answers equal their reference "
+        f"{len(done) + len(cut) - len(wrong)} of {len(done) + len(cut)} answers equal their reference "
         "(a disconnected one: its start)" + _listed(wrong + final_failed),
     )
 
-    def kept(o: Outcome) -> bool:
-        allowed = ("completed", "rejected", "disconnected") if o.kind == "disconnect" else ("completed", "rejected")
-        return o.result in allowed
 
-    valid = [o for o in report.warmup + outcomes if o.kind in VALID_KINDS and o.result != "cut"]
+def kept(o: Outcome) -> bool:
+    """A valid request that got what the server owes it: an answer, or a 429 (a disconnecting one: its
+    first chunk)."""
+    allowed = ("completed", "rejected", "disconnected") if o.kind == "disconnect" else ("completed", "rejected")
+    return o.result in allowed
+
+
+def check_nothing_lost(outcomes: list[Outcome], what: str = "valid requests") -> Check:
+    valid = [o for o in outcomes if o.kind in VALID_KINDS and o.result != "cut"]
     lost = [o for o in valid if not kept(o)]
-    result["nothing_lost"] = Check(
+    return Check(
         not lost,
-        f"{len(valid) - len(lost)} of {len(valid)} valid requests (warm-up included) got a complete answer or a "
-        "429 (a disconnecting one: its first chunk)" + _listed(lost),
+        f"{len(valid) - len(lost)} of {len(valid)} {what} got a complete answer or a 429 (a disconnecting one: "
+        "its first chunk)" + _listed(lost),
     )
 
+
+def check_bad_refused(outcomes: list[Outcome]) -> Check:
     bad = [o for o in outcomes if o.kind in BAD_KINDS and o.result != "cut"]
     misrefused = [o for o in bad if o.result not in ("refused", "rejected")]  # rejected: FOUND_AFTER_ADMISSION
-    result["bad_requests_refused"] = Check(
+    return Check(
         not misrefused,
         f"{len(bad) - len(misrefused)} of {len(bad)} bad requests got their 4xx with an OpenAI-shaped error"
         " (or a 429 for an image fault, found only after admission)" + _listed(misrefused),
     )
 
-    delta = report.status_delta
+
+def check_metrics(outcomes: list[Outcome], delta: dict[str, float] | None) -> Check:
     if delta is None:
-        result["metrics_agree"] = Check(False, "/metrics did not answer before and after the load")
-    else:
-        seen = Counter(str(o.status) for o in outcomes if o.status is not None)
-        pairs = [(s, int(delta.get(s, 0)), seen.get(s, 0)) for s in COUNTED_STATUSES]
-        result["metrics_agree"] = Check(
-            all(server == client for _, server, client in pairs),
-            "corematching_requests_total over the load, server vs client: "
-            + ", ".join(f"{s}: {server} vs {client}" for s, server, client in pairs),
-        )
+        return Check(False, "/metrics did not answer before and after the load")
+    seen = Counter(str(o.status) for o in outcomes if o.status is not None)
+    pairs = [(s, int(delta.get(s, 0)), seen.get(s, 0)) for s in COUNTED_STATUSES]
+    return Check(
+        all(server == client for _, server, client in pairs),
+        "corematching_requests_total over the load, server vs client: "
+        + ", ".join(f"{s}: {server} vs {client}" for s, server, client in pairs),
+    )
 
-    result["drained"] = Check(drained, "queue 0 and not busy after the load" if drained else "the queue did not drain")
-    healthy = end_health is not None and end_health.get("status") == "ok"
-    result["healthy_at_end"] = Check(healthy, f"/health: {json.dumps(end_health)}")
 
+def check_healthy(end_health: dict[str, Any] | None) -> Check:
+    return Check(end_health is not None and end_health.get("status") == "ok", f"/health: {json.dumps(end_health)}")
+
+
+def check_time_limit(outcomes: list[Outcome], not_sent: int, seconds: float, limit: float) -> Check:
+    unfinished = sum(o.result == "cut" for o in outcomes)
+    return Check(
+        unfinished == 0 and not_sent == 0,
+        f"{seconds:.1f} s of the time limit {limit:g} s"
+        + (f"; {unfinished} cut in flight, {not_sent} not sent" if unfinished or not_sent else ""),
+    )
+
+
+def status_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    if before is None or after is None:
+        return None
+    return {s: after.get(s, 0.0) - before.get(s, 0.0) for s in sorted({*after, *before})}
+
+
+def checks(report: LoadReport, drained: bool, end_health: dict[str, Any] | None) -> dict[str, Check]:
+    outcomes = report.outcomes
+    result = {
+        "answers_match_reference": check_answers(report.warmup + outcomes, report.references, report.final),
+        "nothing_lost": check_nothing_lost(report.warmup + outcomes, "valid requests (warm-up included)"),
+        "bad_requests_refused": check_bad_refused(outcomes),
+        "metrics_agree": check_metrics(outcomes, report.status_delta),
+        "drained": Check(drained, "queue 0 and not busy after the load" if drained else "the queue did not drain"),
+        "healthy_at_end": check_healthy(end_health),
+    }
     growth, tolerance = report.rss_after - report.rss_before, report.config.rss_tolerance(report.rss_before)
     result["rss_within_tolerance"] = Check(
         report.rss_after > 0 and growth <= tolerance,
         f"{report.rss_before / MIB:.1f} -> {report.rss_after / MIB:.1f} MiB ({growth / MIB:+.1f}, "
         f"tolerance {tolerance / MIB:.1f})",
     )
-
-    unfinished = sum(o.result == "cut" for o in outcomes)
-    result["within_time_limit"] = Check(
-        unfinished == 0 and report.not_sent == 0,
-        f"{report.load_seconds:.1f} s of --time-limit {report.config.time_limit:g} s"
-        + (f"; {unfinished} cut in flight, {report.not_sent} not sent" if unfinished or report.not_sent else ""),
+    result["within_time_limit"] = check_time_limit(
+        outcomes, report.not_sent, report.load_seconds, report.config.load_time_limit
     )
     return result
+
+
+FIGURE_LABELS = (
+    ("planned", "requests planned"),
+    ("sent", "requests sent"),
+    ("completed", "completed"),
+    ("rejected_429", "rejected (429, not retried)"),
+    ("refused_as_expected", "bad requests refused as expected"),
+    ("failed", "failed"),
+    ("disconnected", "disconnected after the first chunk"),
+    ("cut_by_time_limit", "cut by --time-limit"),
+    ("ttft_p50_ms", "time to first token p50 (ms, client)"),
+    ("ttft_p95_ms", "time to first token p95 (ms, client)"),
+    ("total_p50_ms", "total latency p50 (ms, client)"),
+    ("total_p95_ms", "total latency p95 (ms, client)"),
+    ("server_ttft_p50_ms", "time to first token p50 (ms, server)"),
+    ("server_ttft_p95_ms", "time to first token p95 (ms, server)"),
+    ("rejected_p50_ms", "time to a 429 p50 (ms, client)"),
+    ("load_seconds", "load phase (s)"),
+    ("answers_per_second", "completed answers per second"),
+    ("queue_depth_max", "deepest queue seen (/health)"),
+    ("rss_after_reference_mib", "server RSS after the sequential reference pass (MiB)"),
+    ("rss_before_mib", "server RSS before the load: the highest after a warm-up burst (MiB)"),
+    ("rss_after_mib", "server RSS after (MiB)"),
+    ("rss_diff_mib", "RSS difference (MiB)"),
+    ("rss_tolerance_mib", "RSS tolerance (MiB)"),
+)
+
+
+def figure_rows(report: LoadReport) -> list[tuple[str, str]]:
+    """(label, value) of the headline figures, for the markdown table and the command's summary."""
+    rows = []
+    for key, label in FIGURE_LABELS:
+        value = report.figures.get(key)
+        if key == "failed" and report.figures.get("failed_by_kind"):
+            kinds = ", ".join(f"{k}: {n}" for k, n in sorted(report.figures["failed_by_kind"].items()))
+            rows.append((label, f"{value} ({kinds})"))
+        else:
+            rows.append((label, "n/a" if value is None else str(value)))
+    return rows
+
+
+def render_markdown(report: LoadReport, command: str | None) -> str:
+    env, fig = report.environment, report.figures
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(fig["sent_by_kind"].items()))
+    lines = [
+        "# Load test of the local server",
+        "",
+        f"Made by `{command or 'run_load(...)'}` on {report.finished_at[:10]}: {report.config.clients} concurrent "
+        f"clients, {fig['planned']} requests (seed {report.config.seed}; {kinds}; a conversation is a system "
+        "prompt, the image with a first question, an assistant answer and a follow-up question; bad requests "
+        f"cycle through {len(BAD_KINDS)} kinds), the server's --max-queue {fig['max_queue'] or 'as started'}, "
+        f"max_tokens {report.config.max_tokens}, temperature 0. Server: {report.server['health'].get('backend')} "
+        f"on {env.platform}, {env.cpu_count} CPUs, Python {env.python}, onnxruntime {env.onnxruntime}.",
+        "",
+        "A 429 counts as rejected and is not retried. Times are measured by the client: to the first content "
+        "chunk (non-streamed: to the response) and to the end, over completed answers of the load. RSS is the "
+        "server's VmRSS: after the sequential reference pass (each distinct request alone), "
+        + (
+            f"after {report.config.warmup_rounds} warm-up burst(s) of {report.config.clients} concurrent valid "
+            'requests, each drained ("before": the highest of these readings; the first concurrent requests raise '
+            "the allocator's high-water mark once, and what is live at a quiet moment varies by some MiB), "
+            if report.config.warmup_rounds
+            else 'which is "before" (no warm-up burst: --warmup-rounds 0), '
+        )
+        + "and after the load drained"
+        + (' and one more request ("after").' if report.config.final_request else ' ("after").'),
+        "",
+        "| Figure | Value |",
+        "| --- | --- |",
+        *(f"| {label} | {value} |" for label, value in figure_rows(report)),
+        "",
+        "| Check | Passed | Detail |",
+        "| --- | --- | --- |",
+        *(
+            f"| {name} | {'yes' if check.passed else 'no'} | {check.detail.replace('|', '/')} |"
+            for name, check in report.checks.items()
+        ),
+        "",
+        f"All checks passed: {'yes' if report.passed else 'no'}. Every request's outcome is in load.json.",
+        "",
+        "## Soak and kill runs",
+        "",
+        "`--soak` sends the same mix paced over `--duration` seconds (default 1000 requests over 600 s: request "
+        "i leaves at i x duration / (n - 1)) and samples the server's VmRSS and open file descriptors every "
+        "`--sample-interval` seconds (default 60), then once more after the drain with the load's connections "
+        "closed. Its checks add to the ones above: samples before `--soak-warmup` seconds (default 60) are the "
+        "warm-up's; no later sample, the last included, exceeds by more than `--rss-growth-percent` (default 5%) "
+        "the highest sample up to and including the first later one (drops are shown, not judged); the last "
+        "sample has at most `--fd-slack` (default 2) more open fds than the first later one, in all and among "
+        "those that are not sockets. Results: soak.md and soak.json.",
+        "",
+        "`--kill` sends the mix, SIGKILLs the server once `--kill-after` requests were sent (default half; the "
+        "kill waits up to 5 s for /health to show an answer being generated) and starts it again with the same "
+        "command on the same port; a client whose request failed on the broken connection waits for /health "
+        "before its next request. Its checks: each request completed equal to its reference, got a 429 or its "
+        "4xx, or, in flight at the kill or sent while the server was down, failed with a connection error or a "
+        "5xx; none ran past `--client-timeout`; after the restart every distinct request alone equals its "
+        "reference again. Only a server the run started can be killed (`--kill` refuses `--url`). Results: "
+        "kill.md and kill.json.",
+        "",
+    ]
+    return "\n".join(lines)

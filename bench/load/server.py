@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.load.config import LoadConfig, LoadError, check_local_url
-from serving.http.process import serve_subprocess
+from serving.http.process import ROOT, serve_subprocess
 
 log = logging.getLogger(__name__)
+# The server reads its key from this variable (as from --api-key), and the variable keeps it out of the
+# process list: a started server gets the run's key this way, and no key when the run has none.
+API_KEY_ENV = "COREMATCHING_API_KEY"
 
 
 @dataclass
@@ -29,6 +35,10 @@ class Server:
     command: list[str] | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # A server started again after a kill (kill mode): its own process and log, stopped by local_server.
+    restarted: subprocess.Popen[bytes] | None = None
+    restart_log: Path | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def alive(self) -> bool:
         if self.process is not None:
@@ -36,9 +46,37 @@ class Server:
         return Path(f"/proc/{self.pid}").exists()
 
     def log_tail(self, lines: int = 40) -> list[str]:
-        if self.log_path is None or not self.log_path.exists():
+        path = self.restart_log or self.log_path
+        if path is None or not path.exists():
             return []
-        return self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return path.read_text(errors="replace").splitlines()[-lines:]
+
+    def kill(self) -> int:
+        """SIGKILL, as a crash or the OOM killer would end it; -> the dead process's id."""
+        if self.process is None or self.command is None:
+            raise LoadError("only a server this run started can be killed; leave out --url")
+        pid = self.process.pid
+        os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        log.info("killed the server (pid %d)", pid)
+        return pid
+
+    def start_again(self) -> int:
+        """The same command (so the same port) in a new process; -> its id. It is not yet ready."""
+        if self.command is None:
+            raise LoadError("only a server this run started can be started again")
+        fd, name = tempfile.mkstemp(prefix="corematching-server-restarted-", suffix=".log")
+        with os.fdopen(fd, "wb") as log_file:
+            process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**_server_env(self.api_key), "PYTHONUNBUFFERED": "1"},
+            )
+        self.process, self.pid, self.restarted, self.restart_log = process, process.pid, process, Path(name)
+        log.info("started the server again (pid %d) on %s", process.pid, self.url)
+        return process.pid
 
 
 @contextlib.contextmanager
@@ -54,8 +92,46 @@ def local_server(config: LoadConfig) -> Iterator[Server]:
     if not (build / "manifest.json").is_file():
         raise LoadError(f"no build at {build} (no manifest.json); make one with `python -m export build --out {build}`")
     args = ["--max-queue", str(config.max_queue), "--timeout", f"{config.server_timeout:g}"]
-    with serve_subprocess(build, args) as child:
-        yield Server(child.url, child.process.pid, True, child.command, child.process, child.log_path)
+    with contextlib.ExitStack() as stack:
+        with _key_in_environment(config.api_key):  # the child copies the environment when it starts
+            child = stack.enter_context(serve_subprocess(build, args))
+        server = Server(child.url, child.process.pid, True, child.command, child.process, child.log_path)
+        server.api_key = config.api_key
+        try:
+            yield server
+        finally:
+            if server.restarted is not None:
+                _stop(server.restarted)
+                if server.restart_log is not None:
+                    server.restart_log.unlink(missing_ok=True)
+
+
+def _server_env(api_key: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    return env if api_key is None else {**env, API_KEY_ENV: api_key}
+
+
+@contextlib.contextmanager
+def _key_in_environment(api_key: str | None) -> Iterator[None]:
+    saved = os.environ.pop(API_KEY_ENV, None)
+    if api_key is not None:
+        os.environ[API_KEY_ENV] = api_key
+    try:
+        yield
+    finally:
+        os.environ.pop(API_KEY_ENV, None)
+        if saved is not None:
+            os.environ[API_KEY_ENV] = saved
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        log.warning("the server (pid %d) did not stop in 20 s; killing it", process.pid)
+        process.kill()
+        process.wait(timeout=10)
 
 
 def read_rss(pid: int) -> int:
@@ -71,6 +147,34 @@ def read_rss(pid: int) -> int:
     if match is None:
         raise LoadError(f"{path} has no VmRSS line (has the process exited?)")
     return int(match[1]) * 1024
+
+
+def read_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) in bytes: all resident memory, and the anonymous part (the heap, where a leak
+    shows; the rest is mapped files the kernel may drop and read back at any time)."""
+    path = Path(f"/proc/{pid}/status")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror}); the memory check needs Linux") from None
+    values = [re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE) for key in ("VmRSS", "RssAnon")]
+    if values[0] is None:
+        raise LoadError(f"{path} has no VmRSS line (has the process exited?)")
+    return int(values[0][1]) * 1024, int(values[1][1]) * 1024 if values[1] else 0
+
+
+def read_fds(pid: int) -> tuple[int, int]:
+    """(open file descriptors, of which sockets) of the process, from /proc/<pid>/fd."""
+    path = Path(f"/proc/{pid}/fd")
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise LoadError(f"cannot list {path} ({e.strerror}); the fd check needs Linux and the server's pid") from None
+    sockets = 0
+    for name in names:
+        with contextlib.suppress(OSError):  # closed between the listing and the look
+            sockets += os.readlink(path / name).startswith("socket:")
+    return len(names), sockets
 
 
 _SAMPLE = re.compile(r'^corematching_requests_total\{status="(?P<status>[^"]+)"\}\s+(?P<value>\S+)$', re.MULTILINE)
