@@ -19,12 +19,19 @@ from typing import Any
 
 from bench.load.client import Outcome, send
 from bench.load.config import LoadConfig, LoadError
-from bench.load.phases import Environment, Prepared, ProgressFn, drive, environment, prepare, reference_pass
+from bench.load.modes import run_started
+from bench.load.phases import (
+    Environment,
+    Prepared,
+    ProgressFn,
+    drive,
+    environment,
+    reference_pass,
+)
 from bench.load.plan import BAD_KINDS, Planned
 from bench.load.report import Check, check_answers, check_healthy, check_time_limit, config_json, kept
-from bench.load.results import check_outputs
 from bench.load.run import http_client
-from bench.load.server import Server, health, local_server, wait_healthy, wait_idle
+from bench.load.server import Server, health, wait_healthy, wait_idle
 from bench.load.summary import (
     OUTCOME_LABELS,
     ServerInfo,
@@ -139,17 +146,7 @@ class KillReport:
 
 def run_kill(config: LoadConfig, progress: ProgressFn | None = None) -> KillReport:
     """The kill run: server, reference pass, the load with a SIGKILL and a restart in it, each request alone."""
-    if config.mode != "kill":
-        raise LoadError("run_kill needs LoadConfig(mode='kill') (--kill)")
-    check_outputs(config)
-    prepared = prepare(config)
-    with local_server(config) as server:
-        report = asyncio.run(_kill_run(config, server, prepared, progress or (lambda *_: None)))
-        report.server.alive_at_end = server.alive()
-        report.checks["healthy_at_end"].passed &= server.alive()
-        if not report.passed:
-            report.server.log_tail = server.log_tail()
-    return report
+    return run_started(config, "kill", _kill_run, progress)
 
 
 async def _kill_run(config: LoadConfig, server: Server, prepared: Prepared, progress: ProgressFn) -> KillReport:

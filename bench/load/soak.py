@@ -22,7 +22,16 @@ from typing import Any
 
 from bench.load.client import Outcome, send
 from bench.load.config import MIB, LoadConfig, LoadError
-from bench.load.phases import Environment, Prepared, ProgressFn, drive, environment, prepare, reference_pass, warmup
+from bench.load.modes import run_started
+from bench.load.phases import (
+    Environment,
+    Prepared,
+    ProgressFn,
+    drive,
+    environment,
+    reference_pass,
+    warmup,
+)
 from bench.load.plan import BAD_KINDS
 from bench.load.report import (
     Check,
@@ -35,10 +44,9 @@ from bench.load.report import (
     config_json,
     status_delta,
 )
-from bench.load.results import check_outputs
 from bench.load.run import http_client
 from bench.load.sampler import Sample, Sampler
-from bench.load.server import Server, health, local_server, read_status_counts, wait_healthy, wait_idle
+from bench.load.server import Server, health, read_status_counts, wait_healthy, wait_idle
 from bench.load.summary import ServerInfo, check_table, md_table, tally, tally_table
 
 log = logging.getLogger(__name__)
@@ -123,17 +131,7 @@ def _mib_pair(first: Sample | None, last: Sample | None, attr: str) -> str:
 
 def run_soak(config: LoadConfig, progress: ProgressFn | None = None) -> SoakReport:
     """The soak: server, reference pass, warm-up bursts, the paced load with samples, drain, last sample."""
-    if config.mode != "soak":
-        raise LoadError("run_soak needs LoadConfig(mode='soak') (--soak)")
-    check_outputs(config)
-    prepared = prepare(config)
-    with local_server(config) as server:
-        report = asyncio.run(_soak(config, server, prepared, progress or (lambda *_: None)))
-        report.server.alive_at_end = server.alive()
-        report.checks["healthy_at_end"].passed &= server.alive()
-        if not report.passed:
-            report.server.log_tail = server.log_tail()
-    return report
+    return run_started(config, "soak", _soak, progress)
 
 
 async def _soak(config: LoadConfig, server: Server, prepared: Prepared, progress: ProgressFn) -> SoakReport:
