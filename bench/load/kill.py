@@ -29,7 +29,7 @@ from bench.load.phases import (
     reference_pass,
 )
 from bench.load.plan import BAD_KINDS, Planned
-from bench.load.report import Check, check_answers, check_healthy, check_time_limit, config_json, kept
+from bench.load.report import Check, check_answers, check_healthy, check_time_limit, json_header, kept
 from bench.load.run import http_client
 from bench.load.server import Server, health, wait_healthy, wait_idle
 from bench.load.summary import (
@@ -127,11 +127,7 @@ class KillReport:
 
     def to_json(self, command: str | None = None) -> dict[str, Any]:
         return {
-            "command": command,
-            "finished_at": self.finished_at,
-            "passed": self.passed,
-            "config": config_json(self.config),
-            "environment": asdict(self.environment),
+            **json_header(self, command),
             "server": asdict(self.server),
             "kill": {**asdict(self.kill), "restart_seconds": self.kill.restart_seconds},
             "load_seconds": round(self.load_seconds, 2),

@@ -221,3 +221,15 @@ async def drive(
     for index, item in in_flight.items():
         outcomes[index] = Outcome(index, item.kind, item.key, item.stream, "cut", detail="time_limit")
     return Drive([outcomes[i] for i in sorted(outcomes)], len(pending), seconds, depth)
+
+
+async def final_request(
+    client: httpx.AsyncClient, config: LoadConfig, prepared: Prepared, model: str, drained: dict | None
+) -> tuple[dict | None, Outcome | None]:
+    """With final_request, one more request once the load drained (`drained`: wait_idle's result), then
+    the drain again. -> (the last drain's result, None where the server never went idle; the outcome)"""
+    if not config.final_request or drained is None:
+        return drained, None
+    item = prepared.distinct[0]
+    final = await send(client, item, *prepared.encode(item, model, config.max_tokens), phase="final")
+    return await wait_idle(client, config.idle_timeout), final

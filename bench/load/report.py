@@ -32,6 +32,18 @@ def config_json(config: LoadConfig) -> dict[str, Any]:
     return out
 
 
+def json_header(report: Any, command: str | None) -> dict[str, Any]:
+    """What every mode's JSON report begins with: the command, when, whether it passed, the settings
+    and the machine."""
+    return {
+        "command": command,
+        "finished_at": report.finished_at,
+        "passed": report.passed,
+        "config": config_json(report.config),
+        "environment": asdict(report.environment),
+    }
+
+
 @dataclass
 class LoadReport:
     config: LoadConfig
@@ -67,11 +79,7 @@ class LoadReport:
 
     def to_json(self, command: str | None = None) -> dict[str, Any]:
         return {
-            "command": command,
-            "finished_at": self.finished_at,
-            "passed": self.passed,
-            "config": config_json(self.config),
-            "environment": asdict(self.environment),
+            **json_header(self, command),
             "server": self.server,
             "figures": self.figures,
             "checks": {name: asdict(check) for name, check in self.checks.items()},

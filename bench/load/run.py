@@ -10,9 +10,8 @@ from typing import Any
 
 import httpx
 
-from bench.load.client import send
 from bench.load.config import MIB, LoadConfig, LoadError
-from bench.load.phases import Prepared, ProgressFn, drive, environment, prepare, reference_pass, warmup
+from bench.load.phases import Prepared, ProgressFn, drive, environment, final_request, prepare, reference_pass, warmup
 from bench.load.report import LoadReport, checks, figures, status_delta
 from bench.load.results import check_outputs
 from bench.load.server import Server, health, local_server, read_rss, read_status_counts, wait_healthy, wait_idle
@@ -70,12 +69,8 @@ async def _run(config: LoadConfig, server: Server, prepared: Prepared, progress:
         load = await drive(client, config, prepared.plan, bodies, progress)
 
         drained = await wait_idle(client, config.idle_timeout)
-        counts_after = await read_status_counts(client)
-        final = None
-        if config.final_request and drained is not None:
-            item = prepared.distinct[0]
-            final = await send(client, item, *prepared.encode(item, model, config.max_tokens), phase="final")
-            drained = await wait_idle(client, config.idle_timeout)
+        counts_after = await read_status_counts(client)  # before the final request: the load's counts only
+        drained, final = await final_request(client, config, prepared, model, drained)
         rss_after = read_rss(server.pid) if server.alive() else 0
         end_health = await health(client)
 

@@ -9,9 +9,8 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 
 from bench.load.config import LoadConfig, LoadError, check_local_url
-from serving.http.process import ROOT, serve_subprocess
+from serving.http.process import ServerProcess, serve_subprocess
 
 log = logging.getLogger(__name__)
 # The server reads its key from this variable (as from --api-key), and the variable keeps it out of the
@@ -35,10 +34,8 @@ class Server:
     command: list[str] | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-    # A server started again after a kill (kill mode): its own process and log, stopped by local_server.
-    restarted: subprocess.Popen[bytes] | None = None
-    restart_log: Path | None = None
-    api_key: str | None = field(default=None, repr=False)
+    # Kill mode: starts the same server again on its port, stopped with the run (local_server).
+    restart: Callable[[], ServerProcess] | None = field(default=None, repr=False)
 
     def alive(self) -> bool:
         if self.process is not None:
@@ -46,10 +43,9 @@ class Server:
         return Path(f"/proc/{self.pid}").exists()
 
     def log_tail(self, lines: int = 40) -> list[str]:
-        path = self.restart_log or self.log_path
-        if path is None or not path.exists():
+        if self.log_path is None or not self.log_path.exists():
             return []
-        return path.read_text(errors="replace").splitlines()[-lines:]
+        return self.log_path.read_text(errors="replace").splitlines()[-lines:]
 
     def kill(self) -> int:
         """SIGKILL, as a crash or the OOM killer would end it; -> the dead process's id."""
@@ -63,20 +59,12 @@ class Server:
 
     def start_again(self) -> int:
         """The same command (so the same port) in a new process; -> its id. It is not yet ready."""
-        if self.command is None:
+        if self.restart is None:
             raise LoadError("only a server this run started can be started again")
-        fd, name = tempfile.mkstemp(prefix="corematching-server-restarted-", suffix=".log")
-        with os.fdopen(fd, "wb") as log_file:
-            process = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**_server_env(self.api_key), "PYTHONUNBUFFERED": "1"},
-            )
-        self.process, self.pid, self.restarted, self.restart_log = process, process.pid, process, Path(name)
-        log.info("started the server again (pid %d) on %s", process.pid, self.url)
-        return process.pid
+        child = self.restart()
+        self.process, self.pid, self.log_path = child.process, child.process.pid, child.log_path
+        log.info("started the server again (pid %d) on %s", self.pid, self.url)
+        return self.pid
 
 
 @contextlib.contextmanager
@@ -92,61 +80,21 @@ def local_server(config: LoadConfig) -> Iterator[Server]:
     if not (build / "manifest.json").is_file():
         raise LoadError(f"no build at {build} (no manifest.json); make one with `python -m export build --out {build}`")
     args = ["--max-queue", str(config.max_queue), "--timeout", f"{config.server_timeout:g}"]
-    with contextlib.ExitStack() as stack:
-        with _key_in_environment(config.api_key):  # the child copies the environment when it starts
-            child = stack.enter_context(serve_subprocess(build, args))
-        server = Server(child.url, child.process.pid, True, child.command, child.process, child.log_path)
-        server.api_key = config.api_key
-        try:
-            yield server
-        finally:
-            if server.restarted is not None:
-                _stop(server.restarted)
-                if server.restart_log is not None:
-                    server.restart_log.unlink(missing_ok=True)
-
-
-def _server_env(api_key: str | None) -> dict[str, str]:
+    # The child gets the run's key (or none) through the environment, which keeps it out of the process list.
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
-    return env if api_key is None else {**env, API_KEY_ENV: api_key}
-
-
-@contextlib.contextmanager
-def _key_in_environment(api_key: str | None) -> Iterator[None]:
-    saved = os.environ.pop(API_KEY_ENV, None)
-    if api_key is not None:
-        os.environ[API_KEY_ENV] = api_key
-    try:
-        yield
-    finally:
-        os.environ.pop(API_KEY_ENV, None)
-        if saved is not None:
-            os.environ[API_KEY_ENV] = saved
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        log.warning("the server (pid %d) did not stop in 20 s; killing it", process.pid)
-        process.kill()
-        process.wait(timeout=10)
+    if config.api_key is not None:
+        env[API_KEY_ENV] = config.api_key
+    with contextlib.ExitStack() as stack:
+        child = stack.enter_context(serve_subprocess(build, args, env=env))
+        port = int(child.url.rsplit(":", 1)[1])
+        server = Server(child.url, child.process.pid, True, child.command, child.process, child.log_path)
+        server.restart = lambda: stack.enter_context(serve_subprocess(build, args, port=port, env=env))
+        yield server
 
 
 def read_rss(pid: int) -> int:
     """The process's resident memory in bytes (VmRSS of /proc/<pid>/status)."""
-    path = Path(f"/proc/{pid}/status")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LoadError(
-            f"cannot read {path} ({e.strerror}); the memory check needs Linux and the server's pid"
-        ) from None
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", text, re.MULTILINE)
-    if match is None:
-        raise LoadError(f"{path} has no VmRSS line (has the process exited?)")
-    return int(match[1]) * 1024
+    return read_memory(pid)[0]
 
 
 def read_memory(pid: int) -> tuple[int, int]:
@@ -156,7 +104,9 @@ def read_memory(pid: int) -> tuple[int, int]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise LoadError(f"cannot read {path} ({e.strerror}); the memory check needs Linux") from None
+        raise LoadError(
+            f"cannot read {path} ({e.strerror}); the memory check needs Linux and the server's pid"
+        ) from None
     values = [re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE) for key in ("VmRSS", "RssAnon")]
     if values[0] is None:
         raise LoadError(f"{path} has no VmRSS line (has the process exited?)")

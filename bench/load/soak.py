@@ -20,7 +20,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.load.client import Outcome, send
+from bench.load.client import Outcome
 from bench.load.config import MIB, LoadConfig, LoadError
 from bench.load.modes import run_started
 from bench.load.phases import (
@@ -29,6 +29,7 @@ from bench.load.phases import (
     ProgressFn,
     drive,
     environment,
+    final_request,
     reference_pass,
     warmup,
 )
@@ -41,7 +42,7 @@ from bench.load.report import (
     check_metrics,
     check_nothing_lost,
     check_time_limit,
-    config_json,
+    json_header,
     status_delta,
 )
 from bench.load.run import http_client
@@ -104,11 +105,7 @@ class SoakReport:
 
     def to_json(self, command: str | None = None) -> dict[str, Any]:
         return {
-            "command": command,
-            "finished_at": self.finished_at,
-            "passed": self.passed,
-            "config": config_json(self.config),
-            "environment": asdict(self.environment),
+            **json_header(self, command),
             "server": asdict(self.server),
             "load_seconds": round(self.load_seconds, 2),
             "queue_depth_max": self.queue_depth_max,
@@ -163,12 +160,8 @@ async def _soak(config: LoadConfig, server: Server, prepared: Prepared, progress
             await sampler.stop()
 
         drained = await wait_idle(client, config.idle_timeout)
-        counts_after = await read_status_counts(client)
-        final = None
-        if config.final_request and drained is not None:
-            item = prepared.distinct[0]
-            final = await send(client, item, *prepared.encode(item, model, config.max_tokens), phase="final")
-            drained = await wait_idle(client, config.idle_timeout)
+        counts_after = await read_status_counts(client)  # before the final request: the load's counts only
+        drained, final = await final_request(client, config, prepared, model, drained)
         end_health = await health(client)
     # The client is closed: none of the load's connections is open now, so the last fd count holds the
     # server's own descriptors and whatever it failed to close.

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +64,13 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serve_subprocess(build: Path, args: Sequence[str] = ()) -> Iterator[ServerProcess]:
-    """The server on `build` (plus `args`), started now, not yet ready (`wait_ready`); stopped after."""
-    port = free_port()
+def serve_subprocess(
+    build: Path, args: Sequence[str] = (), port: int | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """The server on `build` (plus `args`), started now, not yet ready (`wait_ready`); stopped after.
+    `port`: a free one unless given (a restart takes its predecessor's); `env`: the environment (default
+    this process's)."""
+    port = free_port() if port is None else port
     command = [sys.executable, "-m", "serving", "--build", str(Path(build).resolve())]
     command += ["--host", "127.0.0.1", "--port", str(port), *args]
     fd, name = tempfile.mkstemp(prefix="corematching-server-", suffix=".log")
@@ -74,7 +78,11 @@ def serve_subprocess(build: Path, args: Sequence[str] = ()) -> Iterator[ServerPr
     with os.fdopen(fd, "wb") as log_file:
         # The log goes to a file: a pipe nobody reads would block the server once full.
         process = subprocess.Popen(
-            command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         )
     log.info("started the server (pid %d) on 127.0.0.1:%d", process.pid, port)
     try:
