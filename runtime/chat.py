@@ -28,6 +28,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jinja2
+import jinja2.ext
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 ROLES = ("system", "user", "assistant")
 MAX_IMAGES = 1  # LLaVA-1.5 was trained on one image per conversation
 TEMPLATE_FILE = "chat_template.jinja"
@@ -75,7 +80,9 @@ class Conversation:
                 f"the last message is from the {last.role}; end the conversation with the user's question"
             )
         if not last.text.strip():
-            raise ConversationError("the last user message has no text; ask something about the image")
+            raise ConversationError(
+                "the question is empty (the last user message has no text); ask something about the image"
+            )
         images = sum(m.image for m in self.messages)
         if images > MAX_IMAGES:
             raise TooManyImages(
@@ -106,12 +113,8 @@ class Conversation:
         return out
 
 
-def _environment() -> Any:
-    # Imported here: only prompt rendering needs Jinja, and a chat template from a checkpoint is
-    # untrusted code, so it runs sandboxed as transformers runs it.
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _environment() -> ImmutableSandboxedEnvironment:
+    # A chat template from a checkpoint is untrusted code: it runs sandboxed, as transformers runs it.
 
     class Generation(Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering
@@ -143,8 +146,6 @@ class ChatTemplate:
     """A checkpoint's chat template, compiled once."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
-        import jinja2
-
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:
@@ -172,8 +173,6 @@ class ChatTemplate:
 
     def render(self, conversation: Conversation | Sequence[dict[str, Any]]) -> str:
         """The prompt text of a conversation, ready for the assistant's answer (add_generation_prompt)."""
-        import jinja2
-
         messages = conversation.template_messages() if isinstance(conversation, Conversation) else conversation
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=True, **self.special_tokens)

@@ -97,11 +97,9 @@ class Chat:
     system: str | None = None
     turns: list[tuple[str, str]] = field(default_factory=list)  # (question, answer)
 
-    def prompt(self, question: str) -> str | Conversation:
-        """What the pipeline is asked: the bare question for a first turn without a system prompt (the
-        one-turn prompt, as a one-shot run sends it), otherwise the whole conversation."""
-        if not self.turns and self.system is None:
-            return question
+    def prompt(self, question: str) -> Conversation:
+        """The whole conversation with the new question (a first turn without a system prompt is the
+        one-turn prompt: it encodes as the bare question does)."""
         messages = [Message("system", self.system)] if self.system is not None else []
         for i, (asked, answered) in enumerate(self.turns):
             messages += [Message("user", asked, image=i == 0), Message("assistant", answered)]

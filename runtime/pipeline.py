@@ -295,7 +295,6 @@ class Pipeline:
         graph: list[float] = []  # of which the graph itself ran (where the backend measures it)
         logits = result.logits  # [V]
         shown = False  # whether the answer's text has begun (its leading whitespace is dropped)
-        emitted: list[str] = []  # what was yielded, where a stop string may cut the answer
         finish = "length"
         try:
             while True:
@@ -312,7 +311,6 @@ class Pipeline:
                     shown = bool(piece)
                 if stops is not None:
                     piece = stops.push(piece)
-                    emitted.append(piece)
                 if piece:
                     yield token, piece  # a caller that closes the generator here stops the answer
                 if stops is not None and stops.stopped:
@@ -329,15 +327,13 @@ class Pipeline:
             # Finished, failed or abandoned: the request's cache and compacted weights go now, not at
             # the next prefill, so an idle pipeline holds only its weights.
             self.backend.end_request()
-        cut = stops is not None and stops.stopped
-        tail = "" if cut else text.flush() if shown else text.flush().lstrip()
-        if stops is not None and not cut:
-            tail = stops.push(tail)
-            finish = "stop" if stops.stopped else finish
-            tail += "" if stops.stopped else stops.flush()
-            emitted.append(tail)
-        if tail:
-            yield tokens[-1], tail
+        if stops is None or not stops.stopped:  # the text still held back, through the stop strings
+            tail = text.flush() if shown else text.flush().lstrip()
+            if stops is not None:
+                tail = stops.finish(tail)
+                finish = "stop" if stops.stopped else finish
+            if tail:
+                yield tokens[-1], tail
         timings = Timings(
             preprocess=prepared.preprocess_seconds,
             vision=vision_seconds,
@@ -345,9 +341,12 @@ class Pipeline:
             decode=tuple(decode),
             decode_graph=tuple(graph) if graph else None,
         )
-        # Cut by a stop string: the text as streamed; otherwise the whole answer decoded at once.
-        cut = stops is not None and stops.stopped
-        text_out = "".join(emitted).strip() if cut else self.tokenizer.decode(tokens).strip()
+        # The whole answer decoded at once; a stop string cuts it where the stream was cut (the stream's
+        # text is this text's start).
+        text_out = self.tokenizer.decode(tokens).lstrip()
+        if stops is not None and stops.stopped:
+            text_out = text_out[: stops.first(text_out)]
+        text_out = text_out.strip()
         return Answer(
             text_out,
             tokens,

@@ -35,20 +35,28 @@ class StopText:
         self.held = ""  # the end of the text so far that begins some stop string
         self.stopped = False
 
+    def first(self, text: str) -> int | None:
+        """Where the first stop string in `text` begins; None if there is none."""
+        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        return min(found) if found else None
+
     def push(self, piece: str) -> str:
         """The text that is now certain to come before any stop string; `stopped` once one is found."""
         assert not self.stopped, "push after the stop string was found"
         text = self.held + piece
-        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
-        if found:
+        at = self.first(text)
+        if at is not None:
             self.stopped, self.held = True, ""
-            return text[: min(found)]
+            return text[:at]
         # The longest end of `text` that a stop string begins with: it might be completed by the next piece.
         keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep]
 
-    def flush(self) -> str:
-        """At the answer's end: the held text, which no stop string completed."""
-        held, self.held = self.held, ""
-        return held
+    def finish(self, last: str) -> str:
+        """At the answer's end: the last piece through the stop strings, then the held text, which no stop
+        string completed."""
+        out = self.push(last)
+        if not self.stopped:
+            out, self.held = out + self.held, ""
+        return out

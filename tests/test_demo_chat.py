@@ -139,7 +139,7 @@ def test_an_empty_system_prompt_is_one_line(build, capsys) -> None:
     assert code == 2 and err.startswith("error: --system is empty") and err.count("\n") == 1
 
 
-def test_one_shot_sends_the_bare_question(build, pipeline, monkeypatch, capsys) -> None:
+def test_one_shot_answers_as_the_bare_question(build, pipeline, monkeypatch, capsys) -> None:
     args = ["--build", str(build), "--provider", "cpu", "--max-new-tokens", str(TOKENS), "--json"]
     assert demo.main([*args, "--image", str(EXAMPLE), "--question", "What colour?"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -157,9 +157,9 @@ def test_the_help_line_names_the_commands(build, monkeypatch, capsys) -> None:
 
 def test_the_chat_builds_the_conversation_it_was_given() -> None:
     chat = demo.Chat()
-    assert chat.prompt("What?") == "What?"  # a first turn is the one-turn prompt, as one-shot sends it
+    assert chat.prompt("What?") == Conversation.question("What?")  # the one-turn prompt
     chat.record("What?", "Red.")
     assert chat.prompt("And?") == history("What?", "Red.", "And?")
     chat.reset()
-    assert chat.prompt("Again?") == "Again?"
+    assert chat.prompt("Again?") == Conversation.question("Again?")
     assert demo.Chat("Be brief.").prompt("What?") == history("What?", system="Be brief.")

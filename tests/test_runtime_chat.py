@@ -168,8 +168,9 @@ def test_the_image_token_in_any_message_is_refused_and_length_is_checked(process
 
 
 def _through(stops: StopText, pieces: list[str]) -> str:
-    out = "".join(stops.push(p) for p in pieces if not stops.stopped)
-    return out if stops.stopped else out + stops.flush()
+    *rest, last = pieces
+    out = "".join(stops.push(p) for p in rest if not stops.stopped)
+    return out if stops.stopped else out + stops.finish(last)
 
 
 @pytest.mark.parametrize(

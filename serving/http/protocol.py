@@ -18,7 +18,7 @@ from typing import Any
 from runtime.chat import Conversation, ConversationError, MissingImage, TooManyImages
 from runtime.messages import EmptyQuestion, InvalidContent, UnsupportedMessage, parse_messages
 from runtime.sampling import Sampling, SamplingError
-from runtime.stops import MAX_STOPS
+from runtime.stops import StopError, check_stops
 from serving.http.errors import ApiError, bad_request
 
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
@@ -134,11 +134,10 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request(f"stop must be a string or a list of strings, got {value!r}", "invalid_type", "stop")
-    if len(stops) > MAX_STOPS:
-        raise bad_request(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "invalid_value", "stop")
-    if any(not s for s in stops):
-        raise bad_request("stop strings must not be empty", "invalid_value", "stop")
-    return tuple(stops)
+    try:
+        return check_stops(stops)  # at most 4, none empty: the generation loop's own rule
+    except StopError as e:
+        raise bad_request(str(e), "invalid_value", "stop") from None
 
 
 def parse_chat(body: Any, model_id: str, allow_local_files: bool) -> ChatRequest:

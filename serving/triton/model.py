@@ -68,13 +68,6 @@ def _outputs(text: str, token: int, kept: list[int], result: str) -> list:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        try:
-            import jinja2  # noqa: F401 - the build's chat template renders with it; say so here, not in a traceback
-        except ImportError:
-            raise pb_utils.TritonModelException(
-                "jinja2 is missing from the Python that runs the backend (the chat template needs it); "
-                "pip install 'jinja2>=3.1.6' there"
-            ) from None
         config = json.loads(args["model_config"])
         provider = config.get("parameters", {}).get("provider", {}).get("string_value", "auto")
         try:
