@@ -39,7 +39,12 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 
 class ConversationError(ValueError):
-    """A conversation the model cannot take (a role, the images, the order); the message names the fix."""
+    """A conversation the model cannot take (a role, the images, the order); the message names the fix.
+    `param`: where in a request the fault is, where the conversation came from one (runtime/messages.py)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class TooManyImages(ConversationError):
@@ -48,6 +53,10 @@ class TooManyImages(ConversationError):
 
 class MissingImage(ConversationError):
     """No message holds the image."""
+
+
+class EmptyQuestion(ConversationError):
+    """The last user message has no text: there is no question to answer."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,9 @@ class Conversation:
                 f"the last message is from the {last.role}; end the conversation with the user's question"
             )
         if not last.text.strip():
-            raise ConversationError(
-                "the question is empty (the last user message has no text); ask something about the image"
+            raise EmptyQuestion(
+                "the question is empty (the last user message has no text); ask something about the image",
+                f"messages[{len(self.messages) - 1}].content",
             )
         images = sum(m.image for m in self.messages)
         if images > MAX_IMAGES:

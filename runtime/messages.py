@@ -28,10 +28,6 @@ ROLES_HINT = "use system (or developer), user or assistant"
 class MessagesError(ConversationError):
     """A message list the model cannot take; `param` says where (`messages[2].content`)."""
 
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
 
 class UnsupportedMessage(MessagesError):
     """A message this model has no format for: tool results, tool calls, an unknown role."""
@@ -39,10 +35,6 @@ class UnsupportedMessage(MessagesError):
 
 class InvalidContent(MessagesError):
     """A content that is neither a string nor a list of text and image parts."""
-
-
-class EmptyQuestion(MessagesError):
-    """The last user message has no text: there is no question to answer."""
 
 
 @dataclass(frozen=True)
@@ -112,25 +104,16 @@ def parse_messages(items: Any, where: str = "messages", image_part: str = "an im
         messages.append(message)
         images += found
     if len(images) > MAX_IMAGES:
-        error = TooManyImages(
+        raise TooManyImages(
             f"{where} holds {len(images)} image parts; LLaVA-1.5 takes {MAX_IMAGES} per conversation (send the other "
-            "image in a new conversation)"
+            "image in a new conversation)",
+            where,
         )
-        error.param = where  # type: ignore[attr-defined]
-        raise error
-    if not images:
-        error = MissingImage(
+    if not images:  # said here, where the interface's way of sending an image is known
+        raise MissingImage(
             f"the conversation has no image (no message in {where} holds one); add {image_part} to the user "
-            "message it is about"
+            "message it is about",
+            where,
         )
-        error.param = where  # type: ignore[attr-defined]
-        raise error
-    if messages[-1].role == "user" and not messages[-1].text:
-        raise EmptyQuestion(
-            f"the last user message in {where} has no text; add the question", f"{where}[{len(messages) - 1}].content"
-        )
-    try:
-        conversation = Conversation(tuple(messages))
-    except ConversationError as e:  # the order: the last message is not the user's
-        raise MessagesError(str(e), where) from None
-    return ChatMessages(conversation, images[0])
+    # The conversation's own rules (the last message the user's, with a question) raise from here.
+    return ChatMessages(Conversation(tuple(messages)), images[0])

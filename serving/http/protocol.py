@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.chat import Conversation, ConversationError, MissingImage, TooManyImages
-from runtime.messages import EmptyQuestion, InvalidContent, UnsupportedMessage, parse_messages
+from runtime.chat import Conversation, ConversationError, EmptyQuestion, MissingImage, TooManyImages
+from runtime.messages import InvalidContent, UnsupportedMessage, parse_messages
 from runtime.sampling import Sampling, SamplingError
 from runtime.stops import StopError, check_stops
 from serving.http.errors import ApiError, bad_request
@@ -122,7 +122,7 @@ def _conversation_and_image(messages: Any, allow_local_files: bool) -> tuple[Con
         parsed = parse_messages(messages, "messages", "an image_url part with a data:image/...;base64 URL")
     except ConversationError as e:
         code = next(code for kind, code in _MESSAGE_CODES.items() if isinstance(e, kind))
-        raise bad_request(str(e), code, getattr(e, "param", "messages")) from None
+        raise bad_request(str(e), code, e.param or "messages") from None
     url = parsed.image.get("url") if isinstance(parsed.image, dict) else parsed.image
     return parsed.conversation, decode_image_url(url, allow_local_files)
 
